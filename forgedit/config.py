@@ -1,0 +1,338 @@
+"""What a fine-tune and a sweep are made of: every number that affects results, with the
+original's defaults (FORGEDIT_SPEC.md §3, §4, §6, §7, §8).
+
+The configs are frozen dataclasses that validate themselves on construction and round-trip
+through plain JSON (``to_dict`` / ``from_dict``): the edit-model manifest, the registry's
+params and the gRPC request all carry the same dictionary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from forgedit.errors import InvalidInputError
+
+TrainingMode = Literal["joint", "two_stage", "dreambooth"]
+Precision = Literal["faithful", "fast"]
+Interpolation = Literal["vs", "vp"]
+UnetSubset = Literal["forgedit", "all"]
+
+TRAINING_MODES: tuple[str, ...] = get_args(TrainingMode)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+
+# Accepted ranges. They bound work and catch typos; the science lives well inside them.
+MAX_SEED = 2**63 - 1
+GAMMA_RANGE = (-1.0, 3.0)  # γ (vs) / β (vp); the original sweeps 0.0-1.9, γ>1 extrapolates
+ALPHA_RANGE = (0.0, 3.0)  # vp's α; the original uses 0.8, 0.9, 1.1
+MAX_PROMPT_CHARS = 1000  # CLIP truncates at 77 tokens anyway; this only stops abuse
+MAX_DDIM_STEPS = 1000  # the training schedule has 1000 timesteps
+GUIDANCE_RANGE = (0.0, 50.0)
+MAX_SWEEP_IMAGES = 4096
+MAX_RESOLUTION = 2048
+MAX_UPDATES = 100_000
+MAX_BATCH = 64
+
+# The Adam eps the original effectively ran with on a GPU: accelerate's GradScaler multiplied
+# the loss by 65536 and the gradients were never unscaled (spec §3.4).
+GRAD_SCALER_INIT_SCALE = 65536.0
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop before the update of iteration k when ``loss < threshold`` and
+    ``batch_size * k > min_samples`` (the original: 0.03 and 350, checked before the update)."""
+
+    threshold: float = 0.03
+    min_samples: int = 350
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One optimisation stage: which parts train, at what learning rate, for how long.
+
+    ``unet_lr=None`` freezes the UNet; ``text_lr=None`` freezes the text side. The text side is
+    the free source embedding in ``joint``/``two_stage`` and the whole CLIP text encoder in
+    ``dreambooth``.
+    """
+
+    name: str
+    updates: int
+    batch_size: int
+    unet_lr: float | None
+    text_lr: float | None
+    unet_subset: UnetSubset = "forgedit"
+    early_stop: EarlyStop | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.updates <= MAX_UPDATES:
+            raise InvalidInputError(
+                f"stage {self.name!r}: updates must be 1..{MAX_UPDATES}, got {self.updates}",
+                field="updates",
+            )
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise InvalidInputError(
+                f"stage {self.name!r}: batch size must be 1..{MAX_BATCH}, got {self.batch_size}",
+                field="batch_size",
+            )
+        for name, lr in (("unet_lr", self.unet_lr), ("text_lr", self.text_lr)):
+            if lr is not None and not (math.isfinite(lr) and 0 < lr < 1):
+                raise InvalidInputError(
+                    f"stage {self.name!r}: {name} must be in (0, 1), got {lr}", field=name
+                )
+        if self.unet_lr is None and self.text_lr is None:
+            raise InvalidInputError(f"stage {self.name!r} trains nothing", field="stages")
+
+
+def default_stages(mode: TrainingMode) -> tuple[Stage, ...]:
+    """The original's schedule for each mode (spec §3.3, §7, §8)."""
+    if mode == "joint":
+        # "textsteps=400" in the original means 400 // bsz = 40 Adam updates of batch 10.
+        return (
+            Stage("joint", updates=40, batch_size=10, unet_lr=6e-5, text_lr=1e-3,
+                  early_stop=EarlyStop()),
+        )
+    if mode == "two_stage":
+        # Forgedit transferred to Imagic (the supplementary letter): embedding, then UNet.
+        return (
+            Stage("embedding", updates=400, batch_size=1, unet_lr=None, text_lr=1e-3),
+            Stage("unet", updates=1000, batch_size=1, unet_lr=6e-5, text_lr=None),
+        )
+    if mode == "dreambooth":
+        # DreamBooth-Forgedit: full UNet and text encoder, 400 // 4 = 100 updates, no early stop.
+        return (
+            Stage("dreambooth", updates=100, batch_size=4, unet_lr=5e-6, text_lr=5e-6,
+                  unet_subset="all"),
+        )
+    raise InvalidInputError(
+        f"unknown training mode {mode!r}; accepted: {', '.join(TRAINING_MODES)}", field="mode"
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that determines an edit model, given the image, the base model and the
+    source prompt. Two equal configs on the same inputs give the same edit model."""
+
+    mode: TrainingMode = "joint"
+    height: int = 512
+    width: int = 512
+    seed: int = 0
+    vae_seed: int = 0
+    precision: Precision = "faithful"
+    stages: tuple[Stage, ...] = field(default_factory=lambda: default_stages("joint"))
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, TRAINING_MODES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        check_resolution(self.height, self.width)
+        for name, seed in (("seed", self.seed), ("vae_seed", self.vae_seed)):
+            check_seed(seed, name)
+        if not self.stages:
+            raise InvalidInputError("a training config needs at least one stage", field="stages")
+
+    @classmethod
+    def for_mode(cls, mode: TrainingMode = "joint", **overrides: Any) -> TrainingConfig:
+        """The original's settings for ``mode``, with top-level fields overridden."""
+        stages = overrides.pop("stages", None) or default_stages(mode)
+        return cls(mode=mode, stages=tuple(stages), **overrides)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.mode == "dreambooth"
+
+    @property
+    def total_updates(self) -> int:
+        return sum(s.updates for s in self.stages)
+
+    @property
+    def loss_scale(self) -> float:
+        """Faithful mode multiplies the loss by the GradScaler's initial scale, as the original
+        did on a GPU: with Adam this equals eps 1e-8/65536 (spec §3.4). Powers of two scale
+        exactly, so this reproduces the original bit for bit where eps-only emulation would
+        round differently."""
+        return GRAD_SCALER_INIT_SCALE if self.precision == "faithful" else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
+        data = dict(data)
+        stages = []
+        for s in data.pop("stages"):
+            s = dict(s)
+            es = s.pop("early_stop", None)
+            stages.append(Stage(**s, early_stop=EarlyStop(**es) if es else None))
+        data["adam_betas"] = tuple(data.get("adam_betas", (0.9, 0.999)))
+        return cls(stages=tuple(stages), **data)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: part of the registry's dedupe key."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image of a sweep, with everything needed to reproduce it."""
+
+    index: int
+    prompt: str
+    forget: str
+    interpolation: Interpolation
+    gamma: float  # γ for vs, β for vp
+    alpha: float  # vp's α; 0.0 for vs (unused there)
+    seed: int
+    guidance: float
+    steps: int
+    forget_degree: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of edits over one edit model.
+
+    Images are ordered strategy → prompt → seed → gamma → alpha, so that all images of one
+    forgetting strategy are contiguous and can share one batched denoising loop. (The original
+    loops seed → strategy → gamma → alpha, one image at a time; the set is the same.)
+    """
+
+    prompts: tuple[str, ...]
+    interpolation: Interpolation = "vs"
+    gammas: tuple[float, ...] = (0.5, 0.6, 0.7)
+    alphas: tuple[float, ...] = (0.8, 0.9, 1.1)
+    forget: tuple[str, ...] = ("donotforget",)
+    forget_degree: float = 0.0
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 50
+    guidance: float = 7.5
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise InvalidInputError("at least one target prompt is required", field="prompt")
+        for p in self.prompts:
+            check_prompt(p)
+        _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        _check_values("gammas", self.gammas, GAMMA_RANGE)
+        if self.interpolation == "vp":
+            _check_values("alphas", self.alphas, ALPHA_RANGE)
+        if not self.forget:
+            raise InvalidInputError("at least one forgetting strategy is required",
+                                    field="forget")
+        if not (math.isfinite(self.forget_degree) and 0.0 <= self.forget_degree <= 1.0):
+            raise InvalidInputError(
+                f"forget degree must be in [0, 1], got {self.forget_degree}", field="forget_degree"
+            )
+        if not self.seeds:
+            raise InvalidInputError("at least one seed is required", field="seeds")
+        for s in self.seeds:
+            check_seed(s, "seeds")
+        if not 1 <= self.steps <= MAX_DDIM_STEPS:
+            raise InvalidInputError(
+                f"steps must be 1..{MAX_DDIM_STEPS}, got {self.steps}", field="steps"
+            )
+        lo, hi = GUIDANCE_RANGE
+        if not (math.isfinite(self.guidance) and lo <= self.guidance <= hi):
+            raise InvalidInputError(
+                f"guidance must be a finite number in [{lo}, {hi}], got {self.guidance}",
+                field="guidance",
+            )
+        if self.num_images > MAX_SWEEP_IMAGES:
+            raise InvalidInputError(
+                f"the sweep has {self.num_images} images; at most {MAX_SWEEP_IMAGES} are accepted "
+                "(prompts × strategies × seeds × gammas × alphas)",
+                field="sweep",
+            )
+
+    @property
+    def effective_alphas(self) -> tuple[float, ...]:
+        # vs ignores α; the original sweeps textlist=[0] for vs.
+        return self.alphas if self.interpolation == "vp" else (0.0,)
+
+    @property
+    def num_images(self) -> int:
+        return (len(self.prompts) * len(self.forget) * len(self.seeds) * len(self.gammas)
+                * len(self.effective_alphas))
+
+    def images(self) -> Iterator[ImageSpec]:
+        index = 0
+        for forget in self.forget:
+            for prompt in self.prompts:
+                for seed in self.seeds:
+                    for gamma in self.gammas:
+                        for alpha in self.effective_alphas:
+                            yield ImageSpec(index, prompt, forget, self.interpolation, gamma,
+                                            alpha, seed, self.guidance, self.steps,
+                                            self.forget_degree)
+                            index += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def gamma_grid(start: int, end: int) -> tuple[float, ...]:
+    """The original's γ grid ``i * 0.1 for i in range(start, end)``, computed as ``i / 10`` so
+    the values print as 0.3 and not 0.30000000000000004 (spec §4)."""
+    return tuple(i / 10 for i in range(start, end))
+
+
+def check_resolution(height: int, width: int) -> None:
+    for v in (height, width):
+        if not isinstance(v, int) or v <= 0 or v % 8 or v > MAX_RESOLUTION:
+            raise InvalidInputError(
+                f"size must be WIDTHxHEIGHT with each side a multiple of 8 between 8 and "
+                f"{MAX_RESOLUTION}, got {width}x{height}",
+                field="size",
+            )
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"{name} must be an integer in [0, 2^63-1], got {seed!r}",
+                                field=name)
+
+
+def check_prompt(prompt: str, name: str = "prompt") -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInputError(f"{name} must be non-empty text", field=name)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInputError(
+            f"{name} is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted",
+            field=name,
+        )
+    bad = [c for c in prompt if (ord(c) < 32 and c not in "\t") or ord(c) == 127]
+    if bad:
+        raise InvalidInputError(
+            f"{name} contains control characters (e.g. {bad[0]!r}); use printable text",
+            field=name,
+        )
+
+
+def _check_choice(name: str, value: str, accepted: Sequence[str]) -> None:
+    if value not in accepted:
+        raise InvalidInputError(
+            f"unknown {name} {value!r}; accepted: {', '.join(accepted)}", field=name
+        )
+
+
+def _check_values(name: str, values: Sequence[float], bounds: tuple[float, float]) -> None:
+    lo, hi = bounds
+    if not values:
+        raise InvalidInputError(f"{name} must list at least one value", field=name)
+    for v in values:
+        if not (isinstance(v, int | float) and math.isfinite(v) and lo <= v <= hi):
+            raise InvalidInputError(
+                f"{name} values must be finite numbers in [{lo}, {hi}], got {v!r}", field=name
+            )

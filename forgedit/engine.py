@@ -1,0 +1,239 @@
+"""The Forgedit engine: one resident base model, fine-tunes that become edit models, and
+batched edit sweeps over them.
+
+    engine = Engine.load("models/stable-diffusion-v1-4", blip_dir="models/blip")
+    source = engine.source_prompt(image, "A photo of a sitting dog.")
+    edit_model = engine.finetune(image, source, TrainingConfig.for_mode("joint", seed=1))
+    images = engine.edit(edit_model, SweepConfig(prompts=("A photo of a sitting dog.",),
+                                                 forget=("encoderkv",), seeds=(1, 2)))
+
+Training depends only on the image and its source prompt, never on the target prompt, so
+one edit model serves any number of edits. An edit model is a delta over the base model;
+``edit`` writes it into the resident UNet in place and restores the base bit-exactly after.
+Whatever just trained is sampled through the same delta path as an edit model loaded from
+disk, so both give identical images.
+
+Not thread-safe: one job at a time per Engine.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from forgedit import forgetting
+from forgedit.artifact import EditModel
+from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig, check_prompt
+from forgedit.errors import BaseModelMismatchError, ModelDirectoryError
+from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
+from forgedit.interpolation import vector_projection, vector_subtraction
+from forgedit.sampling import decode, denoise, initial_latents
+from forgedit.text import encode_prompt
+from forgedit.training import finetune as run_finetune
+from forgedit.weights import ResidentWeights
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from forgedit.caption import Captioner
+    from forgedit.models import BaseModel
+
+
+@dataclass(frozen=True)
+class EditedImage:
+    spec: ImageSpec
+    image: Image.Image
+
+    def png_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+class Engine:
+    def __init__(self, base: BaseModel, captioner: Captioner | None = None, *,
+                 precision: Precision = "faithful") -> None:
+        self.base = base
+        self.captioner = captioner
+        self.precision = precision
+        self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
+        if precision == "fast" and base.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    @classmethod
+    def load(cls, base_model_dir: str | Path, *, blip_dir: str | Path | None = None,
+             vae_dir: str | Path | None = None, device: str = "cpu",
+             precision: Precision = "faithful") -> Engine:
+        """Load a base model (and optionally a BLIP captioner) from local directories."""
+        from forgedit.caption import Captioner
+        from forgedit.models import load_base_model
+
+        base = load_base_model(base_model_dir, device=device, vae_directory=vae_dir)
+        captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
+        return cls(base, captioner, precision=precision)
+
+    # -- 1. the source prompt ---------------------------------------------------------------
+
+    def source_prompt(self, image: Image.Image, target_prompt: str) -> str:
+        """BLIP's caption of the (un-resized) image, with the "A photo of " rule (spec §2)."""
+        from forgedit.caption import source_prompt_for
+
+        if self.captioner is None:
+            raise ModelDirectoryError(
+                "no BLIP captioner is loaded: give a source prompt, or a BLIP directory "
+                "(blip-image-captioning-base layout)"
+            )
+        return source_prompt_for(self.captioner.caption(image), target_prompt)
+
+    # -- 2. learning the image ----------------------------------------------------------------
+
+    def finetune(self, image: Image.Image, source_prompt: str, config: TrainingConfig, *,
+                 image_sha256: str = "", on_progress: TrainingCallback | None = None,
+                 cancel: CancelToken | None = None) -> EditModel:
+        """Fine-tune an edit model on ``image`` described by ``source_prompt``.
+
+        The base model is restored bit-exactly afterwards, also when cancelled (then
+        ``CancelledError``) or failing."""
+        from forgedit.images import preprocess
+
+        check_prompt(source_prompt, "source prompt")
+        base = self.base
+        started = time.perf_counter()
+        pixels = preprocess(image, config.height, config.width)
+        try:
+            result = run_finetune(
+                unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
+                tokenizer=base.tokenizer, weights=self.weights, pixels=pixels,
+                source_prompt=source_prompt, config=config,
+                scaling_factor=base.scaling_factor, on_progress=on_progress, cancel=cancel,
+            )
+            # Faithful keeps Δ in fp32 (θ_pre + Δ reproduces θ_ft exactly); fast halves it.
+            dtype = torch.float32 if config.precision == "faithful" else torch.float16
+            delta = self.weights.trained_delta(result.trained_keys, dtype)
+        finally:
+            self.weights.restore()
+        return EditModel(
+            delta=delta,
+            source_embedding=result.source_embedding,
+            base_model_name=base.name,
+            base_model_fingerprint=base.fingerprint,
+            source_prompt=source_prompt,
+            training=config,
+            loss_curve=result.loss_curve,
+            timings={"training": time.perf_counter() - started},
+            image_sha256=image_sha256,
+        )
+
+    # -- 3. editing ---------------------------------------------------------------------------
+
+    def edit(self, edit_model: EditModel, sweep: SweepConfig, *,
+             on_image: Callable[[EditedImage], None] | None = None,
+             on_progress: SamplingCallback | None = None,
+             cancel: CancelToken | None = None, max_batch: int = 8) -> list[EditedImage]:
+        """Sample every image of ``sweep`` from ``edit_model``.
+
+        Images come strategy by strategy; within a strategy in chunks of at most
+        ``max_batch`` images sharing one denoising loop. ``on_image`` is called for each image
+        as its chunk finishes. Raises ``BaseModelMismatchError`` for an edit model of another
+        base model, ``UnknownStrategyError`` for a strategy its variant lacks, and
+        ``CancelledError`` within one denoising step of ``cancel``. The base weights are
+        restored bit-exactly on every exit.
+        """
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self._check_compatible(edit_model)
+        variant = forgetting.variant_for_mode(edit_model.training.mode)
+        unet_names = self.weights.names("unet")
+        reverted = {s: forgetting.resolve(s, variant, unet_names) for s in sweep.forget}
+
+        specs = list(sweep.images())
+        done: list[EditedImage] = []
+        started = time.perf_counter()
+        with self.weights.edit_model(edit_model.delta) as live:
+            # The text side is encoded with the edit model's text encoder (fine-tuned in
+            # dreambooth mode, the base one otherwise), the negative prompt included.
+            text = self._encode_targets(sweep)
+            for strategy, group in groupby(specs, key=lambda s: s.forget):
+                live.set_forgetting(reverted[strategy], sweep.forget_degree)
+                for chunk in _chunks(list(group), max_batch):
+                    images = self._sample_chunk(edit_model, chunk, text, done_before=len(done),
+                                                total=len(specs), started=started,
+                                                on_progress=on_progress, cancel=cancel)
+                    for spec, image in zip(chunk, images, strict=True):
+                        edited = EditedImage(spec, image)
+                        done.append(edited)
+                        if on_image is not None:
+                            on_image(edited)
+        return done
+
+    def warmup(self) -> None:
+        """One small denoising step through every component, so the first request does not
+        pay for lazy initialisation (readiness probes wait for this)."""
+        base = self.base
+        with torch.no_grad():
+            e = encode_prompt(base.tokenizer, base.text_encoder, "")
+            latents = initial_latents([0], base.unet.config.in_channels, 64, 64,
+                                      base.vae_scale_factor)
+            z = denoise(base.unet, latents, e, e, steps=1, guidance=7.5)
+            decode(base.vae, z, base.scaling_factor)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _check_compatible(self, edit_model: EditModel) -> None:
+        if edit_model.base_model_fingerprint != self.base.fingerprint:
+            raise BaseModelMismatchError(
+                f"this edit model was fine-tuned on base model {edit_model.base_model_name!r}, "
+                f"not on the loaded {self.base.name!r} (fingerprints differ); load it with the "
+                "base model it was made on"
+            )
+
+    def _encode_targets(self, sweep: SweepConfig) -> dict[str, torch.Tensor]:
+        base = self.base
+        with torch.no_grad():
+            encoded = {p: encode_prompt(base.tokenizer, base.text_encoder, p).float()
+                       for p in dict.fromkeys(sweep.prompts)}
+            encoded[""] = encode_prompt(base.tokenizer, base.text_encoder, "").float()
+        return encoded
+
+    def _sample_chunk(self, edit_model: EditModel, chunk: list[ImageSpec],
+                      text: dict[str, torch.Tensor], *, done_before: int, total: int,
+                      started: float, on_progress: SamplingCallback | None,
+                      cancel: CancelToken | None) -> list[Image.Image]:
+        from forgedit.images import to_pil
+
+        base = self.base
+        device = base.device
+        source = edit_model.source_embedding.to(device, torch.float32)
+        target = torch.cat([text[s.prompt] for s in chunk])
+        gamma = torch.tensor([s.gamma for s in chunk], dtype=torch.float64)
+        if chunk[0].interpolation == "vs":
+            conditioning = vector_subtraction(source, target, gamma)
+        else:
+            alpha = torch.tensor([s.alpha for s in chunk], dtype=torch.float64)
+            conditioning = vector_projection(source, target, gamma, alpha)
+        latents = initial_latents([s.seed for s in chunk], base.unet.config.in_channels,
+                                  edit_model.height, edit_model.width, base.vae_scale_factor)
+
+        def on_step(step: int, steps: int) -> None:
+            if on_progress is not None:
+                on_progress(SamplingProgress(chunk[0].forget, done_before, total, len(chunk),
+                                             step, steps, time.perf_counter() - started))
+
+        fast_cuda = self.precision == "fast" and device.type == "cuda"
+        z = denoise(base.unet, latents, conditioning, text[""], steps=chunk[0].steps,
+                    guidance=chunk[0].guidance, on_step=on_step, cancel=cancel,
+                    autocast_dtype=torch.float16 if fast_cuda else None)
+        return to_pil(decode(base.vae, z, base.scaling_factor))
+
+
+def _chunks(items: list[ImageSpec], size: int) -> Iterator[list[ImageSpec]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,26 @@
+"""E(s): the CLIP text encoder's ``last_hidden_state`` for a prompt, as SD conditions on it.
+
+Tokenised to exactly 77 tokens (``padding="max_length"``, truncation), no attention mask,
+after the final LayerNorm; never the pooled output or ``hidden_states[-2]`` (spec §12).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tokenize(tokenizer, prompt: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """[1, 77, D] for one prompt. Prompts are encoded one at a time, as the original does:
+    batching several prompts through the encoder rounds differently (~1e-7)."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokenize(tokenizer, prompt).to(device))[0]

@@ -1,0 +1,179 @@
+"""Learning the image: the fine-tune that makes an edit model (FORGEDIT_SPEC.md §3, §7, §8).
+
+All three modes share one loop; a ``Stage`` says what trains and for how long:
+
+* ``joint`` (vanilla Forgedit): the source embedding e (lr 1e-3) and UNet down_blocks.1-3 /
+  up_blocks.1-3 (lr 6e-5) together, 40 updates of batch 10, with the original's early stop.
+* ``two_stage`` (Forgedit transferred to Imagic): 400 updates of e alone, then 1000 of the
+  same UNet subset alone, batch 1.
+* ``dreambooth`` (DreamBooth-Forgedit): the whole UNet and the whole CLIP text encoder (both
+  5e-6), 100 updates of batch 4; e is re-encoded through the text encoder at every update.
+
+Every update draws, from ONE CPU generator seeded with the training seed and in the original's
+order, the noise ε for the whole batch and then the timesteps t. The batch is the same image
+latent repeated (the original uses no augmentation). The loss is the original's
+``mse(reduction="none").mean([1, 2, 3]).mean()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from forgedit.config import Stage, TrainingConfig
+from forgedit.events import CancelToken, TrainingCallback, TrainingProgress
+from forgedit.forgetting import trained_parameter_names
+from forgedit.sampling import make_ddim_scheduler
+from forgedit.text import encode_prompt, tokenize
+from forgedit.weights import ResidentWeights
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class TrainingResult:
+    source_embedding: torch.Tensor  # e_opt (or E_ft(source) in dreambooth), fp32, CPU
+    loss_curve: list[float]  # one loss per performed update
+    trained_keys: list[str]  # "unet.<name>" / "text_encoder.<name>", in parameter order
+    stopped_early: bool
+
+
+@torch.no_grad()
+def encode_image(vae: Any, pixels: torch.Tensor, seed: int, scaling_factor: float) -> torch.Tensor:
+    """z0 = scaling_factor · a *sample* of the VAE posterior, drawn from its own CPU generator
+    (seed 0 by default, as the original)."""
+    device = next(vae.parameters()).device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    posterior = vae.encode(pixels.to(device, torch.float32)).latent_dist
+    return scaling_factor * posterior.sample(generator=generator)
+
+
+def finetune(
+    *,
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    weights: ResidentWeights,
+    pixels: torch.Tensor,
+    source_prompt: str,
+    config: TrainingConfig,
+    scaling_factor: float,
+    on_progress: TrainingCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> TrainingResult:
+    """Fine-tune in place on the resident modules and return e_opt and the loss curve.
+
+    The trained tensors are left holding θ_ft and are registered with ``weights`` (which holds
+    their pristine copies); the caller reads the delta and calls ``weights.restore()``.
+    Raises ``CancelledError`` at the first update boundary after ``cancel`` is set.
+    """
+    device = next(unet.parameters()).device
+    fast_cuda = config.precision == "fast" and device.type == "cuda"
+    scheduler = make_ddim_scheduler()
+    z0 = encode_image(vae, pixels, config.vae_seed, scaling_factor)
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+
+    unet_names = weights.names("unet")
+    trains_encoder = config.trains_text_encoder
+    trained_keys: list[str] = []
+    for stage in config.stages:
+        if stage.unet_lr is not None:
+            trained_keys += [f"unet.{n}" for n in trained_parameter_names(unet_names,
+                                                                          stage.unet_subset)]
+    if trains_encoder:
+        trained_keys += [f"text_encoder.{n}" for n in weights.names("text_encoder")]
+    trained_keys = list(dict.fromkeys(trained_keys))  # keep order, drop repeats
+    weights.begin_training(trained_keys)
+
+    with torch.no_grad():
+        source_embedding = encode_prompt(tokenizer, text_encoder, source_prompt).detach().clone()
+    embedding = torch.nn.Parameter(source_embedding, requires_grad=False)
+    source_ids = tokenize(tokenizer, source_prompt).to(device)
+
+    loss_curve: list[float] = []
+    stopped_early = False
+    started = time.perf_counter()
+    total = config.total_updates
+    unet.train()
+    try:
+        for stage in config.stages:
+            unet_params = [weights.parameter(k) for k in trained_keys
+                           if k.startswith("unet.")] if stage.unet_lr is not None else []
+            encoder_params = ([weights.parameter(k) for k in trained_keys
+                               if k.startswith("text_encoder.")]
+                              if trains_encoder and stage.text_lr is not None else [])
+            for p in (*unet.parameters(), *text_encoder.parameters()):
+                p.requires_grad_(False)
+            for p in (*unet_params, *encoder_params):
+                p.requires_grad_(True)
+            embedding.requires_grad_(stage.text_lr is not None and not trains_encoder)
+
+            groups: list[dict[str, Any]] = []
+            if unet_params:
+                groups.append({"params": unet_params, "lr": stage.unet_lr})
+            if encoder_params:
+                groups.append({"params": encoder_params, "lr": stage.text_lr})
+            if embedding.requires_grad:
+                groups.append({"params": [embedding], "lr": stage.text_lr})
+            optimizer = torch.optim.Adam(groups, betas=config.adam_betas, eps=config.adam_eps,
+                                         **({"fused": True} if fast_cuda else {}))
+
+            for k in range(stage.updates):
+                if cancel is not None:
+                    cancel.check()
+                loss = _loss(unet, text_encoder, scheduler, z0, embedding, source_ids, stage,
+                             generator, trains_encoder, fast_cuda)
+                value = loss.item()
+                es = stage.early_stop
+                # Checked before the update, as the original: the triggering batch is not used.
+                if es is not None and value < es.threshold and k * stage.batch_size > es.min_samples:
+                    stopped_early = True
+                    break
+                (loss * config.loss_scale).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_curve.append(value)
+                if on_progress is not None:
+                    on_progress(TrainingProgress(stage.name, len(loss_curve), total, value,
+                                                 time.perf_counter() - started))
+            if stopped_early:
+                break
+        if cancel is not None:
+            cancel.check()
+    finally:
+        unet.eval()
+        for p in (*unet.parameters(), *text_encoder.parameters()):
+            p.requires_grad_(False)
+        embedding.requires_grad_(False)
+
+    with torch.no_grad():
+        if trains_encoder:
+            final = encode_prompt(tokenizer, text_encoder, source_prompt)
+        else:
+            final = embedding.detach()
+    return TrainingResult(final.to("cpu", torch.float32).clone(), loss_curve, trained_keys,
+                          stopped_early)
+
+
+def _loss(unet: Any, text_encoder: Any, scheduler: Any, z0: torch.Tensor,
+          embedding: torch.Tensor, source_ids: torch.Tensor, stage: Stage,
+          generator: torch.Generator, trains_encoder: bool, autocast: bool) -> torch.Tensor:
+    bsz = stage.batch_size
+    device = z0.device
+    latents = z0.repeat(bsz, 1, 1, 1)
+    # ε first, then t, from the same generator: the original's draw order (spec §15.3).
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(NUM_TRAIN_TIMESTEPS, (bsz,), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if trains_encoder:
+        conditioning = text_encoder(source_ids)[0].repeat(bsz, 1, 1)
+    else:
+        conditioning = embedding.repeat(bsz, 1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        prediction = unet(noisy, timesteps, conditioning).sample
+    return F.mse_loss(prediction.float(), noise, reduction="none").mean([1, 2, 3]).mean()

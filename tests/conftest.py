@@ -1,0 +1,61 @@
+"""Shared fixtures. Torch runs on one thread: on these 2-core machines two threads under any
+foreign load run 5–25× slower (ENVIRONMENT.md)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TEDBENCH = REPO.parent / "shared" / "tedbench"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tedbench_dir() -> Path:
+    """TEdBench (shared/tedbench): 40 photos and 100 target prompts. Tests that need it skip
+    when the checkout has no shared/ beside it."""
+    if not (TEDBENCH / "originals").is_dir():
+        pytest.skip("shared/tedbench is not next to the repository")
+    return TEDBENCH
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deterministic tiny SD-1.x-shaped pipeline + tiny BLIP, written once per session in
+    the real on-disk formats (``DIR/stable-diffusion``, ``DIR/blip``)."""
+    from forgedit.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(root / "model")
+    return root / "model"
