@@ -1,0 +1,49 @@
+"""CUDA-only checks. Skipped without a GPU (conftest marks them); run them on an A100 node
+with `scripts/test.sh -m gpu`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from forgedit.config import SweepConfig, TrainingConfig
+from forgedit.engine import Engine
+from forgedit.images import load_image
+
+pytestmark = pytest.mark.gpu
+
+
+def _config(precision: str) -> TrainingConfig:
+    stages = tuple(dataclasses.replace(s, updates=4, batch_size=2)
+                   for s in TrainingConfig.for_mode("joint").stages)
+    return TrainingConfig.for_mode("joint", stages=stages, height=64, width=64, seed=1,
+                                   precision=precision)  # type: ignore[arg-type]
+
+
+def _images(engine: Engine, model) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    sweep = SweepConfig(prompts=("A photo of a sitting dog.",), seeds=(1, 2), steps=10)
+    return [np.asarray(e.image, dtype=np.int16) for e in engine.edit(model, sweep)]
+
+
+def test_cuda_faithful_matches_cpu(tiny_model_dir: Path, tedbench_dir: Path) -> None:
+    photo = load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+    sd = tiny_model_dir / "stable-diffusion"
+    cpu, gpu = Engine.load(sd), Engine.load(sd, device="cuda")
+    a = _images(cpu, cpu.finetune(photo, "A photo of a dog", _config("faithful")))
+    b = _images(gpu, gpu.finetune(photo, "A photo of a dog", _config("faithful")))
+    # Same CPU draws; only kernels differ (cuDNN vs oneDNN), so a few 8-bit levels at most.
+    assert max(int(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) <= 4
+
+
+def test_cuda_fast_mode_runs_and_stays_close(tiny_model_dir: Path, tedbench_dir: Path) -> None:
+    photo = load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+    engine = Engine.load(tiny_model_dir / "stable-diffusion", device="cuda", precision="fast")
+    model = engine.finetune(photo, "A photo of a dog", _config("fast"))
+    assert all(v.dtype == torch.float16 for v in model.delta.values())
+    images = _images(engine, model)
+    assert all(img.shape == (64, 64, 3) for img in images)
+    assert torch.cuda.max_memory_allocated() > 0
