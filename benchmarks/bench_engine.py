@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO.parent / "shared" / "tedbench" / "originals" / "dog2_standing.png"
@@ -47,7 +48,6 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
     from forgedit.config import SweepConfig, TrainingConfig
     from forgedit.engine import Engine
     from forgedit.images import load_image
-    from forgedit.models import load_base_model
     from forgedit.tiny import make_tiny_model
 
     widths, size, n_images, steps = PRESETS[preset]
@@ -59,7 +59,7 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
         _widen_unet(model_dir / "unet", widths, size)
 
     t = time.perf_counter()
-    engine = Engine.load(model_dir, blip_dir=work / "model" / "blip", precision=precision)  # type: ignore[arg-type]
+    engine = Engine.load(model_dir, blip_dir=work / "model" / "blip", precision=precision)
     phases["load"] = time.perf_counter() - t
     image = load_image(PHOTO).image
     prompt = "A photo of a sitting dog."
@@ -69,7 +69,7 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
     phases["caption"] = time.perf_counter() - t
 
     config = TrainingConfig.for_mode("joint", height=size, width=size, seed=0,
-                                     precision=precision)  # type: ignore[arg-type]
+                                     precision=precision)
     if updates is not None:
         config = dataclasses.replace(
             config, stages=tuple(dataclasses.replace(s, updates=updates) for s in config.stages))
@@ -128,7 +128,8 @@ def _widen_unet(unet_dir: Path, widths: tuple[int, ...], size: int) -> None:
     config.update(block_out_channels=list(widths), norm_num_groups=32, sample_size=size // 8)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     torch.manual_seed(0)
-    UNet2DConditionModel(**config).save_pretrained(unet_dir, safe_serialization=True)
+    unet: Any = UNet2DConditionModel(**config)
+    unet.save_pretrained(unet_dir, safe_serialization=True)
 
 
 def sd1_sizes() -> dict:

@@ -75,7 +75,8 @@ class EditModel:
     def delta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.delta.values())
 
-    def manifest(self, file_hashes: Mapping[str, str], file_sizes: Mapping[str, int]) -> dict[str, Any]:
+    def manifest(self, file_hashes: Mapping[str, str],
+                 file_sizes: Mapping[str, int]) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,7 +70,8 @@ class Engine:
             # and the fp16 delta.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-            base.unet.to(memory_format=torch.channels_last)
+            unet: Any = base.unet
+            unet.to(memory_format=torch.channels_last)
 
     @classmethod
     def load(cls, base_model_dir: str | Path, *, blip_dir: str | Path | None = None,
@@ -184,7 +185,7 @@ class Engine:
         base = self.base
         with torch.no_grad():
             e = encode_prompt(base.tokenizer, base.text_encoder, "")
-            latents = initial_latents([0], base.unet.config.in_channels, 64, 64,
+            latents = initial_latents([0], base.unet.config["in_channels"], 64, 64,
                                       base.vae_scale_factor)
             z = denoise(base.unet, latents, e, e, steps=1, guidance=7.5)
             decode(base.vae, z, base.scaling_factor)
@@ -223,7 +224,7 @@ class Engine:
         else:
             alpha = torch.tensor([s.alpha for s in chunk], dtype=torch.float64)
             conditioning = vector_projection(source, target, gamma, alpha)
-        latents = initial_latents([s.seed for s in chunk], base.unet.config.in_channels,
+        latents = initial_latents([s.seed for s in chunk], base.unet.config["in_channels"],
                                   edit_model.height, edit_model.width, base.vae_scale_factor)
 
         def on_step(step: int, steps: int) -> None:

@@ -185,7 +185,7 @@ SD1_UNET_CONFIG: dict[str, Any] = {
 
 
 @cache
-def sd1_meta_unet() -> torch.nn.Module:
+def sd1_meta_unet() -> Any:
     """An SD 1.x-config ``UNet2DConditionModel`` on the meta device: names and shapes only."""
     from diffusers import UNet2DConditionModel
 

@@ -6,10 +6,12 @@ after the final LayerNorm; never the pooled output or ``hidden_states[-2]`` (spe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
-def tokenize(tokenizer, prompt: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def tokenize(tokenizer: Any, prompt: str) -> torch.Tensor:
     return tokenizer(
         prompt,
         padding="max_length",
@@ -19,7 +21,7 @@ def tokenize(tokenizer, prompt: str) -> torch.Tensor:  # type: ignore[no-untyped
     ).input_ids
 
 
-def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str) -> torch.Tensor:
     """[1, 77, D] for one prompt. Prompts are encoded one at a time, as the original does:
     batching several prompts through the encoder rounds differently (~1e-7)."""
     device = next(text_encoder.parameters()).device

@@ -129,9 +129,8 @@ def finetune(
                 loss = _loss(unet, text_encoder, scheduler, z0, embedding, source_ids, stage,
                              generator, trains_encoder, fast_cuda)
                 value = loss.item()
-                es = stage.early_stop
                 # Checked before the update, as the original: the triggering batch is not used.
-                if es is not None and value < es.threshold and k * stage.batch_size > es.min_samples:
+                if _early_stop(stage, k, value):
                     stopped_early = True
                     break
                 (loss * config.loss_scale).backward()
@@ -158,6 +157,11 @@ def finetune(
             final = embedding.detach()
     return TrainingResult(final.to("cpu", torch.float32).clone(), loss_curve, trained_keys,
                           stopped_early)
+
+
+def _early_stop(stage: Stage, k: int, loss: float) -> bool:
+    es = stage.early_stop
+    return es is not None and loss < es.threshold and k * stage.batch_size > es.min_samples
 
 
 def _loss(unet: Any, text_encoder: Any, scheduler: Any, z0: torch.Tensor,

@@ -76,7 +76,7 @@ def test_detects_truncation_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_refuses_non_artifacts(tmp_path: Path) -> None:
-    with pytest.raises(EditModelError, match="manifest.json is missing"):
+    with pytest.raises(EditModelError, match=r"manifest\.json is missing"):
         load_edit_model(tmp_path)
     (tmp_path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(EditModelError, match="not valid JSON"):

@@ -1,0 +1,548 @@
+"""The registry against the embedded MLflow store (SQLite + local artifacts, no sockets).
+
+One SQLite store is shared by the module (creating one costs seconds); every test gets its own
+registered model and experiment in it, and its own replica data directories. MLflow outages
+are injected by switching the registry's ``MlflowClient`` to raise the connection error
+``requests`` raises when a server is down.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+from mlflow import MlflowClient
+from prometheus_client import REGISTRY
+
+from forgedit.artifact import DELTA_FILE, MANIFEST_FILE, load_edit_model, sha256_file
+from forgedit.errors import BaseModelMismatchError, EditModelError, InvalidInputError
+from registry import (
+    EditModelNotFoundError,
+    EditModelRegistry,
+    InvalidEditModelIdError,
+    RegistryConfig,
+    RegistryConflictError,
+    RegistryIntegrityError,
+    RegistryUnavailableError,
+)
+from registry.fsutil import tree_bytes
+from registry.records import dedupe_key
+from registry.testing import random_edit_model, small_config
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"fake image bytes"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("embedded-store")
+    with EditModelRegistry(RegistryConfig(data_dir=root)) as reg:
+        reg._backend.experiment_id()  # creates the SQLite schema once
+        return reg.config.resolved_tracking_uri
+
+
+@pytest.fixture()
+def model_name() -> str:
+    return f"edit-models-{uuid.uuid4().hex[:8]}"
+
+
+class Replicas:
+    """Registries that share the store and one registered model, each with its own data dir
+    (its own spool and cache), as separate replicas would."""
+
+    def __init__(self, root: Path, store: str, model_name: str) -> None:
+        self.root, self.store, self.model_name = root, store, model_name
+        self.made: list[EditModelRegistry] = []
+
+    def __call__(self, name: str = "a", **overrides: Any) -> EditModelRegistry:
+        config = RegistryConfig(
+            data_dir=self.root / name,
+            tracking_uri=self.store,
+            registered_model=self.model_name,
+            experiment=self.model_name,
+            **overrides,
+        )
+        reg = EditModelRegistry(config)
+        self.made.append(reg)
+        return reg
+
+    def versions(self, **tags: str) -> list[Any]:
+        client = MlflowClient(self.store, self.store)
+        clause = " and ".join(f"tags.`forgedit.{k}` = '{v}'" for k, v in tags.items())
+        query = f"name = '{self.model_name}'" + (f" and {clause}" if clause else "")
+        return list(client.search_model_versions(query))
+
+
+@pytest.fixture()
+def replicas(tmp_path: Path, store: str, model_name: str) -> Any:
+    r = Replicas(tmp_path, store, model_name)
+    yield r
+    for reg in r.made:
+        reg.close()
+
+
+class DownSwitch:
+    """Wraps an ``MlflowClient``: while ``down``, every call fails as if the server were gone."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def switchable(reg: EditModelRegistry) -> DownSwitch:
+    switch = DownSwitch(reg._backend.client)
+    reg._backend.client = switch  # type: ignore[assignment]
+    return switch
+
+
+def flip_byte(path: Path, offset: int = -10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def cached_ids(reg: EditModelRegistry) -> list[str]:
+    return reg._disk.ids()
+
+
+def assert_same_tensors(a: Any, b: Any) -> None:
+    assert a.delta.keys() == b.delta.keys()
+    for k in a.delta:
+        assert torch.equal(a.delta[k], b.delta[k])
+    assert torch.equal(a.source_embedding, b.source_embedding)
+
+
+# -- round trip ----------------------------------------------------------------------------
+
+
+def test_register_fetch_list_show_delete_round_trip(replicas: Replicas) -> None:
+    a, b = replicas("a"), replicas("b")
+    em = random_edit_model(1)
+    result = a.register(em, request_id="req-1", input_image=PNG, contact_sheet=PNG)
+    assert (result.version, result.deduped, result.spooled) == (1, False, False)
+    model_id = result.edit_model_id
+
+    info = a.show(model_id)
+    assert info.status == "registered" and info.version == 1
+    assert info.image_sha256 == em.image_sha256
+    assert info.base_model_fingerprint == em.base_model_fingerprint
+    assert info.config_fingerprint == em.training.fingerprint()
+    assert info.training_mode == "joint" and info.request_id == "req-1"
+    assert [i.edit_model_id for i in b.list_models().items] == [model_id]
+
+    # The registering replica keeps its copy; another replica downloads and verifies.
+    assert a.fetch(model_id).source == "cache"
+    fetched = b.fetch(model_id)
+    assert fetched.source == "download"
+    assert b.fetch(model_id).source == "cache"
+    assert fetched.manifest["base_model"]["fingerprint"] == em.base_model_fingerprint
+    assert_same_tensors(load_edit_model(fetched.path), em)
+    loaded = b.load(model_id, expected_base_fingerprint=em.base_model_fingerprint)
+    assert_same_tensors(loaded, em)
+    assert loaded.source_prompt == em.source_prompt
+    with pytest.raises(BaseModelMismatchError):
+        b.load(model_id, expected_base_fingerprint="c" * 64)
+
+    # One run: flattened config as params, loss curve as step metrics, artifacts.
+    client = MlflowClient(replicas.store, replicas.store)
+    assert info.run_id is not None
+    run = client.get_run(info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["mode"] == "joint"
+    assert run.data.params["stages.0.updates"] == "3"
+    assert run.data.params["seed"] == "1"
+    assert run.data.tags["forgedit.edit_model_id"] == model_id
+    assert run.data.tags["forgedit.request_id"] == "req-1"
+    history = client.get_metric_history(info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(i, 1.0 / (i + 1)) for i in range(3)]
+    assert "time_training" in run.data.metrics
+    paths = {f.path for f in client.list_artifacts(info.run_id)}
+    assert {"model", "inputs", "contact_sheet.png"} <= paths
+    assert [f.path for f in client.list_artifacts(info.run_id, "inputs")] == [
+        "inputs/input_image.png"
+    ]
+    assert "model/MLmodel" in {f.path for f in client.list_artifacts(info.run_id, "model")}
+    version = replicas.versions(edit_model_id=model_id)[0]
+    assert version.source.endswith("/model") and version.run_id == info.run_id
+
+    a.delete(model_id)
+    for reg in (a, b):
+        with pytest.raises(EditModelNotFoundError):
+            reg.show(model_id)
+        with pytest.raises(EditModelNotFoundError):
+            reg.fetch(model_id)
+    assert cached_ids(a) == [] and cached_ids(b) == []
+    assert replicas.versions() == []
+    assert client.get_run(info.run_id).info.lifecycle_stage == "deleted"
+    artifact_dir = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert tree_bytes(artifact_dir) == 0
+    with pytest.raises(EditModelNotFoundError):
+        a.delete(model_id)
+
+
+def test_register_from_a_directory(replicas: Replicas, tmp_path: Path) -> None:
+    em = random_edit_model(2)
+    directory = em.save(tmp_path / "made-by-engine")
+    result = replicas("a").register(directory)
+    fetched = replicas("b").fetch(result.edit_model_id)
+    for name in (DELTA_FILE, MANIFEST_FILE):
+        assert sha256_file(fetched.path / name) == sha256_file(directory / name)
+
+
+def test_a_corrupted_directory_is_refused_and_leaves_nothing(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    reg = replicas("a")
+    directory = random_edit_model(3).save(tmp_path / "bad")
+    flip_byte(directory / DELTA_FILE)
+    with pytest.raises(EditModelError, match="sha256"):
+        reg.register(directory)
+    assert reg.spool_size() == (0, 0)
+    assert list((reg.config.data_dir / "spool" / "staging").iterdir()) == []
+    assert replicas.versions() == []
+
+
+# -- idempotency and dedupe -----------------------------------------------------------------
+
+
+def test_same_request_id_returns_the_same_version(replicas: Replicas) -> None:
+    reg = replicas("a")
+    first = reg.register(random_edit_model(4), request_id="job-42")
+    again = reg.register(random_edit_model(4), request_id="job-42")
+    assert again == first
+    # A second replica retrying the same request finds it too.
+    assert replicas("b").register(random_edit_model(4), request_id="job-42") == first
+    assert len(replicas.versions()) == 1
+
+
+def test_retry_after_a_timeout_never_creates_a_second_version(replicas: Replicas) -> None:
+    reg = replicas("a")
+    real_create = reg._backend.create_version
+
+    def create_then_time_out(*args: Any, **kwargs: Any) -> Any:
+        real_create(*args, **kwargs)  # MLflow did it, but the answer never arrived
+        raise RegistryUnavailableError("timed out")
+
+    reg._backend.create_version = create_then_time_out  # type: ignore[method-assign]
+    first = reg.register(random_edit_model(5), request_id="job-7")
+    assert first.spooled and first.version is None
+    reg._backend.create_version = real_create  # type: ignore[method-assign]
+
+    retry = reg.register(random_edit_model(5), request_id="job-7")
+    assert retry.edit_model_id == first.edit_model_id
+    flushed = reg.flush_spool()
+    assert flushed.registered == [first.edit_model_id] and flushed.remaining == 0
+    versions = replicas.versions()
+    assert [v.tags["forgedit.edit_model_id"] for v in versions] == [first.edit_model_id]
+    assert reg.register(random_edit_model(5), request_id="job-7").version == 1
+
+
+def test_reusing_a_request_id_for_another_model_is_a_conflict(replicas: Replicas) -> None:
+    reg = replicas("a")
+    reg.register(random_edit_model(6), request_id="job-1")
+    with pytest.raises(RegistryConflictError, match="request id"):
+        reg.register(random_edit_model(7), request_id="job-1")
+
+
+def test_same_image_base_and_config_is_deduplicated(replicas: Replicas) -> None:
+    reg = replicas("a")
+    em = random_edit_model(8)
+    first = reg.register(em, request_id="r1")
+    second = reg.register(random_edit_model(8), request_id="r2")
+    assert second.deduped and second.edit_model_id == first.edit_model_id
+    found = replicas("b").find_existing(
+        em.image_sha256, em.base_model_fingerprint, em.training.fingerprint()
+    )
+    assert found is not None and found.edit_model_id == first.edit_model_id
+
+    other_seed = random_edit_model(8, config=small_config(seed=99))
+    assert not reg.register(other_seed).deduped
+    assert not reg.register(random_edit_model(8), dedupe=False).deduped
+    other_base = random_edit_model(8, base_model_fingerprint="d" * 64)
+    assert not reg.register(other_base).deduped
+    assert replicas("c").find_existing(em.image_sha256, "e" * 64, "f" * 64) is None
+    assert len(replicas.versions()) == 4
+
+
+# -- integrity ----------------------------------------------------------------------------
+
+
+def stored_file(replicas: Replicas, reg: EditModelRegistry, model_id: str, name: str) -> Path:
+    run_id = reg.show(model_id).run_id
+    assert run_id is not None
+    run = MlflowClient(replicas.store, replicas.store).get_run(run_id)
+    root = Path(run.info.artifact_uri.removeprefix("file://"))
+    return root / "model" / "artifacts" / "edit_model" / name
+
+
+def test_a_corrupted_byte_in_the_store_is_detected_and_never_used(replicas: Replicas) -> None:
+    a = replicas("a")
+    model_id = a.register(random_edit_model(9)).edit_model_id
+    flip_byte(stored_file(replicas, a, model_id, DELTA_FILE))
+    b = replicas("b")
+    with pytest.raises(RegistryIntegrityError, match="corrupted"):
+        b.fetch(model_id)
+    with pytest.raises(RegistryIntegrityError):
+        b.load(model_id)
+    assert cached_ids(b) == []
+    assert list((b.config.data_dir / "cache" / "tmp").iterdir()) == []
+
+
+def test_a_tampered_manifest_is_detected(replicas: Replicas) -> None:
+    """Rewriting the manifest to match corrupted payload does not help: the version tag holds
+    the manifest's own sha256."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(10)).edit_model_id
+    manifest = stored_file(replicas, a, model_id, MANIFEST_FILE)
+    manifest.write_text(manifest.read_text().replace("thing number", "thing numbe_"))
+    with pytest.raises(RegistryIntegrityError):
+        replicas("b").fetch(model_id)
+
+
+def test_a_corrupted_download_is_discarded_and_retried(replicas: Replicas) -> None:
+    a, b = replicas("a"), replicas("b")
+    em = random_edit_model(11)
+    model_id = a.register(em).edit_model_id
+    real_download = b._backend.download_dir
+    calls = []
+
+    def corrupt_first(*args: Any, **kwargs: Any) -> Path:
+        path = real_download(*args, **kwargs)
+        calls.append(path)
+        if len(calls) == 1:
+            flip_byte(path / DELTA_FILE)
+        return path
+
+    b._backend.download_dir = corrupt_first  # type: ignore[method-assign]
+    fetched = b.fetch(model_id)
+    assert len(calls) == 2 and fetched.source == "download"
+    assert_same_tensors(load_edit_model(fetched.path), em)
+
+
+def test_a_corrupted_cached_copy_is_discarded_and_fetched_again(replicas: Replicas) -> None:
+    a, b = replicas("a"), replicas("b", memory_cache_models=0)
+    em = random_edit_model(12)
+    model_id = a.register(em).edit_model_id
+    path = b.fetch(model_id).path
+    flip_byte(path / DELTA_FILE)
+    fetched = b.fetch(model_id)
+    assert fetched.source == "download"
+    assert_same_tensors(load_edit_model(fetched.path), em)
+    flip_byte(fetched.path / DELTA_FILE)
+    assert_same_tensors(b.load(model_id), em)
+    # And the registering replica's own (adopted) copy is checked the same way.
+    flip_byte(a.fetch(model_id).path / DELTA_FILE)
+    assert a.fetch(model_id).source == "download"
+
+
+# -- MLflow down: the spool ---------------------------------------------------------------
+
+
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name)
+
+
+def test_mlflow_down_spools_then_registers_exactly_once(replicas: Replicas) -> None:
+    reg = replicas("a")
+    reg._backend.experiment_id()
+    switch = switchable(reg)
+    switch.down = True
+    em = random_edit_model(13)
+    result = reg.register(em, request_id="while-down", input_image=PNG)
+    assert result.spooled and result.version is None
+    model_id = result.edit_model_id
+    # Usable here at once, and visible.
+    fetched = reg.fetch(model_id)
+    assert fetched.source == "spool"
+    assert_same_tensors(reg.load(model_id), em)
+    assert reg.show(model_id).status == "spooled"
+    with pytest.raises(RegistryUnavailableError):
+        reg.list_models()
+    count, nbytes = reg.spool_size()
+    assert count == 1 and nbytes > em.delta_bytes
+    assert gauge("forgedit_registry_spooled_edit_models") == 1
+    assert reg.register(em, request_id="while-down").edit_model_id == model_id
+    assert reg.flush_spool().registered == []
+
+    switch.down = False
+    first_page = reg.list_models()
+    assert first_page.items[0].edit_model_id == model_id
+    assert first_page.items[0].status == "spooled"
+    flushed = reg.flush_spool()
+    assert flushed.registered == [model_id] and flushed.remaining == 0
+    assert gauge("forgedit_registry_spooled_edit_models") == 0
+    assert reg.show(model_id).status == "registered"
+    assert reg.fetch(model_id).source == "cache"
+    assert len(replicas.versions()) == 1
+    assert replicas("b").fetch(model_id).source == "download"
+    assert reg.flush_spool().registered == []
+    assert len(replicas.versions()) == 1
+
+
+def test_the_flusher_registers_when_mlflow_answers_again(replicas: Replicas) -> None:
+    reg = replicas("a", flush_initial_backoff_s=0.05, flush_max_backoff_s=0.2)
+    reg._backend.experiment_id()
+    switch = switchable(reg)
+    switch.down = True
+    reg.start()
+    model_id = reg.register(random_edit_model(14)).edit_model_id
+    time.sleep(0.3)  # a few failed attempts, backing off
+    switch.down = False
+    deadline = time.monotonic() + 30
+    while reg.spool_size()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reg.show(model_id).status == "registered"
+    reg.close()
+    assert reg._flusher is None
+
+
+def test_find_existing_while_mlflow_is_down_says_none_unless_spooled(replicas: Replicas) -> None:
+    reg = replicas("a")
+    reg._backend.experiment_id()
+    em = random_edit_model(15)
+    reg.register(em)
+    switch = switchable(reg)
+    switch.down = True
+    keys = (em.image_sha256, em.base_model_fingerprint, em.training.fingerprint())
+    assert reg.find_existing(*keys) is None
+    spooled = random_edit_model(16)
+    model_id = reg.register(spooled).edit_model_id
+    found = reg.find_existing(
+        spooled.image_sha256, spooled.base_model_fingerprint, spooled.training.fingerprint()
+    )
+    assert found is not None and found.edit_model_id == model_id and found.status == "spooled"
+    assert dedupe_key(*keys) != dedupe_key(found.image_sha256, "x", "y")
+
+
+def test_a_cached_copy_is_served_while_mlflow_is_down(replicas: Replicas) -> None:
+    a, b = replicas("a"), replicas("b")
+    model_id = a.register(random_edit_model(17)).edit_model_id
+    b.fetch(model_id)
+    switchable(b).down = True
+    assert b.fetch(model_id).source == "cache"
+    c = replicas("c")  # a replica without a copy needs MLflow
+    switchable(c).down = True
+    with pytest.raises(RegistryUnavailableError):
+        c.fetch(model_id)
+
+
+# -- caches -------------------------------------------------------------------------------
+
+
+def test_caches_are_bounded_lru(replicas: Replicas) -> None:
+    a = replicas("a")
+    ids = [a.register(random_edit_model(20 + i)).edit_model_id for i in range(3)]
+    one = tree_bytes(a._disk.path(ids[0]))
+    b = replicas("b", cache_max_bytes=int(2.5 * one), memory_cache_models=1)
+    for model_id in ids:
+        b.fetch(model_id)
+        time.sleep(0.01)  # distinct mtimes
+    assert sorted(cached_ids(b)) == sorted(ids[1:])
+    b.fetch(ids[1])  # touch: now ids[2] is the least recently used
+    time.sleep(0.01)
+    assert b.fetch(ids[0]).source == "download"
+    assert sorted(cached_ids(b)) == sorted([ids[0], ids[1]])
+    b.load(ids[0])
+    b.load(ids[1])
+    assert b._memory.get(ids[0]) is None and b._memory.get(ids[1]) is not None
+
+
+def test_a_model_deleted_elsewhere_is_not_served_from_a_cache(replicas: Replicas) -> None:
+    a, b = replicas("a"), replicas("b")
+    model_id = a.register(random_edit_model(30)).edit_model_id
+    b.load(model_id)
+    a.delete(model_id)
+    with pytest.raises(EditModelNotFoundError):
+        b.load(model_id)
+    with pytest.raises(EditModelNotFoundError):
+        b.fetch(model_id)
+    assert cached_ids(b) == []
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+def test_list_pages_and_filters(replicas: Replicas) -> None:
+    reg = replicas("a")
+    made = [
+        reg.register(random_edit_model(40 + i, base_model_name=name))
+        for i, name in enumerate(["base-a", "base-a", "base-b"])
+    ]
+    page1 = reg.list_models(page_size=2)
+    assert len(page1.items) == 2 and page1.next_page_token
+    page2 = reg.list_models(page_size=2, page_token=page1.next_page_token)
+    listed = [i.edit_model_id for i in page1.items + page2.items]
+    assert listed == [m.edit_model_id for m in reversed(made)]  # newest first
+    assert page2.next_page_token is None
+    assert {i.edit_model_id for i in reg.list_models(base_model="base-a").items} == {
+        made[0].edit_model_id,
+        made[1].edit_model_id,
+    }
+    image = random_edit_model(42).image_sha256
+    assert [i.edit_model_id for i in reg.list_models(image_sha256=image).items] == [
+        made[2].edit_model_id
+    ]
+    for bad in (
+        {"base_model": "x' or '1'='1"},
+        {"image_sha256": "zz"},
+        {"page_size": 0},
+        {"page_token": "../../x"},
+    ):
+        with pytest.raises(InvalidInputError):
+            reg.list_models(**bad)
+
+
+# -- bad IDs never reach storage ----------------------------------------------------------
+
+
+class Exploding:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"storage touched ({name}) before the ID was validated")
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "em_" + "é" * 26, "em_" + "a" * 500, ""])
+def test_malformed_ids_are_refused_before_any_io(replicas: Replicas, bad: str) -> None:
+    reg = replicas("a")
+    for part in ("_backend", "_spool", "_disk", "_memory"):
+        setattr(reg, part, Exploding())
+    for call in (reg.fetch, reg.load, reg.show, reg.delete):
+        with pytest.raises(InvalidEditModelIdError):
+            call(bad)
+
+
+def test_unknown_ids_are_not_found(replicas: Replicas) -> None:
+    reg = replicas("a")
+    unknown = "em_" + "a" * 26
+    for call in (reg.fetch, reg.load, reg.show, reg.delete):
+        with pytest.raises(EditModelNotFoundError, match=unknown):
+            call(unknown)
+
+
+def test_bad_register_arguments_are_refused(replicas: Replicas) -> None:
+    reg = replicas("a")
+    em = random_edit_model(50)
+    with pytest.raises(InvalidInputError, match="request id"):
+        reg.register(em, request_id="x" * 1000)
+    with pytest.raises(InvalidInputError, match="control"):
+        reg.register(em, request_id="a\nb")
+    with pytest.raises(InvalidInputError, match="tag key"):
+        reg.register(em, tags={"forgedit.edit_model_id": "em_x"})
+    with pytest.raises(EditModelError):
+        reg.register(Path(reg.config.data_dir / "nowhere"))
+    assert replicas.versions() == []

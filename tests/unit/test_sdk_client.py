@@ -1,0 +1,623 @@
+"""Unit tests of the SDK (no sockets): event mapping, errors, options, the retry policy, and
+re-attaching after a dropped stream, against scripted fake stubs (sync and asyncio).
+
+The fakes live here and are reused by test_sdk_cli.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from forgedit_client import (
+    Accepted,
+    AsyncForgeditClient,
+    Completed,
+    ForgeditClient,
+    ForgeditRpcError,
+    ImageReady,
+    InvalidOptionError,
+    Registered,
+    RetryPolicy,
+    TrainingProgress,
+    UnknownEvent,
+)
+from forgedit_client._proto import forgedit_pb2 as pb
+from forgedit_client.events import event_from_proto
+from forgedit_client.stream import ResumeTracker
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+
+class FakeRpcError(grpc.RpcError):
+    """What a real call raises: code(), details(), trailing_metadata() with rich details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str = "", *details: Any) -> None:
+        super().__init__(message)
+        self._code = code
+        self._message = message
+        self._trailing: tuple[tuple[str, bytes], ...] = ()
+        if details:
+            status = status_pb2.Status(code=code.value[0], message=message)
+            for d in details:
+                packed = any_pb2.Any()
+                packed.Pack(d)
+                status.details.append(packed)
+            self._trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._trailing
+
+
+def unavailable(message: str = "connection reset") -> FakeRpcError:
+    return FakeRpcError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def retry_info(seconds: int) -> error_details_pb2.RetryInfo:
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds))
+
+
+def bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        ]
+    )
+
+
+def event(seq: int, job: str = "job-1", **kind: Any) -> pb.Event:
+    return pb.Event(job_id=job, sequence=seq, **kind)
+
+
+def edit_job_events(job: str = "job-1", images: int = 2) -> list[pb.Event]:
+    """A plausible complete Edit stream: accepted → captioned → training ×2 → registered →
+    sampling → images → completed."""
+    evs = [
+        event(
+            1,
+            job,
+            accepted=pb.AcceptedEvent(
+                job_id=job, queue_position=0, images_total=images, estimated_seconds=3.0
+            ),
+        ),
+        event(
+            2, job, captioned=pb.CaptionedEvent(source_prompt="A photo of a cat", from_caption=True)
+        ),
+        event(
+            3,
+            job,
+            training=pb.TrainingEvent(update=1, total=2, loss=0.5, eta_seconds=1.0, stage="joint"),
+        ),
+        event(
+            4,
+            job,
+            training=pb.TrainingEvent(update=2, total=2, loss=0.25, eta_seconds=0.0, stage="joint"),
+        ),
+        event(5, job, registered=pb.RegisteredEvent(edit_model_id="em-1", version=1)),
+        event(
+            6,
+            job,
+            sampling=pb.SamplingEvent(
+                images_done=0, images_total=images, step=1, steps=2, forget="donotforget"
+            ),
+        ),
+    ]
+    for i in range(images):
+        evs.append(
+            event(
+                7 + i,
+                job,
+                image=pb.ImageEvent(
+                    index=i,
+                    png=b"\x89PNG-fake-" + bytes([i]),
+                    width=8,
+                    height=8,
+                    params=pb.ImageParams(
+                        prompt="a dog",
+                        forget="donotforget",
+                        interpolation=pb.INTERPOLATION_VS,
+                        gamma=0.5 + i / 10,
+                        seed=i,
+                        guidance=7.5,
+                        steps=2,
+                    ),
+                ),
+            )
+        )
+    evs.append(
+        event(
+            7 + images,
+            job,
+            completed=pb.CompletedEvent(
+                timings=pb.PhaseTimings(training_seconds=1.5, total_seconds=3.0),
+                edit_model_id="em-1",
+                images=images,
+                train_seed=42,
+            ),
+        )
+    )
+    return evs
+
+
+class FakeCall:
+    """A server-streaming call: yields scripted responses, raises scripted errors."""
+
+    def __init__(self, script: Iterable[Any], wrap: type) -> None:
+        self.script = list(script)
+        self.wrap = wrap
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.script:
+            if isinstance(item, BaseException):
+                raise item
+            yield self.wrap(event=item)
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+class FakeStub:
+    """Scripted ForgeditServiceStub. ``streams[method]`` is a list of call scripts used in
+    order; ``unary[method]`` a list of responses or errors. Every call is recorded."""
+
+    def __init__(
+        self,
+        streams: dict[str, list[list[Any]]] | None = None,
+        unary: dict[str, list[Any]] | None = None,
+    ) -> None:
+        self.streams = {k: list(v) for k, v in (streams or {}).items()}
+        self.unary = {k: list(v) for k, v in (unary or {}).items()}
+        self.calls: list[tuple[str, Any, Any, Any]] = []
+        self.opened: list[FakeCall] = []
+
+    def _stream(self, method: str, wrap: type, request: Any, timeout: Any, metadata: Any) -> Any:
+        self.calls.append((method, request, timeout, metadata))
+        call = FakeCall(self.streams[method].pop(0), wrap)
+        self.opened.append(call)
+        return call
+
+    def _unary(self, method: str, request: Any, timeout: Any, metadata: Any) -> Any:
+        self.calls.append((method, request, timeout, metadata))
+        item = self.unary[method].pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def Edit(self, request: Any, timeout: Any = None, metadata: Any = None) -> Any:
+        return self._stream("Edit", pb.EditResponse, request, timeout, metadata)
+
+    def Sample(self, request: Any, timeout: Any = None, metadata: Any = None) -> Any:
+        return self._stream("Sample", pb.SampleResponse, request, timeout, metadata)
+
+    def WatchJob(self, request: Any, timeout: Any = None, metadata: Any = None) -> Any:
+        return self._stream("WatchJob", pb.WatchJobResponse, request, timeout, metadata)
+
+    def __getattr__(self, method: str) -> Any:
+        if method in ("GetJob", "CancelJob", "GetEditModel", "ListEditModels", "DeleteEditModel"):
+            return lambda request, timeout=None, metadata=None: self._unary(
+                method, request, timeout, metadata
+            )
+        raise AttributeError(method)
+
+    def methods(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+# ============================================================================== tests
+
+
+def client_with(stub: FakeStub, **kw: Any) -> tuple[ForgeditClient, list[float]]:
+    slept: list[float] = []
+    return ForgeditClient("fake:1", stub=stub, sleep=slept.append, **kw), slept
+
+
+# ------------------------------------------------------------------------- event mapping
+
+
+def test_every_event_kind_maps_to_its_dataclass() -> None:
+    mapped = [event_from_proto(e) for e in edit_job_events()]
+    kinds = [type(e).__name__ for e in mapped]
+    assert kinds == [
+        "Accepted",
+        "Captioned",
+        "TrainingProgress",
+        "TrainingProgress",
+        "Registered",
+        "SamplingProgress",
+        "ImageReady",
+        "ImageReady",
+        "Completed",
+    ]
+    assert all(e.job_id == "job-1" for e in mapped)
+    assert [e.sequence for e in mapped] == list(range(1, 10))
+    img = mapped[7]
+    assert isinstance(img, ImageReady)
+    assert img.params.interpolation == "vs" and img.params.gamma == pytest.approx(0.6)
+    assert img.params.label() == "donotforget γ=0.6 seed=1"
+    done = mapped[-1]
+    assert isinstance(done, Completed) and done.timings.training_seconds == 1.5
+    assert done.train_seed == 42
+
+
+def test_vp_label_names_beta_and_alpha() -> None:
+    e = event_from_proto(
+        event(
+            1,
+            image=pb.ImageEvent(
+                params=pb.ImageParams(
+                    forget="encoderkv",
+                    interpolation=pb.INTERPOLATION_VP,
+                    gamma=1.2,
+                    alpha=0.9,
+                    seed=3,
+                )
+            ),
+        )
+    )
+    assert isinstance(e, ImageReady)
+    assert e.params.label() == "encoderkv β=1.2 α=0.9 seed=3"
+
+
+def test_unset_kind_is_an_unknown_event_not_an_error() -> None:
+    e = event_from_proto(pb.Event(job_id="j", sequence=4))
+    assert isinstance(e, UnknownEvent) and e.kind == "" and e.sequence == 4
+
+
+def test_image_save_is_atomic_and_leaves_no_temp_files(tmp_path: Any) -> None:
+    e = event_from_proto(edit_job_events()[6])
+    assert isinstance(e, ImageReady)
+    path = e.save(tmp_path / "sub" / "x.png")
+    assert path.read_bytes() == e.png
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.png"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_rpc_error_unpacks_field_violations_and_retry_hint() -> None:
+    exc = FakeRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "steps must be 1..200, got 0",
+        bad_request("sweep.steps", "steps must be 1..200, got 0"),
+    )
+    err = ForgeditRpcError.from_grpc(exc)
+    assert err.code_name == "INVALID_ARGUMENT"
+    assert err.field_violations[0].field == "sweep.steps"
+    # The violation repeats the message: the one-line form does not say it twice.
+    assert err.one_line() == "INVALID_ARGUMENT: steps must be 1..200, got 0"
+
+    full = ForgeditRpcError.from_grpc(
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the job queue is full", retry_info(7))
+    )
+    assert full.retry_delay == 7
+    assert full.one_line() == "RESOURCE_EXHAUSTED: the job queue is full (retry in 7 s)"
+
+
+def test_rpc_error_without_details_still_has_code_and_message() -> None:
+    err = ForgeditRpcError.from_grpc(FakeRpcError(grpc.StatusCode.NOT_FOUND, "no such model"))
+    assert (err.code, err.message, err.field_violations) == (
+        grpc.StatusCode.NOT_FOUND,
+        "no such model",
+        (),
+    )
+
+
+# ------------------------------------------------------------------------------ options
+
+
+def test_options_reach_the_request_and_unset_ones_stay_unset() -> None:
+    stub = FakeStub({"Edit": [edit_job_events()]})
+    client, _ = client_with(stub)
+    client.edit(
+        b"img",
+        ["a dog", "a fox"],
+        mode="two_stage",
+        train_seed=5,
+        gammas=[0.5, 0.7],
+        forget=["encoderkv"],
+        interpolation="vp",
+        precision="fast",
+        request_id="req-1",
+    ).result()
+    ((_, req, timeout, _),) = stub.calls
+    assert req.request_id == "req-1" and list(req.target_prompts) == ["a dog", "a fox"]
+    assert req.training.mode == pb.TRAINING_MODE_TWO_STAGE and req.training.seed == 5
+    assert req.training.precision == pb.PRECISION_FAST
+    assert list(req.sweep.gammas) == [0.5, 0.7]
+    assert list(req.sweep.forget_strategies) == ["encoderkv"]
+    assert req.sweep.interpolation == pb.INTERPOLATION_VP
+    assert not req.sweep.HasField("steps") and not req.training.HasField("width")
+    assert not req.HasField("source_prompt")
+    assert 0 < timeout <= 30 * 60  # the documented Edit default
+
+
+def test_unknown_option_is_refused_before_sending_and_names_the_accepted() -> None:
+    stub = FakeStub()
+    client, _ = client_with(stub)
+    with pytest.raises(InvalidOptionError, match=r"unknown option 'gamma'.*gammas"):
+        client.edit(b"img", "a dog", gamma=0.5)
+    with pytest.raises(InvalidOptionError, match="unknown interpolation 'vx'; accepted: vs, vp"):
+        client.edit(b"img", "a dog", interpolation="vx")
+    with pytest.raises(InvalidOptionError, match="unknown option 'mode'"):
+        client.sample("em-1", "a dog", mode="joint")  # a stored model is never re-trained
+    with pytest.raises(InvalidOptionError, match="request_id"):
+        client.edit(b"img", "a dog", request_id="../../etc")
+    assert stub.calls == []
+
+
+def test_a_request_id_is_generated_when_none_is_given() -> None:
+    stub = FakeStub({"Sample": [[], []]})
+    client, _ = client_with(stub)
+    client.sample("em-1", "a dog").result()
+    client.sample("em-1", "a dog").result()
+    ids = [c[1].request_id for c in stub.calls]
+    assert all(ids) and ids[0] != ids[1]
+
+
+# ------------------------------------------------------------------------ retry policy
+
+
+def test_backoff_is_capped_exponential_full_jitter() -> None:
+    policy = RetryPolicy(max_attempts=6, initial_backoff=0.5, max_backoff=4.0, multiplier=2.0)
+    top = [policy.backoff(a, rand=lambda lo, hi: hi) for a in range(1, 7)]
+    assert top == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert policy.backoff(3, rand=lambda lo, hi: lo) == 0.0
+    assert policy.backoff(1, server_hint=3.0, rand=lambda lo, hi: lo) == 3.0
+    assert policy.should_retry(grpc.StatusCode.UNAVAILABLE, 5)
+    assert not policy.should_retry(grpc.StatusCode.UNAVAILABLE, 6)
+    assert not policy.should_retry(grpc.StatusCode.INTERNAL, 1)
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_unavailable_before_the_first_event_is_retried_with_the_same_request_id() -> None:
+    stub = FakeStub({"Edit": [[unavailable()], [unavailable()], edit_job_events()]})
+    client, slept = client_with(stub)
+    result = client.edit(b"img", "a dog").result()
+    assert stub.methods() == ["Edit", "Edit", "Edit"]
+    assert len({c[1].request_id for c in stub.calls}) == 1
+    assert len(slept) == 2 and all(0 <= s <= 10 for s in slept)
+    assert result.completed and result.edit_model_id == "em-1" and len(result.images) == 2
+
+
+def test_retries_are_bounded_and_the_last_error_surfaces() -> None:
+    stub = FakeStub({"Edit": [[unavailable()] for _ in range(3)]})
+    client, slept = client_with(stub, retry=RetryPolicy(max_attempts=3))
+    with pytest.raises(ForgeditRpcError) as info:
+        client.edit(b"img", "a dog").result()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len(stub.calls) == 3 and len(slept) == 2
+
+
+def test_other_errors_are_not_retried() -> None:
+    stub = FakeStub(
+        {"Edit": [[FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", retry_info(5))]]}
+    )
+    client, slept = client_with(stub)
+    with pytest.raises(ForgeditRpcError) as info:
+        client.edit(b"img", "a dog").result()
+    assert info.value.retry_delay == 5 and slept == [] and len(stub.calls) == 1
+
+
+def test_a_dropped_stream_reattaches_by_request_id_after_the_last_sequence() -> None:
+    events = edit_job_events()
+    # The first call drops after 4 events; the re-attach replays from 3 (overlap) onward.
+    stub = FakeStub({"Edit": [[*events[:4], unavailable()]], "WatchJob": [events[2:]]})
+    client, slept = client_with(stub)
+    stream = client.edit(b"img", "a dog", request_id="req-7")
+    seen = list(stream)
+    assert [e.sequence for e in seen] == list(range(1, 10))  # no duplicates, no holes
+    method, watch, _, _ = stub.calls[1]
+    assert method == "WatchJob"
+    assert watch.request_id == "req-7" and watch.after_sequence == 4
+    assert stream.result().losses == [0.5, 0.25]
+    assert stream.gaps == 0 and stream.reattaches == 1 and len(slept) == 1
+
+
+def test_reattach_budget_resets_after_progress() -> None:
+    events = edit_job_events()
+    stub = FakeStub(
+        {
+            "Edit": [[events[0], unavailable()]],
+            "WatchJob": [[events[1], unavailable()], [events[2], unavailable()], events[3:]],
+        }
+    )
+    client, _ = client_with(stub, retry=RetryPolicy(max_attempts=2))
+    assert client.edit(b"img", "a dog").result().completed
+
+
+def test_reattach_that_finds_no_job_explains_the_drop() -> None:
+    events = edit_job_events()
+    stub = FakeStub(
+        {
+            "Edit": [[events[0], unavailable()]],
+            "WatchJob": [[FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")]],
+        }
+    )
+    client, _ = client_with(stub)
+    with pytest.raises(
+        ForgeditRpcError, match="connection dropped and job job-1 could not be re-attached"
+    ) as info:
+        client.edit(b"img", "a dog").result()
+    assert info.value.job_id == "job-1"
+
+
+def test_the_deadline_covers_all_attempts() -> None:
+    clock = [0.0]
+    tracker = ResumeTracker(
+        RetryPolicy(max_attempts=10, initial_backoff=5, max_backoff=5),
+        deadline=12.0,
+        clock=lambda: clock[0],
+    )
+    err = ForgeditRpcError(grpc.StatusCode.UNAVAILABLE, "down")
+    plan = tracker.after_error(err)
+    assert plan.kind == "start" and plan.timeout is not None
+    assert plan.timeout == pytest.approx(12.0 - plan.delay)  # the wait comes out of the budget
+    clock[0] = 12.0  # nothing left: the error is final even though attempts remain
+    with pytest.raises(ForgeditRpcError):
+        tracker.after_error(err)
+
+
+def test_gap_in_sequences_is_counted() -> None:
+    tracker = ResumeTracker(RetryPolicy(), deadline=None)
+    for seq in (1, 2, 5, 5, 6):
+        tracker.accept(Accepted("j", seq, 0, 0, 0.0))
+    assert tracker.gaps == 2 and tracker.last_sequence == 6
+
+
+def test_leaving_the_iteration_cancels_the_call() -> None:
+    stub = FakeStub({"Edit": [edit_job_events()]})
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog")
+    for e in stream:
+        if isinstance(e, TrainingProgress):
+            break
+    stream.close()
+    assert stub.opened[0].cancelled
+
+
+def test_cancel_asks_the_server_by_job_id() -> None:
+    job = pb.Job(job_id="job-1", state=pb.JOB_STATE_CANCELLING)
+    stub = FakeStub(
+        {"Edit": [edit_job_events()]}, unary={"CancelJob": [pb.CancelJobResponse(job=job)]}
+    )
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog")
+    assert isinstance(next(iter(stream)), Accepted)
+    stream.cancel()
+    assert stub.methods() == ["Edit", "CancelJob"]
+    assert stub.calls[1][1].job_id == "job-1" and stub.opened[0].cancelled
+
+
+# ------------------------------------------------------------------------------- unary
+
+
+def test_unary_reads_retry_unavailable_but_delete_does_not() -> None:
+    model = pb.EditModel(
+        edit_model_id="em-1", version=2, base_model="tiny", training_mode=pb.TRAINING_MODE_JOINT
+    )
+    stub = FakeStub(
+        unary={
+            "GetEditModel": [unavailable(), pb.GetEditModelResponse(edit_model=model)],
+            "DeleteEditModel": [unavailable()],
+        }
+    )
+    client, slept = client_with(stub)
+    info = client.get_edit_model("em-1")
+    assert info.edit_model_id == "em-1" and info.training_mode == "joint"
+    assert info.create_time is None
+    with pytest.raises(ForgeditRpcError):
+        client.delete_edit_model("em-1")
+    assert stub.methods() == ["GetEditModel", "GetEditModel", "DeleteEditModel"]
+    assert len(slept) == 1
+
+
+def test_list_edit_models_follows_page_tokens() -> None:
+    page = lambda ids, token: pb.ListEditModelsResponse(  # noqa: E731
+        edit_models=[pb.EditModel(edit_model_id=i) for i in ids], next_page_token=token
+    )
+    stub = FakeStub(unary={"ListEditModels": [page(["a", "b"], "t1"), page(["c"], "")]})
+    client, _ = client_with(stub)
+    ids = [m.edit_model_id for m in client.list_edit_models(base_model="tiny", page_size=2)]
+    assert ids == ["a", "b", "c"]
+    assert [c[1].page_token for c in stub.calls] == ["", "t1"]
+    assert all(c[1].base_model == "tiny" and c[1].page_size == 2 for c in stub.calls)
+
+
+def test_token_goes_in_metadata_on_plaintext_channels() -> None:
+    stub = FakeStub({"Sample": [[]]})
+    client, _ = client_with(stub, token="s3cret")
+    client.sample("em-1", "a dog").result()
+    assert stub.calls[0][3] == (("authorization", "Bearer s3cret"),)
+
+
+# ------------------------------------------------------------------------------ asyncio
+
+
+class AsyncFakeCall(FakeCall):
+    def __aiter__(self) -> Any:
+        async def gen() -> Any:
+            for item in self.script:
+                await asyncio.sleep(0)
+                if isinstance(item, BaseException):
+                    raise item
+                yield self.wrap(event=item)
+
+        return gen()
+
+
+class AsyncFakeStub(FakeStub):
+    def _stream(self, method: str, wrap: type, request: Any, timeout: Any, metadata: Any) -> Any:
+        self.calls.append((method, request, timeout, metadata))
+        call = AsyncFakeCall(self.streams[method].pop(0), wrap)
+        self.opened.append(call)
+        return call
+
+    def _unary(self, method: str, request: Any, timeout: Any, metadata: Any) -> Any:
+        sync = super()._unary
+
+        async def call() -> Any:
+            return sync(method, request, timeout, metadata)
+
+        return call()
+
+
+def test_async_client_reattaches_and_collects_the_same_result() -> None:
+    events = edit_job_events()
+    stub = AsyncFakeStub(
+        {"Edit": [[unavailable()], [*events[:5], unavailable()]], "WatchJob": [events[3:]]}
+    )
+
+    async def run() -> Any:
+        client = AsyncForgeditClient(
+            "fake:1", stub=stub, retry=RetryPolicy(initial_backoff=0.0, max_backoff=0.0)
+        )
+        stream = client.edit(b"img", "a dog", request_id="req-a")
+        seen = [e async for e in stream]
+        return seen, await stream.result()
+
+    seen, result = asyncio.run(run())
+    assert [e.sequence for e in seen] == list(range(1, 10))
+    assert stub.methods() == ["Edit", "Edit", "WatchJob"]
+    assert stub.calls[2][1].after_sequence == 5
+    assert isinstance(seen[4], Registered) and result.edit_model_id == "em-1"
+    assert [i.index for i in result.images] == [0, 1]
+
+
+def test_async_unary_and_pagination() -> None:
+    stub = AsyncFakeStub(
+        unary={
+            "GetJob": [
+                unavailable(),
+                pb.GetJobResponse(
+                    job=pb.Job(job_id="j", state=pb.JOB_STATE_RUNNING, kind=pb.JOB_KIND_EDIT)
+                ),
+            ],
+            "ListEditModels": [
+                pb.ListEditModelsResponse(edit_models=[pb.EditModel(edit_model_id="x")])
+            ],
+        }
+    )
+
+    async def run() -> Any:
+        client = AsyncForgeditClient(
+            "fake:1", stub=stub, retry=RetryPolicy(initial_backoff=0.0, max_backoff=0.0)
+        )
+        job = await client.get_job("j")
+        models = [m async for m in client.list_edit_models()]
+        return job, models
+
+    job, models = asyncio.run(run())
+    assert (job.state, job.kind, job.finished) == ("running", "edit", False)
+    assert [m.edit_model_id for m in models] == ["x"]
