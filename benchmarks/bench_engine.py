@@ -59,7 +59,8 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
         _widen_unet(model_dir / "unet", widths, size)
 
     t = time.perf_counter()
-    engine = Engine.load(model_dir, blip_dir=work / "model" / "blip", precision=precision)
+    engine = Engine.load(model_dir, blip_dir=work / "model" / "blip",
+                         precision=precision)  # type: ignore[arg-type]
     phases["load"] = time.perf_counter() - t
     image = load_image(PHOTO).image
     prompt = "A photo of a sitting dog."
