@@ -18,7 +18,6 @@ Not thread-safe: one job at a time per Engine.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,9 +51,10 @@ class EditedImage:
     image: Image.Image
 
     def png_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        self.image.save(buffer, format="PNG")
-        return buffer.getvalue()
+        """PNG bytes that depend only on the pixels (no metadata, no timestamps)."""
+        from forgedit.images import encode_png
+
+        return encode_png(self.image)
 
 
 class Engine:

@@ -339,7 +339,8 @@ def check_base_model_directory(
         if not (root / "vae").is_dir():
             vae_hint = (
                 f"{shown!r} has no vae/ (e.g. a 'noVAE' snapshot such as Realistic Vision's): "
-                "pass vae_directory= with an SD 1.x VAE in diffusers format"
+                "give a separate VAE directory (--vae on the command line, vae_directory= in "
+                "Python) with an SD 1.x VAE in diffusers format"
             )
         found["vae"] = _find_component(
             root / "vae", display_path(shown, "vae"), _DIFFUSERS_WEIGHTS, missing, pickled
