@@ -15,7 +15,6 @@ import io
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -113,12 +112,10 @@ def load_image(
     fmt = _FORMAT_ALIASES.get(str(image.format), str(image.format))
     try:
         image.seek(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            image.load()
-            upright = ImageOps.exif_transpose(image) or image
-            rgb = upright.convert("RGB")
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        image.load()
+        upright = ImageOps.exif_transpose(image) or image
+        rgb = upright.convert("RGB")
     except Exception as e:  # Pillow raises many kinds on malformed input; all mean "corrupt"
         raise InvalidImageError(
             f"{name} could not be decoded: it is truncated or corrupt ({_pil_reason(e)}); "
@@ -161,22 +158,25 @@ def _open_checked(data: bytes, name: str, limits: ImageLimits) -> ImageFile.Imag
     # Parse with the accepted formats' plugins first: untrusted bytes meet as few parsers as
     # possible. Only to name a refused format do we let every plugin look at the header.
     # (MPO needs no plugin of its own: the JPEG plugin opens it.)
+    #
+    # No warnings.catch_warnings() here: it mutates process-wide filters and is not
+    # thread-safe, and the server decodes in several threads. It is not needed either: our
+    # pixel limit is checked from the header below, before any decoding, and Pillow's own
+    # hard limit raises DecompressionBombError, caught here.
     plugins = list(limits.formats)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                image = Image.open(io.BytesIO(data), formats=plugins)
-            except UnidentifiedImageError:
-                other = _identify_any(data)
-                if other:
-                    raise InvalidImageError(
-                        f"{name} is a {other} image; accepted formats: {limits.accepted}"
-                    ) from None
+        try:
+            image = Image.open(io.BytesIO(data), formats=plugins)
+        except UnidentifiedImageError:
+            other = _identify_any(data)
+            if other:
                 raise InvalidImageError(
-                    f"{name} is not an image Pillow can read; expected a {limits.accepted} image"
+                    f"{name} is a {other} image; accepted formats: {limits.accepted}"
                 ) from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise InvalidImageError(
+                f"{name} is not an image Pillow can read; expected a {limits.accepted} image"
+            ) from None
+    except Image.DecompressionBombError as e:
         # Pillow's own guard fired while reading the header (it runs inside Image.open).
         raise InvalidImageError(
             f"{name} claims too many pixels to decode safely ({_pil_reason(e)}); at most "
@@ -189,6 +189,14 @@ def _open_checked(data: bytes, name: str, limits: ImageLimits) -> ImageFile.Imag
             f"{name} has a corrupt header ({_pil_reason(e)}); expected a {limits.accepted} image"
         ) from None
     width, height = image.size
+    bomb_limit = Image.MAX_IMAGE_PIXELS  # Pillow's warning threshold, when tighter than ours
+    if bomb_limit is not None and bomb_limit < limits.max_pixels and width * height > bomb_limit:
+        image.close()
+        raise InvalidImageError(
+            f"{name} claims too many pixels to decode safely ({width}x{height} = "
+            f"{width * height:,} pixels, over Pillow's decompression-bomb limit of "
+            f"{bomb_limit:,})"
+        )
     if width * height > limits.max_pixels:
         image.close()
         raise InvalidImageError(
@@ -203,10 +211,8 @@ def _open_checked(data: bytes, name: str, limits: ImageLimits) -> ImageFile.Imag
 
 def _identify_any(data: bytes) -> str | None:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as other:
-                return str(other.format)
+        with Image.open(io.BytesIO(data)) as other:
+            return str(other.format)
     except Exception:
         return None
 
