@@ -30,7 +30,7 @@ import torch
 from forgedit import forgetting
 from forgedit.artifact import EditModel
 from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig, check_prompt
-from forgedit.errors import BaseModelMismatchError, ModelDirectoryError
+from forgedit.errors import BaseModelMismatchError, InvalidInputError, ModelDirectoryError
 from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
 from forgedit.interpolation import vector_projection, vector_subtraction
 from forgedit.sampling import decode, denoise, initial_latents
@@ -81,6 +81,7 @@ class Engine:
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
 
+        check_device(device)
         base = load_base_model(base_model_dir, device=device, vae_directory=vae_dir)
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
         return cls(base, captioner, precision=precision)
@@ -237,6 +238,21 @@ class Engine:
                     guidance=chunk[0].guidance, on_step=on_step, cancel=cancel,
                     autocast_dtype=torch.float16 if fast_cuda else None)
         return to_pil(decode(base.vae, z, base.scaling_factor))
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, naming the ones it has."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if kind not in available:
+        raise InvalidInputError(
+            f"device {device!r} is not available on this machine; accepted here: "
+            f"{', '.join(available)}",
+            field="device",
+        )
 
 
 def _chunks(items: list[ImageSpec], size: int) -> Iterator[list[ImageSpec]]:

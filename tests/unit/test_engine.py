@@ -232,3 +232,15 @@ def test_forty_joint_updates_lower_the_loss(engine: Engine, photo) -> None:  # t
 def test_stage_override_validation() -> None:
     with pytest.raises(ValueError, match="updates"):
         Stage("joint", updates=0, batch_size=1, unet_lr=1e-5, text_lr=None)
+
+
+def test_unavailable_device_is_refused_clearly() -> None:
+    from forgedit.engine import check_device
+    from forgedit.errors import InvalidInputError
+
+    check_device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="accepted here: cpu"):
+            check_device("cuda")
+    with pytest.raises(InvalidInputError, match="not available"):
+        check_device("tpu")
