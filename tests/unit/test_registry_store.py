@@ -8,6 +8,8 @@ are injected by switching the registry's ``MlflowClient`` to raise the connectio
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -196,6 +198,31 @@ def test_register_fetch_list_show_delete_round_trip(replicas: Replicas) -> None:
         a.delete(model_id)
 
 
+def test_a_contact_sheet_is_attached_after_sampling(replicas: Replicas) -> None:
+    reg = replicas("a")
+    client = MlflowClient(replicas.store, replicas.store)
+    registered = reg.register(random_edit_model(70)).edit_model_id
+    reg.add_contact_sheet(registered, PNG)
+    run_id = reg.show(registered).run_id
+    assert run_id is not None
+    assert "contact_sheet.png" in {f.path for f in client.list_artifacts(run_id)}
+
+    switch = switchable(reg)
+    switch.down = True
+    spooled = reg.register(random_edit_model(71)).edit_model_id
+    reg.add_contact_sheet(spooled, PNG + b"v2")
+    with pytest.raises(RegistryUnavailableError):
+        reg.add_contact_sheet(registered, PNG)
+    switch.down = False
+    assert reg.flush_spool().registered == [spooled]
+    run_id = reg.show(spooled).run_id
+    assert run_id is not None
+    local = Path(client.download_artifacts(run_id, "contact_sheet.png", str(replicas.root)))
+    assert local.read_bytes() == PNG + b"v2"
+    with pytest.raises(EditModelNotFoundError):
+        reg.add_contact_sheet("em_" + "a" * 26, PNG)
+
+
 def test_register_from_a_directory(replicas: Replicas, tmp_path: Path) -> None:
     em = random_edit_model(2)
     directory = em.save(tmp_path / "made-by-engine")
@@ -274,10 +301,14 @@ def test_same_image_base_and_config_is_deduplicated(replicas: Replicas) -> None:
     other_seed = random_edit_model(8, config=small_config(seed=99))
     assert not reg.register(other_seed).deduped
     assert not reg.register(random_edit_model(8), dedupe=False).deduped
+    no_image_hash = random_edit_model(8)
+    no_image_hash.image_sha256 = ""  # nothing to deduplicate on: a new model each time
+    assert not reg.register(no_image_hash).deduped
+    assert not reg.register(no_image_hash).deduped
     other_base = random_edit_model(8, base_model_fingerprint="d" * 64)
     assert not reg.register(other_base).deduped
     assert replicas("c").find_existing(em.image_sha256, "e" * 64, "f" * 64) is None
-    assert len(replicas.versions()) == 4
+    assert len(replicas.versions()) == 6
 
 
 # -- integrity ----------------------------------------------------------------------------
@@ -381,6 +412,7 @@ def test_mlflow_down_spools_then_registers_exactly_once(replicas: Replicas) -> N
     assert reg.flush_spool().registered == []
 
     switch.down = False
+    assert_same_tensors(reg.load(model_id), em)  # a memory hit, not yet in MLflow
     first_page = reg.list_models()
     assert first_page.items[0].edit_model_id == model_id
     assert first_page.items[0].status == "spooled"
@@ -546,3 +578,83 @@ def test_bad_register_arguments_are_refused(replicas: Replicas) -> None:
     with pytest.raises(EditModelError):
         reg.register(Path(reg.config.data_dir / "nowhere"))
     assert replicas.versions() == []
+
+
+def test_two_replicas_racing_on_one_request_id_leave_exactly_one_version(
+    replicas: Replicas,
+) -> None:
+    """Both pass the "already registered?" check before either creates its version; the
+    reconcile step makes every version but the oldest delete itself."""
+    a, b = replicas("a"), replicas("b")
+    barrier = threading.Barrier(2, timeout=60)
+    for reg in (a, b):
+        real = reg._backend.create_version
+
+        def create_together(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            barrier.wait()
+            return _real(*args, **kwargs)
+
+        reg._backend.create_version = create_together  # type: ignore[method-assign]
+    results: dict[str, Any] = {}
+
+    def register(name: str, reg: EditModelRegistry) -> None:
+        results[name] = reg.register(random_edit_model(60), request_id="raced", dedupe=False)
+
+    threads = [threading.Thread(target=register, args=item) for item in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for reg in (a, b):
+        reg.flush_spool()  # in case SQLite was busy and one of them spooled
+    versions = replicas.versions()
+    assert len(versions) == 1
+    winner = versions[0].tags["forgedit.edit_model_id"]
+    if not (results["a"].spooled or results["b"].spooled):
+        assert results["a"].edit_model_id == results["b"].edit_model_id == winner
+    client = MlflowClient(replicas.store, replicas.store)
+    experiment = client.get_experiment_by_name(replicas.model_name)
+    assert experiment is not None
+    assert len(client.search_runs([experiment.experiment_id])) == 1  # the loser's run is gone
+
+
+def test_start_up_removes_only_dead_processes_leftovers(replicas: Replicas) -> None:
+    data = replicas.root / "shared"
+    dead, live = "entry.999999999.crashed", f"entry.{os.getppid()}.busy"
+    for sub in ("spool/staging", "cache/tmp"):
+        for name in (dead, live):
+            (data / sub / name).mkdir(parents=True)
+            (data / sub / name / "partial").write_bytes(b"x")
+    replicas("shared")
+    for sub in ("spool/staging", "cache/tmp"):
+        assert sorted(p.name for p in (data / sub).iterdir()) == [live]
+
+
+def test_a_fetch_racing_the_flusher_finds_the_model_in_the_cache(replicas: Replicas) -> None:
+    """The flusher moves a spooled model's files into the cache just before removing the spool
+    entry; a fetch in between waits for the publish and serves the cached copy."""
+    reg = replicas("a")
+    reg._backend.experiment_id()
+    switch = switchable(reg)
+    switch.down = True
+    em = random_edit_model(80)
+    model_id = reg.register(em).edit_model_id
+    switch.down = False
+
+    files_moved, release = threading.Event(), threading.Event()
+    real_remove = reg._spool.remove
+
+    def remove_later(edit_model_id: str) -> None:
+        files_moved.set()  # _publish moved the files into the cache a moment ago
+        release.wait(30)
+        real_remove(edit_model_id)
+
+    reg._spool.remove = remove_later  # type: ignore[method-assign]
+    flusher = threading.Thread(target=reg.flush_spool)
+    flusher.start()
+    assert files_moved.wait(30)
+    threading.Timer(0.3, release.set).start()
+    fetched = reg.fetch(model_id)  # entry still listed, files gone: waits, then the cache
+    flusher.join(30)
+    assert fetched.source == "cache"
+    assert_same_tensors(load_edit_model(fetched.path), em)

@@ -1,0 +1,222 @@
+"""What the registry says about an edit model: result types, and the MLflow tags that carry
+the same facts.
+
+Every fact the registry searches or lists by is a tag on the registered model *version*
+(``forgedit.*``), so listing and lookup need one search call and no run fetches. The run carries
+the same tags plus params (the training config, flattened) and metrics (loss curve, timings).
+Tag values derived from client input are hashed (``request_key``) or validated hex before they
+ever appear in an MLflow filter string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from forgedit.config import TrainingConfig
+from forgedit.errors import InvalidInputError
+
+# Version and run tags. Keys contain dots, so filter strings quote them with backticks.
+TAG_ID = "forgedit.edit_model_id"
+TAG_REQUEST_KEY = "forgedit.request_key"
+TAG_REQUEST_ID = "forgedit.request_id"
+TAG_IMAGE = "forgedit.image_sha256"
+TAG_BASE_NAME = "forgedit.base_model_name"
+TAG_BASE_FINGERPRINT = "forgedit.base_model_fingerprint"
+TAG_MODE = "forgedit.training_mode"
+TAG_CONFIG = "forgedit.config_fingerprint"
+TAG_DEDUPE = "forgedit.dedupe_key"
+TAG_MANIFEST = "forgedit.manifest_sha256"
+TAG_BYTES = "forgedit.artifact_bytes"
+TAG_PROMPT = "forgedit.source_prompt"
+TAG_CREATED = "forgedit.created_at"
+# Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
+TAG_RUN_DATA = "forgedit.run_data_logged"
+
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_BASE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+MAX_REQUEST_ID_CHARS = 256
+MAX_USER_TAGS = 20
+
+Source = Literal["memory", "spool", "cache", "download"]
+Status = Literal["registered", "spooled"]
+
+
+@dataclass(frozen=True)
+class RegisteredEditModel:
+    """The outcome of ``register``.
+
+    ``version`` is the MLflow model version, ``None`` while ``spooled``. ``deduped`` means an
+    edit model of the same image, base model and training config (seed included) already
+    existed and is returned instead of registering a second one.
+    """
+
+    edit_model_id: str
+    version: int | None
+    deduped: bool = False
+    spooled: bool = False
+
+
+@dataclass(frozen=True)
+class EditModelInfo:
+    """One edit model as ``show`` and ``list`` describe it (no payload is downloaded)."""
+
+    edit_model_id: str
+    status: Status
+    version: int | None
+    run_id: str | None
+    base_model_name: str
+    base_model_fingerprint: str
+    image_sha256: str
+    training_mode: str
+    config_fingerprint: str
+    source_prompt: str
+    request_id: str
+    created_at: float
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class FetchedEditModel:
+    """A verified local copy of an edit model. ``path`` is an edit-model directory
+    (``forgedit.artifact`` format) valid until the cache evicts it; ``source`` says where it
+    came from."""
+
+    edit_model_id: str
+    path: Path
+    source: Source
+    manifest: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EditModelPage:
+    items: list[EditModelInfo]
+    next_page_token: str | None
+
+
+def request_key(request_id: str) -> str:
+    """The searchable form of a client's request id (sha256 hex: safe in filter strings)."""
+    return hashlib.sha256(request_id.encode("utf-8")).hexdigest()
+
+
+def dedupe_key(image_sha256: str, base_fingerprint: str, config_fingerprint: str) -> str:
+    """Same image bytes, same base model, same training config (seed included)."""
+    blob = json.dumps([image_sha256, base_fingerprint, config_fingerprint])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_request_id(request_id: str) -> str:
+    if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInputError(
+            f"request id must be text of at most {MAX_REQUEST_ID_CHARS} characters",
+            field="request_id",
+        )
+    if any(not c.isprintable() for c in request_id):
+        raise InvalidInputError(
+            "request id contains control characters; use printable text", field="request_id"
+        )
+    return request_id
+
+
+def check_sha256(value: str, name: str) -> str:
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise InvalidInputError(f"{name} must be 64 lowercase hex digits (a sha256)", field=name)
+    return value
+
+
+def check_base_model_name(value: str) -> str:
+    if not isinstance(value, str) or not _BASE_NAME.match(value):
+        raise InvalidInputError(
+            "base model name must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            field="base_model",
+        )
+    return value
+
+
+def describe_manifest(
+    manifest: Mapping[str, Any], edit_model_id: str, request_id: str, manifest_sha256: str
+) -> dict[str, str]:
+    """The ``forgedit.*`` tags of an edit model, from its manifest."""
+    base = manifest.get("base_model") or {}
+    training = TrainingConfig.from_dict(manifest["training"])
+    image = str(manifest.get("image_sha256", ""))
+    fingerprint = str(base.get("fingerprint", ""))
+    config_fp = training.fingerprint()
+    size = sum(int(f["bytes"]) for f in manifest["files"].values())
+    return {
+        TAG_ID: edit_model_id,
+        TAG_REQUEST_KEY: request_key(request_id) if request_id else "",
+        TAG_REQUEST_ID: request_id,
+        TAG_IMAGE: image,
+        TAG_BASE_NAME: str(base.get("name", "")),
+        TAG_BASE_FINGERPRINT: fingerprint,
+        TAG_MODE: training.mode,
+        TAG_CONFIG: config_fp,
+        TAG_DEDUPE: dedupe_key(image, fingerprint, config_fp),
+        TAG_MANIFEST: manifest_sha256,
+        TAG_BYTES: str(size),
+        TAG_PROMPT: str(manifest.get("source_prompt", ""))[:1000],
+        TAG_CREATED: repr(float(manifest.get("created_at", 0.0))),
+    }
+
+
+def info_from_tags(
+    tags: Mapping[str, str], *, status: Status, version: int | None, run_id: str | None
+) -> EditModelInfo:
+    def num(key: str) -> float:
+        try:
+            return float(tags.get(key, "0") or 0)
+        except ValueError:
+            return 0.0
+
+    return EditModelInfo(
+        edit_model_id=tags.get(TAG_ID, ""),
+        status=status,
+        version=version,
+        run_id=run_id,
+        base_model_name=tags.get(TAG_BASE_NAME, ""),
+        base_model_fingerprint=tags.get(TAG_BASE_FINGERPRINT, ""),
+        image_sha256=tags.get(TAG_IMAGE, ""),
+        training_mode=tags.get(TAG_MODE, ""),
+        config_fingerprint=tags.get(TAG_CONFIG, ""),
+        source_prompt=tags.get(TAG_PROMPT, ""),
+        request_id=tags.get(TAG_REQUEST_ID, ""),
+        created_at=num(TAG_CREATED),
+        size_bytes=int(num(TAG_BYTES)),
+    )
+
+
+def training_params(training: Mapping[str, Any]) -> dict[str, str]:
+    """The training config flattened to MLflow params: ``stages.0.unet_lr`` → ``"6e-05"``."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list | tuple) and any(isinstance(v, Mapping) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        elif isinstance(value, list | tuple):
+            out[prefix] = json.dumps(list(value))
+        else:
+            out[prefix] = "None" if value is None else str(value)
+
+    walk("", training)
+    return out
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names allow letters, digits, ``_ - . / `` and space."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)[:200]
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
