@@ -1,0 +1,240 @@
+"""A job: one Edit or Sample request on its way through the scheduler.
+
+A job owns its cancel token and a bounded replay buffer of the events it produced. Any number
+of streams read the buffer (the submitting call, re-attached calls, WatchJob), each from its
+own cursor; a reader that falls behind a full buffer loses the oldest events and sees a gap in
+the sequence numbers. Images make events large, so the buffer is bounded by count and bytes.
+
+Thread safety: the worker thread appends events and changes state; RPC threads read and wait.
+Everything mutable is guarded by one condition variable per job.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from forgedit.events import CancelToken
+from server._proto import forgedit_pb2 as pb
+from server.errors import MappedError
+from server.validation import EditPlan, SamplePlan
+
+
+class JobState(enum.Enum):
+    QUEUED = pb.JOB_STATE_QUEUED
+    RUNNING = pb.JOB_STATE_RUNNING
+    CANCELLING = pb.JOB_STATE_CANCELLING
+    SUCCEEDED = pb.JOB_STATE_SUCCEEDED
+    FAILED = pb.JOB_STATE_FAILED
+    CANCELLED = pb.JOB_STATE_CANCELLED
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per phase (CompletedEvent.timings)."""
+
+    queue_wait: float = 0.0
+    captioning: float = 0.0
+    training: float = 0.0
+    registration: float = 0.0
+    sampling: float = 0.0
+    total: float = 0.0
+
+    def to_proto(self) -> pb.PhaseTimings:
+        return pb.PhaseTimings(
+            queue_wait_seconds=self.queue_wait,
+            captioning_seconds=self.captioning,
+            training_seconds=self.training,
+            registration_seconds=self.registration,
+            sampling_seconds=self.sampling,
+            total_seconds=self.total,
+        )
+
+
+@dataclass
+class Job:
+    """One unit of scheduled work. Create with ``Job.create``; the scheduler drives it."""
+
+    job_id: str
+    kind: pb.JobKind  # pb.JOB_KIND_EDIT or pb.JOB_KIND_SAMPLE
+    plan: EditPlan | SamplePlan
+    payload_digest: str  # identifies the request for idempotency checks
+    estimated_s: float
+    max_events: int
+    max_bytes: int
+    detach: bool = False
+    state: JobState = JobState.QUEUED
+    queue_position: int = 0
+    edit_model_id: str = ""
+    error: MappedError | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+    timings: Timings = field(default_factory=Timings)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    created_monotonic: float = field(default_factory=time.monotonic)
+    started_monotonic: float | None = None
+    # Streams whose disconnect cancels the job (the submitting call, re-attached
+    # submissions); WatchJob never counts.
+    owners: int = 0
+    _events: deque[pb.Event] = field(default_factory=deque)
+    _bytes: int = 0
+    _sequence: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _on_finish: list[Callable[[Job], None]] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.plan.request_id
+
+    @property
+    def method(self) -> str:
+        return "Edit" if self.kind == pb.JOB_KIND_EDIT else "Sample"
+
+    @property
+    def is_sampling(self) -> bool:
+        return self.kind == pb.JOB_KIND_SAMPLE
+
+    @property
+    def last_sequence(self) -> int:
+        with self._cond:
+            return self._sequence
+
+    # -- events -----------------------------------------------------------------------------
+
+    def emit(self, **kind: Any) -> pb.Event:
+        """Append one event (e.g. ``emit(training=pb.TrainingEvent(...))``) and wake readers.
+        Oldest events are evicted beyond the count or byte bound."""
+        with self._cond:
+            self._sequence += 1
+            event = pb.Event(job_id=self.job_id, sequence=self._sequence, time=_now(), **kind)
+            size = event.ByteSize()
+            self._events.append(event)
+            self._bytes += size
+            while len(self._events) > 1 and (
+                len(self._events) > self.max_events or self._bytes > self.max_bytes
+            ):
+                self._bytes -= self._events.popleft().ByteSize()
+            self._cond.notify_all()
+            return event
+
+    def read(self, after: int, timeout: float) -> tuple[list[pb.Event], bool]:
+        """Events with ``sequence > after``; waits up to ``timeout`` s for one if none yet.
+
+        Returns (events, finished): ``finished`` is True when the job has ended and no event
+        after the returned ones will ever come.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                events = [e for e in self._events if e.sequence > after]
+                done = self.state.finished
+                if events or done:
+                    return events, done
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return [], False
+                self._cond.wait(remaining)
+
+    def heartbeat(self) -> pb.Event:
+        """A heartbeat for one stream: not buffered, carries the latest sequence number."""
+        with self._cond:
+            return pb.Event(
+                job_id=self.job_id,
+                sequence=self._sequence,
+                time=_now(),
+                heartbeat=pb.HeartbeatEvent(
+                    state=self.state.value, queue_position=self.queue_position
+                ),
+            )
+
+    # -- state ------------------------------------------------------------------------------
+
+    def set_state(self, state: JobState) -> None:
+        with self._cond:
+            self.state = state
+            if state is JobState.RUNNING:
+                self.started_at = time.time()
+                self.started_monotonic = time.monotonic()
+                self.queue_position = 0
+            self._cond.notify_all()
+
+    def finish(self, state: JobState, error: MappedError | None = None) -> None:
+        """Move to a final state exactly once; later calls are ignored."""
+        with self._cond:
+            if self.state.finished:
+                return
+            self.state = state
+            self.error = error
+            self.queue_position = 0
+            self.ended_at = time.time()
+            self._cond.notify_all()
+            callbacks = list(self._on_finish)
+        for callback in callbacks:
+            callback(self)
+
+    def on_finish(self, callback: Callable[[Job], None]) -> None:
+        with self._cond:
+            self._on_finish.append(callback)
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state.finished, timeout)
+
+    def request_cancel(self, reason: str) -> bool:
+        """Ask the job to stop. Returns False if it had already finished."""
+        with self._cond:
+            if self.state.finished:
+                return False
+            self.cancel.cancel(reason)
+            if self.state is JobState.RUNNING:
+                self.state = JobState.CANCELLING
+            self._cond.notify_all()
+            return True
+
+    def to_proto(self) -> pb.Job:
+        with self._cond:
+            job = pb.Job(
+                job_id=self.job_id,
+                request_id=self.request_id,
+                kind=self.kind,
+                state=self.state.value,
+                queue_position=self.queue_position,
+                edit_model_id=self.edit_model_id,
+                last_sequence=self._sequence,
+                create_time=_ts(self.created_at),
+            )
+            if self.started_at is not None:
+                job.start_time.CopyFrom(_ts(self.started_at))
+            if self.ended_at is not None:
+                job.end_time.CopyFrom(_ts(self.ended_at))
+            if self.error is not None:
+                job.error_code = self.error.status.code
+                job.error_message = self.error.status.message
+            return job
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    return _ts(time.time())

@@ -1,0 +1,131 @@
+"""Prometheus metrics (ARCHITECTURE.md, "Observability"), served on their own HTTP port.
+
+Each server instance has its own ``CollectorRegistry``, so several servers in one process (the
+tests) do not share series. Labels are bounded sets only: ``method`` (the RPC's name),
+``code`` (a gRPC status name), ``reason`` (a cancellation reason or status name) and
+``base_model`` (the configured base models). Never a job, request or edit-model ID.
+
+Histograms (seconds): ``forgedit_queue_wait_seconds{method}``, ``forgedit_captioning_seconds``,
+``forgedit_training_seconds{base_model}``, ``forgedit_registration_seconds``,
+``forgedit_sampling_image_seconds{method}`` (per image), ``forgedit_time_to_first_image_seconds
+{method}``, ``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
+Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``; cached edit models come from the
+registry's own ``forgedit_registry_cached_edit_models{tier}``.
+Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
+reason}``, ``forgedit_images_total{method}``.
+
+The endpoint also serves the process-wide default registry (the registry package's spool and
+cache gauges, and prometheus_client's process and Python collectors).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# From a 64x64 test image (tens of ms) to a 1000-update fine-tune on a slow GPU (minutes).
+_LONG = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+_SHORT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The server's metrics, registered in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.queue_wait = Histogram(
+            "forgedit_queue_wait_seconds",
+            "Time a job waited in the queue before it started.",
+            ["method"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.captioning = Histogram(
+            "forgedit_captioning_seconds",
+            "Time to caption the source image with BLIP.",
+            buckets=_SHORT,
+            registry=r,
+        )
+        self.training = Histogram(
+            "forgedit_training_seconds",
+            "Time to fine-tune one edit model.",
+            ["base_model"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.registration = Histogram(
+            "forgedit_registration_seconds",
+            "Time to store an edit model in the registry.",
+            buckets=_SHORT,
+            registry=r,
+        )
+        self.sampling_image = Histogram(
+            "forgedit_sampling_image_seconds",
+            "Sampling time per finished image (a batch's time divided by its images).",
+            ["method"],
+            buckets=_SHORT,
+            registry=r,
+        )
+        self.time_to_first_image = Histogram(
+            "forgedit_time_to_first_image_seconds",
+            "From accepting a job to its first image.",
+            ["method"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            "forgedit_rpc_duration_seconds",
+            "End-to-end duration of an RPC, by final status code.",
+            ["method", "code"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.queue_depth = Gauge("forgedit_queue_depth", "Jobs waiting for a device.", registry=r)
+        self.running_jobs = Gauge("forgedit_running_jobs", "Jobs running on a device.", registry=r)
+        self.cancellations = Counter(
+            "forgedit_cancellations", "Jobs cancelled, by reason.", ["reason"], registry=r
+        )
+        self.failures = Counter(
+            "forgedit_job_failures",
+            "Jobs that failed, by method and status.",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.images = Counter("forgedit_images", "Images produced.", ["method"], registry=r)
+        r.register(_DefaultRegistry())
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (0 = any free port); returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _DefaultRegistry(Collector):
+    """Forwards the process-wide default registry into a server's own registry."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+    def describe(self) -> list[Metric]:
+        return []  # unknown up front; also keeps auto_describe from collecting at register

@@ -1,0 +1,127 @@
+"""What the server needs from the outside world, as small protocols.
+
+The real implementations are ``forgedit.engine.Engine`` and ``registry.EditModelRegistry``;
+tests inject the real ones on the tiny model, or a deterministic fake where a fault must be
+injected (a slow step, a failing registry). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from forgedit.artifact import EditModel
+    from forgedit.config import ImageSpec, SweepConfig, TrainingConfig
+    from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
+
+
+class BaseModelLike(Protocol):
+    name: str
+    fingerprint: str
+
+    @property
+    def native_height(self) -> int: ...
+
+    @property
+    def native_width(self) -> int: ...
+
+
+class EditedImageLike(Protocol):
+    spec: ImageSpec
+    image: Image.Image
+
+    def png_bytes(self) -> bytes: ...
+
+
+class EngineLike(Protocol):
+    """One resident base model on one device; one job at a time (not thread-safe)."""
+
+    base: Any  # BaseModelLike; Any because the engine's dataclass fields are not properties
+    captioner: Any  # None when no BLIP captioner is loaded
+
+    def source_prompt(self, image: Image.Image, target_prompt: str) -> str: ...
+
+    def finetune(
+        self,
+        image: Image.Image,
+        source_prompt: str,
+        config: TrainingConfig,
+        *,
+        image_sha256: str = "",
+        on_progress: TrainingCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> EditModel: ...
+
+    def edit(
+        self,
+        edit_model: EditModel,
+        sweep: SweepConfig,
+        *,
+        on_image: Callable[[Any], None] | None = None,
+        on_progress: SamplingCallback | None = None,
+        cancel: CancelToken | None = None,
+        max_batch: int = 8,
+    ) -> Sequence[Any]: ...
+
+    def warmup(self) -> None: ...
+
+
+# Builds the engine of one base model on one device: (base model name, device) -> engine.
+# Called in the device's worker thread, so loading never blocks the RPC threads.
+EngineFactory = Callable[[str, str], EngineLike]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What validation and routing need to know about a served base model."""
+
+    name: str
+    fingerprint: str
+    height: int
+    width: int
+    has_captioner: bool
+
+
+class RegistryLike(Protocol):
+    """The edit-model store (``registry.EditModelRegistry``). Every method may raise the
+    errors of ``registry.errors``; ids are validated by the registry before any I/O."""
+
+    def start(self) -> None: ...
+
+    def close(self, timeout: float = 10.0) -> None: ...
+
+    def register(
+        self,
+        edit_model: EditModel,
+        *,
+        request_id: str = "",
+        input_image: bytes | None = None,
+        contact_sheet: bytes | None = None,
+        tags: Any = None,
+        dedupe: bool = True,
+    ) -> Any: ...
+
+    def find_existing(
+        self, image_sha256: str, base_model_fingerprint: str, config_fingerprint: str
+    ) -> Any: ...
+
+    def load(
+        self, edit_model_id: str, *, expected_base_fingerprint: str | None = None
+    ) -> EditModel: ...
+
+    def show(self, edit_model_id: str) -> Any: ...
+
+    def list_models(
+        self,
+        *,
+        base_model: str | None = None,
+        image_sha256: str | None = None,
+        page_size: int = 50,
+        page_token: str | None = None,
+    ) -> Any: ...
+
+    def delete(self, edit_model_id: str) -> None: ...

@@ -1,0 +1,292 @@
+"""The ``forgedit.v1.ForgeditService`` servicer: requests in, event streams out.
+
+Each streaming call is a reader of its job's replay buffer (``server.jobs``): it yields the
+job's events as they come, a heartbeat after every ``heartbeat_interval_s`` of silence, and
+ends with the job's final status (OK after ``completed``, or the mapped error).
+
+Contracts
+- Validation happens here, before the job exists (``server.validation``): a bad request never
+  reaches the queue or the device.
+- A deadline shorter than the job's estimate (its queue wait included) is refused up front with
+  DEADLINE_EXCEEDED rather than failing after minutes of device time.
+- Client disconnect: when the last submitting stream of a job goes away before the job ends and
+  no request asked to ``detach``, the job is cancelled (it stops within one step). WatchJob
+  streams never cancel.
+- Every error goes through ``server.errors.to_rpc_status`` (one mapping, with details).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from forgedit.errors import InvalidInputError
+from server._proto import forgedit_pb2 as pb
+from server._proto import forgedit_pb2_grpc as pb_grpc
+from server.errors import UnavailableError, to_rpc_status
+from server.jobs import Job, new_job_id
+from server.logs import job_context
+from server.scheduler import Scheduler
+from server.settings import ServerSettings
+from server.store import EditModelStore, edit_model_to_proto
+from server.validation import (
+    Limits,
+    check_strategies,
+    validate_edit,
+    validate_edit_model_id_field,
+    validate_sample,
+)
+
+log = logging.getLogger("server.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ForgeditService"].full_name
+T = TypeVar("T")
+
+
+def _unary(method: Callable[..., T]) -> Callable[..., T]:
+    """Map any exception of a unary method to its status (``abort_with_status``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: ForgeditServicer, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            if _already_aborted(context):
+                raise
+            context.abort_with_status(to_rpc_status(exc, context=method.__name__).grpc_status())
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _streaming(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    """As ``_unary`` for a server-streaming method (the error ends the stream)."""
+
+    @functools.wraps(method)
+    def wrapper(self: ForgeditServicer, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            if _already_aborted(context):
+                raise
+            context.abort_with_status(to_rpc_status(exc, context=method.__name__).grpc_status())
+
+    return wrapper
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    code = context.code()
+    return code is not None and code != grpc.StatusCode.OK
+
+
+class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
+    """The service. Holds no job state itself: that lives in the scheduler."""
+
+    def __init__(
+        self, settings: ServerSettings, scheduler: Scheduler, store: EditModelStore
+    ) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.store = store
+        self.limits = Limits.from_settings(settings)
+        self._owners_lock = threading.Lock()
+
+    # -- jobs that stream -------------------------------------------------------------------
+
+    @_streaming
+    def Edit(
+        self, request: pb.EditRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.EditResponse]:
+        self._require_ready()
+        plan = validate_edit(
+            request, self.limits, self.scheduler.base_models, self._default_base_model()
+        )
+        job = self._new_job(pb.JOB_KIND_EDIT, plan, request)
+        job = self._submit(job, context, detach=request.detach)
+        for event in self._follow(job, context, owner=True):
+            yield pb.EditResponse(event=event)
+
+    @_streaming
+    def Sample(
+        self, request: pb.SampleRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SampleResponse]:
+        self._require_ready()
+        plan = validate_sample(request, self.limits)
+        # Known, and made on a base model served here? Refused before queueing.
+        info = self.store.show(plan.edit_model_id)
+        check_strategies(plan.sweep, info.training_mode or "joint")
+        self.store.check_served(info, self.scheduler.base_models.values())
+        job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request)
+        job = self._submit(job, context, detach=request.detach)
+        for event in self._follow(job, context, owner=True):
+            yield pb.SampleResponse(event=event)
+
+    @_streaming
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchJobResponse]:
+        which = request.WhichOneof("job")
+        if which is None:
+            raise InvalidInputError("set job_id or request_id to name the job", field="job")
+        if which == "request_id":
+            job = self.scheduler.get_by_request(request.request_id)
+        else:
+            job = self.scheduler.get(request.job_id)
+        for event in self._follow(job, context, owner=False, after=request.after_sequence):
+            yield pb.WatchJobResponse(event=event)
+
+    # -- jobs, unary ------------------------------------------------------------------------
+
+    @_unary
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=self.scheduler.get(request.job_id).to_proto())
+
+    @_unary
+    def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.ServicerContext
+    ) -> pb.CancelJobResponse:
+        job = self.scheduler.cancel(request.job_id, "client cancelled")
+        with job_context(job.job_id):
+            log.info("cancel requested by a client")
+        return pb.CancelJobResponse(job=job.to_proto())
+
+    # -- edit models ------------------------------------------------------------------------
+
+    @_unary
+    def GetEditModel(
+        self, request: pb.GetEditModelRequest, context: grpc.ServicerContext
+    ) -> pb.GetEditModelResponse:
+        edit_model_id = validate_edit_model_id_field(request.edit_model_id)
+        return pb.GetEditModelResponse(
+            edit_model=edit_model_to_proto(self.store.show(edit_model_id))
+        )
+
+    @_unary
+    def ListEditModels(
+        self, request: pb.ListEditModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListEditModelsResponse:
+        page_size = min(request.page_size or 50, 1000)
+        page = self.store.list(
+            base_model=request.base_model or None,
+            image_sha256=request.image_sha256 or None,
+            page_size=page_size,
+            page_token=request.page_token or None,
+        )
+        return pb.ListEditModelsResponse(
+            edit_models=[edit_model_to_proto(info) for info in page.items],
+            next_page_token=page.next_page_token or "",
+        )
+
+    @_unary
+    def DeleteEditModel(
+        self, request: pb.DeleteEditModelRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteEditModelResponse:
+        edit_model_id = validate_edit_model_id_field(request.edit_model_id)
+        self.store.delete(edit_model_id)
+        log.info("edit model %s deleted", edit_model_id)
+        return pb.DeleteEditModelResponse()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _require_ready(self) -> None:
+        if not self.scheduler.accepting:
+            raise UnavailableError("the server is shutting down; retry on another replica")
+        if not self.scheduler.ready.is_set():
+            raise UnavailableError(
+                "the server is still loading its models; retry shortly", retry_after_s=2.0
+            )
+
+    def _default_base_model(self) -> str:
+        return self.scheduler.config.base_models[0]
+
+    def _new_job(self, kind: pb.JobKind, plan: Any, request: Any) -> Job:
+        job = Job(
+            job_id=new_job_id(),
+            kind=kind,
+            plan=plan,
+            payload_digest=_payload_digest(kind, request),
+            estimated_s=0.0,
+            max_events=self.settings.replay_max_events,
+            max_bytes=self.settings.replay_max_bytes,
+            detach=request.detach,
+        )
+        job.estimated_s = self.scheduler.estimator.estimate(job)
+        return job
+
+    def _submit(self, job: Job, context: grpc.ServicerContext, *, detach: bool) -> Job:
+        """Queue the job (or find the one its request id already names) after the deadline
+        check. Returns the job to follow."""
+        if job.request_id:
+            try:
+                existing = self.scheduler.get_by_request(job.request_id)
+            except LookupError:
+                existing = None
+            if existing is not None:
+                attached, _ = self.scheduler.submit(job)  # same digest -> existing, else raises
+                if detach:
+                    attached.detach = True
+                with job_context(attached.job_id):
+                    log.info("request %r re-attached", job.request_id)
+                return attached
+        submitted, is_new = self.scheduler.submit(job, remaining_s=context.time_remaining())
+        with job_context(submitted.job_id):
+            if is_new:
+                log.info(
+                    "%s job accepted at queue position %d (estimate %.1f s)",
+                    submitted.method,
+                    submitted.queue_position,
+                    submitted.estimated_s,
+                )
+        return submitted
+
+    def _follow(
+        self, job: Job, context: grpc.ServicerContext, *, owner: bool, after: int = 0
+    ) -> Iterator[pb.Event]:
+        """Yield the job's events after ``after``, heartbeats in silences, then end with its
+        status. An owner stream's disconnect cancels the job unless it is detached."""
+        if owner:
+            with self._owners_lock:
+                job.owners += 1
+            context.add_callback(lambda: self._owner_left(job))
+        cursor = after
+        interval = self.settings.heartbeat_interval_s
+        while True:
+            events, finished = job.read(cursor, timeout=interval)
+            for event in events:
+                yield event
+                cursor = event.sequence
+            if finished:
+                break
+            if not context.is_active():
+                return  # the client is gone; the callback decides about the job
+            if not events:
+                yield job.heartbeat()
+        if job.error is not None:
+            context.abort_with_status(job.error.grpc_status())
+
+    def _owner_left(self, job: Job) -> None:
+        with self._owners_lock:
+            job.owners -= 1
+            last = job.owners == 0
+        if last and not job.detach and not job.state.finished:
+            with job_context(job.job_id):
+                log.info("the client disconnected; cancelling the job")
+            with contextlib.suppress(LookupError):
+                self.scheduler.cancel(job.job_id, "client disconnected")
+
+
+def _payload_digest(kind: int, request: Any) -> str:
+    """Identity of a request for idempotency: everything but request_id and detach."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    copy.ClearField("detach")
+    blob = copy.SerializeToString(deterministic=True)
+    return hashlib.sha256(bytes([kind]) + blob).hexdigest()

@@ -1,0 +1,423 @@
+"""Request checks at the edge, before any decoding or model work.
+
+``validate_edit`` and ``validate_sample`` turn a request message into a plan the scheduler
+can run, or raise ``InvalidInputError`` whose ``field`` is the request field's path
+(``sweep.gammas``, ``training.width``, ``target_prompts``, ...) so the client gets one
+``BadRequest`` field violation naming the problem and what is accepted.
+
+Order matters: cheap, bounded checks first (sizes and counts of every repeated field, lengths
+of strings, enum values, numeric ranges), then the engine's own config checks
+(``forgedit.config``), and only then the image is decoded, by ``forgedit.images.load_image``
+with the server's byte, pixel and format limits (it refuses a decompression bomb from the
+header, before decoding pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from forgedit.config import (
+    MAX_SEED,
+    Stage,
+    SweepConfig,
+    TrainingConfig,
+    check_prompt,
+    check_resolution,
+)
+from forgedit.errors import InvalidInputError
+from registry.ids import validate_edit_model_id
+from server._proto import forgedit_pb2 as pb
+from server.ports import BaseModelInfo
+
+if TYPE_CHECKING:
+    from forgedit.images import LoadedImage
+    from server.settings import ServerSettings
+
+REQUEST_ID_PATTERN = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
+_STRATEGY_NAME = re.compile(r"\A[a-z0-9_+]{1,64}\Z")
+
+_MODES = {
+    pb.TRAINING_MODE_UNSPECIFIED: "joint",
+    pb.TRAINING_MODE_JOINT: "joint",
+    pb.TRAINING_MODE_TWO_STAGE: "two_stage",
+    pb.TRAINING_MODE_DREAMBOOTH: "dreambooth",
+}
+_INTERPOLATIONS = {
+    pb.INTERPOLATION_UNSPECIFIED: "vs",
+    pb.INTERPOLATION_VS: "vs",
+    pb.INTERPOLATION_VP: "vp",
+}
+_PRECISIONS = {pb.PRECISION_FAITHFUL: "faithful", pb.PRECISION_FAST: "fast"}
+
+# The engine's field names -> the request's field paths, for engine checks that we reuse.
+_SWEEP_FIELDS = {
+    "prompt": "target_prompts",
+    "interpolation": "sweep.interpolation",
+    "gammas": "sweep.gammas",
+    "alphas": "sweep.alphas",
+    "forget": "sweep.forget_strategies",
+    "forget_degree": "sweep.forget_degree",
+    "seeds": "sweep.seeds",
+    "steps": "sweep.steps",
+    "guidance": "sweep.guidance",
+    "sweep": "sweep",
+}
+_TRAINING_FIELDS = {
+    "size": "training.width",
+    "seed": "training.seed",
+    "vae_seed": "training.vae_seed",
+    "updates": "training.updates",
+    "batch_size": "training.batch_size",
+    "mode": "training.mode",
+    "precision": "training.precision",
+    "stages": "training",
+    "unet_lr": "training",
+    "text_lr": "training",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's request limits (from ``ServerSettings``)."""
+
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+    max_prompt_chars: int = 1000
+    max_prompts: int = 16
+    max_sweep_values: int = 64
+    max_sweep_images: int = 256
+    max_steps: int = 200
+    max_training_updates: int = 5000
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> Limits:
+        return cls(
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            image_formats=tuple(f.upper() for f in settings.image_formats),
+            max_prompt_chars=settings.max_prompt_chars,
+            max_prompts=settings.max_prompts,
+            max_sweep_values=settings.max_sweep_values,
+            max_sweep_images=settings.max_sweep_images,
+            max_steps=settings.max_steps,
+            max_training_updates=settings.max_training_updates,
+        )
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """A validated Edit request: everything the worker needs, nothing left to check."""
+
+    request_id: str
+    image: LoadedImage
+    image_bytes: bytes
+    base_model: str
+    source_prompt: str | None  # None: caption with BLIP
+    training: TrainingConfig
+    sweep: SweepConfig
+    detach: bool
+
+    @property
+    def images_total(self) -> int:
+        return self.sweep.num_images
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """A validated Sample request."""
+
+    request_id: str
+    edit_model_id: str
+    sweep: SweepConfig
+    detach: bool
+
+    @property
+    def images_total(self) -> int:
+        return self.sweep.num_images
+
+
+def validate_request_id(request_id: str) -> str:
+    if request_id and not REQUEST_ID_PATTERN.match(request_id):
+        raise InvalidInputError(
+            "request_id must be 1-128 characters of A-Z a-z 0-9 . _ : - "
+            f"(got {len(request_id)} characters)",
+            field="request_id",
+        )
+    return request_id
+
+
+def validate_edit(
+    request: pb.EditRequest,
+    limits: Limits,
+    base_models: Mapping[str, BaseModelInfo],
+    default_base_model: str,
+) -> EditPlan:
+    """Check an Edit request and decode its image; raise ``InvalidInputError`` otherwise."""
+    from forgedit.images import ImageLimits, load_image
+
+    request_id = validate_request_id(request.request_id)
+    if not request.image:
+        raise InvalidInputError(
+            f"image is required: the bytes of a {'/'.join(limits.image_formats)} file",
+            field="image",
+        )
+    if len(request.image) > limits.max_image_bytes:
+        raise InvalidInputError(
+            f"image is {len(request.image) / 2**20:.1f} MiB; at most "
+            f"{limits.max_image_bytes / 2**20:g} MiB is accepted",
+            field="image",
+        )
+    _check_prompts(request.target_prompts, limits)
+    source_prompt: str | None = None
+    if request.HasField("source_prompt"):
+        source_prompt = request.source_prompt
+        _check_text(source_prompt, "source_prompt", limits)
+    name = request.base_model or default_base_model
+    base = base_models.get(name)
+    if base is None:
+        raise InvalidInputError(
+            f"unknown base model {_shown(name)}; this server serves: {', '.join(base_models)}",
+            field="base_model",
+        )
+    if source_prompt is None and not base.has_captioner:
+        raise InvalidInputError(
+            "source_prompt is required: this server has no BLIP captioner for base model "
+            f"{base.name!r}",
+            field="source_prompt",
+        )
+    training = _training_config(request.training, limits, base)
+    sweep = _sweep_config(request.target_prompts, request.sweep, limits, training.mode)
+
+    # Only now, with every cheap check passed, meet the image decoder.
+    image_limits = ImageLimits(
+        max_bytes=limits.max_image_bytes,
+        max_pixels=limits.max_image_pixels,
+        formats=limits.image_formats,
+    )
+    image = load_image(bytes(request.image), limits=image_limits)
+    return EditPlan(
+        request_id,
+        image,
+        bytes(request.image),
+        base.name,
+        source_prompt,
+        training,
+        sweep,
+        request.detach,
+    )
+
+
+def validate_sample(request: pb.SampleRequest, limits: Limits) -> SamplePlan:
+    """Check a Sample request. Strategy names are checked against the edit model's variant
+    later (``check_strategies``), once its training mode is known."""
+    request_id = validate_request_id(request.request_id)
+    edit_model_id = validate_edit_model_id(request.edit_model_id)
+    _check_prompts(request.target_prompts, limits)
+    sweep = _sweep_config(request.target_prompts, request.sweep, limits, mode=None)
+    return SamplePlan(request_id, edit_model_id, sweep, request.detach)
+
+
+def check_strategies(sweep: SweepConfig, mode: str) -> None:
+    """Refuse a forgetting strategy the edit model's variant does not define."""
+    from forgedit.forgetting import check_strategy, variant_for_mode
+
+    variant = variant_for_mode(mode)
+    for name in sweep.forget:
+        _reraise(check_strategy, _SWEEP_FIELDS, name, variant)
+
+
+def validate_edit_model_id_field(value: str) -> str:
+    return validate_edit_model_id(value)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_prompts(prompts: Sequence[str], limits: Limits) -> None:
+    if not prompts:
+        raise InvalidInputError("at least one target prompt is required", field="target_prompts")
+    if len(prompts) > limits.max_prompts:
+        raise InvalidInputError(
+            f"{len(prompts)} target prompts given; at most {limits.max_prompts} are accepted",
+            field="target_prompts",
+        )
+    for prompt in prompts:
+        _check_text(prompt, "target_prompts", limits)
+
+
+def _check_text(text: str, field: str, limits: Limits) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidInputError(
+            f"{field} has a prompt of {len(text)} characters; at most {limits.max_prompt_chars} "
+            "are accepted",
+            field=field,
+        )
+    try:
+        check_prompt(text, field)
+    except InvalidInputError as e:
+        raise InvalidInputError(str(e), field=field) from None
+
+
+def _check_count(values: Sequence[object], field: str, limits: Limits) -> None:
+    if len(values) > limits.max_sweep_values:
+        raise InvalidInputError(
+            f"{field} has {len(values)} values; at most {limits.max_sweep_values} are accepted",
+            field=field,
+        )
+
+
+def _training_config(
+    options: pb.TrainingOptions, limits: Limits, base: BaseModelInfo
+) -> TrainingConfig:
+    mode = _MODES.get(options.mode)
+    if mode is None:
+        raise InvalidInputError(
+            f"unknown training mode {options.mode}; accepted: "
+            + ", ".join(pb.TrainingMode.Name(m) for m in _MODES if m),
+            field="training.mode",
+        )
+    precision = "faithful" if options.precision == pb.PRECISION_UNSPECIFIED else None
+    if options.precision != pb.PRECISION_UNSPECIFIED:
+        precision = _PRECISIONS.get(options.precision)
+        if precision is None:
+            raise InvalidInputError(
+                f"unknown precision {options.precision}; accepted: PRECISION_FAITHFUL, "
+                "PRECISION_FAST",
+                field="training.precision",
+            )
+    height = options.height if options.HasField("height") else base.height
+    width = options.width if options.HasField("width") else base.width
+    _reraise(check_resolution, {"size": "training.width"}, height, width)
+    if options.HasField("updates") and not 1 <= options.updates <= limits.max_training_updates:
+        raise InvalidInputError(
+            f"training.updates must be 1..{limits.max_training_updates}, got {options.updates}",
+            field="training.updates",
+        )
+    seed = options.seed if options.HasField("seed") else secrets.randbelow(MAX_SEED + 1)
+    vae_seed = options.vae_seed if options.HasField("vae_seed") else 0
+    for field, value in (("training.seed", seed), ("training.vae_seed", vae_seed)):
+        if value > MAX_SEED:
+            raise InvalidInputError(f"{field} must be in [0, 2^63-1], got {value}", field=field)
+
+    def build() -> TrainingConfig:
+        stages = TrainingConfig.for_mode(mode).stages  # type: ignore[arg-type]
+        if options.HasField("updates") or options.HasField("batch_size"):
+            # As the engine's --updates/--batch-size: the FIRST stage only.
+            stages = (_override(stages[0], options), *stages[1:])
+        return TrainingConfig.for_mode(
+            mode,  # type: ignore[arg-type]
+            height=height,
+            width=width,
+            seed=seed,
+            vae_seed=vae_seed,
+            precision=precision,
+            stages=stages,
+        )
+
+    config = _reraise(build, _TRAINING_FIELDS)
+    if config.total_updates > limits.max_training_updates:
+        raise InvalidInputError(
+            f"training would run {config.total_updates} updates; at most "
+            f"{limits.max_training_updates} are accepted",
+            field="training.updates",
+        )
+    return config
+
+
+def _override(stage: Stage, options: pb.TrainingOptions) -> Stage:
+    updates = options.updates if options.HasField("updates") else stage.updates
+    batch_size = options.batch_size if options.HasField("batch_size") else stage.batch_size
+    return dataclasses.replace(stage, updates=updates, batch_size=batch_size)
+
+
+def _sweep_config(
+    prompts: Sequence[str], options: pb.SweepOptions, limits: Limits, mode: str | None
+) -> SweepConfig:
+    for field, values in (
+        ("sweep.gammas", options.gammas),
+        ("sweep.alphas", options.alphas),
+        ("sweep.seeds", options.seeds),
+        ("sweep.forget_strategies", options.forget_strategies),
+    ):
+        _check_count(values, field, limits)
+    interpolation = _INTERPOLATIONS.get(options.interpolation)
+    if interpolation is None:
+        raise InvalidInputError(
+            f"unknown interpolation {options.interpolation}; accepted: INTERPOLATION_VS, "
+            "INTERPOLATION_VP",
+            field="sweep.interpolation",
+        )
+    for name in options.forget_strategies:
+        if not _STRATEGY_NAME.match(name):
+            raise InvalidInputError(
+                f"forgetting strategy {_shown(name)} is not a strategy name (lower-case letters, "
+                "digits, '_' and '+'), e.g. 'encoderattn' or 'decoderattn+decoder2'",
+                field="sweep.forget_strategies",
+            )
+    if options.HasField("steps") and not 1 <= options.steps <= limits.max_steps:
+        raise InvalidInputError(
+            f"steps must be 1..{limits.max_steps}, got {options.steps}", field="sweep.steps"
+        )
+    if options.HasField("guidance") and not math.isfinite(options.guidance):
+        raise InvalidInputError(
+            f"guidance must be a finite number, got {options.guidance}", field="sweep.guidance"
+        )
+    if options.seeds:
+        seeds = tuple(options.seeds)
+    else:
+        count = options.seed_count if options.HasField("seed_count") else 1
+        if not 1 <= count <= limits.max_sweep_values:
+            raise InvalidInputError(
+                f"seed_count must be 1..{limits.max_sweep_values}, got {count}",
+                field="sweep.seed_count",
+            )
+        seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(count))
+
+    kwargs: dict[str, object] = {
+        "prompts": tuple(prompts),
+        "interpolation": interpolation,
+        "seeds": seeds,
+    }
+    if options.gammas:
+        kwargs["gammas"] = tuple(options.gammas)
+    if options.alphas:
+        kwargs["alphas"] = tuple(options.alphas)
+    if options.forget_strategies:
+        kwargs["forget"] = tuple(options.forget_strategies)
+    if options.HasField("forget_degree"):
+        kwargs["forget_degree"] = options.forget_degree
+    if options.HasField("steps"):
+        kwargs["steps"] = options.steps
+    if options.HasField("guidance"):
+        kwargs["guidance"] = options.guidance
+    sweep: SweepConfig = _reraise(lambda: SweepConfig(**kwargs), _SWEEP_FIELDS)  # type: ignore[arg-type]
+    if sweep.num_images > limits.max_sweep_images:
+        raise InvalidInputError(
+            f"the sweep has {sweep.num_images} images; at most {limits.max_sweep_images} are "
+            "accepted (prompts × strategies × seeds × gammas × alphas)",
+            field="sweep",
+        )
+    if mode is not None:
+        check_strategies(sweep, mode)
+    return sweep
+
+
+def _reraise(fn, fields: Mapping[str, str], *args):
+    """Call ``fn``; re-raise an engine ``InvalidInputError`` with the request's field path."""
+    try:
+        return fn(*args)
+    except InvalidInputError as e:
+        raise InvalidInputError(str(e), field=fields.get(e.field or "", e.field)) from None
+
+
+def _shown(value: str) -> str:
+    """A short, printable rendering of a client string for an error message."""
+    text = "".join(c if c.isprintable() else "?" for c in value[:40])
+    return repr(text) + ("…" if len(value) > 40 else "")

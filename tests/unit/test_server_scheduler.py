@@ -1,0 +1,240 @@
+"""The scheduler and the job replay buffer without sockets or models: a fake engine factory and
+a fake runner whose jobs block until released, so ordering, queue bounds, positions,
+idempotency, cancellation and draining are checked deterministically."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from forgedit.config import SweepConfig, TrainingConfig
+from forgedit.errors import CancelledError
+from server._proto import forgedit_pb2 as pb
+from server.errors import (
+    DeadlineTooShortError,
+    QueueFullError,
+    RequestConflictError,
+    UnavailableError,
+)
+from server.jobs import Job, JobState
+from server.metrics import Metrics
+from server.scheduler import Estimator, Scheduler, SchedulerConfig
+from server.validation import EditPlan, SamplePlan
+
+
+class GatedRunner:
+    """Each job waits for its gate (or its cancel token), then succeeds."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.started = threading.Semaphore(0)
+        self.gates: dict[str, threading.Event] = {}
+
+    def gate(self, job: Job) -> threading.Event:
+        return self.gates.setdefault(job.job_id, threading.Event())
+
+    def __call__(self, job: Job, engines: Mapping[str, Any]) -> None:
+        assert set(engines) == {"tiny"}
+        self.order.append(job.job_id)
+        self.started.release()
+        gate = self.gate(job)
+        while not gate.wait(0.01):
+            job.cancel.check()
+        job.emit(completed=pb.CompletedEvent())
+
+
+def _engine(name: str, device: str) -> Any:
+    base = SimpleNamespace(name=name, fingerprint="f" * 64, native_height=64, native_width=64)
+    return SimpleNamespace(base=base, captioner=None, warmup=lambda: None)
+
+
+@pytest.fixture
+def scheduler() -> Iterator[tuple[Scheduler, GatedRunner]]:
+    runner = GatedRunner()
+    s = Scheduler(
+        SchedulerConfig(
+            devices=("cpu",), base_models=("tiny",), queue_size=2, retention_s=600, max_retained=8
+        ),
+        _engine,
+        runner,
+        Estimator(0.1, 0.01),
+        Metrics(),
+    )
+    s.start()
+    assert s.ready.wait(10)
+    yield s, runner
+    for gate in runner.gates.values():
+        gate.set()
+    s.stop()
+
+
+_counter = iter(range(10**6))
+
+
+def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str = "d") -> Job:
+    sweep = SweepConfig(prompts=("a dog",), steps=2)
+    plan: Any
+    if kind == pb.JOB_KIND_EDIT:
+        image: Any = SimpleNamespace(sha256="0" * 64)
+        plan = EditPlan(
+            request_id,
+            image,
+            b"",
+            "tiny",
+            "a photo",
+            TrainingConfig.for_mode("joint", height=64, width=64),
+            sweep,
+            False,
+        )
+    else:
+        plan = SamplePlan(request_id, "em_" + "a" * 26, sweep, False)
+    return Job(
+        job_id=f"job_{next(_counter)}",
+        kind=kind,
+        plan=plan,
+        payload_digest=digest,
+        estimated_s=1.0,
+        max_events=100,
+        max_bytes=10**6,
+    )
+
+
+def _kinds(job: Job) -> list[str]:
+    events, _ = job.read(0, timeout=0)
+    return [e.WhichOneof("kind") or "" for e in events]
+
+
+def test_sampling_jobs_overtake_queued_training_jobs(scheduler: tuple) -> None:
+    s, runner = scheduler
+    running = s.submit(_job())[0]
+    assert runner.started.acquire(timeout=5)
+    edit = s.submit(_job())[0]
+    sample = s.submit(_job(pb.JOB_KIND_SAMPLE))[0]
+    assert (edit.queue_position, sample.queue_position) == (2, 1)
+    assert _kinds(edit) == ["accepted", "queued"]  # told when the sample jumped ahead
+    events, _ = edit.read(1, timeout=0)
+    assert events[0].queued.position == 2
+    runner.gate(running).set()
+    assert runner.started.acquire(timeout=5)
+    assert runner.order[1] == sample.job_id
+    runner.gate(sample).set()
+    assert runner.started.acquire(timeout=5)
+    runner.gate(edit).set()
+    assert edit.wait_finished(5) and edit.state is JobState.SUCCEEDED
+    assert s.wait_idle(5)
+
+
+def test_a_full_queue_refuses_with_a_retry_hint(scheduler: tuple) -> None:
+    s, runner = scheduler
+    s.submit(_job())
+    assert runner.started.acquire(timeout=5)
+    s.submit(_job())
+    s.submit(_job())
+    with pytest.raises(QueueFullError) as refused:
+        s.submit(_job())
+    assert refused.value.retry_after_s > 0 and refused.value.queue_size == 2
+    assert s.queue_depth() == 2
+
+
+def test_request_id_reattaches_or_conflicts(scheduler: tuple) -> None:
+    s, _ = scheduler
+    first, new = s.submit(_job(request_id="r-1", digest="same"))
+    again, new_again = s.submit(_job(request_id="r-1", digest="same"))
+    assert new and not new_again and again is first
+    with pytest.raises(RequestConflictError):
+        s.submit(_job(request_id="r-1", digest="other"))
+    assert s.get_by_request("r-1") is first
+
+
+def test_cancel_a_queued_job_and_a_running_job(scheduler: tuple) -> None:
+    s, runner = scheduler
+    running = s.submit(_job())[0]
+    assert runner.started.acquire(timeout=5)
+    queued = s.submit(_job())[0]
+    s.cancel(queued.job_id, "client cancelled")
+    assert queued.state is JobState.CANCELLED and queued.error is not None
+    assert queued.error.reason == "cancelled"
+    s.cancel(running.job_id, "client cancelled")
+    assert running.wait_finished(5) and running.state is JobState.CANCELLED
+    assert s.wait_idle(5)
+    # Cancelling a finished job changes nothing.
+    assert s.cancel(running.job_id, "again").state is JobState.CANCELLED
+
+
+def test_deadline_shorter_than_queue_plus_run_is_refused(scheduler: tuple) -> None:
+    s, runner = scheduler
+    s.submit(_job())
+    assert runner.started.acquire(timeout=5)
+    with pytest.raises(DeadlineTooShortError) as refused:
+        s.submit(_job(), remaining_s=0.5)
+    assert refused.value.estimated_s > 0.5
+    assert s.queue_depth() == 0
+
+
+def test_drain_refuses_new_work_ends_queued_and_lets_running_finish(scheduler: tuple) -> None:
+    s, runner = scheduler
+    running = s.submit(_job())[0]
+    assert runner.started.acquire(timeout=5)
+    queued = s.submit(_job())[0]
+    threading.Timer(0.2, runner.gate(running).set).start()
+    s.drain(grace_s=10)
+    assert running.state is JobState.SUCCEEDED
+    assert queued.state is JobState.FAILED and queued.error is not None
+    assert queued.error.reason == "unavailable"
+    with pytest.raises(UnavailableError):
+        s.submit(_job())
+
+
+def test_drain_cancels_running_jobs_after_the_grace_period(scheduler: tuple) -> None:
+    s, runner = scheduler
+    running = s.submit(_job())[0]
+    assert runner.started.acquire(timeout=5)
+    s.drain(grace_s=0.1)
+    assert running.state is JobState.CANCELLED
+    assert "shutting down" in running.cancel.reason
+
+
+def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
+    job = _job()
+    job.max_events = 3
+    for i in range(5):
+        job.emit(training=pb.TrainingEvent(update=i + 1, total=5))
+    events, finished = job.read(0, timeout=0)
+    assert [e.sequence for e in events] == [3, 4, 5] and not finished  # a visible gap
+    assert [e.sequence for e in job.read(4, timeout=0)[0]] == [5]
+    beat = job.heartbeat()
+    assert beat.sequence == 5 and beat.WhichOneof("kind") == "heartbeat"
+    assert job.last_sequence == 5  # heartbeats are not buffered
+    job.max_bytes = 1  # one large event always stays, so a reader never gets nothing
+    job.emit(image=pb.ImageEvent(png=b"x" * 1000))
+    assert [e.sequence for e in job.read(0, timeout=0)[0]] == [6]
+
+
+def test_finish_happens_once_and_wakes_readers() -> None:
+    job = _job()
+    woke = threading.Event()
+
+    def reader() -> None:
+        _, finished = job.read(0, timeout=5)
+        if finished:
+            woke.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    job.finish(JobState.SUCCEEDED)
+    job.finish(JobState.FAILED)  # ignored
+    t.join(5)
+    assert woke.is_set() and job.state is JobState.SUCCEEDED
+
+
+def test_cancel_token_is_what_the_engine_checks() -> None:
+    job = _job()
+    job.set_state(JobState.RUNNING)
+    assert job.request_cancel("client cancelled")
+    assert job.state is JobState.CANCELLING
+    with pytest.raises(CancelledError):
+        job.cancel.check()
