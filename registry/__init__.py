@@ -10,7 +10,7 @@ Public API (everything a caller needs; see each docstring for contracts and erro
 
     registry.register(edit_model_or_dir, request_id=..., input_image=..., contact_sheet=...)
         -> RegisteredEditModel(edit_model_id, version, deduped, spooled)
-    registry.find_existing(image_sha256, base_fingerprint, config_fingerprint)
+    registry.find_existing(image_sha256, base_fingerprint, config_fingerprint, source_prompt)
         -> EditModelInfo | None
     registry.fetch(edit_model_id)  -> FetchedEditModel(edit_model_id, path, source, manifest)
     registry.load(edit_model_id, expected_base_fingerprint=...) -> forgedit EditModel

@@ -105,9 +105,13 @@ def request_key(request_id: str) -> str:
     return hashlib.sha256(request_id.encode("utf-8")).hexdigest()
 
 
-def dedupe_key(image_sha256: str, base_fingerprint: str, config_fingerprint: str) -> str:
-    """Same image bytes, same base model, same training config (seed included)."""
-    blob = json.dumps([image_sha256, base_fingerprint, config_fingerprint])
+def dedupe_key(
+    image_sha256: str, base_fingerprint: str, config_fingerprint: str, source_prompt: str
+) -> str:
+    """Same image bytes, base model, training config (seed included) and source prompt: the
+    inputs that determine an edit model. The source prompt initialises the learned embedding,
+    so a caller-given prompt makes a different model from BLIP's caption."""
+    blob = json.dumps([image_sha256, base_fingerprint, config_fingerprint, source_prompt])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -159,7 +163,8 @@ def describe_manifest(
         TAG_BASE_FINGERPRINT: fingerprint,
         TAG_MODE: training.mode,
         TAG_CONFIG: config_fp,
-        TAG_DEDUPE: dedupe_key(image, fingerprint, config_fp),
+        TAG_DEDUPE: dedupe_key(image, fingerprint, config_fp,
+                               str(manifest.get("source_prompt", ""))),
         TAG_MANIFEST: manifest_sha256,
         TAG_BYTES: str(size),
         TAG_PROMPT: str(manifest.get("source_prompt", ""))[:1000],

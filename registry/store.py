@@ -197,8 +197,9 @@ class EditModelRegistry:
         ``request_id`` makes the call idempotent: the same id returns the same edit model, even
         after a timeout or a crash; the same id with a different edit model (image, base
         model or training config) raises ``RegistryConflictError``. With ``dedupe``, an
-        existing edit model of the same image bytes, base model and training config (seed
-        included) is returned with ``deduped=True`` instead of registering another.
+        existing edit model of the same image bytes, base model, training config (seed
+        included) and source prompt is returned with ``deduped=True`` instead of registering
+        another.
         ``input_image`` and ``contact_sheet`` (bytes or a file path) are stored as artifacts.
         ``tags`` are extra run tags (at most 20; keys of letters, digits, ``_ - .``).
 
@@ -232,13 +233,18 @@ class EditModelRegistry:
             return RegisteredEditModel(entry.edit_model_id, None, spooled=True)
 
     def find_existing(
-        self, image_sha256: str, base_model_fingerprint: str, config_fingerprint: str
+        self,
+        image_sha256: str,
+        base_model_fingerprint: str,
+        config_fingerprint: str,
+        source_prompt: str,
     ) -> EditModelInfo | None:
-        """An edit model of the same image bytes, base model and training config (seed
-        included), registered or spooled here; ``None`` if there is none, or if MLflow does
-        not answer (then training again is the safe choice, and ``register`` dedupes later)."""
+        """An edit model of the same image bytes, base model, training config (seed included)
+        and source prompt, registered or spooled here; ``None`` if there is none, or if MLflow
+        does not answer (then training again is the safe choice, and ``register`` dedupes
+        later)."""
         check_sha256(image_sha256, "image_sha256")
-        dkey = dedupe_key(image_sha256, base_model_fingerprint, config_fingerprint)
+        dkey = dedupe_key(image_sha256, base_model_fingerprint, config_fingerprint, source_prompt)
         entry = self._spool.find(dedupe_key=dkey)
         if entry is not None:
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
@@ -748,13 +754,15 @@ class EditModelRegistry:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _keys_of(edit_model: EditModel | str | os.PathLike[str]) -> tuple[str, str, str]:
-    """(image sha256, base fingerprint, training-config fingerprint), without hashing payload."""
+def _keys_of(edit_model: EditModel | str | os.PathLike[str]) -> tuple[str, str, str, str]:
+    """(image sha256, base fingerprint, training-config fingerprint, source prompt), without
+    hashing payload."""
     if isinstance(edit_model, EditModel):
         return (
             edit_model.image_sha256,
             edit_model.base_model_fingerprint,
             edit_model.training.fingerprint(),
+            edit_model.source_prompt,
         )
     manifest = read_manifest(edit_model)
     try:
@@ -764,7 +772,12 @@ def _keys_of(edit_model: EditModel | str | os.PathLike[str]) -> tuple[str, str, 
             f"edit model manifest has an unreadable training config: {e}"
         ) from None
     base = manifest.get("base_model") or {}
-    return str(manifest.get("image_sha256", "")), str(base.get("fingerprint", "")), config_fp
+    return (
+        str(manifest.get("image_sha256", "")),
+        str(base.get("fingerprint", "")),
+        config_fp,
+        str(manifest.get("source_prompt", "")),
+    )
 
 
 def _write_pyfunc_model(

@@ -106,7 +106,11 @@ class RegistryLike(Protocol):
     ) -> Any: ...
 
     def find_existing(
-        self, image_sha256: str, base_model_fingerprint: str, config_fingerprint: str
+        self,
+        image_sha256: str,
+        base_model_fingerprint: str,
+        config_fingerprint: str,
+        source_prompt: str,
     ) -> Any: ...
 
     def load(

@@ -44,10 +44,9 @@ class EditModelStore:
         base model, source prompt and training config (seed included), or None. Training again
         would reproduce exactly that model, so it is reused instead (one fine-tune serves
         unlimited edits). None also when the registry cannot be asked."""
-        info = self.registry.find_existing(image_sha256, base_fingerprint, training.fingerprint())
-        if info is None or info.source_prompt != source_prompt:
-            return None
-        return info
+        return self.registry.find_existing(
+            image_sha256, base_fingerprint, training.fingerprint(), source_prompt
+        )
 
     def load(self, edit_model_id: str) -> EditModel:
         """The verified edit model (from the registry's caches when it can)."""

@@ -294,7 +294,7 @@ def test_same_image_base_and_config_is_deduplicated(replicas: Replicas) -> None:
     second = reg.register(random_edit_model(8), request_id="r2")
     assert second.deduped and second.edit_model_id == first.edit_model_id
     found = replicas("b").find_existing(
-        em.image_sha256, em.base_model_fingerprint, em.training.fingerprint()
+        em.image_sha256, em.base_model_fingerprint, em.training.fingerprint(), em.source_prompt
     )
     assert found is not None and found.edit_model_id == first.edit_model_id
 
@@ -307,8 +307,15 @@ def test_same_image_base_and_config_is_deduplicated(replicas: Replicas) -> None:
     assert not reg.register(no_image_hash).deduped
     other_base = random_edit_model(8, base_model_fingerprint="d" * 64)
     assert not reg.register(other_base).deduped
-    assert replicas("c").find_existing(em.image_sha256, "e" * 64, "f" * 64) is None
-    assert len(replicas.versions()) == 6
+    assert replicas("c").find_existing(em.image_sha256, "e" * 64, "f" * 64, "x") is None
+    # The source prompt initialises the learned embedding: another one is another model.
+    other_prompt = random_edit_model(8)
+    other_prompt.source_prompt = "A photo of something else entirely"
+    assert not reg.register(other_prompt).deduped
+    assert replicas("c").find_existing(
+        em.image_sha256, em.base_model_fingerprint, em.training.fingerprint(), "other prompt"
+    ) is None
+    assert len(replicas.versions()) == 7
 
 
 # -- integrity ----------------------------------------------------------------------------
@@ -451,15 +458,18 @@ def test_find_existing_while_mlflow_is_down_says_none_unless_spooled(replicas: R
     reg.register(em)
     switch = switchable(reg)
     switch.down = True
-    keys = (em.image_sha256, em.base_model_fingerprint, em.training.fingerprint())
+    keys = (em.image_sha256, em.base_model_fingerprint, em.training.fingerprint(), em.source_prompt)
     assert reg.find_existing(*keys) is None
     spooled = random_edit_model(16)
     model_id = reg.register(spooled).edit_model_id
     found = reg.find_existing(
-        spooled.image_sha256, spooled.base_model_fingerprint, spooled.training.fingerprint()
+        spooled.image_sha256,
+        spooled.base_model_fingerprint,
+        spooled.training.fingerprint(),
+        spooled.source_prompt,
     )
     assert found is not None and found.edit_model_id == model_id and found.status == "spooled"
-    assert dedupe_key(*keys) != dedupe_key(found.image_sha256, "x", "y")
+    assert dedupe_key(*keys) != dedupe_key(found.image_sha256, "x", "y", "z")
 
 
 def test_a_cached_copy_is_served_while_mlflow_is_down(replicas: Replicas) -> None:
