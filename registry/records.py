@@ -163,8 +163,9 @@ def describe_manifest(
         TAG_BASE_FINGERPRINT: fingerprint,
         TAG_MODE: training.mode,
         TAG_CONFIG: config_fp,
-        TAG_DEDUPE: dedupe_key(image, fingerprint, config_fp,
-                               str(manifest.get("source_prompt", ""))),
+        TAG_DEDUPE: dedupe_key(
+            image, fingerprint, config_fp, str(manifest.get("source_prompt", ""))
+        ),
         TAG_MANIFEST: manifest_sha256,
         TAG_BYTES: str(size),
         TAG_PROMPT: str(manifest.get("source_prompt", ""))[:1000],
