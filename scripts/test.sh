@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/tools.sh
 # One torch thread: two threads on two shared cores run 5-25x slower under load.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -11,14 +12,13 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy" >&2
 .venv/bin/mypy forgedit registry server clients/python/src
-if [ -x scripts/gen_proto.sh ] || [ -f scripts/gen_proto.sh ]; then
-  echo "== generated protobuf code is current" >&2
-  bash scripts/gen_proto.sh --check
+echo "== protobuf: buf lint (STANDARD), generated code is current" >&2
+if [ -x .tools/node_modules/.bin/buf ]; then
+  (cd proto && ../.tools/node_modules/.bin/buf lint)
+else
+  echo "buf is not installed (scripts/tools.sh): proto lint skipped" >&2
 fi
+bash scripts/gen_proto.sh --check
 echo "== pytest" >&2
-set +e
-.venv/bin/python -m pytest "$@"
-status=$?
-set -e
-# pytest exits 5 when it collected no test: that is a failure here, not a pass.
-exit $status
+# pytest's own status is ours: 5 (no test collected) fails CI like any other failure.
+exec .venv/bin/python -m pytest "$@"
