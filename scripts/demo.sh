@@ -1,12 +1,57 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: edit a TEdBench photo with the tiny model.
-# Writes PNGs, a contact sheet and summary.json to ./out/demo.
+# The main job on the embedded default: start forgedit-server (the tiny model, MLflow on a local
+# SQLite file under .forgedit-data/), run one edit through the SDK's `forgedit` command on a
+# TEdBench photo, then stop the server with SIGTERM (it drains and exits 0).
+# Writes each image as it arrives, a labelled contact sheet and the server's log to out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 photo=${1:-../shared/tedbench/originals/dog2_standing.png}
 prompt=${2:-A photo of a sitting dog.}
+
 rm -rf out/demo  # the demo's own output; --out must be new or empty
-.venv/bin/python -m forgedit edit "$photo" --prompt "$prompt" --out out/demo \
+mkdir -p out
+free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+FORGEDIT_GRPC_PORT=$port FORGEDIT_METRICS_PORT=0 FORGEDIT_LOG_FORMAT=text \
+  .venv/bin/forgedit-server > out/demo-server.log 2>&1 &
+server=$!
+stop_server() {
+  if kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server"
+    wait "$server" || true
+  fi
+}
+trap stop_server EXIT
+
+echo "demo: waiting for forgedit-server on localhost:$port (the first start writes the tiny model)" >&2
+.venv/bin/python - "$port" "$server" <<'PY'
+import os, sys, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+port, pid = sys.argv[1], int(sys.argv[2])
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"localhost:{port}"))
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("demo: forgedit-server exited; see out/demo-server.log")
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service="forgedit.v1.ForgeditService"),
+                           timeout=2)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            sys.exit(0)
+    except grpc.RpcError:
+        pass
+    time.sleep(0.5)
+sys.exit("demo: forgedit-server did not become ready in 300 s; see out/demo-server.log")
+PY
+
+.venv/bin/forgedit --server "localhost:$port" edit "$photo" "$prompt" --out out/demo \
   --forget donotforget,encoderkv,decoderattn --gammas 0.6,0.8,1.0 --seeds 1,2
+stop_server
+mv out/demo-server.log out/demo/server.log
+echo "demo: results in out/demo/ (contact_sheet.png shows the input beside every edit)" >&2
