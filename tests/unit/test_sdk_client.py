@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 import pytest
 from forgedit_client import (
     Accepted,
@@ -18,6 +19,7 @@ from forgedit_client import (
     Completed,
     ForgeditClient,
     ForgeditRpcError,
+    Heartbeat,
     ImageReady,
     InvalidOptionError,
     Registered,
@@ -304,6 +306,21 @@ def test_rpc_error_unpacks_field_violations_and_retry_hint() -> None:
     assert full.one_line() == "RESOURCE_EXHAUSTED: the job queue is full (retry in 7 s)"
 
 
+def test_asyncio_errors_unpack_the_same_details() -> None:
+    fake = FakeRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT, "bad steps", bad_request("sweep.steps", "bad steps")
+    )
+    aio_error = grpc.aio.AioRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*fake.trailing_metadata()),
+        "bad steps",
+    )
+    err = ForgeditRpcError.from_grpc(aio_error)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in err.field_violations] == ["sweep.steps"]
+
+
 def test_rpc_error_without_details_still_has_code_and_message() -> None:
     err = ForgeditRpcError.from_grpc(FakeRpcError(grpc.StatusCode.NOT_FOUND, "no such model"))
     assert (err.code, err.message, err.field_violations) == (
@@ -349,7 +366,7 @@ def test_unknown_option_is_refused_before_sending_and_names_the_accepted() -> No
         client.edit(b"img", "a dog", gamma=0.5)
     with pytest.raises(InvalidOptionError, match="unknown interpolation 'vx'; accepted: vs, vp"):
         client.edit(b"img", "a dog", interpolation="vx")
-    with pytest.raises(InvalidOptionError, match="unknown option 'mode'"):
+    with pytest.raises(InvalidOptionError, match="'mode' is a training option"):
         client.sample("em-1", "a dog", mode="joint")  # a stored model is never re-trained
     with pytest.raises(InvalidOptionError, match="request_id"):
         client.edit(b"img", "a dog", request_id="../../etc")
@@ -467,6 +484,17 @@ def test_the_deadline_covers_all_attempts() -> None:
     clock[0] = 12.0  # nothing left: the error is final even though attempts remain
     with pytest.raises(ForgeditRpcError):
         tracker.after_error(err)
+
+
+def test_heartbeats_repeat_the_last_sequence_and_still_pass() -> None:
+    events = edit_job_events()
+    beat = event(3, heartbeat=pb.HeartbeatEvent(state=pb.JOB_STATE_RUNNING))
+    stub = FakeStub({"Edit": [[*events[:3], beat, beat, *events[3:]]]})
+    client, _ = client_with(stub)
+    seen = list(client.edit(b"img", "a dog"))
+    beats = [e for e in seen if isinstance(e, Heartbeat)]
+    assert len(beats) == 2 and beats[0].state == "running"
+    assert [e.sequence for e in seen if not isinstance(e, Heartbeat)] == list(range(1, 10))
 
 
 def test_gap_in_sequences_is_counted() -> None:
@@ -621,3 +649,25 @@ def test_async_unary_and_pagination() -> None:
     job, models = asyncio.run(run())
     assert (job.state, job.kind, job.finished) == ("running", "edit", False)
     assert [m.edit_model_id for m in models] == ["x"]
+
+
+# ---------------------------------------------------------------------- transport settings
+
+
+def test_channel_options_match_the_servers_transport_settings() -> None:
+    transport = pytest.importorskip("server.transport")
+    from forgedit_client.channel import channel_options
+
+    ours = dict(channel_options())
+    theirs = dict(transport.client_options())
+    for key in (
+        "grpc.max_receive_message_length",
+        "grpc.max_send_message_length",
+        "grpc.keepalive_time_ms",
+        "grpc.keepalive_timeout_ms",
+        "grpc.keepalive_permit_without_calls",
+    ):
+        assert ours[key] == theirs[key], key
+    # Pinging faster than the server accepts would get the connection closed (too_many_pings).
+    assert ours["grpc.keepalive_time_ms"] >= transport.MIN_CLIENT_PING_INTERVAL_MS
+    assert ours["grpc.max_send_message_length"] >= 48 * 1024 * 1024  # a 4096² noise PNG

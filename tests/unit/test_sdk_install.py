@@ -5,6 +5,7 @@ needs no server and opens no sockets of its own."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ HEAVY = {"torch", "torchvision", "diffusers", "transformers", "mlflow", "numpy"}
 
 @pytest.mark.slow
 def test_sdk_installs_into_a_fresh_venv_without_torch(tmp_path: Path) -> None:
+    # Install from a copy: pip builds in-tree and would leave build/ in the checkout.
+    source = tmp_path / "forgedit-client"
+    shutil.copytree(
+        REPO / "clients" / "python",
+        source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -1,0 +1,271 @@
+"""Request options and how they become ``EditRequest`` / ``SampleRequest`` messages.
+
+Unset options (``None`` or empty) are left unset on the wire, so the server applies its
+defaults, which follow the original Forgedit implementation (FORGEDIT_SPEC.md): joint training,
+vs interpolation, γ ∈ {0.5, 0.6, 0.7} … The SDK checks only what it must to build a message
+(names, types, enum values); ranges are the server's to judge, with field violations.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from forgedit_client._proto import forgedit_pb2 as pb
+from forgedit_client.errors import InvalidOptionError
+from forgedit_client.events import INTERPOLATIONS, PRECISIONS, TRAINING_MODES
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How the edit model is fine-tuned. ``mode``: joint | two_stage | dreambooth; ``seed``
+    unset = random (reported back in ``Completed.train_seed``); ``width``/``height`` unset =
+    the base model's native size; ``updates``/``batch_size`` override every stage (e.g. a quick
+    test run); ``precision``: faithful | fast."""
+
+    mode: str | None = None
+    seed: int | None = None
+    vae_seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    precision: str | None = None
+    updates: int | None = None
+    batch_size: int | None = None
+
+    def to_proto(self) -> Any:
+        msg: Any = pb.TrainingOptions()
+        if self.mode is not None:
+            msg.mode = _enum("mode", self.mode, TRAINING_MODES)
+        if self.precision is not None:
+            msg.precision = _enum("precision", self.precision, PRECISIONS)
+        for name in ("seed", "vae_seed", "width", "height", "updates", "batch_size"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(msg, name, _int(name, value))
+        return msg
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What to sample: the grid forget strategy × prompt × seed × γ × α.
+
+    ``gammas`` are γ for vs and β for vp; ``alphas`` only matter for vp; ``forget`` names
+    forgetting strategies (e.g. ``encoderattn``, ``decoderattn+decoder2``); ``seeds`` empty =
+    ``seed_count`` random seeds (reported back per image); ``steps`` DDIM steps; ``guidance``
+    the classifier-free guidance scale; ``forget_degree`` d ∈ [0, 1] (0 = full revert)."""
+
+    interpolation: str | None = None
+    gammas: tuple[float, ...] = ()
+    alphas: tuple[float, ...] = ()
+    forget: tuple[str, ...] = ()
+    forget_degree: float | None = None
+    seeds: tuple[int, ...] = ()
+    seed_count: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+    def to_proto(self) -> Any:
+        msg: Any = pb.SweepOptions()
+        if self.interpolation is not None:
+            msg.interpolation = _enum("interpolation", self.interpolation, INTERPOLATIONS)
+        msg.gammas.extend(_float("gammas", g) for g in self.gammas)
+        msg.alphas.extend(_float("alphas", a) for a in self.alphas)
+        msg.forget_strategies.extend(_str("forget", s) for s in self.forget)
+        msg.seeds.extend(_int("seeds", s) for s in self.seeds)
+        if self.forget_degree is not None:
+            msg.forget_degree = _float("forget_degree", self.forget_degree)
+        if self.seed_count is not None:
+            msg.seed_count = _int("seed_count", self.seed_count)
+        if self.steps is not None:
+            msg.steps = _int("steps", self.steps)
+        if self.guidance is not None:
+            msg.guidance = _float("guidance", self.guidance)
+        return msg
+
+
+_TRAINING_FIELDS = {f.name for f in fields(TrainingOptions)}
+_SWEEP_FIELDS = {f.name for f in fields(SweepOptions)}
+# Keyword aliases callers reach for naturally (the CLI's --train-seed, the proto's name).
+_ALIASES = {"train_seed": "seed", "forget_strategies": "forget", "training_mode": "mode"}
+
+
+def split_options(
+    options: Mapping[str, Any],
+    training: TrainingOptions | None = None,
+    sweep: SweepOptions | None = None,
+    *,
+    allow_training: bool = True,
+) -> tuple[TrainingOptions, SweepOptions]:
+    """Merge flat keyword options (``gammas=[0.5], mode="joint"``) into the two option groups.
+
+    Keywords override fields of ``training``/``sweep``. Raises ``InvalidOptionError`` for an
+    unknown name, naming the accepted ones. ``allow_training=False`` (Sample) rejects training
+    options, since a stored edit model is never re-trained.
+    """
+    t: dict[str, Any] = dict((training or TrainingOptions()).__dict__)
+    s: dict[str, Any] = dict((sweep or SweepOptions()).__dict__)
+    for key, value in options.items():
+        name = _ALIASES.get(key, key)
+        if name == "seed" and key == "seed":
+            # A bare `seed` is ambiguous; say which one is meant.
+            raise InvalidOptionError("use train_seed= for training or seeds=[...] for sampling")
+        if name in _SWEEP_FIELDS:
+            s[name] = tuple(value) if isinstance(value, list | tuple) else value
+        elif name in _TRAINING_FIELDS and allow_training:
+            t[name] = value
+        elif name in _TRAINING_FIELDS:
+            raise InvalidOptionError(
+                f"{key!r} is a training option; sampling a stored edit model does not train"
+            )
+        else:
+            raise InvalidOptionError(
+                f"unknown option {key!r}; accepted: {', '.join(_accepted(allow_training))}"
+            )
+    for name in ("gammas", "alphas", "forget", "seeds"):
+        if isinstance(s[name], str | int | float):
+            s[name] = (s[name],)
+        s[name] = tuple(s[name])
+    return TrainingOptions(**t), SweepOptions(**s)
+
+
+def _accepted(allow_training: bool) -> list[str]:
+    names = set(_SWEEP_FIELDS)
+    if allow_training:
+        names |= (_TRAINING_FIELDS - {"seed"}) | {"train_seed"}
+    return sorted(names)
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key (so a retry or re-attach finds the same job)."""
+    return uuid.uuid4().hex
+
+
+def check_request_id(request_id: str) -> str:
+    if not REQUEST_ID_RE.match(request_id):
+        raise InvalidOptionError(
+            "request_id must be 1-128 characters of letters, digits and . _ : -, "
+            f"got {request_id[:40]!r}"
+        )
+    return request_id
+
+
+def prompts_tuple(prompts: str | Iterable[str]) -> tuple[str, ...]:
+    """One prompt or several; at least one, each a string."""
+    items = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    if not items:
+        raise InvalidOptionError("at least one target prompt is required")
+    for p in items:
+        if not isinstance(p, str):
+            raise InvalidOptionError(f"prompts must be text, got {type(p).__name__}")
+    return items
+
+
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO | Any
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """The encoded image to send: raw bytes as given, a file's content, a binary stream's
+    content, or a PIL image encoded as PNG. The server detects the format from the content
+    (PNG, JPEG, WebP) and enforces its limits; nothing is decoded here."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        if not path.is_file():
+            raise InvalidOptionError(f"image file not found: {os.fspath(image)}")
+        return path.read_bytes()
+    if hasattr(image, "read"):
+        data = image.read()
+        if not isinstance(data, bytes):
+            raise InvalidOptionError("image stream must be opened in binary mode")
+        return data
+    if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise InvalidOptionError(
+        f"image must be bytes, a path, a binary file or a PIL image, got {type(image).__name__}"
+    )
+
+
+def edit_request(
+    image: ImageInput,
+    prompts: str | Iterable[str],
+    *,
+    training: TrainingOptions,
+    sweep: SweepOptions,
+    source_prompt: str | None,
+    base_model: str | None,
+    request_id: str,
+    detach: bool,
+) -> Any:
+    """Build an ``EditRequest``."""
+    msg = pb.EditRequest(
+        request_id=check_request_id(request_id),
+        image=image_bytes(image),
+        target_prompts=list(prompts_tuple(prompts)),
+        base_model=base_model or "",
+        training=training.to_proto(),
+        sweep=sweep.to_proto(),
+        detach=detach,
+    )
+    if source_prompt is not None:
+        msg.source_prompt = _str("source_prompt", source_prompt)
+    return msg
+
+
+def sample_request(
+    edit_model_id: str,
+    prompts: str | Iterable[str],
+    *,
+    sweep: SweepOptions,
+    request_id: str,
+    detach: bool,
+) -> Any:
+    """Build a ``SampleRequest``."""
+    return pb.SampleRequest(
+        request_id=check_request_id(request_id),
+        edit_model_id=_str("edit_model_id", edit_model_id),
+        target_prompts=list(prompts_tuple(prompts)),
+        sweep=sweep.to_proto(),
+        detach=detach,
+    )
+
+
+# ------------------------------------------------------------------------------- conversions
+
+
+def _enum(name: str, value: str, accepted: Mapping[str, int]) -> int:
+    key = value.lower().replace("-", "_") if isinstance(value, str) else value
+    if key not in accepted:
+        raise InvalidOptionError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+    return accepted[key]
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOptionError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise InvalidOptionError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidOptionError(f"{name} must be a number, got {value!r}")
+    # NaN and infinities are sent as given: the server owns ranges and says which are valid.
+    return float(value)
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidOptionError(f"{name} must be text, got {type(value).__name__}")
+    return value

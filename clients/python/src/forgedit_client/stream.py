@@ -1,0 +1,308 @@
+"""A job's event stream that survives retries and dropped connections.
+
+``ResumeTracker`` holds the decisions (pure, unit-tested with fakes); ``EventStream`` and
+``AsyncEventStream`` run them over real gRPC calls, sync and asyncio.
+
+The loop, for one Edit or Sample:
+
+1. open the call (``start``): Edit/Sample with the request's ``request_id``;
+2. pass every new event on (events whose ``sequence`` was already seen are dropped, so a
+   replay after a re-attach never yields duplicates) and feed it to the result collector;
+3. the call ends OK → done. It fails with UNAVAILABLE → if no event has arrived yet, open
+   ``start`` again (same ``request_id``: the server re-attaches or starts the job exactly once);
+   if events have arrived, re-attach with ``WatchJob(request_id, after_sequence=last)``.
+   Each retry waits the policy's backoff; the attempt count resets whenever an event arrives.
+   Any other status, an exhausted budget or the overall deadline raises ``ForgeditRpcError``.
+
+Cancellation: ``close()`` (or leaving a ``with stream:`` block, or the stream being garbage
+collected) cancels the gRPC call; without ``detach`` the server then cancels the job. A plain
+``break`` out of ``for event in stream`` only pauses: iterating again (or ``result()``)
+continues where it stopped. ``cancel()`` additionally asks
+the server to cancel the job by id (needed when the stream was re-attached, because watching
+never cancels). A job submitted without ``detach`` is cancelled by the server when *its*
+connection drops, so after a drop a re-attach usually finds it CANCELLED: pass ``detach=True``
+for jobs that must survive network trouble (and cancel them explicitly when abandoning them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+
+from forgedit_client.errors import ForgeditRpcError
+from forgedit_client.events import Event, Heartbeat, event_from_proto
+from forgedit_client.results import JobResult, ResultCollector
+from forgedit_client.retry import RetryPolicy
+
+CallKind = Literal["start", "watch"]
+
+
+@dataclass(frozen=True)
+class NextCall:
+    """What to open next: ``kind`` after ``delay`` seconds, with ``timeout`` left (None = no
+    deadline) and, for ``watch``, the last sequence already seen."""
+
+    kind: CallKind
+    delay: float
+    timeout: float | None
+    after_sequence: int
+
+
+class ResumeTracker:
+    """The bookkeeping of one logical stream across its gRPC calls.
+
+    ``deadline`` is an absolute ``clock()`` time (None = none); every call gets the time left.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        deadline: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.clock = clock
+        self.job_id: str | None = None
+        self.last_sequence = 0
+        self.failures = 0  # consecutive failed calls since the last new event
+        self.gaps = 0  # events lost to replay-buffer eviction (sequence jumps)
+        self.reattaching = False  # the last planned call was a WatchJob re-attach
+        self.retries = 0  # calls opened again after an error (re-attaches included)
+        self.reattaches = 0  # of which WatchJob re-attaches after events had arrived
+
+    def first_call(self) -> NextCall:
+        return NextCall("start", 0.0, self._remaining(), 0)
+
+    def accept(self, event: Event) -> bool:
+        """Record ``event``; False when it is a replayed duplicate to be skipped.
+
+        Heartbeats are not buffered by the server and repeat the latest sequence number: they
+        always pass and never move ``last_sequence``.
+        """
+        if isinstance(event, Heartbeat):
+            self.job_id = self.job_id or event.job_id or None
+            self.failures = 0
+            return True
+        if event.sequence and event.sequence <= self.last_sequence:
+            return False
+        if event.sequence:
+            if self.last_sequence and event.sequence > self.last_sequence + 1:
+                self.gaps += event.sequence - self.last_sequence - 1
+            self.last_sequence = event.sequence
+        self.job_id = self.job_id or event.job_id or None
+        self.failures = 0
+        return True
+
+    def after_error(self, error: ForgeditRpcError) -> NextCall:
+        """Plan the next call after ``error``, or raise it (with context) when it is final."""
+        self.failures += 1
+        if not self.policy.should_retry(error.code, self.failures):
+            raise self._final(error)
+        delay = self.policy.backoff(self.failures, server_hint=error.retry_delay)
+        remaining = self._remaining()
+        if remaining is not None and remaining <= delay:
+            raise self._final(error)
+        timeout = None if remaining is None else remaining - delay
+        kind: CallKind = "watch" if self.last_sequence else "start"
+        self.reattaching = kind == "watch"
+        self.retries += 1
+        self.reattaches += self.reattaching
+        return NextCall(kind, delay, timeout, self.last_sequence)
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def _final(self, error: ForgeditRpcError) -> ForgeditRpcError:
+        error = error.with_job(self.job_id)
+        if self.reattaching and error.code == grpc.StatusCode.NOT_FOUND:
+            # The re-attach itself failed: the job expired or lives on another replica.
+            return ForgeditRpcError(
+                error.code,
+                f"the connection dropped and job {self.job_id} could not be re-attached "
+                f"({error.message})",
+                job_id=self.job_id,
+            )
+        return error
+
+
+Opener = Callable[[NextCall], Any]
+
+
+class EventStream:
+    """Iterate the typed events of one Edit or Sample job (sync).
+
+    ``for event in stream`` yields each new event once; ``result()`` drains the rest and
+    returns the ``JobResult``; ``cancel()`` stops the job on the server. Properties
+    ``request_id`` and ``job_id`` (known after the first event).
+    """
+
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        request_id: str,
+        tracker: ResumeTracker,
+        canceller: Callable[[str], Any],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._open = opener
+        self._tracker = tracker
+        self._cancel_job = canceller
+        self._sleep = sleep
+        self._collector = ResultCollector(request_id)
+        self.request_id = request_id
+        self._call: Any = None
+        self._events = self._run()
+
+    @property
+    def job_id(self) -> str | None:
+        return self._tracker.job_id
+
+    @property
+    def gaps(self) -> int:
+        """Events lost between re-attaches because the server's replay buffer evicted them."""
+        return self._tracker.gaps
+
+    @property
+    def reattaches(self) -> int:
+        """How often the stream re-attached with WatchJob after a dropped connection."""
+        return self._tracker.reattaches
+
+    def __iter__(self) -> Iterator[Event]:
+        return self._events
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def _run(self) -> Generator[Event, None, None]:
+        plan = self._tracker.first_call()
+        while True:
+            if plan.delay:
+                self._sleep(plan.delay)
+            try:
+                self._call = self._open(plan)
+                for response in self._call:
+                    event = event_from_proto(response.event)
+                    if self._tracker.accept(event):
+                        self._collector.add(event)
+                        yield event
+                return
+            except grpc.RpcError as exc:
+                error = ForgeditRpcError.from_grpc(exc)
+            finally:
+                if self._call is not None:
+                    self._call.cancel()  # no-op for a finished call; stops an abandoned one
+                    self._call = None
+            plan = self._tracker.after_error(error)  # raises when final
+
+    def result(self) -> JobResult:
+        """Consume the remaining events; return the result. Raises ``ForgeditRpcError`` if the
+        job failed or was cancelled."""
+        for _ in self._events:
+            pass
+        return self._collector.result
+
+    def close(self) -> None:
+        """Stop reading: cancels the gRPC call (and, without detach, the server's job)."""
+        self._events.close()
+
+    def cancel(self) -> None:
+        """Ask the server to cancel the job (best effort), then close the stream."""
+        if self.job_id:
+            # Already finished or gone: closing the stream is all that is left.
+            with contextlib.suppress(ForgeditRpcError):
+                self._cancel_job(self.job_id)
+        self.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEventStream:
+    """The asyncio twin of ``EventStream``: ``async for event in stream``,
+    ``await stream.result()``, ``await stream.cancel()``, ``await stream.aclose()``."""
+
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        request_id: str,
+        tracker: ResumeTracker,
+        canceller: Callable[[str], Any],
+    ) -> None:
+        self._open = opener
+        self._tracker = tracker
+        self._cancel_job = canceller
+        self._collector = ResultCollector(request_id)
+        self.request_id = request_id
+        self._events = self._run()
+
+    @property
+    def job_id(self) -> str | None:
+        return self._tracker.job_id
+
+    @property
+    def gaps(self) -> int:
+        return self._tracker.gaps
+
+    @property
+    def reattaches(self) -> int:
+        return self._tracker.reattaches
+
+    def __aiter__(self) -> AsyncGenerator[Event, None]:
+        return self._events
+
+    async def __anext__(self) -> Event:
+        return await self._events.__anext__()
+
+    async def _run(self) -> AsyncGenerator[Event, None]:
+        plan = self._tracker.first_call()
+        while True:
+            if plan.delay:
+                await asyncio.sleep(plan.delay)
+            call = None
+            try:
+                call = self._open(plan)
+                async for response in call:
+                    event = event_from_proto(response.event)
+                    if self._tracker.accept(event):
+                        self._collector.add(event)
+                        yield event
+                return
+            except grpc.RpcError as exc:
+                error = ForgeditRpcError.from_grpc(exc)
+            finally:
+                if call is not None:
+                    call.cancel()
+            plan = self._tracker.after_error(error)  # raises when final
+
+    async def result(self) -> JobResult:
+        async for _ in self._events:
+            pass
+        return self._collector.result
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def cancel(self) -> None:
+        if self.job_id:
+            with contextlib.suppress(ForgeditRpcError):
+                await self._cancel_job(self.job_id)
+        await self.aclose()
+
+    async def __aenter__(self) -> AsyncEventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
