@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from forgedit.config import TrainingConfig
+from forgedit.durable import fsync_dir, fsync_file
 from forgedit.errors import BaseModelMismatchError, EditModelError
 
 FORMAT = "forgedit.edit-model"
@@ -126,11 +127,11 @@ class EditModel:
             manifest = self.manifest(hashes, sizes)
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             for name in (*PAYLOAD_FILES, MANIFEST_FILE):
-                _fsync(tmp / name)
+                fsync_file(tmp / name)
             if target.exists():
                 target.rmdir()  # empty, checked above
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -238,18 +239,3 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     return ",".join(sorted(dtypes)) if dtypes else "none"
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -54,6 +54,7 @@ from forgedit.config import (
     TrainingMode,
     check_prompt,
 )
+from forgedit.durable import fsync_dir
 from forgedit.errors import (
     CancelledError,
     EditModelError,
@@ -686,7 +687,7 @@ class StagedOutput:
             os.replace(item, target)
             self._moved.append(target)
         self.staging.rmdir()
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -697,15 +698,6 @@ class StagedOutput:
                 directory.rmdir()
             except OSError:
                 break
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def image_file_name(

@@ -14,7 +14,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
 from forgedit.config import check_resolution
+from forgedit.durable import write_bytes_atomic
 from forgedit.errors import InvalidImageError
 
 MIB = 1024 * 1024
@@ -284,36 +284,6 @@ def write_png_atomic(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write ``encode_png(image)`` to ``path`` atomically (temporary file in the same
     directory, fsync, rename): a reader sees the old file, no file, or the whole new one."""
     return write_bytes_atomic(encode_png(image), path)
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` to ``path`` atomically; the temporary file is removed on any failure."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return target
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

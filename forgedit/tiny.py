@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from forgedit.durable import fsync_dir, fsync_tree, write_json_atomic
 from forgedit.errors import ModelDirectoryError
 
 SEED = 0
@@ -114,7 +115,7 @@ def make_tiny_model(directory: str | os.PathLike[str]) -> Path:
     with _building_next_to(target) as tmp:
         _write_tiny_model(tmp)
         os.rename(tmp, target)  # replaces an empty directory; fails on a non-empty one
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 
@@ -152,7 +153,7 @@ def ensure_tiny_model(directory: str | os.PathLike[str] | None = None) -> Path:
                 if not target.is_dir() or _is_empty_dir(target):
                     raise
                 # Another process renamed its copy into place first: ours is discarded.
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     _check_stamp(target, shown)
     return target
 
@@ -173,7 +174,7 @@ def _write_tiny_model(root: Path) -> None:
         _write_blip(root / BLIP_SUBDIR)
     stamp = {"format": STAMP_FORMAT, "version": RECIPE_VERSION, "seed": SEED}
     (root / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-    _fsync_tree(root)
+    fsync_tree(root)
 
 
 def _write_stable_diffusion(directory: Path) -> None:
@@ -363,8 +364,8 @@ def _write_clip_tokenizer_files(directory: Path) -> None:
         "model_max_length": 77,
         "tokenizer_class": "CLIPTokenizer",
     }
-    _write_json(directory / "tokenizer_config.json", config)
-    _write_json(directory / "special_tokens_map.json", special)
+    write_json_atomic(directory / "tokenizer_config.json", config)
+    write_json_atomic(directory / "special_tokens_map.json", special)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -469,8 +470,8 @@ def _write_blip(directory: Path) -> None:
         "tokenize_chinese_chars": True,
         "tokenizer_class": "BertTokenizer",
     }
-    _write_json(directory / "tokenizer_config.json", tokenizer_config)
-    _write_json(directory / "special_tokens_map.json", special)
+    write_json_atomic(directory / "tokenizer_config.json", tokenizer_config)
+    write_json_atomic(directory / "special_tokens_map.json", special)
     # blip-image-captioning-base's image processor: 384×384 bicubic, 1/255, CLIP mean/std.
     preprocessor = {
         "do_convert_rgb": True,
@@ -485,7 +486,7 @@ def _write_blip(directory: Path) -> None:
         "rescale_factor": 0.00392156862745098,
         "size": {"height": 384, "width": 384},
     }
-    _write_json(directory / "preprocessor_config.json", preprocessor)
+    write_json_atomic(directory / "preprocessor_config.json", preprocessor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,24 +528,3 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", "utf-8")
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

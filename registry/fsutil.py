@@ -10,23 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# The atomic-write primitives live in the engine (one implementation for the whole project).
+from forgedit.durable import fsync_dir as fsync_dir
+from forgedit.durable import fsync_tree as fsync_tree
+from forgedit.durable import write_json_atomic as write_json_atomic
+
 _COPY_CHUNK = 8 * 1024 * 1024
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path``: temporary file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> Any:
@@ -39,26 +28,6 @@ def copy_file_durable(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
         fout.flush()
         os.fsync(fout.fileno())
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (before an atomic rename publishes it)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path, trash_dir: Path) -> None:
