@@ -36,6 +36,8 @@ TAG_MANIFEST = "forgedit.manifest_sha256"
 TAG_BYTES = "forgedit.artifact_bytes"
 TAG_PROMPT = "forgedit.source_prompt"
 TAG_CREATED = "forgedit.created_at"
+TAG_WIDTH = "forgedit.width"
+TAG_HEIGHT = "forgedit.height"
 # Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
 TAG_RUN_DATA = "forgedit.run_data_logged"
 
@@ -80,6 +82,8 @@ class EditModelInfo:
     request_id: str
     created_at: float
     size_bytes: int
+    width: int = 0  # the resolution it was fine-tuned (and samples) at; 0 if unrecorded
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ def describe_manifest(
         TAG_BYTES: str(size),
         TAG_PROMPT: str(manifest.get("source_prompt", ""))[:1000],
         TAG_CREATED: repr(float(manifest.get("created_at", 0.0))),
+        TAG_WIDTH: str(int((manifest.get("resolution") or {}).get("width", 0))),
+        TAG_HEIGHT: str(int((manifest.get("resolution") or {}).get("height", 0))),
     }
 
 
@@ -196,6 +202,8 @@ def info_from_tags(
         request_id=tags.get(TAG_REQUEST_ID, ""),
         created_at=num(TAG_CREATED),
         size_bytes=int(num(TAG_BYTES)),
+        width=int(num(TAG_WIDTH)),
+        height=int(num(TAG_HEIGHT)),
     )
 
 

@@ -10,6 +10,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELI
 
 echo "== ruff" >&2
 .venv/bin/ruff check .
+echo "== yamllint (deploy/)" >&2
+.venv/bin/yamllint -c deploy/.yamllint.yaml deploy/
 echo "== mypy" >&2
 .venv/bin/mypy forgedit registry server clients/python/src
 echo "== protobuf: buf lint (STANDARD), generated code is current" >&2

@@ -209,10 +209,12 @@ class Scheduler:
             # Renumber first (announcing moves to the others), then tell the new job its place:
             # under the lock, so `accepted` is always its first event.
             self._queue_changed_locked(exclude=job)
+            # A job that an idle worker takes at once is "starting now" (0), not first in line.
+            idle_workers = len(self.config.devices) - len(self._running)
             job.emit(
                 accepted=pb.AcceptedEvent(
                     job_id=job.job_id,
-                    queue_position=job.queue_position,
+                    queue_position=max(0, job.queue_position - idle_workers),
                     images_total=job.plan.images_total,
                     estimated_seconds=job.estimated_s,
                 )

@@ -99,4 +99,6 @@ def edit_model_to_proto(info: Any) -> pb.EditModel:
         training_mode=_MODES.get(info.training_mode, pb.TRAINING_MODE_UNSPECIFIED),
         create_time=created,
         size_bytes=int(info.size_bytes),
+        width=int(info.width),
+        height=int(info.height),
     )

@@ -146,6 +146,7 @@ def test_get_list_and_delete_edit_models(
     assert model.edit_model_id == model_id and model.base_model == "tiny"
     assert model.training_mode == pb.TRAINING_MODE_JOINT and model.size_bytes > 0
     assert len(model.image_sha256) == 64 and model.version >= 1
+    assert (model.width, model.height) == (64, 64)  # the resolution it was fine-tuned at
 
     # A second edit model on another photo, so filters and pages have something to do.
     other = stream(harness.stub.Edit, edit_request(tedbench_image(tedbench_dir, "bear3.jpeg")))

@@ -108,6 +108,20 @@ def _kinds(job: Job) -> list[str]:
     return [e.WhichOneof("kind") or "" for e in events]
 
 
+def test_a_job_an_idle_worker_takes_is_starting_now(scheduler: tuple) -> None:
+    s, runner = scheduler
+    first = s.submit(_job())[0]
+    events, _ = first.read(0, timeout=0)
+    assert events[0].accepted.queue_position == 0  # the contract: 0 = starting now
+    assert runner.started.acquire(timeout=5)
+    second = s.submit(_job())[0]
+    events, _ = second.read(0, timeout=0)
+    assert events[0].accepted.queue_position == 1  # the only worker is busy
+    runner.gate(first).set()
+    assert runner.started.acquire(timeout=5)
+    runner.gate(second).set()
+
+
 def test_sampling_jobs_overtake_queued_training_jobs(scheduler: tuple) -> None:
     s, runner = scheduler
     running = s.submit(_job())[0]
