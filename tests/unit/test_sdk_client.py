@@ -658,7 +658,7 @@ def test_channel_options_match_the_servers_transport_settings() -> None:
     transport = pytest.importorskip("server.transport")
     from forgedit_client.channel import channel_options
 
-    ours = dict(channel_options())
+    ours: dict[str, Any] = dict(channel_options())
     theirs = dict(transport.client_options())
     for key in (
         "grpc.max_receive_message_length",
