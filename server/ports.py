@@ -105,6 +105,8 @@ class RegistryLike(Protocol):
         dedupe: bool = True,
     ) -> Any: ...
 
+    def add_contact_sheet(self, edit_model_id: str, contact_sheet: bytes) -> None: ...
+
     def find_existing(
         self,
         image_sha256: str,

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from forgedit.events import SamplingProgress, TrainingProgress
+from forgedit.images import contact_sheet, encode_png
 from server._proto import forgedit_pb2 as pb
 from server.errors import UnservedBaseModelError
 from server.jobs import Job
@@ -143,7 +144,10 @@ class JobRunner:
         job.cancel.check()
 
         # 4. and 5.
-        self._sample(job, engine, edit_model, plan.sweep)
+        edited = self._sample(job, engine, edit_model, plan.sweep)
+        # The registry keeps a contact sheet of the sampled edits next to the model, for
+        # people browsing MLflow. Only a fresh fine-tune gets one: a reused model has its own.
+        self.store.add_contact_sheet(registered.edit_model_id, _contact_sheet_png(image, edited))
         job.emit(
             completed=pb.CompletedEvent(
                 timings=self._final_timings(job),
@@ -211,8 +215,9 @@ class JobRunner:
 
     # -- shared -----------------------------------------------------------------------------
 
-    def _sample(self, job: Job, engine: EngineLike, edit_model: Any, sweep: Any) -> None:
-        """Sample the sweep, emitting progress and each image as it finishes."""
+    def _sample(self, job: Job, engine: EngineLike, edit_model: Any, sweep: Any) -> list[Any]:
+        """Sample the sweep, emitting progress and each image as it finishes; return the
+        engine's ``EditedImage``s."""
         started = time.perf_counter()
         last = [started]
         pending = [0]  # images of the batch that just finished, to split its time
@@ -266,7 +271,7 @@ class JobRunner:
             )
             self.metrics.images.labels(method=job.method).inc()
 
-        engine.edit(
+        edited = engine.edit(
             edit_model,
             sweep,
             on_image=on_image,
@@ -276,6 +281,7 @@ class JobRunner:
         )
         job.timings.sampling = time.perf_counter() - started
         self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)
+        return list(edited)
 
     @staticmethod
     def _final_timings(job: Job) -> pb.PhaseTimings:
@@ -283,3 +289,16 @@ class JobRunner:
         assert job.started_monotonic is not None
         timings.total_seconds = time.monotonic() - job.created_monotonic
         return timings
+
+
+CONTACT_SHEET_MAX_IMAGES = 64
+
+
+def _contact_sheet_png(original: Any, edited: list[Any]) -> bytes:
+    """The input beside (at most 64 of) the sampled edits, each labelled by its parameters."""
+    results = []
+    for e in edited[:CONTACT_SHEET_MAX_IMAGES]:
+        s = e.spec
+        label = f"{s.forget} γ={s.gamma:g}" + (f" α={s.alpha:g}" if s.interpolation == "vp" else "")
+        results.append((e.image, f"{label} seed={s.seed}"))
+    return encode_png(contact_sheet(original, results))

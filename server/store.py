@@ -7,6 +7,7 @@ Errors pass through unchanged (``registry.errors``) and are mapped in ``server.e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,9 +15,12 @@ from google.protobuf import timestamp_pb2
 
 from forgedit.artifact import EditModel
 from forgedit.config import TrainingConfig
+from forgedit.errors import ForgeditError
 from server._proto import forgedit_pb2 as pb
 from server.errors import UnservedBaseModelError
 from server.ports import BaseModelInfo, RegistryLike
+
+log = logging.getLogger("server.store")
 
 _MODES = {
     "joint": pb.TRAINING_MODE_JOINT,
@@ -36,6 +40,17 @@ class EditModelStore:
         (id, version, deduped, spooled). A retry with the same request id returns the first
         registration instead of creating a second version."""
         return self.registry.register(edit_model, request_id=request_id, input_image=image_bytes)
+
+    def add_contact_sheet(self, edit_model_id: str, png: bytes) -> bool:
+        """Attach the contact sheet of a job's sampled edits to its edit model. Best effort:
+        the images already reached the client, so a registry failure is logged, not raised.
+        Returns whether it was stored."""
+        try:
+            self.registry.add_contact_sheet(edit_model_id, png)
+        except ForgeditError as e:
+            log.warning("contact sheet not stored for %s: %s", edit_model_id, e)
+            return False
+        return True
 
     def find_trained(
         self, image_sha256: str, base_fingerprint: str, source_prompt: str, training: TrainingConfig

@@ -147,6 +147,10 @@ def test_get_list_and_delete_edit_models(
     assert model.training_mode == pb.TRAINING_MODE_JOINT and model.size_bytes > 0
     assert len(model.image_sha256) == 64 and model.version >= 1
     assert (model.width, model.height) == (64, 64)  # the resolution it was fine-tuned at
+    # MLflow keeps a contact sheet of the sampled edits next to the model (issue: registry).
+    run_id = harness.registry.show(model_id).run_id
+    artifacts = {a.path for a in harness.registry._backend.client.list_artifacts(run_id)}
+    assert "contact_sheet.png" in artifacts
 
     # A second edit model on another photo, so filters and pages have something to do.
     other = stream(harness.stub.Edit, edit_request(tedbench_image(tedbench_dir, "bear3.jpeg")))
