@@ -4,6 +4,7 @@ foreign load run 5–25× slower (ENVIRONMENT.md)."""
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -17,6 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEDBENCH = REPO.parent / "shared" / "tedbench"
+
+# The real-server harness (tests/service/test_server_support.py) is shared by the service and
+# fault tests; one importable location instead of each file loading it by path.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

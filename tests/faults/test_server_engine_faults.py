@@ -6,28 +6,19 @@ FAILED_PRECONDITION before anything is queued. The server keeps serving afterwar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import test_server_support as support  # tests/service, on sys.path via conftest
 from google.rpc import error_details_pb2
 
 from server._proto import forgedit_pb2 as pb
 from server.main import default_engine_factory
 from server.settings import ServerSettings
-
-_SUPPORT = Path(__file__).resolve().parents[1] / "service" / "test_server_support.py"
-_spec = importlib.util.spec_from_file_location("test_server_support", _SUPPORT)
-assert _spec is not None and _spec.loader is not None
-support = sys.modules.get("test_server_support") or importlib.util.module_from_spec(_spec)
-if "test_server_support" not in sys.modules:
-    sys.modules["test_server_support"] = support
-    _spec.loader.exec_module(support)
 
 SECRET = "/srv/secret-mount/weights"
 

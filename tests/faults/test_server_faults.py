@@ -6,7 +6,6 @@ ready."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -17,17 +16,10 @@ from typing import Any
 
 import grpc
 import pytest
+import test_server_support as support  # tests/service, on sys.path via conftest
 from google.rpc import error_details_pb2
 
 from server._proto import forgedit_pb2 as pb
-
-_SUPPORT = Path(__file__).resolve().parents[1] / "service" / "test_server_support.py"
-_spec = importlib.util.spec_from_file_location("test_server_support", _SUPPORT)
-assert _spec is not None and _spec.loader is not None
-support = sys.modules.get("test_server_support") or importlib.util.module_from_spec(_spec)
-if "test_server_support" not in sys.modules:
-    sys.modules["test_server_support"] = support
-    _spec.loader.exec_module(support)
 
 AUTH = support.AUTH
 edit_request = support.edit_request

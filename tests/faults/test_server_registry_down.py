@@ -4,22 +4,13 @@ UNAVAILABLE with a retry hint instead of failing opaquely."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import grpc
+import test_server_support as support  # tests/service, on sys.path via conftest
 from google.rpc import error_details_pb2
 
 from server._proto import forgedit_pb2 as pb
-
-_SUPPORT = Path(__file__).resolve().parents[1] / "service" / "test_server_support.py"
-_spec = importlib.util.spec_from_file_location("test_server_support", _SUPPORT)
-assert _spec is not None and _spec.loader is not None
-support = sys.modules.get("test_server_support") or importlib.util.module_from_spec(_spec)
-if "test_server_support" not in sys.modules:
-    sys.modules["test_server_support"] = support
-    _spec.loader.exec_module(support)
 
 
 def test_edit_with_mlflow_down_spools_and_still_streams_images(

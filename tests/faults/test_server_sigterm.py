@@ -5,7 +5,6 @@ exits 0, and every log line of a job carries its job id."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -15,20 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import test_server_support as support  # tests/service, on sys.path via conftest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.service import SERVICE_NAME
 from server.transport import client_options
-
-_SUPPORT = Path(__file__).resolve().parents[1] / "service" / "test_server_support.py"
-_spec = importlib.util.spec_from_file_location("test_server_support", _SUPPORT)
-assert _spec is not None and _spec.loader is not None
-support = sys.modules.get("test_server_support") or importlib.util.module_from_spec(_spec)
-if "test_server_support" not in sys.modules:
-    sys.modules["test_server_support"] = support
-    _spec.loader.exec_module(support)
 
 
 def _health(channel: grpc.Channel, service: str) -> int | None:
