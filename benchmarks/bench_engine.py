@@ -59,8 +59,7 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
         _widen_unet(model_dir / "unet", widths, size)
 
     t = time.perf_counter()
-    engine = Engine.load(model_dir, blip_dir=work / "model" / "blip",
-                         precision=precision)  # type: ignore[arg-type]
+    engine = Engine.load(model_dir, blip_dir=work / "model" / "blip", precision=precision)  # type: ignore[arg-type]
     phases["load"] = time.perf_counter() - t
     image = load_image(PHOTO).image
     prompt = "A photo of a sitting dog."
@@ -69,15 +68,16 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
     source = engine.source_prompt(image, prompt)
     phases["caption"] = time.perf_counter() - t
 
-    config = TrainingConfig.for_mode("joint", height=size, width=size, seed=0,
-                                     precision=precision)
+    config = TrainingConfig.for_mode("joint", height=size, width=size, seed=0, precision=precision)
     if updates is not None:
         config = dataclasses.replace(
-            config, stages=tuple(dataclasses.replace(s, updates=updates) for s in config.stages))
+            config, stages=tuple(dataclasses.replace(s, updates=updates) for s in config.stages)
+        )
     stamps: list[float] = []
     t = time.perf_counter()
-    edit_model = engine.finetune(image, source, config,
-                                 on_progress=lambda p: stamps.append(time.perf_counter()))
+    edit_model = engine.finetune(
+        image, source, config, on_progress=lambda p: stamps.append(time.perf_counter())
+    )
     phases["training"] = time.perf_counter() - t
     per_update = [b - a for a, b in zip([t, *stamps], stamps, strict=False)]
 
@@ -152,21 +152,26 @@ def sd1_sizes() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--precisions", default="faithful,fast")
-    parser.add_argument("--updates", type=int, default=None,
-                        help="training updates (default: the original's 40)")
-    parser.add_argument("--one", nargs=2, metavar=("PRESET", "PRECISION"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--updates", type=int, default=None, help="training updates (default: the original's 40)"
+    )
+    parser.add_argument("--one", nargs=2, metavar=("PRESET", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.updates)))
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     runs = []
     for preset in args.presets.split(","):
         for precision in args.precisions.split(","):
@@ -175,13 +180,21 @@ def main() -> None:
                 cmd += ["--updates", str(args.updates)]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(json.dumps({
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+    print(
+        json.dumps(
+            {
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine(),
-                    "torch_threads": 1},
-        "runs": runs,
-        "sd1_edit_model_size": sd1_sizes(),
-    }, indent=2))
+                    "torch_threads": 1,
+                },
+                "runs": runs,
+                "sd1_edit_model_size": sd1_sizes(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

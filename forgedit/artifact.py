@@ -76,13 +76,16 @@ class EditModel:
     def delta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.delta.values())
 
-    def manifest(self, file_hashes: Mapping[str, str],
-                 file_sizes: Mapping[str, int]) -> dict[str, Any]:
+    def manifest(
+        self, file_hashes: Mapping[str, str], file_sizes: Mapping[str, int]
+    ) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "base_model": {"name": self.base_model_name,
-                           "fingerprint": self.base_model_fingerprint},
+            "base_model": {
+                "name": self.base_model_name,
+                "fingerprint": self.base_model_fingerprint,
+            },
             "resolution": {"height": self.height, "width": self.width},
             "source_prompt": self.source_prompt,
             "image_sha256": self.image_sha256,
@@ -95,8 +98,10 @@ class EditModel:
                 "dtype": _dtype_name(self.delta),
             },
             "created_at": self.created_at,
-            "files": {name: {"sha256": file_hashes[name], "bytes": file_sizes[name]}
-                      for name in PAYLOAD_FILES},
+            "files": {
+                name: {"sha256": file_hashes[name], "bytes": file_sizes[name]}
+                for name in PAYLOAD_FILES
+            },
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -117,8 +122,11 @@ class EditModel:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.delta.items()}
             save_file(tensors, tmp / DELTA_FILE, metadata={"format": FORMAT})
             save_file(
-                {"source_embedding": self.source_embedding.detach().to("cpu", torch.float32)
-                 .contiguous()},
+                {
+                    "source_embedding": self.source_embedding.detach()
+                    .to("cpu", torch.float32)
+                    .contiguous()
+                },
                 tmp / EMBEDDING_FILE,
                 metadata={"format": FORMAT},
             )
@@ -238,4 +246,3 @@ def load_edit_model(
 def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     return ",".join(sorted(dtypes)) if dtypes else "none"
-

@@ -95,8 +95,14 @@ def default_stages(mode: TrainingMode) -> tuple[Stage, ...]:
     if mode == "joint":
         # "textsteps=400" in the original means 400 // bsz = 40 Adam updates of batch 10.
         return (
-            Stage("joint", updates=40, batch_size=10, unet_lr=6e-5, text_lr=1e-3,
-                  early_stop=EarlyStop()),
+            Stage(
+                "joint",
+                updates=40,
+                batch_size=10,
+                unet_lr=6e-5,
+                text_lr=1e-3,
+                early_stop=EarlyStop(),
+            ),
         )
     if mode == "two_stage":
         # Forgedit transferred to Imagic (the supplementary letter): embedding, then UNet.
@@ -107,8 +113,14 @@ def default_stages(mode: TrainingMode) -> tuple[Stage, ...]:
     if mode == "dreambooth":
         # DreamBooth-Forgedit: full UNet and text encoder, 400 // 4 = 100 updates, no early stop.
         return (
-            Stage("dreambooth", updates=100, batch_size=4, unet_lr=5e-6, text_lr=5e-6,
-                  unet_subset="all"),
+            Stage(
+                "dreambooth",
+                updates=100,
+                batch_size=4,
+                unet_lr=5e-6,
+                text_lr=5e-6,
+                unet_subset="all",
+            ),
         )
     raise InvalidInputError(
         f"unknown training mode {mode!r}; accepted: {', '.join(TRAINING_MODES)}", field="mode"
@@ -229,8 +241,7 @@ class SweepConfig:
         if self.interpolation == "vp":
             _check_values("alphas", self.alphas, ALPHA_RANGE)
         if not self.forget:
-            raise InvalidInputError("at least one forgetting strategy is required",
-                                    field="forget")
+            raise InvalidInputError("at least one forgetting strategy is required", field="forget")
         if not (math.isfinite(self.forget_degree) and 0.0 <= self.forget_degree <= 1.0):
             raise InvalidInputError(
                 f"forget degree must be in [0, 1], got {self.forget_degree}", field="forget_degree"
@@ -263,8 +274,13 @@ class SweepConfig:
 
     @property
     def num_images(self) -> int:
-        return (len(self.prompts) * len(self.forget) * len(self.seeds) * len(self.gammas)
-                * len(self.effective_alphas))
+        return (
+            len(self.prompts)
+            * len(self.forget)
+            * len(self.seeds)
+            * len(self.gammas)
+            * len(self.effective_alphas)
+        )
 
     def images(self) -> Iterator[ImageSpec]:
         index = 0
@@ -273,9 +289,18 @@ class SweepConfig:
                 for seed in self.seeds:
                     for gamma in self.gammas:
                         for alpha in self.effective_alphas:
-                            yield ImageSpec(index, prompt, forget, self.interpolation, gamma,
-                                            alpha, seed, self.guidance, self.steps,
-                                            self.forget_degree)
+                            yield ImageSpec(
+                                index,
+                                prompt,
+                                forget,
+                                self.interpolation,
+                                gamma,
+                                alpha,
+                                seed,
+                                self.guidance,
+                                self.steps,
+                                self.forget_degree,
+                            )
                             index += 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,8 +325,9 @@ def check_resolution(height: int, width: int) -> None:
 
 def check_seed(seed: int, name: str = "seed") -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInputError(f"{name} must be an integer in [0, 2^63-1], got {seed!r}",
-                                field=name)
+        raise InvalidInputError(
+            f"{name} must be an integer in [0, 2^63-1], got {seed!r}", field=name
+        )
 
 
 def check_prompt(prompt: str, name: str = "prompt") -> None:

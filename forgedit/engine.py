@@ -58,8 +58,13 @@ class EditedImage:
 
 
 class Engine:
-    def __init__(self, base: BaseModel, captioner: Captioner | None = None, *,
-                 precision: Precision = "faithful") -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        captioner: Captioner | None = None,
+        *,
+        precision: Precision = "faithful",
+    ) -> None:
         self.base = base
         self.captioner = captioner
         self.precision = precision
@@ -74,9 +79,15 @@ class Engine:
             unet.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, base_model_dir: str | Path, *, blip_dir: str | Path | None = None,
-             vae_dir: str | Path | None = None, device: str = "cpu",
-             precision: Precision = "faithful") -> Engine:
+    def load(
+        cls,
+        base_model_dir: str | Path,
+        *,
+        blip_dir: str | Path | None = None,
+        vae_dir: str | Path | None = None,
+        device: str = "cpu",
+        precision: Precision = "faithful",
+    ) -> Engine:
         """Load a base model (and optionally a BLIP captioner) from local directories."""
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
@@ -101,9 +112,16 @@ class Engine:
 
     # -- 2. learning the image ----------------------------------------------------------------
 
-    def finetune(self, image: Image.Image, source_prompt: str, config: TrainingConfig, *,
-                 image_sha256: str = "", on_progress: TrainingCallback | None = None,
-                 cancel: CancelToken | None = None) -> EditModel:
+    def finetune(
+        self,
+        image: Image.Image,
+        source_prompt: str,
+        config: TrainingConfig,
+        *,
+        image_sha256: str = "",
+        on_progress: TrainingCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> EditModel:
         """Fine-tune an edit model on ``image`` described by ``source_prompt``.
 
         The base model is restored bit-exactly afterwards, also when cancelled (then
@@ -116,10 +134,17 @@ class Engine:
         pixels = preprocess(image, config.height, config.width)
         try:
             result = run_finetune(
-                unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
-                tokenizer=base.tokenizer, weights=self.weights, pixels=pixels,
-                source_prompt=source_prompt, config=config,
-                scaling_factor=base.scaling_factor, on_progress=on_progress, cancel=cancel,
+                unet=base.unet,
+                vae=base.vae,
+                text_encoder=base.text_encoder,
+                tokenizer=base.tokenizer,
+                weights=self.weights,
+                pixels=pixels,
+                source_prompt=source_prompt,
+                config=config,
+                scaling_factor=base.scaling_factor,
+                on_progress=on_progress,
+                cancel=cancel,
             )
             # Faithful keeps Δ in fp32 (θ_pre + Δ reproduces θ_ft exactly); fast halves it.
             dtype = torch.float32 if config.precision == "faithful" else torch.float16
@@ -140,10 +165,16 @@ class Engine:
 
     # -- 3. editing ---------------------------------------------------------------------------
 
-    def edit(self, edit_model: EditModel, sweep: SweepConfig, *,
-             on_image: Callable[[EditedImage], None] | None = None,
-             on_progress: SamplingCallback | None = None,
-             cancel: CancelToken | None = None, max_batch: int = 8) -> list[EditedImage]:
+    def edit(
+        self,
+        edit_model: EditModel,
+        sweep: SweepConfig,
+        *,
+        on_image: Callable[[EditedImage], None] | None = None,
+        on_progress: SamplingCallback | None = None,
+        cancel: CancelToken | None = None,
+        max_batch: int = 8,
+    ) -> list[EditedImage]:
         """Sample every image of ``sweep`` from ``edit_model``.
 
         Images come strategy by strategy; within a strategy in chunks of at most
@@ -170,9 +201,16 @@ class Engine:
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
                 for chunk in _chunks(list(group), max_batch):
-                    images = self._sample_chunk(edit_model, chunk, text, done_before=len(done),
-                                                total=len(specs), started=started,
-                                                on_progress=on_progress, cancel=cancel)
+                    images = self._sample_chunk(
+                        edit_model,
+                        chunk,
+                        text,
+                        done_before=len(done),
+                        total=len(specs),
+                        started=started,
+                        on_progress=on_progress,
+                        cancel=cancel,
+                    )
                     for spec, image in zip(chunk, images, strict=True):
                         edited = EditedImage(spec, image)
                         done.append(edited)
@@ -186,8 +224,9 @@ class Engine:
         base = self.base
         with torch.no_grad():
             e = encode_prompt(base.tokenizer, base.text_encoder, "")
-            latents = initial_latents([0], base.unet.config["in_channels"], 64, 64,
-                                      base.vae_scale_factor)
+            latents = initial_latents(
+                [0], base.unet.config["in_channels"], 64, 64, base.vae_scale_factor
+            )
             z = denoise(base.unet, latents, e, e, steps=1, guidance=7.5)
             decode(base.vae, z, base.scaling_factor)
 
@@ -204,15 +243,25 @@ class Engine:
     def _encode_targets(self, sweep: SweepConfig) -> dict[str, torch.Tensor]:
         base = self.base
         with torch.no_grad():
-            encoded = {p: encode_prompt(base.tokenizer, base.text_encoder, p).float()
-                       for p in dict.fromkeys(sweep.prompts)}
+            encoded = {
+                p: encode_prompt(base.tokenizer, base.text_encoder, p).float()
+                for p in dict.fromkeys(sweep.prompts)
+            }
             encoded[""] = encode_prompt(base.tokenizer, base.text_encoder, "").float()
         return encoded
 
-    def _sample_chunk(self, edit_model: EditModel, chunk: list[ImageSpec],
-                      text: dict[str, torch.Tensor], *, done_before: int, total: int,
-                      started: float, on_progress: SamplingCallback | None,
-                      cancel: CancelToken | None) -> list[Image.Image]:
+    def _sample_chunk(
+        self,
+        edit_model: EditModel,
+        chunk: list[ImageSpec],
+        text: dict[str, torch.Tensor],
+        *,
+        done_before: int,
+        total: int,
+        started: float,
+        on_progress: SamplingCallback | None,
+        cancel: CancelToken | None,
+    ) -> list[Image.Image]:
         from forgedit.images import to_pil
 
         base = self.base
@@ -225,18 +274,40 @@ class Engine:
         else:
             alpha = torch.tensor([s.alpha for s in chunk], dtype=torch.float64)
             conditioning = vector_projection(source, target, gamma, alpha)
-        latents = initial_latents([s.seed for s in chunk], base.unet.config["in_channels"],
-                                  edit_model.height, edit_model.width, base.vae_scale_factor)
+        latents = initial_latents(
+            [s.seed for s in chunk],
+            base.unet.config["in_channels"],
+            edit_model.height,
+            edit_model.width,
+            base.vae_scale_factor,
+        )
 
         def on_step(step: int, steps: int) -> None:
             if on_progress is not None:
-                on_progress(SamplingProgress(chunk[0].forget, done_before, total, len(chunk),
-                                             step, steps, time.perf_counter() - started))
+                on_progress(
+                    SamplingProgress(
+                        chunk[0].forget,
+                        done_before,
+                        total,
+                        len(chunk),
+                        step,
+                        steps,
+                        time.perf_counter() - started,
+                    )
+                )
 
         fast_cuda = self.precision == "fast" and device.type == "cuda"
-        z = denoise(base.unet, latents, conditioning, text[""], steps=chunk[0].steps,
-                    guidance=chunk[0].guidance, on_step=on_step, cancel=cancel,
-                    autocast_dtype=torch.float16 if fast_cuda else None)
+        z = denoise(
+            base.unet,
+            latents,
+            conditioning,
+            text[""],
+            steps=chunk[0].steps,
+            guidance=chunk[0].guidance,
+            on_step=on_step,
+            cancel=cancel,
+            autocast_dtype=torch.float16 if fast_cuda else None,
+        )
         return to_pil(decode(base.vae, z, base.scaling_factor))
 
 
@@ -257,4 +328,4 @@ def check_device(device: str) -> None:
 
 def _chunks(items: list[ImageSpec], size: int) -> Iterator[list[ImageSpec]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]

@@ -141,7 +141,8 @@ def trained_parameter_names(parameter_names: Iterable[str], subset: str) -> list
     if subset != "forgedit":
         raise ValueError(f"unknown UNet subset {subset!r}; accepted: forgedit, all")
     trained = [
-        n for n in names
+        n
+        for n in names
         if (_contains(n, "down_blocks") and not _contains(n, "down_blocks.0"))
         or (_contains(n, "up_blocks") and not _contains(n, "up_blocks.0"))
     ]
@@ -163,8 +164,10 @@ def strategy_counts(unet: torch.nn.Module | None = None) -> dict[str, dict[str, 
         out[variant] = {}
         for name in rules:
             r = resolve(name, variant, params)
-            out[variant][name] = {"tensors": len(r),
-                                  "parameters": sum(params[n].numel() for n in r)}
+            out[variant][name] = {
+                "tensors": len(r),
+                "parameters": sum(params[n].numel() for n in r),
+            }
     return out
 
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def vector_subtraction(source: torch.Tensor, target: torch.Tensor,
-                       gamma: torch.Tensor) -> torch.Tensor:
+def vector_subtraction(
+    source: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
     """vs: ``e = γ·e_tgt + (1 − γ)·e_opt``. γ > 1 extrapolates past the target."""
     # The original multiplies by Python floats: (1 − γ) is formed in double precision and only
     # then rounded to the tensor's dtype. Doing the subtraction in fp32 would round differently.
@@ -21,8 +22,9 @@ def vector_subtraction(source: torch.Tensor, target: torch.Tensor,
     return g.to(source.dtype) * target + (1 - g).to(source.dtype) * source
 
 
-def vector_projection(source: torch.Tensor, target: torch.Tensor, beta: torch.Tensor,
-                      alpha: torch.Tensor) -> torch.Tensor:
+def vector_projection(
+    source: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
     """vp, per token j (all 77, BOS and padding included, as the original):
 
         u_j = e_opt_j / max(‖e_opt_j‖, 1e-12)

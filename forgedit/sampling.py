@@ -43,14 +43,14 @@ def make_ddim_scheduler() -> Any:
     )
 
 
-def initial_latents(seeds: Sequence[int], channels: int, height: int, width: int,
-                    vae_scale_factor: int) -> torch.Tensor:
+def initial_latents(
+    seeds: Sequence[int], channels: int, height: int, width: int, vae_scale_factor: int
+) -> torch.Tensor:
     """``randn(1, C, H/8, W/8)`` per seed from its own CPU generator, stacked to [B, C, h, w]."""
     shape = (1, channels, height // vae_scale_factor, width // vae_scale_factor)
-    return torch.cat([
-        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
-        for seed in seeds
-    ])
+    return torch.cat(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds]
+    )
 
 
 @torch.no_grad()
@@ -83,8 +83,9 @@ def denoise(
             cancel.check()
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             noise_pred = unet(model_input, t, encoder_hidden_states=conditioning).sample
         noise_pred = noise_pred.float()
         if guided:

@@ -526,5 +526,3 @@ def _check_stamp(target: Path, shown: str) -> None:
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
-
-

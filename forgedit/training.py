@@ -83,8 +83,9 @@ def finetune(
     trained_keys: list[str] = []
     for stage in config.stages:
         if stage.unet_lr is not None:
-            trained_keys += [f"unet.{n}" for n in trained_parameter_names(unet_names,
-                                                                          stage.unet_subset)]
+            trained_keys += [
+                f"unet.{n}" for n in trained_parameter_names(unet_names, stage.unet_subset)
+            ]
     if trains_encoder:
         trained_keys += [f"text_encoder.{n}" for n in weights.names("text_encoder")]
     trained_keys = list(dict.fromkeys(trained_keys))  # keep order, drop repeats
@@ -102,11 +103,16 @@ def finetune(
     unet.train()
     try:
         for stage in config.stages:
-            unet_params = [weights.parameter(k) for k in trained_keys
-                           if k.startswith("unet.")] if stage.unet_lr is not None else []
-            encoder_params = ([weights.parameter(k) for k in trained_keys
-                               if k.startswith("text_encoder.")]
-                              if trains_encoder and stage.text_lr is not None else [])
+            unet_params = (
+                [weights.parameter(k) for k in trained_keys if k.startswith("unet.")]
+                if stage.unet_lr is not None
+                else []
+            )
+            encoder_params = (
+                [weights.parameter(k) for k in trained_keys if k.startswith("text_encoder.")]
+                if trains_encoder and stage.text_lr is not None
+                else []
+            )
             for p in (*unet.parameters(), *text_encoder.parameters()):
                 p.requires_grad_(False)
             for p in (*unet_params, *encoder_params):
@@ -120,14 +126,28 @@ def finetune(
                 groups.append({"params": encoder_params, "lr": stage.text_lr})
             if embedding.requires_grad:
                 groups.append({"params": [embedding], "lr": stage.text_lr})
-            optimizer = torch.optim.Adam(groups, betas=config.adam_betas, eps=config.adam_eps,
-                                         **({"fused": True} if fast_cuda else {}))
+            optimizer = torch.optim.Adam(
+                groups,
+                betas=config.adam_betas,
+                eps=config.adam_eps,
+                **({"fused": True} if fast_cuda else {}),
+            )
 
             for k in range(stage.updates):
                 if cancel is not None:
                     cancel.check()
-                loss = _loss(unet, text_encoder, scheduler, z0, embedding, source_ids, stage,
-                             generator, trains_encoder, fast_cuda)
+                loss = _loss(
+                    unet,
+                    text_encoder,
+                    scheduler,
+                    z0,
+                    embedding,
+                    source_ids,
+                    stage,
+                    generator,
+                    trains_encoder,
+                    fast_cuda,
+                )
                 value = loss.item()
                 # Checked before the update, as the original: the triggering batch is not used.
                 if _early_stop(stage, k, value):
@@ -138,8 +158,11 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss_curve.append(value)
                 if on_progress is not None:
-                    on_progress(TrainingProgress(stage.name, len(loss_curve), total, value,
-                                                 time.perf_counter() - started))
+                    on_progress(
+                        TrainingProgress(
+                            stage.name, len(loss_curve), total, value, time.perf_counter() - started
+                        )
+                    )
             if stopped_early:
                 break
         if cancel is not None:
@@ -155,8 +178,9 @@ def finetune(
             final = encode_prompt(tokenizer, text_encoder, source_prompt)
         else:
             final = embedding.detach()
-    return TrainingResult(final.to("cpu", torch.float32).clone(), loss_curve, trained_keys,
-                          stopped_early)
+    return TrainingResult(
+        final.to("cpu", torch.float32).clone(), loss_curve, trained_keys, stopped_early
+    )
 
 
 def _early_stop(stage: Stage, k: int, loss: float) -> bool:
@@ -164,9 +188,18 @@ def _early_stop(stage: Stage, k: int, loss: float) -> bool:
     return es is not None and loss < es.threshold and k * stage.batch_size > es.min_samples
 
 
-def _loss(unet: Any, text_encoder: Any, scheduler: Any, z0: torch.Tensor,
-          embedding: torch.Tensor, source_ids: torch.Tensor, stage: Stage,
-          generator: torch.Generator, trains_encoder: bool, autocast: bool) -> torch.Tensor:
+def _loss(
+    unet: Any,
+    text_encoder: Any,
+    scheduler: Any,
+    z0: torch.Tensor,
+    embedding: torch.Tensor,
+    source_ids: torch.Tensor,
+    stage: Stage,
+    generator: torch.Generator,
+    trains_encoder: bool,
+    autocast: bool,
+) -> torch.Tensor:
     bsz = stage.batch_size
     device = z0.device
     latents = z0.repeat(bsz, 1, 1, 1)

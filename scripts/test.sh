@@ -10,6 +10,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELI
 
 echo "== ruff" >&2
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "== yamllint (deploy/)" >&2
 .venv/bin/yamllint -c deploy/.yamllint.yaml deploy/
 echo "== mypy" >&2

@@ -37,7 +37,10 @@ def test_round_trip(tmp_path: Path) -> None:
     model = make_edit_model()
     model.save(tmp_path / "em")
     assert sorted(p.name for p in (tmp_path / "em").iterdir()) == [
-        "delta.safetensors", "embedding.safetensors", "manifest.json"]
+        "delta.safetensors",
+        "embedding.safetensors",
+        "manifest.json",
+    ]
     loaded = load_edit_model(tmp_path / "em", expected_base_fingerprint="ab" * 32)
     assert loaded.training == model.training
     assert loaded.source_prompt == model.source_prompt
@@ -81,8 +84,9 @@ def test_refuses_non_artifacts(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(EditModelError, match="not valid JSON"):
         load_edit_model(tmp_path)
-    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "forgedit.edit-model",
-                                                      "format_version": 99}))
+    (tmp_path / MANIFEST_FILE).write_text(
+        json.dumps({"format": "forgedit.edit-model", "format_version": 99})
+    )
     with pytest.raises(EditModelError, match="version 99"):
         load_edit_model(tmp_path)
 

@@ -19,10 +19,14 @@ def test_defaults_are_the_originals() -> None:
     assert joint.loss_scale == 65536.0 and joint.adam_eps == 1e-8
     two = TrainingConfig.for_mode("two_stage")
     assert [(s.updates, s.batch_size, s.unet_lr, s.text_lr) for s in two.stages] == [
-        (400, 1, None, 1e-3), (1000, 1, 6e-5, None)]
+        (400, 1, None, 1e-3),
+        (1000, 1, 6e-5, None),
+    ]
     db = TrainingConfig.for_mode("dreambooth")
-    assert [(s.updates, s.batch_size, s.unet_lr, s.text_lr, s.unet_subset, s.early_stop)
-            for s in db.stages] == [(100, 4, 5e-6, 5e-6, "all", None)]
+    assert [
+        (s.updates, s.batch_size, s.unet_lr, s.text_lr, s.unet_subset, s.early_stop)
+        for s in db.stages
+    ] == [(100, 4, 5e-6, 5e-6, "all", None)]
     assert TrainingConfig.for_mode("joint", precision="fast").loss_scale == 1.0
 
 
@@ -32,8 +36,10 @@ def test_round_trip_and_fingerprint() -> None:
         again = TrainingConfig.from_dict(config.to_dict())
         assert again == config
         assert again.fingerprint() == config.fingerprint()
-    assert (TrainingConfig.for_mode("joint", seed=1).fingerprint()
-            != TrainingConfig.for_mode("joint", seed=2).fingerprint())
+    assert (
+        TrainingConfig.for_mode("joint", seed=1).fingerprint()
+        != TrainingConfig.for_mode("joint", seed=2).fingerprint()
+    )
 
 
 def test_gamma_grid_prints_clean_values() -> None:
@@ -42,8 +48,9 @@ def test_gamma_grid_prints_clean_values() -> None:
 
 
 def test_sweep_order_groups_strategies() -> None:
-    sweep = SweepConfig(prompts=("a", "b"), forget=("encoderkv", "decoderkv"), seeds=(1, 2),
-                        gammas=(0.5, 0.6))
+    sweep = SweepConfig(
+        prompts=("a", "b"), forget=("encoderkv", "decoderkv"), seeds=(1, 2), gammas=(0.5, 0.6)
+    )
     specs = list(sweep.images())
     assert len(specs) == sweep.num_images == 16
     assert [s.forget for s in specs[:8]] == ["encoderkv"] * 8

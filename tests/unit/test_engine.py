@@ -34,14 +34,17 @@ def photo(tedbench_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def quick(mode: str = "joint", updates: int = 4, batch: int = 2, **kw: object) -> TrainingConfig:
-    stages = tuple(dataclasses.replace(s, updates=updates, batch_size=batch)
-                   for s in TrainingConfig.for_mode(mode).stages)
+    stages = tuple(
+        dataclasses.replace(s, updates=updates, batch_size=batch)
+        for s in TrainingConfig.for_mode(mode).stages
+    )
     return TrainingConfig.for_mode(mode, stages=stages, height=SIZE, width=SIZE, seed=1, **kw)
 
 
 def sweep(**kw: object) -> SweepConfig:
-    return SweepConfig(**{"prompts": (PROMPT,), "steps": 6, "seeds": (1, 2),
-                          "gammas": (0.5, 1.0), **kw})  # type: ignore[arg-type]
+    return SweepConfig(
+        **{"prompts": (PROMPT,), "steps": 6, "seeds": (1, 2), "gammas": (0.5, 1.0), **kw}
+    )  # type: ignore[arg-type]
 
 
 def unet_state(engine: Engine) -> dict[str, torch.Tensor]:
@@ -81,8 +84,9 @@ def test_same_seeds_give_identical_models_and_images(engine: Engine, photo, edit
 def test_training_touches_exactly_the_trained_subset(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
     assert len(edit_model.delta) == 518
     assert all(k.startswith(("unet.down_blocks.", "unet.up_blocks.")) for k in edit_model.delta)
-    assert not any(k.startswith(("unet.down_blocks.0.", "unet.up_blocks.0."))
-                   for k in edit_model.delta)
+    assert not any(
+        k.startswith(("unet.down_blocks.0.", "unet.up_blocks.0.")) for k in edit_model.delta
+    )
     assert all(v.dtype == torch.float32 for v in edit_model.delta.values())
 
 
@@ -93,8 +97,9 @@ def test_base_is_restored_bit_exactly(engine: Engine, photo, edit_model) -> None
     engine.finetune(photo, "A photo of a dog", quick("dreambooth", updates=1))
     after = unet_state(engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(v, engine.base.text_encoder.state_dict()[k])
-               for k, v in encoder_before.items())
+    assert all(
+        torch.equal(v, engine.base.text_encoder.state_dict()[k]) for k, v in encoder_before.items()
+    )
 
 
 def test_batched_equals_unbatched(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
@@ -104,12 +109,16 @@ def test_batched_equals_unbatched(engine: Engine, edit_model) -> None:  # type: 
     assert max(int(np.abs(a - b).max()) for a, b in zip(batched, single, strict=True)) <= 1
 
 
-def test_loaded_edit_model_gives_the_same_images(engine: Engine, edit_model,  # type: ignore[no-untyped-def]
-                                                 tmp_path: Path) -> None:
+def test_loaded_edit_model_gives_the_same_images(
+    engine: Engine,
+    edit_model,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     edit_model.save(tmp_path / "em")
     loaded = load_edit_model(tmp_path / "em", expected_base_fingerprint=engine.base.fingerprint)
-    assert ([e.png_bytes() for e in engine.edit(loaded, sweep())]
-            == [e.png_bytes() for e in engine.edit(edit_model, sweep())])
+    assert [e.png_bytes() for e in engine.edit(loaded, sweep())] == [
+        e.png_bytes() for e in engine.edit(edit_model, sweep())
+    ]
 
 
 def test_strategies_change_the_images(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
@@ -121,9 +130,14 @@ def test_strategies_change_the_images(engine: Engine, edit_model) -> None:  # ty
 
 def test_vp_sweep_and_images_in_order(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
     seen: list[int] = []
-    result = engine.edit(edit_model, sweep(interpolation="vp", gammas=(1.0,), alphas=(0.8, 1.1),
-                                           forget=("encoderkv", "noencoder")),
-                         on_image=lambda e: seen.append(e.spec.index), max_batch=3)
+    result = engine.edit(
+        edit_model,
+        sweep(
+            interpolation="vp", gammas=(1.0,), alphas=(0.8, 1.1), forget=("encoderkv", "noencoder")
+        ),
+        on_image=lambda e: seen.append(e.spec.index),
+        max_batch=3,
+    )
     assert seen == list(range(8)) == [e.spec.index for e in result]
     assert all(e.image.size == (SIZE, SIZE) for e in result)
 
@@ -164,8 +178,9 @@ def test_cancel_during_training_stops_within_one_update(engine: Engine, photo) -
 
     before = unet_state(engine)
     with pytest.raises(CancelledError):
-        engine.finetune(photo, "A photo of a dog", quick(updates=10), on_progress=progress,
-                        cancel=token)
+        engine.finetune(
+            photo, "A photo of a dog", quick(updates=10), on_progress=progress, cancel=token
+        )
     assert updates == [1, 2, 3]
     assert all(torch.equal(before[k], v) for k, v in unet_state(engine).items())
 

@@ -86,8 +86,10 @@ def test_unknown_strategy_names_the_accepted_ones() -> None:
 
 def test_naming_drift_fails_loudly() -> None:
     # A UNet whose cross-attention was fused into to_qkv has no 'attn2.to_k' names.
-    fused = [n.replace("to_k", "to_qkv").replace("to_v", "to_qkv")
-             for n, _ in forgetting.sd1_meta_unet().named_parameters()]
+    fused = [
+        n.replace("to_k", "to_qkv").replace("to_v", "to_qkv")
+        for n, _ in forgetting.sd1_meta_unet().named_parameters()
+    ]
     with pytest.raises(StrategyResolutionError, match=r"attn2\.to_k"):
         forgetting.resolve("encoderkv", "vanilla", fused)
     with pytest.raises(StrategyResolutionError):

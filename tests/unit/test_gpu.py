@@ -18,10 +18,13 @@ pytestmark = pytest.mark.gpu
 
 
 def _config(precision: str) -> TrainingConfig:
-    stages = tuple(dataclasses.replace(s, updates=4, batch_size=2)
-                   for s in TrainingConfig.for_mode("joint").stages)
-    return TrainingConfig.for_mode("joint", stages=stages, height=64, width=64, seed=1,
-                                   precision=precision)  # type: ignore[arg-type]
+    stages = tuple(
+        dataclasses.replace(s, updates=4, batch_size=2)
+        for s in TrainingConfig.for_mode("joint").stages
+    )
+    return TrainingConfig.for_mode(
+        "joint", stages=stages, height=64, width=64, seed=1, precision=precision
+    )  # type: ignore[arg-type]
 
 
 def _images(engine: Engine, model) -> list[np.ndarray]:  # type: ignore[no-untyped-def]

@@ -64,8 +64,8 @@ def test_batched_equals_one_at_a_time() -> None:
     betas, alphas = f64(0.1, 1.0, 1.6), f64(0.8, 0.9, 1.1)
     batched = vector_projection(src, tgt, betas, alphas)
     for i in range(3):
-        single = vector_projection(src, tgt, betas[i:i + 1], alphas[i:i + 1])
-        assert torch.equal(batched[i:i + 1], single)
+        single = vector_projection(src, tgt, betas[i : i + 1], alphas[i : i + 1])
+        assert torch.equal(batched[i : i + 1], single)
     vs = vector_subtraction(src, tgt, betas)
     for i in range(3):
-        assert torch.equal(vs[i:i + 1], vector_subtraction(src, tgt, betas[i:i + 1]))
+        assert torch.equal(vs[i : i + 1], vector_subtraction(src, tgt, betas[i : i + 1]))

@@ -312,9 +312,12 @@ def test_same_image_base_and_config_is_deduplicated(replicas: Replicas) -> None:
     other_prompt = random_edit_model(8)
     other_prompt.source_prompt = "A photo of something else entirely"
     assert not reg.register(other_prompt).deduped
-    assert replicas("c").find_existing(
-        em.image_sha256, em.base_model_fingerprint, em.training.fingerprint(), "other prompt"
-    ) is None
+    assert (
+        replicas("c").find_existing(
+            em.image_sha256, em.base_model_fingerprint, em.training.fingerprint(), "other prompt"
+        )
+        is None
+    )
     assert len(replicas.versions()) == 7
 
 

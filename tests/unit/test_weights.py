@@ -65,11 +65,13 @@ def test_training_snapshot_and_delta() -> None:
 
 def test_unknown_or_misshapen_delta_is_refused() -> None:
     weights = ResidentWeights({"unet": make_model()})
-    with pytest.raises(EditModelError, match="lacks"), weights.edit_model(
-        {"unet.9.weight": torch.zeros(1)}
+    with (
+        pytest.raises(EditModelError, match="lacks"),
+        weights.edit_model({"unet.9.weight": torch.zeros(1)}),
     ):
         pass
-    with pytest.raises(EditModelError, match="shape"), weights.edit_model(
-        {"unet.0.weight": torch.zeros(3, 3)}
+    with (
+        pytest.raises(EditModelError, match="shape"),
+        weights.edit_model({"unet.0.weight": torch.zeros(3, 3)}),
     ):
         pass
