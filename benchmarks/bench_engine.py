@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from photos import add_photo_arguments, chosen_photo
+
 REPO = Path(__file__).resolve().parent.parent
-PHOTO = REPO.parent / "shared" / "tedbench" / "originals" / "dog2_standing.png"
 PRESETS = {
     # name: (UNet widths, resolution, images in the sweep, DDIM steps)
     "tiny": (None, 64, 12, 50),
@@ -39,7 +40,7 @@ PRESETS = {
 }
 
 
-def run_one(preset: str, precision: str, updates: int | None) -> dict:
+def run_one(preset: str, precision: str, updates: int | None, photo: Path) -> dict:
     import dataclasses
 
     import torch
@@ -61,8 +62,8 @@ def run_one(preset: str, precision: str, updates: int | None) -> dict:
     t = time.perf_counter()
     engine = Engine.load(model_dir, blip_dir=work / "model" / "blip", precision=precision)  # type: ignore[arg-type]
     phases["load"] = time.perf_counter() - t
-    image = load_image(PHOTO).image
-    prompt = "A photo of a sitting dog."
+    image = load_image(photo).image
+    prompt = "A photo of a cat wearing a hat."
 
     t = time.perf_counter()
     source = engine.source_prompt(image, prompt)
@@ -160,10 +161,12 @@ def main() -> None:
     parser.add_argument(
         "--updates", type=int, default=None, help="training updates (default: the original's 40)"
     )
+    add_photo_arguments(parser, tedbench_photo="dog2_standing.png")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    photo = chosen_photo(parser, args)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.updates)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.updates, photo)))
         return
 
     env = {
@@ -175,7 +178,7 @@ def main() -> None:
     runs = []
     for preset in args.presets.split(","):
         for precision in args.precisions.split(","):
-            cmd = [sys.executable, __file__, "--one", preset, precision]
+            cmd = [sys.executable, __file__, "--one", preset, precision, "--photo", str(photo)]
             if args.updates is not None:
                 cmd += ["--updates", str(args.updates)]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)

@@ -34,13 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpc
 import torch
+from photos import add_photo_arguments, chosen_photo
 
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.transport import client_options
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTO = REPO.parent / "shared" / "tedbench" / "originals" / "apples.jpeg"
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -74,7 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
+    add_photo_arguments(parser, tedbench_photo="apples.jpeg")
     args = parser.parse_args()
+    photo_path = chosen_photo(parser, args)
     torch.set_num_threads(1)
 
     from forgedit.tiny import ensure_tiny_model
@@ -98,7 +100,7 @@ def main() -> None:
     assert server.wait_ready(300)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=client_options())
     stub = pb_grpc.ForgeditServiceStub(channel)
-    photo = PHOTO.read_bytes()
+    photo = photo_path.read_bytes()
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
 
     quick_training = pb.TrainingOptions(updates=10, batch_size=2, seed=1)

@@ -269,8 +269,12 @@ class ComponentFiles:
     config: dict[str, Any]
 
     def load(self, cls: Any, *, diffusers: bool) -> Any:
-        # diffusers and transformers name the dtype argument differently.
-        dtype = {"torch_dtype" if diffusers else "dtype": torch.float32}
+        # diffusers and transformers name the dtype argument differently. diffusers materialises
+        # a checkpoint twice unless it may load straight into empty modules, which needs
+        # accelerate (a pinned dependency); transformers 5 always does.
+        options: dict[str, Any] = {"torch_dtype" if diffusers else "dtype": torch.float32}
+        if diffusers:
+            options["low_cpu_mem_usage"] = True
         return _load(
             self.shown,
             lambda: cls.from_pretrained(
@@ -278,7 +282,7 @@ class ComponentFiles:
                 local_files_only=True,
                 use_safetensors=True,
                 variant=self.weights.variant,
-                **dtype,
+                **options,
             ),
             self.directory,
         )

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: start forgedit-server (the tiny model, MLflow on a local
 # SQLite file under .forgedit-data/), run one edit through the SDK's `forgedit` command on a
-# TEdBench photo, then stop the server with SIGTERM (it drains and exits 0).
+# sample photo (samples/photos/cat.jpg, CC0), then stop the server with SIGTERM (it drains and exits 0).
 # Writes each image as it arrives, a labelled contact sheet and the server's log to out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-photo=${1:-../shared/tedbench/originals/dog2_standing.png}
-prompt=${2:-A photo of a sitting dog.}
+photo=${1:-samples/photos/cat.jpg}
+prompt=${2:-A photo of a cat wearing a hat.}
 
 rm -rf out/demo  # the demo's own output; --out must be new or empty
 mkdir -p out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TEDBENCH = REPO.parent / "shared" / "tedbench"
+SAMPLE_PHOTOS = REPO / "samples" / "photos"
 
 # The real-server harness (tests/service/test_server_support.py) is shared by the service and
 # fault tests; one importable location instead of each file loading it by path.
@@ -47,12 +47,10 @@ def _one_torch_thread() -> None:
 
 
 @pytest.fixture(scope="session")
-def tedbench_dir() -> Path:
-    """TEdBench (shared/tedbench): 40 photos and 100 target prompts. Tests that need it skip
-    when the checkout has no shared/ beside it."""
-    if not (TEDBENCH / "originals").is_dir():
-        pytest.skip("shared/tedbench is not next to the repository")
-    return TEDBENCH
+def photos_dir() -> Path:
+    """The repository's openly licensed sample photos (samples/photos; licences in its README):
+    real photographs for the tests that need one (EXIF orientation, alpha, a JPEG named .png)."""
+    return SAMPLE_PHOTOS
 
 
 @pytest.fixture(scope="session")

@@ -56,10 +56,10 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 
 
 def test_unexpected_error_is_internal_with_a_logged_reference(
-    harness: Any, tedbench_dir: Path, caplog: pytest.LogCaptureFixture
+    harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="server.errors")
-    request = support.edit_request(support.tedbench_image(tedbench_dir), source_prompt="explode")
+    request = support.edit_request(support.sample_photo(), source_prompt="explode")
     outcome = support.stream(harness.stub.Edit, request)
     assert outcome.code == grpc.StatusCode.INTERNAL
     assert SECRET not in outcome.details and "Traceback" not in outcome.details
@@ -74,19 +74,15 @@ def test_unexpected_error_is_internal_with_a_logged_reference(
     assert job.job.error_code == grpc.StatusCode.INTERNAL.value[0]
     support.assert_nothing_left_behind(harness)
     # The neighbour request after the failure is served normally.
-    ok = support.stream(
-        harness.stub.Edit, support.edit_request(support.tedbench_image(tedbench_dir))
-    )
+    ok = support.stream(harness.stub.Edit, support.edit_request(support.sample_photo()))
     assert ok.code == grpc.StatusCode.OK, ok.details
     support.assert_nothing_left_behind(harness)
 
 
-def test_edit_model_of_another_base_model_is_failed_precondition(
-    harness: Any, tedbench_dir: Path
-) -> None:
+def test_edit_model_of_another_base_model_is_failed_precondition(harness: Any) -> None:
     made = support.stream(
         harness.stub.Edit,
-        support.edit_request(support.tedbench_image(tedbench_dir, "banana_1.jpeg")),
+        support.edit_request(support.sample_photo("cat.jpg")),
     )
     assert made.code == grpc.StatusCode.OK, made.details
     edit_model = harness.registry.load(made.of("completed")[0].edit_model_id)

@@ -38,8 +38,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def photo(tedbench_dir: Path) -> bytes:
-    return support.tedbench_image(tedbench_dir, "bird.jpeg")
+def photo() -> bytes:
+    return support.sample_photo("cat.jpg")
 
 
 @pytest.fixture(scope="module")

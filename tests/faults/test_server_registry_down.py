@@ -14,7 +14,7 @@ from server._proto import forgedit_pb2 as pb
 
 
 def test_edit_with_mlflow_down_spools_and_still_streams_images(
-    tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     from registry import EditModelRegistry, RegistryConfig
 
@@ -30,9 +30,7 @@ def test_edit_with_mlflow_down_spools_and_still_streams_images(
     )
     try:
         with support.running_server(tmp_path, tiny_model_dir, registry=registry) as h:
-            outcome = support.stream(
-                h.stub.Edit, support.edit_request(support.tedbench_image(tedbench_dir))
-            )
+            outcome = support.stream(h.stub.Edit, support.edit_request(support.sample_photo()))
             assert outcome.code == grpc.StatusCode.OK, outcome.details
             registered = outcome.of("registered")[0]
             assert registered.spooled and registered.version == 0

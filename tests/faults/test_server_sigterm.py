@@ -34,9 +34,7 @@ def _health(channel: grpc.Channel, service: str) -> int | None:
         return None
 
 
-def test_sigterm_drains_running_jobs_and_exits_zero(
-    tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path
-) -> None:
+def test_sigterm_drains_running_jobs_and_exits_zero(tmp_path: Path, tiny_model_dir: Path) -> None:
     port = support.free_port()
     env = support.subprocess_env(
         FORGEDIT_BASE_MODELS=json.dumps({"tiny": str(tiny_model_dir / "stable-diffusion")}),
@@ -66,7 +64,7 @@ def test_sigterm_drains_running_jobs_and_exits_zero(
         )
         assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
 
-        photo = support.tedbench_image(tedbench_dir)
+        photo = support.sample_photo()
         training = threading.Event()
         outcomes: dict[str, object] = {}
 

@@ -53,8 +53,8 @@ def client(harness: Harness) -> Iterator[ForgeditClient]:
 
 
 @pytest.fixture(scope="module")
-def photo(tedbench_dir: Path) -> Path:
-    return tedbench_dir / "originals" / "apples.jpeg"
+def photo(photos_dir: Path) -> Path:
+    return photos_dir / "coffee.jpg"
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from test_server_support import (
     assert_nothing_left_behind,
     edit_request,
     running_server,
+    sample_photo,
     stream,
-    tedbench_image,
     unary,
 )
 
@@ -35,10 +35,10 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def edited(harness: Harness, tedbench_dir: Path) -> tuple[pb.EditRequest, list[pb.Event]]:
+def edited(harness: Harness) -> tuple[pb.EditRequest, list[pb.Event]]:
     """One Edit on a TEdBench photo, shared by the tests that read its results."""
     request = edit_request(
-        tedbench_image(tedbench_dir),
+        sample_photo(),
         request_id="api-edit-1",
         sweep={"gammas": [0.5, 0.7], "seeds": [3, 4]},
     )
@@ -135,9 +135,7 @@ def test_sample_by_id_reuses_the_edit_model(harness: Harness, edited: tuple) -> 
     assert_nothing_left_behind(harness)
 
 
-def test_get_list_and_delete_edit_models(
-    harness: Harness, edited: tuple, tedbench_dir: Path
-) -> None:
+def test_get_list_and_delete_edit_models(harness: Harness, edited: tuple) -> None:
     _, events = edited
     model_id = events[-1].completed.edit_model_id
     got, outcome = unary(harness.stub.GetEditModel, pb.GetEditModelRequest(edit_model_id=model_id))
@@ -153,7 +151,7 @@ def test_get_list_and_delete_edit_models(
     assert "contact_sheet.png" in artifacts
 
     # A second edit model on another photo, so filters and pages have something to do.
-    other = stream(harness.stub.Edit, edit_request(tedbench_image(tedbench_dir, "bear3.jpeg")))
+    other = stream(harness.stub.Edit, edit_request(sample_photo("cat.jpg")))
     assert other.code == grpc.StatusCode.OK, other.details
     other_id = other.of("completed")[0].edit_model_id
 
@@ -306,12 +304,10 @@ def test_reflection_lists_the_service(harness: Harness) -> None:
     ],
     ids=["missing", "wrong", "not-bearer", "empty"],
 )
-def test_calls_without_a_valid_token_are_unauthenticated(
-    harness: Harness, metadata: tuple, tedbench_dir: Path
-) -> None:
+def test_calls_without_a_valid_token_are_unauthenticated(harness: Harness, metadata: tuple) -> None:
     _, outcome = unary(harness.stub.ListEditModels, pb.ListEditModelsRequest(), metadata=metadata)
     assert outcome.code == grpc.StatusCode.UNAUTHENTICATED
-    edit = stream(harness.stub.Edit, edit_request(tedbench_image(tedbench_dir)), metadata=metadata)
+    edit = stream(harness.stub.Edit, edit_request(sample_photo()), metadata=metadata)
     assert edit.code == grpc.StatusCode.UNAUTHENTICATED and edit.events == []
     assert "wrong-token" not in outcome.details
     _, ok = unary(harness.stub.ListEditModels, pb.ListEditModelsRequest(), metadata=AUTH)

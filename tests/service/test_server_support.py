@@ -77,8 +77,12 @@ def edit_request(
     )
 
 
-def tedbench_image(tedbench_dir: Path, name: str = "apples.jpeg") -> bytes:
-    return (tedbench_dir / "originals" / name).read_bytes()
+SAMPLE_PHOTOS = Path(__file__).resolve().parents[2] / "samples" / "photos"
+
+
+def sample_photo(name: str = "coffee.jpg") -> bytes:
+    """The bytes of one of the repository's openly licensed sample photos (samples/photos)."""
+    return (SAMPLE_PHOTOS / name).read_bytes()
 
 
 @contextlib.contextmanager

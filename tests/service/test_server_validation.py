@@ -23,8 +23,8 @@ from test_server_support import (
     png_claiming,
     psd_bytes,
     running_server,
+    sample_photo,
     stream,
-    tedbench_image,
     unary,
     wait_for,
 )
@@ -41,8 +41,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def photo(tedbench_dir: Path) -> bytes:
-    return tedbench_image(tedbench_dir)
+def photo() -> bytes:
+    return sample_photo()
 
 
 def _no_edit_model_registered(h: Harness) -> None:

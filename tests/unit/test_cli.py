@@ -309,12 +309,12 @@ def test_staged_output_commits_whole_or_leaves_nothing(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_model_dir: Path, tedbench_dir: Path, tmp_path_factory) -> dict:
+def first_run(tiny_model_dir: Path, photos_dir: Path, tmp_path_factory) -> dict:
     """One real edit, saved as an edit model; shared by the end-to-end tests."""
     root = tmp_path_factory.mktemp("cli-e2e")
     sweep = ["--forget", "donotforget,encoderkv", "--gammas", "0.5,1.0", "--seeds", "1,2"]
     argv = [
-        *("edit", tedbench_dir / "originals" / "dog2_standing.png"),
+        *("edit", photos_dir / "cat.jpg"),
         *("--prompt", "A photo of a sitting dog.", "--train-seed", "3", "--json", *FAST, *sweep),
         *("--max-batch", "3"),
         *("--base-model", tiny_model_dir / "stable-diffusion", "--blip", tiny_model_dir / "blip"),
@@ -367,11 +367,11 @@ def test_edit_end_to_end(first_run):
 
 
 def test_reloaded_edit_model_gives_the_same_images(
-    capsys, first_run, tiny_model_dir, tedbench_dir, tmp_path
+    capsys, first_run, tiny_model_dir, photos_dir, tmp_path
 ):
     assert first_run["code"] == 0
     root: Path = first_run["root"]
-    image = tedbench_dir / "originals" / "dog2_standing.png"
+    image = photos_dir / "cat.jpg"
     sweep = ["--forget", "encoderkv", "--gammas", "1.0", "--seeds", "2", "--steps", "4", "--json"]
     code, out, err = run(
         capsys,

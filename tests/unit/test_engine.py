@@ -29,8 +29,8 @@ def engine(tiny_model_dir: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def photo(tedbench_dir: Path):  # type: ignore[no-untyped-def]
-    return load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+def photo(photos_dir: Path):  # type: ignore[no-untyped-def]
+    return load_image(photos_dir / "cat.jpg").image
 
 
 def quick(mode: str = "joint", updates: int = 4, batch: int = 2, **kw: object) -> TrainingConfig:

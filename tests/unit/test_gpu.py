@@ -32,8 +32,8 @@ def _images(engine: Engine, model) -> list[np.ndarray]:  # type: ignore[no-untyp
     return [np.asarray(e.image, dtype=np.int16) for e in engine.edit(model, sweep)]
 
 
-def test_cuda_faithful_matches_cpu(tiny_model_dir: Path, tedbench_dir: Path) -> None:
-    photo = load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+def test_cuda_faithful_matches_cpu(tiny_model_dir: Path, photos_dir: Path) -> None:
+    photo = load_image(photos_dir / "cat.jpg").image
     sd = tiny_model_dir / "stable-diffusion"
     cpu, gpu = Engine.load(sd), Engine.load(sd, device="cuda")
     a = _images(cpu, cpu.finetune(photo, "A photo of a dog", _config("faithful")))
@@ -42,8 +42,8 @@ def test_cuda_faithful_matches_cpu(tiny_model_dir: Path, tedbench_dir: Path) -> 
     assert max(int(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) <= 4
 
 
-def test_cuda_fast_mode_runs_and_stays_close(tiny_model_dir: Path, tedbench_dir: Path) -> None:
-    photo = load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+def test_cuda_fast_mode_runs_and_stays_close(tiny_model_dir: Path, photos_dir: Path) -> None:
+    photo = load_image(photos_dir / "cat.jpg").image
     engine = Engine.load(tiny_model_dir / "stable-diffusion", device="cuda", precision="fast")
     model = engine.finetune(photo, "A photo of a dog", _config("fast"))
     assert all(v.dtype == torch.float16 for v in model.delta.values())

@@ -196,8 +196,8 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     assert bottom[2] > 200 and bottom[0] < 60
 
 
-def test_rgba_png_drops_alpha_as_pillow_convert(tedbench_dir: Path):
-    path = tedbench_dir / "originals" / "dog2_standing.png"
+def test_rgba_png_drops_alpha_as_pillow_convert(photos_dir: Path):
+    path = photos_dir / "astronaut_alpha.png"
     loaded = load_image(path)
     with Image.open(path) as raw:
         assert raw.mode == "RGBA"
@@ -207,10 +207,10 @@ def test_rgba_png_drops_alpha_as_pillow_convert(tedbench_dir: Path):
     assert np.array_equal(np.asarray(loaded.image), np.asarray(expected))
 
 
-def test_jpeg_named_png_is_fine(tedbench_dir: Path):
-    loaded = load_image(tedbench_dir / "originals" / "bird.png")
+def test_jpeg_named_png_is_fine(photos_dir: Path):
+    loaded = load_image(photos_dir / "rocket_jpeg_named.png")
     assert loaded.format == "JPEG"
-    assert loaded.image.size == (1070, 1070)
+    assert loaded.image.size == (320, 214)
 
 
 def test_multi_frame_takes_the_first_frame():

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,6 +61,28 @@ def test_loads_the_tiny_model(base: BaseModel) -> None:
         assert not module.training
         assert all(p.dtype == torch.float32 for p in module.parameters())
         assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_diffusers_components_load_without_a_second_copy(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With accelerate installed, diffusers loads weights straight into empty modules
+    (``low_cpu_mem_usage``); without it a real SD checkpoint is materialised twice."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
+
+    assert is_accelerate_available()
+    seen: dict[str, object] = {}
+    for cls in (UNet2DConditionModel, AutoencoderKL):
+        original = cls.from_pretrained.__func__  # type: ignore[attr-defined]
+
+        def spy(klass: type, *args: object, _original: Any = original, **kwargs: object) -> Any:
+            seen[klass.__name__] = kwargs.get("low_cpu_mem_usage")
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_base_model(tiny_model_dir / "stable-diffusion")
+    assert seen == {"UNet2DConditionModel": True, "AutoencoderKL": True}
 
 
 def test_forward_pass_shapes(base: BaseModel) -> None:

@@ -1,6 +1,6 @@
 """The SDK installs without torch: build a throwaway venv, ``pip install clients/python`` into
-it, and check what came along. Slow (≈40 s, uses the package index), so marked ``slow``; it
-needs no server and opens no sockets of its own."""
+it, and check what came along. Slow (≈40 s) and it reaches the package index, so marked ``slow``
+and ``network``; it needs no server of ours."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ HEAVY = {"torch", "torchvision", "diffusers", "transformers", "mlflow", "numpy"}
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_sdk_installs_into_a_fresh_venv_without_torch(tmp_path: Path) -> None:
     # Install from a copy: pip builds in-tree and would leave build/ in the checkout.
     source = tmp_path / "forgedit-client"
