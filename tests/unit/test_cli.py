@@ -553,8 +553,18 @@ def test_two_stage_defaults_to_encoderattn_and_one_value_overrides_the_first_sta
     capsys, tmp_path, tiny_model_dir, photo
 ):
     args = cli.build_parser().parse_args(
-        ["edit", str(photo), "--prompt", "A dog.", "--mode", "two_stage", "--updates", "7"]
-        + ["--out", str(tmp_path / "o")]
+        [
+            "edit",
+            str(photo),
+            "--prompt",
+            "A dog.",
+            "--mode",
+            "two_stage",
+            "--updates",
+            "7",
+            "--out",
+            str(tmp_path / "o"),
+        ]
     )
     plan = cli.validate_edit(args)
     assert plan.sweep.forget == ("encoderattn",)
