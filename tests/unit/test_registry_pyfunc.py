@@ -102,7 +102,7 @@ def test_pyfunc_of_a_tiny_model_edit_model_loads_without_model_config(
 def test_pyfunc_of_a_real_base_model_names_the_setting(
     registered: tuple, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    engine, edit_model, reg, _, _ = registered
+    _, edit_model, reg, _, _ = registered
     real = dataclasses.replace(
         edit_model, base_model_name="sd-1.5", base_model_fingerprint="0" * 64
     )
