@@ -50,9 +50,12 @@ DEFAULT_TIME_PRIORS: dict[str, TimePrior] = {
     "sd1-cuda": TimePrior(training_sample_s=0.0875, image_step_s=0.032),
     # SD 1.x on a CPU: an order of magnitude only (never measured here); set your own.
     "sd1-cpu": TimePrior(training_sample_s=15.0, image_step_s=4.0),
-    # The tiny model, measured on this project's 2-core CPU (BENCHMARKS.md).
-    "tiny-cpu": TimePrior(training_sample_s=0.006, image_step_s=0.003),
-    "tiny-cuda": TimePrior(training_sample_s=0.006, image_step_s=0.003),
+    # The tiny model at 64², one torch thread on this project's shared 2-core CPU (BENCHMARKS.md):
+    # 50 ms per sample at joint's batch 10, 100 ms at two_stage's batch 1 (per-update overhead
+    # dominates); 22 ms per image-step in batches of 8.
+    "tiny-cpu": TimePrior(training_sample_s=0.075, image_step_s=0.022),
+    # Not measured: the CPU's numbers as an upper bound.
+    "tiny-cuda": TimePrior(training_sample_s=0.075, image_step_s=0.022),
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -365,3 +367,54 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ServerSettings(tls_cert_file=Path("cert.pem"))  # a certificate needs its key
     with pytest.raises(ValidationError):
         ServerSettings(max_image_bytes=10**9)  # must stay below the message limit
+
+
+def test_time_priors_per_model_size_and_device(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgedit.config import default_stages
+    from forgedit.tiny import sd1_unet_config
+    from server.main import time_prior_key
+
+    tiny = {"tiny": tiny_model_dir / "stable-diffusion"}
+    assert time_prior_key(tiny, ServerSettings()) == "tiny-cpu"
+    sd1 = tmp_path / "sd-1.5"
+    (sd1 / "unet").mkdir(parents=True)
+    (sd1 / "unet" / "config.json").write_text(json.dumps(sd1_unet_config()))
+    cuda = ServerSettings(devices=["cuda:0"])
+    assert time_prior_key({"sd-1.5": sd1}, cuda) == "sd1-cuda"
+
+    # SD 1.x on an A100: 30-40 s of joint training, ~1.6 s per 50-step 512² image.
+    prior = cuda.time_prior("sd1-cuda")
+    joint_samples = sum(s.updates * s.batch_size for s in default_stages("joint"))
+    assert 30 <= joint_samples * prior.training_sample_s <= 40
+    assert 50 * prior.image_step_s == pytest.approx(1.6)
+
+    # An operator sets their own; the other built-in priors stay.
+    monkeypatch.setenv(
+        "FORGEDIT_TIME_PRIORS", '{"sd1-cuda": {"training_sample_s": 0.05, "image_step_s": 0.02}}'
+    )
+    settings = ServerSettings()
+    assert settings.time_prior("sd1-cuda").training_sample_s == 0.05
+    assert settings.time_prior("tiny-cpu") == ServerSettings().time_prior("tiny-cpu")
+    with pytest.raises(ValueError, match="FORGEDIT_TIME_PRIORS"):
+        settings.time_prior("sd2-tpu")
+
+
+def test_a_base_model_without_a_vae_is_served_with_vae_dirs(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from forgedit.errors import ModelDirectoryError
+    from server.main import default_engine_factory
+
+    no_vae = tmp_path / "novae"
+    shutil.copytree(tiny_model_dir / "stable-diffusion", no_vae)
+    shutil.move(no_vae / "vae", tmp_path / "vae")
+    bases = {"rv-novae": no_vae}
+    with pytest.raises(ModelDirectoryError, match="vae"):
+        default_engine_factory(ServerSettings(base_models=bases), bases)("rv-novae", "cpu")
+    settings = ServerSettings(base_models=bases, vae_dirs={"rv-novae": tmp_path / "vae"})
+    engine = default_engine_factory(settings, bases)("rv-novae", "cpu")
+    assert engine.base.vae is not None and engine.base.name == "rv-novae"
+    with pytest.raises(ValidationError, match="FORGEDIT_VAE_DIRS"):
+        ServerSettings(base_models=bases, vae_dirs={"other": tmp_path / "vae"})
