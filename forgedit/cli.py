@@ -53,6 +53,8 @@ from forgedit.config import (
     TrainingConfig,
     TrainingMode,
     check_prompt,
+    content_seed,
+    override_stages,
 )
 from forgedit.durable import fsync_dir
 from forgedit.errors import (
@@ -208,7 +210,11 @@ def _add_edit(sub: Any) -> None:
         "dreambooth: DreamBooth-Forgedit",
     )
     training.add_argument(
-        "--train-seed", metavar="N", help="seed of the training noise; default: random, reported"
+        "--train-seed",
+        metavar="N|random",
+        help="seed of the training noise; default: derived from the image, base model, source "
+        "prompt and training config (the same inputs give the same edit model); 'random' for "
+        "a fresh fine-tune; always reported",
     )
     training.add_argument(
         "--updates",
@@ -233,19 +239,21 @@ def _add_edit(sub: Any) -> None:
     sweep.add_argument(
         "--gammas",
         metavar="LIST",
-        help="γ for vs, β for vp, comma-separated, each in [-1, 3] (default: 0.5,0.6,0.7; the "
-        "original suggests 1.0-1.6 for vp)",
+        help="γ for vs, β for vp, comma-separated, each in [-1, 3] (default: 0.5,0.6,0.7; "
+        "dreambooth: 0.8,0.9,...,1.6 as the original's DreamBooth driver; the original "
+        "suggests 1.0-1.6 for vp)",
     )
     sweep.add_argument(
         "--alphas",
         metavar="LIST",
-        help="vp only: α values, comma-separated, each in [0, 3] (default: 0.8,0.9,1.1)",
+        help="vp only: α values, comma-separated, each in [0, 3] (default: 0.8,0.9,1.1; "
+        "dreambooth: 0.8,0.9)",
     )
     sweep.add_argument(
         "--forget",
         metavar="LIST",
-        default="donotforget",
-        help="forgetting strategies to sweep, comma-separated (default: donotforget); see below",
+        help="forgetting strategies to sweep, comma-separated (default: encoderattn for "
+        "two_stage, donotforget otherwise); see below",
     )
     sweep.add_argument(
         "--forget-degree",
@@ -315,7 +323,7 @@ class EditPlan:
     max_batch: int
     out: Path
     json: bool
-    random_train_seed: bool
+    train_seed_from: str  # "content", "random", "given" or "edit model" (--load-model)
     random_seeds: bool
 
 
@@ -354,7 +362,7 @@ def validate_edit(args: argparse.Namespace) -> EditPlan:
             raise EditModelError(
                 f"edit model manifest has a malformed training config: {e}"
             ) from None
-        random_train_seed = False
+        train_seed_from = "edit model"
     else:
         if base_model is not None and blip is None and args.source_prompt is None:
             raise InvalidInputError(
@@ -363,10 +371,13 @@ def validate_edit(args: argparse.Namespace) -> EditPlan:
                 field="blip",
             )
         mode = args.mode or "joint"
-        random_train_seed = args.train_seed is None
-        train_seed = (
-            _random_seed() if random_train_seed else _parse_int(args.train_seed, "--train-seed")
-        )
+        train_seed_from = _train_seed_from(args.train_seed)
+        # A content seed is known only once the base model and source prompt are (after
+        # loading and captioning): 0 stands in until then (``_edit_model``).
+        if train_seed_from == "given":
+            train_seed = _parse_int(args.train_seed, "--train-seed")
+        else:
+            train_seed = _random_seed() if train_seed_from == "random" else 0
         width, height = size or (512, 512)  # provisional: the native size is known after load
         config = TrainingConfig.for_mode(
             cast(TrainingMode, mode),
@@ -385,14 +396,10 @@ def validate_edit(args: argparse.Namespace) -> EditPlan:
             "--alphas applies only to --interpolation vp (vs ignores α)", field="alphas"
         )
     variant = variant_for_mode(config.mode)
-    forget = _parse_list(args.forget, "--forget", str)
-    for name in forget:
-        check_strategy(name, variant)
     random_seeds = args.seeds is None
     sweep_kwargs: dict[str, Any] = {
         "prompts": prompts,
         "interpolation": interpolation,
-        "forget": tuple(forget),
         "forget_degree": _parse_float(args.forget_degree, "--forget-degree"),
         "seeds": (_random_seed(),)
         if random_seeds
@@ -400,11 +407,16 @@ def validate_edit(args: argparse.Namespace) -> EditPlan:
         "steps": _parse_int(args.steps, "--steps"),
         "guidance": _parse_float(args.guidance, "--guidance"),
     }
+    if args.forget is not None:
+        forget = _parse_list(args.forget, "--forget", str)
+        for name in forget:
+            check_strategy(name, variant)
+        sweep_kwargs["forget"] = tuple(forget)
     if args.gammas is not None:
         sweep_kwargs["gammas"] = tuple(_parse_list(args.gammas, "--gammas", float))
     if args.alphas is not None:
         sweep_kwargs["alphas"] = tuple(_parse_list(args.alphas, "--alphas", float))
-    sweep = SweepConfig(**sweep_kwargs)
+    sweep = SweepConfig.for_mode(config.mode, **sweep_kwargs)
 
     max_batch = _parse_int(args.max_batch, "--max-batch")
     if not 1 <= max_batch <= MAX_BATCH:
@@ -445,7 +457,7 @@ def validate_edit(args: argparse.Namespace) -> EditPlan:
         max_batch=max_batch,
         out=out,
         json=args.json,
-        random_train_seed=random_train_seed,
+        train_seed_from=train_seed_from,
         random_seeds=random_seeds,
     )
 
@@ -506,27 +518,20 @@ def _check_load_model(
 def _override_stages(
     config: TrainingConfig, updates: str | None, batch_size: str | None
 ) -> TrainingConfig:
-    """Apply --updates / --batch-size: one value replaces the FIRST stage's, a list gives one
-    value per stage (two_stage has two). ``Stage`` validates the numbers."""
-    stages = list(config.stages)
-    for flag, text, fieldname in (
-        ("--updates", updates, "updates"),
-        ("--batch-size", batch_size, "batch_size"),
-    ):
-        if text is None:
-            continue
-        values = _parse_list(text, flag, int)
-        if len(values) not in (1, len(stages)):
-            names = ", ".join(s.name for s in stages)
+    """Apply --updates / --batch-size with ``override_stages``: the i-th value is stage i's,
+    so one value replaces the first stage's (two_stage has two)."""
+    stages = config.stages
+    parsed: dict[str, list[int | None]] = {}
+    for flag, text in (("--updates", updates), ("--batch-size", batch_size)):
+        values = _parse_list(text, flag, int) if text is not None else []
+        if len(values) > len(stages):
             raise InvalidInputError(
                 f"{flag} takes one value (for the first stage) or one per stage "
-                f"({len(stages)}: {names}), got {len(values)}",
-                field=fieldname,
+                f"({len(stages)}: {', '.join(s.name for s in stages)}), got {len(values)}",
+                field=flag.lstrip("-").replace("-", "_"),
             )
-        for i, value in enumerate(values):
-            change: dict[str, Any] = {fieldname: value}
-            stages[i] = dataclasses.replace(stages[i], **change)
-    return dataclasses.replace(config, stages=tuple(stages))
+        parsed[flag] = list(values)
+    return override_stages(config, updates=parsed["--updates"], batch_sizes=parsed["--batch-size"])
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
@@ -578,6 +583,14 @@ def _convert(text: str, flag: str, kind: Callable[[str], T]) -> T:
         raise InvalidInputError(
             f"{flag} takes {what}, got {text!r}", field=flag.lstrip("-").replace("-", "_")
         ) from None
+
+
+def _train_seed_from(value: str | None) -> str:
+    """Where --train-seed comes from: unset → derived from the content, 'random' → a fresh
+    random fine-tune, a number → given."""
+    if value is None:
+        return "content"
+    return "random" if value.strip().lower() == "random" else "given"
 
 
 def _random_seed() -> int:
@@ -869,7 +882,8 @@ def run_edit(plan: EditPlan, cancel: CancelToken, stderr: TextIO) -> dict[str, A
             "train_seed": config.seed,
             "seeds": list(plan.sweep.seeds),
             "random_seeds": plan.random_seeds,
-            "random_train_seed": plan.random_train_seed,
+            "random_train_seed": plan.train_seed_from == "random",
+            "train_seed_from": plan.train_seed_from,
             "base_model": {
                 "path": base_dir_label,
                 "name": engine.base.name,
@@ -946,6 +960,9 @@ def _edit_model(
         source_prompt = plan.source_prompt or engine.source_prompt(
             plan.image.image, plan.prompts[0]
         )
+    if plan.train_seed_from == "content":
+        seed = content_seed(plan.image.sha256, engine.base.fingerprint, source_prompt, config)
+        config = dataclasses.replace(config, seed=seed)
     cancel.check()
     with timer.phase("train"):
         model = engine.finetune(

@@ -166,6 +166,22 @@ class TrainingConfig:
         return sum(s.updates for s in self.stages)
 
     @property
+    def total_samples(self) -> int:
+        """Images through the UNet in training (updates × batch size, all stages): what
+        training time is proportional to."""
+        return sum(s.updates * s.batch_size for s in self.stages)
+
+    def samples_in(self, updates_done: int) -> int:
+        """Samples of the first ``updates_done`` updates (fewer than planned after an early
+        stop)."""
+        samples = 0
+        for s in self.stages:
+            n = min(updates_done, s.updates)
+            samples += n * s.batch_size
+            updates_done -= n
+        return samples
+
+    @property
     def loss_scale(self) -> float:
         """Faithful mode multiplies the loss by the GradScaler's initial scale, as the original
         did on a GPU: with Adam this equals eps 1e-8/65536 (spec §3.4). Powers of two scale
@@ -191,6 +207,61 @@ class TrainingConfig:
         """sha256 of the canonical JSON: part of the registry's dedupe key."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def override_stages(
+    config: TrainingConfig,
+    *,
+    updates: Sequence[int | None] = (),
+    batch_sizes: Sequence[int | None] = (),
+) -> TrainingConfig:
+    """Per-stage overrides of the schedule: the i-th value replaces stage i's, ``None`` keeps
+    it. The one rule behind the engine CLI's ``--updates 400,1000`` / ``--batch-size`` and the
+    gRPC request's ``updates``/``stage2_updates`` and ``batch_size``/``stage2_batch_size``:
+    a single value always means the first stage. ``Stage`` validates the numbers."""
+    stages = list(config.stages)
+    for name, values in (("updates", updates), ("batch_size", batch_sizes)):
+        if len(values) > len(stages):
+            raise InvalidInputError(
+                f"{name} was given for {len(values)} stages, but {config.mode} training has "
+                f"{len(stages)} ({', '.join(s.name for s in stages)})",
+                field=name,
+            )
+        for i, value in enumerate(values):
+            if value is not None:
+                change: dict[str, Any] = {name: value}
+                stages[i] = dataclasses.replace(stages[i], **change)
+    return dataclasses.replace(config, stages=tuple(stages))
+
+
+def content_seed(
+    image_sha256: str,
+    base_fingerprint: str,
+    source_prompt: str,
+    config: TrainingConfig,
+    *,
+    salt: str = "",
+) -> int:
+    """The default training seed: a deterministic function of everything a fine-tune sees
+    (the image bytes' sha256, the base model's fingerprint, the source prompt and the training
+    config other than its seed). Training never sees the target prompt, so the same image and
+    settings give the same seed, hence the same edit model, and a stored one is reused (on any
+    replica, after any restart). A fresh fine-tune needs an explicit (random) seed; ``salt``
+    (e.g. a request id) gives a different but equally reproducible one."""
+    training = config.to_dict()
+    training.pop("seed")
+    blob = json.dumps(
+        {
+            "image_sha256": image_sha256,
+            "base_fingerprint": base_fingerprint,
+            "source_prompt": source_prompt,
+            "training": training,
+            **({"salt": salt} if salt else {}),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big") & MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -267,6 +338,12 @@ class SweepConfig:
                 field="sweep",
             )
 
+    @classmethod
+    def for_mode(cls, mode: str, **given: Any) -> SweepConfig:
+        """A sweep over an edit model trained in ``mode``: the variant's defaults
+        (``default_sweep``) for whatever ``given`` leaves out."""
+        return cls(**{**default_sweep(mode), **given})
+
     @property
     def effective_alphas(self) -> tuple[float, ...]:
         # vs ignores α; the original sweeps textlist=[0] for vs.
@@ -305,6 +382,23 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_sweep(mode: str) -> dict[str, Any]:
+    """The sweep each variant's original driver runs, where it differs from ``SweepConfig``'s
+    field defaults (vanilla's): γ/β, vp's α and the forgetting strategy.
+
+    * ``joint``: γ 0.5-0.7, α 0.8/0.9/1.1, no forgetting.
+    * ``two_stage``: the same grid with ``encoderattn``, the letter's default strategy for
+      Forgedit transferred to Imagic.
+    * ``dreambooth``: DD's ``i in range(8, 17)``, i.e. γ/β 0.8-1.6, and vp α 0.8/0.9; DD's
+      ``freeze_list = ['orig']``, i.e. no forgetting.
+    """
+    _check_choice("mode", mode, TRAINING_MODES)
+    if mode == "dreambooth":
+        return {"gammas": gamma_grid(8, 17), "alphas": (0.8, 0.9), "forget": ("donotforget",)}
+    forget = ("encoderattn",) if mode == "two_stage" else ("donotforget",)
+    return {"gammas": (0.5, 0.6, 0.7), "alphas": (0.8, 0.9, 1.1), "forget": forget}
 
 
 def gamma_grid(start: int, end: int) -> tuple[float, ...]:

@@ -174,8 +174,10 @@ class Engine:
         on_progress: SamplingCallback | None = None,
         cancel: CancelToken | None = None,
         max_batch: int = 8,
+        precision: Precision | None = None,
     ) -> list[EditedImage]:
-        """Sample every image of ``sweep`` from ``edit_model``.
+        """Sample every image of ``sweep`` from ``edit_model``, in ``precision`` (default: the
+        engine's).
 
         Images come strategy by strategy; within a strategy in chunks of at most
         ``max_batch`` images sharing one denoising loop. ``on_image`` is called for each image
@@ -196,7 +198,8 @@ class Engine:
         started = time.perf_counter()
         with self.weights.edit_model(edit_model.delta) as live:
             # The text side is encoded with the edit model's text encoder (fine-tuned in
-            # dreambooth mode, the base one otherwise), the negative prompt included.
+            # dreambooth mode, the base one otherwise), the negative prompt included: the
+            # edit model's text-encoder Δ is already written when the block is entered.
             text = self._encode_targets(sweep)
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
@@ -210,6 +213,7 @@ class Engine:
                         started=started,
                         on_progress=on_progress,
                         cancel=cancel,
+                        precision=precision or self.precision,
                     )
                     for spec, image in zip(chunk, images, strict=True):
                         edited = EditedImage(spec, image)
@@ -261,6 +265,7 @@ class Engine:
         started: float,
         on_progress: SamplingCallback | None,
         cancel: CancelToken | None,
+        precision: Precision,
     ) -> list[Image.Image]:
         from forgedit.images import to_pil
 
@@ -296,7 +301,7 @@ class Engine:
                     )
                 )
 
-        fast_cuda = self.precision == "fast" and device.type == "cuda"
+        fast_cuda = precision == "fast" and device.type == "cuda"
         z = denoise(
             base.unet,
             latents,

@@ -107,6 +107,12 @@ class ResidentWeights:
         self.snapshot(delta)
         self._delta = delta
         try:
+            # Forgetting reverts UNet tensors only; every other component of the edit model
+            # (DreamBooth's fine-tuned text encoder) is written now, so that prompts encoded
+            # inside the block see the fine-tuned encoder, as the original's pipeline does.
+            for key in delta:
+                if not key.startswith("unet."):
+                    self._set(key, 1.0)
             yield EditModelWeights(self)
         finally:
             self.restore()

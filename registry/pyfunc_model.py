@@ -16,10 +16,16 @@ Loading::
 ``model_config`` keys (each falls back to an environment variable, then a default):
 
 ``base_model_dir``  the diffusers SD-1.x directory the edit model was fine-tuned on
-                    (``FORGEDIT_BASE_MODEL_DIR``; required). Its fingerprint must match the
-                    edit model's, or loading fails with ``BaseModelMismatchError``.
+                    (``FORGEDIT_BASE_MODEL_DIR``). Its fingerprint must match the edit
+                    model's, or loading fails with ``BaseModelMismatchError``. Unset: only an
+                    edit model made on the embedded tiny model loads (the tiny model is
+                    deterministic, so it is re-made); any other names this setting.
+``vae_dir``         a separate VAE directory for a base model shipped without one (Realistic
+                    Vision "noVAE"), as the engine CLI's ``--vae`` (``FORGEDIT_VAE_DIR``).
 ``device``          ``FORGEDIT_DEVICE``, default ``cpu``.
 ``precision``       ``FORGEDIT_PRECISION``, default ``faithful``.
+
+Unset sweep options take the edit model's variant defaults (``forgedit.config.default_sweep``).
 
 Prediction input: a ``pandas.DataFrame`` (or a dict of columns / a list of row dicts) with one
 row per sweep. ``prompt`` is required; the optional columns are the ``SweepConfig`` fields
@@ -49,24 +55,23 @@ class ForgeditEditModel(PythonModel):
     """Samples edits from one edit model with ``forgedit.engine.Engine.edit``."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from forgedit.artifact import load_edit_model
+        from forgedit.artifact import load_edit_model, read_manifest
         from forgedit.engine import Engine
-        from forgedit.errors import ModelDirectoryError
 
         config = dict(context.model_config or {})
         base_dir = config.get("base_model_dir") or os.environ.get("FORGEDIT_BASE_MODEL_DIR")
+        vae_dir = config.get("vae_dir") or os.environ.get("FORGEDIT_VAE_DIR") or None
         if not base_dir:
-            raise ModelDirectoryError(
-                "no base model given: pass model_config={'base_model_dir': DIR} to "
-                "mlflow.pyfunc.load_model or set FORGEDIT_BASE_MODEL_DIR to the SD-1.x "
-                "directory this edit model was fine-tuned on"
-            )
+            base_dir = _tiny_base_model_for(read_manifest(context.artifacts[ARTIFACT_KEY]))
         device = config.get("device") or os.environ.get("FORGEDIT_DEVICE", "cpu")
         precision = config.get("precision") or os.environ.get("FORGEDIT_PRECISION", "faithful")
         if precision not in ("faithful", "fast"):
             raise ValueError(f"precision must be 'faithful' or 'fast', got {precision!r}")
         self._engine = Engine.load(
-            base_dir, device=device, precision="fast" if precision == "fast" else "faithful"
+            base_dir,
+            vae_dir=vae_dir,
+            device=device,
+            precision="fast" if precision == "fast" else "faithful",
         )
         self._edit_model = load_edit_model(
             context.artifacts[ARTIFACT_KEY],
@@ -84,7 +89,11 @@ class ForgeditEditModel(PythonModel):
         out: list[dict[str, Any]] = []
         for row_index, row in enumerate(rows):
             options = {**(params or {}), **{k: v for k, v in row.items() if not _missing(v)}}
-            sweep = SweepConfig(prompts=(str(options.pop("prompt")),), **_sweep_kwargs(options))
+            sweep = SweepConfig.for_mode(
+                self._edit_model.training.mode,
+                prompts=(str(options.pop("prompt")),),
+                **_sweep_kwargs(options),
+            )
             for edited in self._engine.edit(self._edit_model, sweep):
                 spec = edited.spec
                 out.append(
@@ -103,6 +112,25 @@ class ForgeditEditModel(PythonModel):
                     }
                 )
         return pd.DataFrame(out)
+
+
+def _tiny_base_model_for(manifest: Mapping[str, Any]) -> str:
+    """The embedded tiny model's directory (re-made if absent: it is deterministic) when the
+    edit model was made on it; otherwise raise naming the setting that gives a base model."""
+    from forgedit.errors import ModelDirectoryError
+    from forgedit.models import check_base_model_directory
+    from forgedit.tiny import SD_SUBDIR, ensure_tiny_model
+
+    base = manifest.get("base_model") or {}
+    tiny = ensure_tiny_model() / SD_SUBDIR
+    if base.get("fingerprint") == check_base_model_directory(tiny).fingerprint():
+        return os.fspath(tiny)
+    raise ModelDirectoryError(
+        f"this edit model was fine-tuned on base model {base.get('name', '?')!r}: pass "
+        "model_config={'base_model_dir': DIR} to mlflow.pyfunc.load_model or set "
+        "FORGEDIT_BASE_MODEL_DIR to that SD-1.x directory (and vae_dir / FORGEDIT_VAE_DIR if "
+        "it has no VAE); only the embedded tiny model is found without it"
+    )
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:

@@ -38,6 +38,8 @@ TAG_PROMPT = "forgedit.source_prompt"
 TAG_CREATED = "forgedit.created_at"
 TAG_WIDTH = "forgedit.width"
 TAG_HEIGHT = "forgedit.height"
+# The whole training config as canonical JSON (seed included): reproducible from the API alone.
+TAG_TRAINING = "forgedit.training"
 # Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
 TAG_RUN_DATA = "forgedit.run_data_logged"
 
@@ -84,6 +86,15 @@ class EditModelInfo:
     size_bytes: int
     width: int = 0  # the resolution it was fine-tuned (and samples) at; 0 if unrecorded
     height: int = 0
+    training_json: str = ""  # the manifest's training config, canonical JSON; "" if unrecorded
+
+    @property
+    def train_seed(self) -> int:
+        """The training seed, from ``training_json`` (0 if unrecorded)."""
+        try:
+            return int(json.loads(self.training_json)["seed"]) if self.training_json else 0
+        except (ValueError, KeyError, TypeError):
+            return 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,7 @@ def describe_manifest(
         TAG_CREATED: repr(float(manifest.get("created_at", 0.0))),
         TAG_WIDTH: str(int((manifest.get("resolution") or {}).get("width", 0))),
         TAG_HEIGHT: str(int((manifest.get("resolution") or {}).get("height", 0))),
+        TAG_TRAINING: json.dumps(training.to_dict(), sort_keys=True, separators=(",", ":")),
     }
 
 
@@ -204,6 +216,7 @@ def info_from_tags(
         size_bytes=int(num(TAG_BYTES)),
         width=int(num(TAG_WIDTH)),
         height=int(num(TAG_HEIGHT)),
+        training_json=tags.get(TAG_TRAINING, ""),
     )
 
 

@@ -806,7 +806,7 @@ def _write_pyfunc_model(
             code_paths=[str(Path(forgedit.__file__).parent)],
             # Declares the keys a loader may override with load_model(model_config=...);
             # empty means "from the environment, then the default" (pyfunc_model.py).
-            model_config={"base_model_dir": "", "device": "", "precision": ""},
+            model_config={"base_model_dir": "", "vae_dir": "", "device": "", "precision": ""},
             signature=sweep_signature(),
         )
     placeholder.rmdir()

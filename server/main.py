@@ -137,7 +137,8 @@ def create_server(
 
     metrics = Metrics()
     store = EditModelStore(registry)
-    estimator = Estimator(settings.seconds_per_update_prior, settings.seconds_per_image_step_prior)
+    prior = settings.time_prior(time_prior_key(base_models, settings))
+    estimator = Estimator(prior.training_sample_s, prior.image_step_s)
     scheduler = Scheduler(
         SchedulerConfig(
             devices=tuple(settings.devices),
@@ -228,6 +229,27 @@ def resolve_base_models(settings: ServerSettings) -> dict[str, Path]:
     return {TINY_MODEL_NAME: root / "stable-diffusion"}
 
 
+def model_size(base_model_dir: Path) -> str:
+    """'sd1' for an SD-1.x-sized UNet (block widths up to 1280), 'tiny' for a smaller one;
+    read from the UNet's config.json, without loading weights."""
+    import json
+
+    try:
+        config = json.loads((base_model_dir / "unet" / "config.json").read_text())
+        widest = max(int(c) for c in config["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "sd1"  # unreadable here: the loader reports it; estimate as the real thing
+    return "sd1" if widest >= 1280 else "tiny"
+
+
+def time_prior_key(base_models: dict[str, Path], settings: ServerSettings) -> str:
+    """The key of ``settings.time_priors`` for this replica: the default base model's size
+    and the first device's kind, e.g. 'sd1-cuda' or 'tiny-cpu'."""
+    first = next(iter(base_models.values()))
+    device = "cuda" if settings.devices[0].startswith("cuda") else "cpu"
+    return f"{model_size(first)}-{device}"
+
+
 def default_engine_factory(settings: ServerSettings, base_models: dict[str, Path]) -> EngineFactory:
     """The real engine: ``forgedit.engine.Engine`` on each base model, with BLIP if any."""
     blip_dir = settings.blip_dir
@@ -239,7 +261,9 @@ def default_engine_factory(settings: ServerSettings, base_models: dict[str, Path
         from forgedit.engine import Engine
         from forgedit.models import load_base_model
 
-        base = load_base_model(base_models[name], device=device, name=name)
+        base = load_base_model(
+            base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
+        )
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
         return Engine(base, captioner, precision=settings.precision)
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from forgedit.artifact import EditModel
-    from forgedit.config import ImageSpec, SweepConfig, TrainingConfig
+    from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig
     from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
 
 
@@ -65,6 +65,7 @@ class EngineLike(Protocol):
         on_progress: SamplingCallback | None = None,
         cancel: CancelToken | None = None,
         max_batch: int = 8,
+        precision: Precision | None = None,
     ) -> Sequence[Any]: ...
 
     def warmup(self) -> None: ...

@@ -7,7 +7,11 @@ with the timings of every phase.
 
 An Edit whose fine-tune is stored already (same image bytes, base model, source prompt and
 training config, seed included) reuses it: ``registered(deduplicated=true)`` follows
-``captioned`` and no training happens.
+``captioned`` and no training happens. The training seed defaults to a function of exactly
+those inputs (``EditPlan.training_for``), so by default the same image and settings reuse one
+fine-tune, and a retried request finds the model its first attempt stored.
+
+The request's precision (or the server's default) applies to training and to sampling.
 
 Sample: load the edit model from the registry (its local cache first), pick the engine of its
 base model, then 4. and 5. as above.
@@ -27,6 +31,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from forgedit.config import Precision, TrainingConfig
 from forgedit.events import SamplingProgress, TrainingProgress
 from forgedit.images import contact_sheet, encode_png
 from server._proto import forgedit_pb2 as pb
@@ -86,13 +91,14 @@ class JobRunner:
         )
         job.cancel.check()
 
-        # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (only
-        # possible with an explicit training seed: random seeds never repeat).
+        # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (the
+        # default, content-derived seed makes that the rule for a repeated image).
+        training = plan.training_for(engine.base.fingerprint, source_prompt)
         existing = self.store.find_trained(
-            plan.image.sha256, engine.base.fingerprint, source_prompt, plan.training
+            plan.image.sha256, engine.base.fingerprint, source_prompt, training
         )
         if existing is not None:
-            self._reuse(job, plan, engine, existing)
+            self._reuse(job, plan, engine, existing, training)
             return
 
         def on_training(p: TrainingProgress) -> None:
@@ -106,15 +112,15 @@ class JobRunner:
         edit_model = engine.finetune(
             image,
             source_prompt,
-            plan.training,
+            training,
             image_sha256=plan.image.sha256,
             on_progress=on_training,
             cancel=job.cancel,
         )
         job.timings.training = time.perf_counter() - t
         self.metrics.training.labels(base_model=plan.base_model).observe(job.timings.training)
-        updates = len(edit_model.loss_curve) or plan.training.total_updates
-        self.estimator.observe_training(updates, job.timings.training)
+        updates = len(edit_model.loss_curve) or training.total_updates
+        self.estimator.observe_training(training.samples_in(updates), job.timings.training)
         job.cancel.check()
 
         # 3. Register it: upload and verify first, create the version last (the registry's
@@ -144,7 +150,7 @@ class JobRunner:
         job.cancel.check()
 
         # 4. and 5.
-        edited = self._sample(job, engine, edit_model, plan.sweep)
+        edited = self._sample(job, engine, edit_model, plan.sweep, training.precision)
         # The registry keeps a contact sheet of the sampled edits next to the model, for
         # people browsing MLflow. Only a fresh fine-tune gets one: a reused model has its own.
         self.store.add_contact_sheet(registered.edit_model_id, _contact_sheet_png(image, edited))
@@ -153,11 +159,18 @@ class JobRunner:
                 timings=self._final_timings(job),
                 edit_model_id=registered.edit_model_id,
                 images=plan.sweep.num_images,
-                train_seed=plan.training.seed,
+                train_seed=training.seed,
             )
         )
 
-    def _reuse(self, job: Job, plan: EditPlan, engine: EngineLike, existing: Any) -> None:
+    def _reuse(
+        self,
+        job: Job,
+        plan: EditPlan,
+        engine: EngineLike,
+        existing: Any,
+        training: TrainingConfig,
+    ) -> None:
         """Steps 3-5 with a stored edit model instead of a new fine-tune."""
         log.info(
             "reusing edit model %s (same image, base model, source prompt and training config)",
@@ -174,13 +187,13 @@ class JobRunner:
             )
         )
         job.cancel.check()
-        self._sample(job, engine, edit_model, plan.sweep)
+        self._sample(job, engine, edit_model, plan.sweep, training.precision)
         job.emit(
             completed=pb.CompletedEvent(
                 timings=self._final_timings(job),
                 edit_model_id=existing.edit_model_id,
                 images=plan.sweep.num_images,
-                train_seed=plan.training.seed,
+                train_seed=training.seed,
             )
         )
 
@@ -215,9 +228,17 @@ class JobRunner:
 
     # -- shared -----------------------------------------------------------------------------
 
-    def _sample(self, job: Job, engine: EngineLike, edit_model: Any, sweep: Any) -> list[Any]:
-        """Sample the sweep, emitting progress and each image as it finishes; return the
-        engine's ``EditedImage``s."""
+    def _sample(
+        self,
+        job: Job,
+        engine: EngineLike,
+        edit_model: Any,
+        sweep: Any,
+        precision: Precision | None = None,
+    ) -> list[Any]:
+        """Sample the sweep in ``precision`` (None: the engine's, i.e. the server default),
+        emitting progress and each image as it finishes; return the engine's
+        ``EditedImage``s."""
         started = time.perf_counter()
         last = [started]
         pending = [0]  # images of the batch that just finished, to split its time
@@ -278,6 +299,7 @@ class JobRunner:
             on_progress=on_progress,
             cancel=job.cancel,
             max_batch=self.max_batch,
+            precision=precision,
         )
         job.timings.sampling = time.perf_counter() - started
         self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)

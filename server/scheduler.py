@@ -51,17 +51,21 @@ JobRunner = Callable[[Job, Mapping[str, EngineLike]], None]
 
 class Estimator:
     """Run-time estimates from measured rates (exponential moving averages), starting from
-    priors. Used for the up-front deadline check, queue-full retry hints and AcceptedEvent."""
+    priors (``settings.TimePrior``, per base-model size and device). Used for the up-front
+    deadline check, queue-full retry hints and AcceptedEvent.
 
-    def __init__(self, seconds_per_update: float, seconds_per_image_step: float) -> None:
+    Training is counted in samples (updates × batch size), not updates: a joint update (batch
+    10) costs about ten two_stage updates (batch 1), and one rate must serve both."""
+
+    def __init__(self, seconds_per_training_sample: float, seconds_per_image_step: float) -> None:
         self._lock = threading.Lock()
-        self.seconds_per_update = seconds_per_update
+        self.seconds_per_training_sample = seconds_per_training_sample
         self.seconds_per_image_step = seconds_per_image_step
         self.fixed_overhead_s = 0.05
 
-    def observe_training(self, updates: int, seconds: float) -> None:
-        if updates > 0:
-            self._update("seconds_per_update", seconds / updates)
+    def observe_training(self, samples: int, seconds: float) -> None:
+        if samples > 0:
+            self._update("seconds_per_training_sample", seconds / samples)
 
     def observe_sampling(self, image_steps: int, seconds: float) -> None:
         if image_steps > 0:
@@ -73,7 +77,8 @@ class Estimator:
         image_steps = sweep.num_images * sweep.steps
         seconds = self.fixed_overhead_s + image_steps * self.seconds_per_image_step
         if job.kind == pb.JOB_KIND_EDIT:
-            seconds += plan.training.total_updates * self.seconds_per_update  # type: ignore[union-attr]
+            samples = plan.training.total_samples  # type: ignore[union-attr]
+            seconds += samples * self.seconds_per_training_sample
         return seconds
 
     def _update(self, name: str, value: float) -> None:

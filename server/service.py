@@ -38,7 +38,6 @@ from server.settings import ServerSettings
 from server.store import EditModelStore, edit_model_to_proto
 from server.validation import (
     Limits,
-    check_strategies,
     validate_edit,
     validate_edit_model_id_field,
     validate_sample,
@@ -106,7 +105,11 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     ) -> Iterator[pb.EditResponse]:
         self._require_ready()
         plan = validate_edit(
-            request, self.limits, self.scheduler.base_models, self._default_base_model()
+            request,
+            self.limits,
+            self.scheduler.base_models,
+            self._default_base_model(),
+            default_precision=self.settings.precision,
         )
         job = self._new_job(pb.JOB_KIND_EDIT, plan, request)
         job = self._submit(job, context, detach=request.detach)
@@ -118,11 +121,16 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.SampleRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SampleResponse]:
         self._require_ready()
-        plan = validate_sample(request, self.limits)
-        # Known, and made on a base model served here? Refused before queueing.
-        info = self.store.show(plan.edit_model_id)
-        check_strategies(plan.sweep, info.training_mode or "joint")
-        self.store.check_served(info, self.scheduler.base_models.values())
+        # Known (its variant sets the sweep's defaults), and made on a base model served
+        # here? Refused before queueing.
+        shown: list[Any] = []
+
+        def training_mode_of(edit_model_id: str) -> str:
+            shown.append(self.store.show(edit_model_id))
+            return str(shown[0].training_mode or "joint")
+
+        plan = validate_sample(request, self.limits, training_mode_of)
+        self.store.check_served(shown[0], self.scheduler.base_models.values())
         job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request)
         job = self._submit(job, context, detach=request.detach)
         for event in self._follow(job, context, owner=True):

@@ -20,12 +20,43 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.transport import MAX_MESSAGE_BYTES, MIB
 
 LogFormat = Literal["json", "text"]
+
+
+class TimePrior(BaseModel):
+    """Where the run-time estimator starts for one kind of base model on one kind of device,
+    before it has measured anything (it then follows measured rates)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    training_sample_s: float = Field(
+        gt=0, description="One training sample (one image of an update's batch), fwd + bwd."
+    )
+    image_step_s: float = Field(
+        gt=0, description="One denoising step of one image at the native size, CFG included."
+    )
+
+
+# Keys are "<size>-<device kind>", size from the UNet's config (``server.main.model_size``).
+DEFAULT_TIME_PRIORS: dict[str, TimePrior] = {
+    # SD 1.x on an A100 (the paper and the two-stage letter): joint training 30-40 s for 40
+    # updates of batch 10, i.e. ~0.0875 s per sample (two_stage: 29 s + 86 s for 400 + 1000
+    # samples); 1.6 s per 50-step 512² image in eager fp32.
+    "sd1-cuda": TimePrior(training_sample_s=0.0875, image_step_s=0.032),
+    # SD 1.x on a CPU: an order of magnitude only (never measured here); set your own.
+    "sd1-cpu": TimePrior(training_sample_s=15.0, image_step_s=4.0),
+    # The tiny model at 64², one torch thread on this project's shared 2-core CPU (BENCHMARKS.md):
+    # 50 ms per sample at joint's batch 10, 100 ms at two_stage's batch 1 (per-update overhead
+    # dominates); 22 ms per image-step in batches of 8.
+    "tiny-cpu": TimePrior(training_sample_s=0.075, image_step_s=0.022),
+    # Not measured: the CPU's numbers as an upper bound.
+    "tiny-cuda": TimePrior(training_sample_s=0.075, image_step_s=0.022),
+}
 
 
 class ServerSettings(BaseSettings):
@@ -46,6 +77,12 @@ class ServerSettings(BaseSettings):
         default_factory=dict,
         description="Base models served, name -> diffusers SD-1.x directory. Empty: the tiny "
         "model, named 'tiny'. The first entry is the default for requests that name none.",
+    )
+    vae_dirs: dict[str, Path] = Field(
+        default_factory=dict,
+        description="A separate VAE per base model, name -> directory (a VAE folder or a "
+        "pipeline with vae/), as the engine CLI's --vae: needed for a base model shipped "
+        'without one (Realistic Vision "noVAE"). Names must be in FORGEDIT_BASE_MODELS.',
     )
     blip_dir: Path | None = Field(
         default=None,
@@ -156,15 +193,12 @@ class ServerSettings(BaseSettings):
     replay_max_bytes: int = Field(
         default=64 * MIB, ge=MIB, description="Event bytes (mostly PNGs) buffered per job."
     )
-    seconds_per_update_prior: float = Field(
-        default=0.05,
-        gt=0,
-        description="Estimate of one training update before any is measured (deadline check).",
-    )
-    seconds_per_image_step_prior: float = Field(
-        default=0.002,
-        gt=0,
-        description="Estimate of one denoising step of one image before any is measured.",
+    time_priors: dict[str, TimePrior] = Field(
+        default_factory=lambda: dict(DEFAULT_TIME_PRIORS),
+        description="Run-time estimates before any job is measured (deadline check, retry "
+        "hints), per '<size>-<device kind>' (sd1-cuda, sd1-cpu, tiny-cpu, tiny-cuda) as JSON "
+        '{"sd1-cuda": {"training_sample_s": 0.0875, "image_step_s": 0.032}}; entries given '
+        "replace the built-in ones of the same key.",
     )
 
     # ----------------------------------------------------------------------------- logs
@@ -173,6 +207,12 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        unknown = sorted(set(self.vae_dirs) - set(self.base_models))
+        if unknown:
+            raise ValueError(
+                f"FORGEDIT_VAE_DIRS names base models not in FORGEDIT_BASE_MODELS: "
+                f"{', '.join(unknown)}"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 "set both FORGEDIT_TLS_CERT_FILE and FORGEDIT_TLS_KEY_FILE, or neither"
@@ -190,3 +230,13 @@ class ServerSettings(BaseSettings):
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+    def time_prior(self, key: str) -> TimePrior:
+        """The prior for ``key`` ("sd1-cuda", ...): the operator's, else the built-in one."""
+        priors = {**DEFAULT_TIME_PRIORS, **self.time_priors}
+        if key not in priors:
+            raise ValueError(
+                f"no run-time prior for {key!r}; set FORGEDIT_TIME_PRIORS (known: "
+                f"{', '.join(sorted(priors))})"
+            )
+        return priors[key]

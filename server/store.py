@@ -116,4 +116,6 @@ def edit_model_to_proto(info: Any) -> pb.EditModel:
         size_bytes=int(info.size_bytes),
         width=int(info.width),
         height=int(info.height),
+        train_seed=int(info.train_seed),
+        training_config_json=info.training_json,
     )

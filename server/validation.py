@@ -18,17 +18,18 @@ import dataclasses
 import math
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from forgedit.config import (
     MAX_SEED,
-    Stage,
     SweepConfig,
     TrainingConfig,
     check_prompt,
     check_resolution,
+    content_seed,
+    override_stages,
 )
 from forgedit.errors import InvalidInputError
 from registry.ids import validate_edit_model_id
@@ -120,13 +121,32 @@ class EditPlan:
     image_bytes: bytes
     base_model: str
     source_prompt: str | None  # None: caption with BLIP
-    training: TrainingConfig
+    training: TrainingConfig  # its seed is a placeholder while train_seed_from is "content"
     sweep: SweepConfig
     detach: bool
+    # "given" (the request's seed), "content" (derived from the content once the source prompt
+    # and base model are known: ``training_for``) or "random" (fresh_seed).
+    train_seed_from: str = "given"
 
     @property
     def images_total(self) -> int:
         return self.sweep.num_images
+
+    def training_for(self, base_fingerprint: str, source_prompt: str) -> TrainingConfig:
+        """The training config with its final seed. The content seed (``content_seed``) makes
+        the same image + base model + source prompt + config train the same edit model, so
+        the runner finds and reuses a stored one on any replica. A fresh fine-tune with a
+        request id gets a seed salted with that id: random-looking, yet a retry of the same
+        request (after its job expired, or on another replica) gets the same one."""
+        if self.train_seed_from == "given":
+            return self.training
+        if self.train_seed_from == "random" and not self.request_id:
+            return self.training  # drawn at validation: nothing to keep a retry consistent
+        salt = self.request_id if self.train_seed_from == "random" else ""
+        seed = content_seed(
+            self.image.sha256, base_fingerprint, source_prompt, self.training, salt=salt
+        )
+        return dataclasses.replace(self.training, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -158,8 +178,11 @@ def validate_edit(
     limits: Limits,
     base_models: Mapping[str, BaseModelInfo],
     default_base_model: str,
+    default_precision: str = "faithful",
 ) -> EditPlan:
-    """Check an Edit request and decode its image; raise ``InvalidInputError`` otherwise."""
+    """Check an Edit request and decode its image; raise ``InvalidInputError`` otherwise.
+    ``default_precision`` (the server's FORGEDIT_PRECISION) applies when the request leaves
+    precision unset; the plan's precision is used for training and sampling alike."""
     from forgedit.images import ImageLimits, load_image
 
     request_id = validate_request_id(request.request_id)
@@ -192,8 +215,12 @@ def validate_edit(
             f"{base.name!r}",
             field="source_prompt",
         )
-    training = _training_config(request.training, limits, base)
+    training = _training_config(request.training, limits, base, default_precision)
     sweep = _sweep_config(request.target_prompts, request.sweep, limits, training.mode)
+    options = request.training
+    seed_from = (
+        "given" if options.HasField("seed") else ("random" if options.fresh_seed else "content")
+    )
 
     # Only now, with every cheap check passed, meet the image decoder.
     image_limits = ImageLimits(
@@ -211,16 +238,22 @@ def validate_edit(
         training,
         sweep,
         request.detach,
+        seed_from,
     )
 
 
-def validate_sample(request: pb.SampleRequest, limits: Limits) -> SamplePlan:
-    """Check a Sample request. Strategy names are checked against the edit model's variant
-    later (``check_strategies``), once its training mode is known."""
+def validate_sample(
+    request: pb.SampleRequest, limits: Limits, training_mode_of: Callable[[str], str]
+) -> SamplePlan:
+    """Check a Sample request. The sweep's defaults and strategy names depend on the edit
+    model's variant, so once the cheap checks pass ``training_mode_of(edit_model_id)`` is asked
+    for its training mode (it raises for an unknown edit model)."""
     request_id = validate_request_id(request.request_id)
     edit_model_id = validate_edit_model_id(request.edit_model_id)
     _check_prompts(request.target_prompts, limits)
-    sweep = _sweep_config(request.target_prompts, request.sweep, limits, mode=None)
+    _check_sweep_options(request.sweep, limits)
+    mode = training_mode_of(edit_model_id)
+    sweep = _sweep_config(request.target_prompts, request.sweep, limits, mode)
     return SamplePlan(request_id, edit_model_id, sweep, request.detach)
 
 
@@ -274,7 +307,7 @@ def _check_count(values: Sequence[object], field: str, limits: Limits) -> None:
 
 
 def _training_config(
-    options: pb.TrainingOptions, limits: Limits, base: BaseModelInfo
+    options: pb.TrainingOptions, limits: Limits, base: BaseModelInfo, default_precision: str
 ) -> TrainingConfig:
     mode = _MODES.get(options.mode)
     if mode is None:
@@ -283,7 +316,7 @@ def _training_config(
             + ", ".join(pb.TrainingMode.Name(m) for m in _MODES if m),
             field="training.mode",
         )
-    precision = "faithful" if options.precision == pb.PRECISION_UNSPECIFIED else None
+    precision: str | None = default_precision
     if options.precision != pb.PRECISION_UNSPECIFIED:
         precision = _PRECISIONS.get(options.precision)
         if precision is None:
@@ -295,33 +328,51 @@ def _training_config(
     height = options.height if options.HasField("height") else base.height
     width = options.width if options.HasField("width") else base.width
     _reraise(check_resolution, {"size": "training.width"}, height, width)
-    if options.HasField("updates") and not 1 <= options.updates <= limits.max_training_updates:
+    for name in ("updates", "stage2_updates"):
+        value = getattr(options, name)
+        if options.HasField(name) and not 1 <= value <= limits.max_training_updates:
+            raise InvalidInputError(
+                f"training.{name} must be 1..{limits.max_training_updates}, got {value}",
+                field=f"training.{name}",
+            )
+    if options.HasField("seed") and options.fresh_seed:
         raise InvalidInputError(
-            f"training.updates must be 1..{limits.max_training_updates}, got {options.updates}",
-            field="training.updates",
+            "training.fresh_seed asks for a random seed, but training.seed gives one; set one "
+            "of them",
+            field="training.fresh_seed",
         )
-    seed = options.seed if options.HasField("seed") else secrets.randbelow(MAX_SEED + 1)
+    # Unset: a placeholder until the content seed is derived (EditPlan.training_for).
+    seed = options.seed if options.HasField("seed") else 0
+    if options.fresh_seed:
+        seed = secrets.randbelow(MAX_SEED + 1)
     vae_seed = options.vae_seed if options.HasField("vae_seed") else 0
     for field, value in (("training.seed", seed), ("training.vae_seed", vae_seed)):
         if value > MAX_SEED:
             raise InvalidInputError(f"{field} must be in [0, 2^63-1], got {value}", field=field)
 
     def build() -> TrainingConfig:
-        stages = TrainingConfig.for_mode(mode).stages  # type: ignore[arg-type]
-        if options.HasField("updates") or options.HasField("batch_size"):
-            # As the engine's --updates/--batch-size: the FIRST stage only.
-            stages = (_override(stages[0], options), *stages[1:])
-        return TrainingConfig.for_mode(
+        config = TrainingConfig.for_mode(
             mode,  # type: ignore[arg-type]
             height=height,
             width=width,
             seed=seed,
             vae_seed=vae_seed,
             precision=precision,
-            stages=stages,
+        )
+        return override_stages(
+            config,
+            updates=_per_stage(options, "updates", "stage2_updates"),
+            batch_sizes=_per_stage(options, "batch_size", "stage2_batch_size"),
         )
 
-    config = _reraise(build, _TRAINING_FIELDS)
+    try:
+        config = build()
+    except InvalidInputError as e:
+        if e.field in ("updates", "batch_size") and options.HasField(f"stage2_{e.field}"):
+            field = f"training.stage2_{e.field}"
+        else:
+            field = _TRAINING_FIELDS.get(e.field or "", e.field or "training")
+        raise InvalidInputError(str(e), field=field) from None
     if config.total_updates > limits.max_training_updates:
         raise InvalidInputError(
             f"training would run {config.total_updates} updates; at most "
@@ -331,15 +382,19 @@ def _training_config(
     return config
 
 
-def _override(stage: Stage, options: pb.TrainingOptions) -> Stage:
-    updates = options.updates if options.HasField("updates") else stage.updates
-    batch_size = options.batch_size if options.HasField("batch_size") else stage.batch_size
-    return dataclasses.replace(stage, updates=updates, batch_size=batch_size)
+def _per_stage(options: pb.TrainingOptions, first: str, second: str) -> list[int | None]:
+    """The request's per-stage values as ``override_stages`` takes them: [first, second],
+    trailing unset ones dropped (so a one-stage mode is refused only for a stage-2 value)."""
+    values: list[int | None] = [
+        getattr(options, name) if options.HasField(name) else None for name in (first, second)
+    ]
+    while values and values[-1] is None:
+        values.pop()
+    return values
 
 
-def _sweep_config(
-    prompts: Sequence[str], options: pb.SweepOptions, limits: Limits, mode: str | None
-) -> SweepConfig:
+def _check_sweep_options(options: pb.SweepOptions, limits: Limits) -> None:
+    """The sweep's size checks that need no edit model (run before any registry lookup)."""
     for field, values in (
         ("sweep.gammas", options.gammas),
         ("sweep.alphas", options.alphas),
@@ -347,6 +402,12 @@ def _sweep_config(
         ("sweep.forget_strategies", options.forget_strategies),
     ):
         _check_count(values, field, limits)
+
+
+def _sweep_config(
+    prompts: Sequence[str], options: pb.SweepOptions, limits: Limits, mode: str
+) -> SweepConfig:
+    _check_sweep_options(options, limits)
     interpolation = _INTERPOLATIONS.get(options.interpolation)
     if interpolation is None:
         raise InvalidInputError(
@@ -397,15 +458,14 @@ def _sweep_config(
         kwargs["steps"] = options.steps
     if options.HasField("guidance"):
         kwargs["guidance"] = options.guidance
-    sweep: SweepConfig = _reraise(lambda: SweepConfig(**kwargs), _SWEEP_FIELDS)  # type: ignore[arg-type]
+    sweep: SweepConfig = _reraise(lambda: SweepConfig.for_mode(mode, **kwargs), _SWEEP_FIELDS)
     if sweep.num_images > limits.max_sweep_images:
         raise InvalidInputError(
             f"the sweep has {sweep.num_images} images; at most {limits.max_sweep_images} are "
             "accepted (prompts × strategies × seeds × gammas × alphas)",
             field="sweep",
         )
-    if mode is not None:
-        check_strategies(sweep, mode)
+    check_strategies(sweep, mode)
     return sweep
 
 

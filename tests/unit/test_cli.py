@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from forgedit import cli
+from forgedit.config import TrainingConfig, content_seed
 from forgedit.events import CancelToken
 
 # The end-to-end settings: tiny model, 64x64, 4 DDIM steps, 2 updates of batch 2.
@@ -519,9 +520,55 @@ def test_default_is_the_tiny_model(capsys, tmp_path, tiny_model_dir, photo, monk
     assert names[1].startswith("001_a-cat_donotforget_vs_g0.5_s")
     assert summary["base_model"]["path"] == "tiny"
     assert summary["size"] == {"width": 64, "height": 64}  # the tiny model's native size
-    assert summary["random_seeds"] and summary["random_train_seed"]
+    assert summary["random_seeds"] and not summary["random_train_seed"]
     assert len(summary["seeds"]) == 1 and summary["train_seed"] == summary["training"]["seed"]
     assert summary["source_prompt"]  # captioned by the tiny BLIP
+    # The training seed is the content's: the same image, base model, source prompt and
+    # training config give the same seed, hence the same edit model.
+    training = TrainingConfig.from_dict(summary["training"])
+    expected = content_seed(
+        summary["image"]["sha256"],
+        summary["base_model"]["fingerprint"],
+        summary["source_prompt"],
+        training,
+    )
+    assert summary["train_seed_from"] == "content" and summary["train_seed"] == expected
+
+
+def test_train_seed_random_asks_for_a_fresh_fine_tune(capsys, tmp_path, tiny_model_dir, photo):
+    source = ("--base-model", tiny_model_dir / "stable-diffusion", "--source-prompt", "a cat")
+    runs = []
+    for i, seed in enumerate(["random", "random", None]):
+        extra = ["--train-seed", seed] if seed else []
+        code, out, err = edit(
+            capsys, photo, tmp_path / f"o{i}", *source, *extra, *FAST, "--seeds", "1", "--json"
+        )
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert [r["train_seed_from"] for r in runs] == ["random", "random", "content"]
+    assert runs[0]["random_train_seed"] and runs[0]["train_seed"] != runs[1]["train_seed"]
+
+
+def test_two_stage_defaults_to_encoderattn_and_one_value_overrides_the_first_stage(
+    capsys, tmp_path, tiny_model_dir, photo
+):
+    args = cli.build_parser().parse_args(
+        [
+            "edit",
+            str(photo),
+            "--prompt",
+            "A dog.",
+            "--mode",
+            "two_stage",
+            "--updates",
+            "7",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    plan = cli.validate_edit(args)
+    assert plan.sweep.forget == ("encoderattn",)
+    assert [s.updates for s in plan.config.stages] == [7, 1000]
 
 
 @pytest.mark.parametrize(

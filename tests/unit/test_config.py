@@ -101,3 +101,43 @@ def test_bad_training_configs_are_refused(kwargs: dict, message: str) -> None:
             TrainingConfig(mode=mode)
         else:
             TrainingConfig.for_mode(mode, **kwargs)
+
+
+def test_override_stages_is_per_stage_and_a_single_value_is_the_first_stages() -> None:
+    from forgedit.config import override_stages
+
+    two = TrainingConfig.for_mode("two_stage")
+    assert [s.updates for s in override_stages(two, updates=[5]).stages] == [5, 1000]
+    assert [s.updates for s in override_stages(two, updates=[None, 7]).stages] == [400, 7]
+    changed = override_stages(two, updates=[5, 7], batch_sizes=[2, 3]).stages
+    assert [(s.updates, s.batch_size) for s in changed] == [(5, 2), (7, 3)]
+    with pytest.raises(InvalidInputError, match="joint training has 1") as e:
+        override_stages(TrainingConfig.for_mode("joint"), batch_sizes=[2, 2])
+    assert e.value.field == "batch_size"
+    with pytest.raises(InvalidInputError, match="updates must be"):
+        override_stages(two, updates=[None, 0])
+
+
+def test_samples_count_updates_times_batch_across_stages() -> None:
+    two = TrainingConfig.for_mode("two_stage")
+    assert two.total_samples == 1400 and two.samples_in(500) == 500
+    joint = TrainingConfig.for_mode("joint")
+    assert joint.total_samples == 400 and joint.samples_in(36) == 360  # an early stop
+
+
+def test_content_seed_depends_on_what_training_sees_and_nothing_else() -> None:
+    from forgedit.config import MAX_SEED, content_seed
+
+    config = TrainingConfig.for_mode("joint", seed=123)
+    seed = content_seed("a" * 64, "b" * 64, "A photo of a dog", config)
+    assert 0 <= seed <= MAX_SEED
+    # The config's own seed is not an input (it is the output); everything else is.
+    assert content_seed("a" * 64, "b" * 64, "A photo of a dog", config.__class__.for_mode()) == seed
+    for other in (
+        content_seed("c" * 64, "b" * 64, "A photo of a dog", config),
+        content_seed("a" * 64, "c" * 64, "A photo of a dog", config),
+        content_seed("a" * 64, "b" * 64, "A photo of a cat", config),
+        content_seed("a" * 64, "b" * 64, "A photo of a dog", TrainingConfig.for_mode("dreambooth")),
+        content_seed("a" * 64, "b" * 64, "A photo of a dog", config, salt="request-1"),
+    ):
+        assert other != seed

@@ -50,3 +50,21 @@ def test_cuda_fast_mode_runs_and_stays_close(tiny_model_dir: Path, photos_dir: P
     images = _images(engine, model)
     assert all(img.shape == (64, 64, 3) for img in images)
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_the_requested_precision_is_the_sampling_precision(
+    tiny_model_dir: Path, tedbench_dir: Path
+) -> None:
+    """A server's engine has one default precision; a request's precision overrides it for
+    sampling too (fp16 autocast on CUDA in fast mode, none in faithful)."""
+    photo = load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+    engine = Engine.load(tiny_model_dir / "stable-diffusion", device="cuda")  # faithful
+    model = engine.finetune(photo, "A photo of a dog", _config("faithful"))
+    sweep = SweepConfig(prompts=("A photo of a sitting dog.",), seeds=(1, 2), steps=10)
+
+    def images(**kw: object) -> list[bytes]:
+        return [e.png_bytes() for e in engine.edit(model, sweep, **kw)]  # type: ignore[arg-type]
+
+    default = images()
+    assert images(precision="faithful") == default
+    assert images(precision="fast") != default

@@ -335,3 +335,52 @@ def test_promtool_accepts_the_rules_and_config(tmp_path: Path) -> None:
     if "kubernetes_sd_configs not found" in checked.stdout + checked.stderr:
         pytest.skip("this promtool build has no Kubernetes service discovery (Debian strips it)")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default two_stage Edit (400 + 1000 updates of batch 1, the default sweep) on the
+    configured hardware is estimated within the SDK's default Edit deadline, and its estimate
+    fits in the drain grace period, so a rollout never cancels one."""
+    settings_mod = pytest.importorskip("server.settings")
+    import io
+    from types import SimpleNamespace
+
+    from forgedit_client.client import Timeouts
+    from PIL import Image
+
+    from server._proto import forgedit_pb2 as pb
+    from server.main import time_prior_key
+    from server.ports import BaseModelInfo
+    from server.scheduler import Estimator
+    from server.validation import Limits, validate_edit
+
+    config = find(kustomize(BUILDS["a100"]), "ConfigMap", "forgedit-server-config")["data"]
+    for key in list(__import__("os").environ):
+        if key.startswith("FORGEDIT_"):
+            monkeypatch.delenv(key)
+    for key, value in config.items():
+        if key.startswith("FORGEDIT_"):
+            monkeypatch.setenv(key, value)
+    settings = settings_mod.ServerSettings()
+    key = time_prior_key(dict(settings.base_models), settings)
+    assert key == "sd1-cuda"  # SD 1.5 on an A100
+    prior = settings.time_prior(key)
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    name = next(iter(settings.base_models))
+    plan = validate_edit(
+        pb.EditRequest(
+            image=png.getvalue(),
+            target_prompts=["A photo of a sitting dog."],
+            training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE),
+        ),
+        Limits.from_settings(settings),
+        {name: BaseModelInfo(name, "f" * 64, 512, 512, has_captioner=True)},
+        name,
+    )
+    assert plan.training.total_samples == 1400 and plan.sweep.num_images == 3
+    job = SimpleNamespace(kind=pb.JOB_KIND_EDIT, plan=plan)
+    estimate = Estimator(prior.training_sample_s, prior.image_step_s).estimate(job)  # type: ignore[arg-type]
+    assert 110 <= estimate <= settings.grace_period_s
+    assert Timeouts().edit is not None and estimate < Timeouts().edit

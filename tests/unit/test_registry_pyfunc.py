@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
+import shutil
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -79,15 +81,65 @@ def test_pyfunc_loads_from_the_registry_and_samples_like_the_engine(
     assert len(one) == 1 and one["gamma"][0] == 0.7
 
 
-def test_pyfunc_needs_a_base_model_directory(
-    registered: tuple, monkeypatch: pytest.MonkeyPatch
+def test_pyfunc_of_a_tiny_model_edit_model_loads_without_model_config(
+    registered: tuple, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _, _, reg, uri, _ = registered
+    """The tiny model is deterministic: the pyfunc re-makes it and samples the same edits."""
+    engine, edit_model, reg, uri, _ = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.config.resolved_tracking_uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", reg.config.resolved_registry_uri)
     monkeypatch.delenv("FORGEDIT_BASE_MODEL_DIR", raising=False)
-    with pytest.raises(ModelDirectoryError, match="base_model_dir"):
+    monkeypatch.setenv("FORGEDIT_HOME", str(tmp_path / "home"))  # nothing there yet
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict("a photo of blue noise", params={"gammas": [0.5], "steps": 2, "seeds": [3]})
+    direct = engine.edit(
+        edit_model,
+        SweepConfig(prompts=("a photo of blue noise",), gammas=(0.5,), steps=2, seeds=(3,)),
+    )
+    assert [base64.b64decode(s) for s in out["png_base64"]] == [e.png_bytes() for e in direct]
+
+
+def test_pyfunc_of_a_real_base_model_names_the_setting(
+    registered: tuple, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _, edit_model, reg, _, _ = registered
+    real = dataclasses.replace(
+        edit_model, base_model_name="sd-1.5", base_model_fingerprint="0" * 64
+    )
+    result = reg.register(real)
+    uri = f"models:/{reg.config.registered_model}/{result.version}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.config.resolved_tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", reg.config.resolved_registry_uri)
+    monkeypatch.delenv("FORGEDIT_BASE_MODEL_DIR", raising=False)
+    monkeypatch.setenv("FORGEDIT_HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelDirectoryError) as e:
         mlflow.pyfunc.load_model(uri)
+    for needle in ("'sd-1.5'", "base_model_dir", "FORGEDIT_BASE_MODEL_DIR", "vae_dir"):
+        assert needle in str(e.value)
+
+
+def test_pyfunc_takes_a_separate_vae_directory(
+    registered: tuple, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A base model without vae/ (Realistic Vision "noVAE") loads with vae_dir, as the CLI's
+    --vae; the weights are the same, so the edits are too."""
+    engine, edit_model, reg, uri, base_dir = registered
+    no_vae = tmp_path / "novae"
+    shutil.copytree(base_dir, no_vae)
+    shutil.move(no_vae / "vae", tmp_path / "vae")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.config.resolved_tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", reg.config.resolved_registry_uri)
+    with pytest.raises(ModelDirectoryError, match="vae"):
+        mlflow.pyfunc.load_model(uri, model_config={"base_model_dir": str(no_vae)})
+    model = mlflow.pyfunc.load_model(
+        uri, model_config={"base_model_dir": str(no_vae), "vae_dir": str(tmp_path / "vae")}
+    )
+    out = model.predict("a photo of blue noise", params={"gammas": [0.5], "steps": 2, "seeds": [3]})
+    direct = engine.edit(
+        edit_model,
+        SweepConfig(prompts=("a photo of blue noise",), gammas=(0.5,), steps=2, seeds=(3,)),
+    )
+    assert [base64.b64decode(s) for s in out["png_base64"]] == [e.png_bytes() for e in direct]
 
 
 def test_the_logged_model_contains_no_pickle(registered: tuple) -> None:

@@ -16,6 +16,7 @@ from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client.cli.parser import build_parser
 from forgedit_client.cli.sheet import _drawable, _font, contact_sheet
 from forgedit_client.events import event_from_proto
+from forgedit_client.options import split_options
 from PIL import Image
 from test_sdk_client import FakeRpcError, FakeStub, bad_request, edit_job_events, event
 
@@ -309,3 +310,44 @@ def test_jobs_watch_needs_exactly_one_id(
 ) -> None:
     assert run_cli(monkeypatch, FakeStub(), ["jobs", "watch"]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_per_stage_flags_and_a_fresh_seed_mean_what_the_engine_cli_means(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(
+        [
+            "edit",
+            "cat.png",
+            "a dog",
+            "--mode",
+            "two_stage",
+            "--updates",
+            "5,7",
+            "--batch-size",
+            "2",
+            "--train-seed",
+            "random",
+            "--out",
+            "o",
+            "--server",
+            "h:1",
+        ]
+    )
+    options = cli.job_options(args)
+    assert options == {
+        "mode": "two_stage",
+        "updates": 5,
+        "stage2_updates": 7,
+        "batch_size": 2,
+        "fresh_seed": True,
+    }
+    training, _ = split_options(options)
+    msg = training.to_proto()
+    assert (msg.updates, msg.stage2_updates, msg.batch_size, msg.fresh_seed) == (5, 7, 2, True)
+    assert not msg.HasField("stage2_batch_size") and not msg.HasField("seed")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["edit", "cat.png", "a dog", "--out", "o", "--updates", "1,2,3", "--server", "h:1"]
+        )
+    assert "at most 2" in capsys.readouterr().err

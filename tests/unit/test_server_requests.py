@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 import server.validation as validation
+from forgedit import cli
+from forgedit.config import TrainingConfig, content_seed
 from forgedit.errors import BaseModelMismatchError, CancelledError, InvalidInputError
 from registry.errors import EditModelNotFoundError, RegistryUnavailableError
 from server._proto import forgedit_pb2 as pb
@@ -56,10 +60,109 @@ def test_a_valid_edit_becomes_a_complete_plan() -> None:
     assert plan.image.width == 32 and plan.image.format == "PNG"
 
 
-def test_unset_seeds_are_drawn_and_reported() -> None:
+def test_unset_sampling_seeds_are_drawn_and_the_training_seed_is_the_contents() -> None:
     plan = validate_edit(_edit(sweep=pb.SweepOptions(seed_count=3)), Limits(), BASES, "tiny")
     assert len(plan.sweep.seeds) == 3
-    assert 0 <= plan.training.seed < 2**63
+    assert plan.train_seed_from == "content"
+    training = plan.training_for("f" * 64, "A photo of a dog")
+    assert training.seed == content_seed(
+        plan.image.sha256, "f" * 64, "A photo of a dog", plan.training
+    )
+    assert 0 <= training.seed < 2**63
+    # The same request, on any replica, at any time: the same seed. Anything training sees
+    # changes it; the target prompt (never seen in training) does not.
+    again = validate_edit(_edit(target_prompts=["A dog."]), Limits(), BASES, "tiny")
+    assert again.training_for("f" * 64, "A photo of a dog").seed == training.seed
+    assert again.training_for("f" * 64, "A photo of a cat").seed != training.seed
+    assert again.training_for("e" * 64, "A photo of a dog").seed != training.seed
+    other = validate_edit(_edit(image=_png((33, 24))), Limits(), BASES, "tiny")
+    assert other.training_for("f" * 64, "A photo of a dog").seed != training.seed
+
+
+def test_fresh_seed_asks_for_a_new_fine_tune_that_a_retry_repeats() -> None:
+    content = validate_edit(_edit(), Limits(), BASES, "tiny").training_for("f" * 64, "a dog")
+    fresh = pb.TrainingOptions(fresh_seed=True)
+    seeds = {
+        validate_edit(_edit(training=fresh), Limits(), BASES, "tiny")
+        .training_for("f" * 64, "a dog")
+        .seed
+        for _ in range(3)
+    }
+    assert len(seeds) == 3 and content.seed not in seeds  # no request id: random each time
+    # With a request id, a retry (expired job, restart, other replica) gets the same seed.
+    retried = [
+        validate_edit(_edit(training=fresh, request_id="r-1"), Limits(), BASES, "tiny")
+        .training_for("f" * 64, "a dog")
+        .seed
+        for _ in range(2)
+    ]
+    assert retried[0] == retried[1] != content.seed
+    with pytest.raises(InvalidInputError) as e:
+        validate_edit(
+            _edit(training=pb.TrainingOptions(fresh_seed=True, seed=3)), Limits(), BASES, "tiny"
+        )
+    assert e.value.field == "training.fresh_seed"
+
+
+def test_the_servers_precision_is_the_default_for_training_and_sampling() -> None:
+    plan = validate_edit(_edit(), Limits(), BASES, "tiny", default_precision="fast")
+    assert plan.training.precision == "fast"
+    plan = validate_edit(
+        _edit(training=pb.TrainingOptions(precision=pb.PRECISION_FAITHFUL)),
+        Limits(),
+        BASES,
+        "tiny",
+        default_precision="fast",
+    )
+    assert plan.training.precision == "faithful"
+
+
+def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
+    request = _edit(
+        training=pb.TrainingOptions(
+            mode=pb.TRAINING_MODE_TWO_STAGE, updates=5, stage2_updates=7, stage2_batch_size=2
+        )
+    )
+    stages = validate_edit(request, Limits(), BASES, "tiny").training.stages
+    assert [(s.updates, s.batch_size) for s in stages] == [(5, 1), (7, 2)]
+    args = cli.build_parser().parse_args(
+        [
+            "edit",
+            "x.png",
+            "--prompt",
+            "A dog.",
+            "--mode",
+            "two_stage",
+            "--updates",
+            "5,7",
+            "--batch-size",
+            "1,2",
+        ]
+    )
+    cli_config = TrainingConfig.for_mode("two_stage")
+    cli_config = cli._override_stages(cli_config, args.updates, args.batch_size)
+    assert cli_config.stages == stages
+    # One value is the first stage's in both.
+    first = validate_edit(
+        _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, updates=5)),
+        Limits(),
+        BASES,
+        "tiny",
+    ).training.stages
+    assert [s.updates for s in first] == [5, 1000]
+    assert cli._override_stages(TrainingConfig.for_mode("two_stage"), "5", None).stages == first
+    for field in ("stage2_updates", "stage2_batch_size"):
+        with pytest.raises(InvalidInputError) as e:
+            validate_edit(_edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny")
+        assert e.value.field == f"training.{field}" and "joint training has 1" in str(e.value)
+    with pytest.raises(InvalidInputError) as e:
+        validate_edit(
+            _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, stage2_updates=0)),
+            Limits(),
+            BASES,
+            "tiny",
+        )
+    assert e.value.field == "training.stage2_updates"
 
 
 def test_cheap_checks_run_before_the_image_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,30 +199,74 @@ def test_limits_come_from_settings() -> None:
     assert "1..10" in str(e.value)
 
 
+def _mode(mode: str):  # type: ignore[no-untyped-def]
+    return lambda edit_model_id: mode
+
+
 def test_sample_validation_checks_the_id_first() -> None:
+    def unasked(edit_model_id: str) -> str:
+        raise AssertionError("the registry was asked before the cheap checks")
+
     with pytest.raises(InvalidInputError) as e:
         validate_sample(
-            pb.SampleRequest(edit_model_id="../../etc/passwd", target_prompts=["x"]), Limits()
+            pb.SampleRequest(edit_model_id="../../etc/passwd", target_prompts=["x"]),
+            Limits(),
+            unasked,
         )
     assert e.value.field == "edit_model_id"
+    with pytest.raises(InvalidInputError) as e:
+        validate_sample(
+            pb.SampleRequest(
+                edit_model_id="em_" + "b" * 26,
+                target_prompts=["x"],
+                sweep=pb.SweepOptions(gammas=[0.1] * 65),
+            ),
+            Limits(),
+            unasked,
+        )
+    assert e.value.field == "sweep.gammas"
     plan = validate_sample(
-        pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"]), Limits()
+        pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"]),
+        Limits(),
+        _mode("joint"),
     )
     assert plan.sweep.forget == ("donotforget",)
 
 
-def test_strategies_are_checked_against_the_variant() -> None:
-    sweep = validate_sample(
-        pb.SampleRequest(
-            edit_model_id="em_" + "b" * 26,
-            target_prompts=["x"],
-            sweep=pb.SweepOptions(forget_strategies=["nodecoder"]),
-        ),
+def test_sample_defaults_are_the_edit_models_variants() -> None:
+    request = pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"])
+    two_stage = validate_sample(request, Limits(), _mode("two_stage")).sweep
+    assert two_stage.forget == ("encoderattn",)
+    vp = pb.SampleRequest(
+        edit_model_id="em_" + "b" * 26,
+        target_prompts=["x"],
+        sweep=pb.SweepOptions(interpolation=pb.INTERPOLATION_VP),
+    )
+    dreambooth = validate_sample(vp, Limits(), _mode("dreambooth")).sweep
+    assert dreambooth.gammas == (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
+    assert dreambooth.alphas == (0.8, 0.9)
+    edit = validate_edit(
+        _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE)),
         Limits(),
-    ).sweep
+        BASES,
+        "tiny",
+    )
+    assert edit.sweep.forget == ("encoderattn",)
+
+
+def test_strategies_are_checked_against_the_variant() -> None:
+    request = pb.SampleRequest(
+        edit_model_id="em_" + "b" * 26,
+        target_prompts=["x"],
+        sweep=pb.SweepOptions(forget_strategies=["nodecoder"]),
+    )
+    sweep = validate_sample(request, Limits(), _mode("dreambooth")).sweep
     validation.check_strategies(sweep, "dreambooth")  # DreamBooth-Forgedit defines it
     with pytest.raises(InvalidInputError) as e:
         validation.check_strategies(sweep, "joint")
+    assert e.value.field == "sweep.forget_strategies"
+    with pytest.raises(InvalidInputError) as e:
+        validate_sample(request, Limits(), _mode("joint"))
     assert e.value.field == "sweep.forget_strategies"
 
 
@@ -220,3 +367,54 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ServerSettings(tls_cert_file=Path("cert.pem"))  # a certificate needs its key
     with pytest.raises(ValidationError):
         ServerSettings(max_image_bytes=10**9)  # must stay below the message limit
+
+
+def test_time_priors_per_model_size_and_device(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgedit.config import default_stages
+    from forgedit.tiny import sd1_unet_config
+    from server.main import time_prior_key
+
+    tiny = {"tiny": tiny_model_dir / "stable-diffusion"}
+    assert time_prior_key(tiny, ServerSettings()) == "tiny-cpu"
+    sd1 = tmp_path / "sd-1.5"
+    (sd1 / "unet").mkdir(parents=True)
+    (sd1 / "unet" / "config.json").write_text(json.dumps(sd1_unet_config()))
+    cuda = ServerSettings(devices=["cuda:0"])
+    assert time_prior_key({"sd-1.5": sd1}, cuda) == "sd1-cuda"
+
+    # SD 1.x on an A100: 30-40 s of joint training, ~1.6 s per 50-step 512² image.
+    prior = cuda.time_prior("sd1-cuda")
+    joint_samples = sum(s.updates * s.batch_size for s in default_stages("joint"))
+    assert 30 <= joint_samples * prior.training_sample_s <= 40
+    assert 50 * prior.image_step_s == pytest.approx(1.6)
+
+    # An operator sets their own; the other built-in priors stay.
+    monkeypatch.setenv(
+        "FORGEDIT_TIME_PRIORS", '{"sd1-cuda": {"training_sample_s": 0.05, "image_step_s": 0.02}}'
+    )
+    settings = ServerSettings()
+    assert settings.time_prior("sd1-cuda").training_sample_s == 0.05
+    assert settings.time_prior("tiny-cpu") == ServerSettings().time_prior("tiny-cpu")
+    with pytest.raises(ValueError, match="FORGEDIT_TIME_PRIORS"):
+        settings.time_prior("sd2-tpu")
+
+
+def test_a_base_model_without_a_vae_is_served_with_vae_dirs(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from forgedit.errors import ModelDirectoryError
+    from server.main import default_engine_factory
+
+    no_vae = tmp_path / "novae"
+    shutil.copytree(tiny_model_dir / "stable-diffusion", no_vae)
+    shutil.move(no_vae / "vae", tmp_path / "vae")
+    bases = {"rv-novae": no_vae}
+    with pytest.raises(ModelDirectoryError, match="vae"):
+        default_engine_factory(ServerSettings(base_models=bases), bases)("rv-novae", "cpu")
+    settings = ServerSettings(base_models=bases, vae_dirs={"rv-novae": tmp_path / "vae"})
+    engine = default_engine_factory(settings, bases)("rv-novae", "cpu")
+    assert engine.base.vae is not None and engine.base.name == "rv-novae"
+    with pytest.raises(ValidationError, match="FORGEDIT_VAE_DIRS"):
+        ServerSettings(base_models=bases, vae_dirs={"other": tmp_path / "vae"})

@@ -27,9 +27,13 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 @dataclass(frozen=True)
 class TrainingOptions:
     """How the edit model is fine-tuned. ``mode``: joint | two_stage | dreambooth; ``seed``
-    unset = random (reported back in ``Completed.train_seed``); ``width``/``height`` unset =
-    the base model's native size; ``updates``/``batch_size`` override every stage (e.g. a quick
-    test run); ``precision``: faithful | fast."""
+    unset = derived by the server from the image, base model, source prompt and the rest of
+    these options, so the same inputs reuse one stored edit model (reported back in
+    ``Completed.train_seed``); ``fresh_seed=True`` asks for a new random fine-tune instead;
+    ``width``/``height`` unset = the base model's native size; ``updates``/``batch_size``
+    override the first stage, ``stage2_updates``/``stage2_batch_size`` two_stage's second (UNet)
+    stage (e.g. a quick test run); ``precision``: faithful | fast, for training and sampling
+    (unset: the server's)."""
 
     mode: str | None = None
     seed: int | None = None
@@ -39,6 +43,9 @@ class TrainingOptions:
     precision: str | None = None
     updates: int | None = None
     batch_size: int | None = None
+    stage2_updates: int | None = None
+    stage2_batch_size: int | None = None
+    fresh_seed: bool = False
 
     def to_proto(self) -> Any:
         msg: Any = pb.TrainingOptions()
@@ -46,10 +53,20 @@ class TrainingOptions:
             msg.mode = _enum("mode", self.mode, TRAINING_MODES)
         if self.precision is not None:
             msg.precision = _enum("precision", self.precision, PRECISIONS)
-        for name in ("seed", "vae_seed", "width", "height", "updates", "batch_size"):
+        for name in (
+            "seed",
+            "vae_seed",
+            "width",
+            "height",
+            "updates",
+            "batch_size",
+            "stage2_updates",
+            "stage2_batch_size",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(msg, name, _int(name, value))
+        msg.fresh_seed = bool(self.fresh_seed)
         return msg
 
 

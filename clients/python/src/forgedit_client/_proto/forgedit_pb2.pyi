@@ -66,7 +66,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("mode", "seed", "vae_seed", "width", "height", "precision", "updates", "batch_size")
+    __slots__ = ("mode", "seed", "vae_seed", "width", "height", "precision", "updates", "batch_size", "stage2_updates", "stage2_batch_size", "fresh_seed")
     MODE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     VAE_SEED_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,9 @@ class TrainingOptions(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STAGE2_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    STAGE2_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FRESH_SEED_FIELD_NUMBER: _ClassVar[int]
     mode: TrainingMode
     seed: int
     vae_seed: int
@@ -83,7 +86,10 @@ class TrainingOptions(_message.Message):
     precision: Precision
     updates: int
     batch_size: int
-    def __init__(self, mode: _Optional[_Union[TrainingMode, str]] = ..., seed: _Optional[int] = ..., vae_seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., updates: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    stage2_updates: int
+    stage2_batch_size: int
+    fresh_seed: bool
+    def __init__(self, mode: _Optional[_Union[TrainingMode, str]] = ..., seed: _Optional[int] = ..., vae_seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., updates: _Optional[int] = ..., batch_size: _Optional[int] = ..., stage2_updates: _Optional[int] = ..., stage2_batch_size: _Optional[int] = ..., fresh_seed: _Optional[bool] = ...) -> None: ...
 
 class SweepOptions(_message.Message):
     __slots__ = ("interpolation", "gammas", "alphas", "forget_strategies", "forget_degree", "seeds", "seed_count", "steps", "guidance")

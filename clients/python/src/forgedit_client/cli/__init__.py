@@ -96,8 +96,15 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
         "guidance",
     ]
     if args.command == "edit":
-        names += ["mode", "train_seed", "vae_seed", "precision", "updates", "batch_size"]
+        names += ["mode", "train_seed", "vae_seed", "precision"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if options.get("train_seed") == "random":
+        del options["train_seed"]
+        options["fresh_seed"] = True
+    for flag in ("updates", "batch_size"):  # one value per stage, as the engine CLI
+        values = getattr(args, flag, None) or []
+        for name, value in zip((flag, f"stage2_{flag}"), values, strict=False):
+            options[name] = value
     if getattr(args, "size", None) is not None:
         options["width"], options["height"] = args.size
     return options

@@ -37,6 +37,30 @@ def parse_list(kind: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
     return parse
 
 
+def per_stage(what: str) -> Callable[[str], list[int]]:
+    """An argparse type: one value (the first stage's) or one per stage, at most two, as the
+    engine CLI's --updates/--batch-size."""
+    parse_values = parse_list(non_negative_int, what)
+
+    def parse(text: str) -> list[int]:
+        values = parse_values(text)
+        if len(values) > 2:
+            raise argparse.ArgumentTypeError(
+                f"{what}: one value (the first stage's) or one per stage (at most 2), got "
+                f"{len(values)}"
+            )
+        return values
+
+    return parse
+
+
+def train_seed(text: str) -> int | str:
+    """An argparse type: a seed, or 'random' for a fresh fine-tune."""
+    if text.strip().lower() == "random":
+        return "random"
+    return non_negative_int(text)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``"512x384"`` → ``(512, 384)`` (width, height)."""
     parts = text.lower().split("x")
@@ -214,7 +238,11 @@ def _add_edit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     training = p.add_argument_group("training")
     training.add_argument("--mode", choices=sorted(TRAINING_MODES), help="default: joint")
     training.add_argument(
-        "--train-seed", type=non_negative_int, metavar="N", help="default: random, reported"
+        "--train-seed",
+        type=train_seed,
+        metavar="N|random",
+        help="default: derived from the image and settings, so the same inputs reuse one edit "
+        "model; 'random': a fresh fine-tune; reported",
     )
     training.add_argument("--vae-seed", type=non_negative_int, metavar="N", help="default: 0")
     training.add_argument(
@@ -222,10 +250,16 @@ def _add_edit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     training.add_argument("--precision", choices=sorted(PRECISIONS), help="server default")
     training.add_argument(
-        "--updates", type=non_negative_int, metavar="N", help="optimiser updates per stage"
+        "--updates",
+        type=per_stage("--updates"),
+        metavar="N[,N]",
+        help="optimiser updates of the first stage, or of each stage (two_stage: 400,1000)",
     )
     training.add_argument(
-        "--batch-size", type=non_negative_int, metavar="N", help="batch size per stage"
+        "--batch-size",
+        type=per_stage("--batch-size"),
+        metavar="N[,N]",
+        help="batch size of the first stage, or of each stage (two_stage: 1,1)",
     )
     _add_sweep_flags(p)
     _add_run_flags(p)
