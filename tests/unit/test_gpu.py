@@ -53,11 +53,11 @@ def test_cuda_fast_mode_runs_and_stays_close(tiny_model_dir: Path, photos_dir: P
 
 
 def test_the_requested_precision_is_the_sampling_precision(
-    tiny_model_dir: Path, tedbench_dir: Path
+    tiny_model_dir: Path, photos_dir: Path
 ) -> None:
     """A server's engine has one default precision; a request's precision overrides it for
     sampling too (fp16 autocast on CUDA in fast mode, none in faithful)."""
-    photo = load_image(tedbench_dir / "originals" / "dog2_standing.png").image
+    photo = load_image(photos_dir / "cat.jpg").image
     engine = Engine.load(tiny_model_dir / "stable-diffusion", device="cuda")  # faithful
     model = engine.finetune(photo, "A photo of a dog", _config("faithful"))
     sweep = SweepConfig(prompts=("A photo of a sitting dog.",), seeds=(1, 2), steps=10)
