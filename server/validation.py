@@ -335,6 +335,14 @@ def _training_config(
                 f"training.{name} must be 1..{limits.max_training_updates}, got {value}",
                 field=f"training.{name}",
             )
+    stages = len(TrainingConfig.for_mode(mode).stages)  # type: ignore[arg-type]
+    for name in ("stage2_updates", "stage2_batch_size"):
+        if options.HasField(name) and stages < 2:
+            raise InvalidInputError(
+                f"training.{name} applies to TRAINING_MODE_TWO_STAGE's second stage; {mode} "
+                "training has 1 stage (set training.updates / training.batch_size for it)",
+                field=f"training.{name}",
+            )
     if options.HasField("seed") and options.fresh_seed:
         raise InvalidInputError(
             "training.fresh_seed asks for a random seed, but training.seed gives one; set one "

@@ -154,7 +154,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
     for field in ("stage2_updates", "stage2_batch_size"):
         with pytest.raises(InvalidInputError) as e:
             validate_edit(_edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny")
-        assert e.value.field == f"training.{field}" and "joint training has 1" in str(e.value)
+        assert e.value.field == f"training.{field}" and "joint training has 1 stage" in str(e.value)
     with pytest.raises(InvalidInputError) as e:
         validate_edit(
             _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, stage2_updates=0)),
