@@ -30,6 +30,7 @@ import grpc
 from forgedit.errors import InvalidInputError
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
+from server.auth import Authenticator
 from server.errors import UnavailableError, to_rpc_status
 from server.jobs import Job, new_job_id
 from server.logs import job_context
@@ -90,9 +91,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     """The service. Holds no job state itself: that lives in the scheduler."""
 
     def __init__(
-        self, settings: ServerSettings, scheduler: Scheduler, store: EditModelStore
+        self,
+        settings: ServerSettings,
+        scheduler: Scheduler,
+        store: EditModelStore,
+        authenticator: Authenticator,
     ) -> None:
         self.settings = settings
+        self.authenticator = authenticator
         self.scheduler = scheduler
         self.store = store
         self.limits = Limits.from_settings(settings)
