@@ -335,3 +335,54 @@ def test_promtool_accepts_the_rules_and_config(tmp_path: Path) -> None:
     if "kubernetes_sd_configs not found" in checked.stdout + checked.stderr:
         pytest.skip("this promtool build has no Kubernetes service discovery (Debian strips it)")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _alerts() -> dict[str, str]:
+    rules = yaml.safe_load((K8S / "base" / "prometheus" / "forgedit-rules.yml").read_text())
+    return {
+        rule["alert"]: rule["expr"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def test_every_alert_has_promtool_rule_tests_and_they_pass() -> None:
+    tests = yaml.safe_load((K8S / "base" / "prometheus" / "forgedit-rules.test.yml").read_text())
+    tested = {
+        case["alertname"]
+        for group in tests["tests"]
+        for case in group.get("alert_rule_test", [])
+        if case.get("exp_alerts")  # a case where it fires, not only where it stays quiet
+    }
+    assert set(_alerts()) <= tested, f"alerts without a firing case: {set(_alerts()) - tested}"
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+    out = subprocess.run(
+        ["promtool", "test", "rules", "forgedit-rules.test.yml"],
+        cwd=K8S / "base" / "prometheus",
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_series_that_alerts_read_exist_at_zero_on_a_fresh_server() -> None:
+    """A labelled counter that first appears at its first event has no rate until its second:
+    every forgedit series an alert selects must be exported (at 0) from start-up."""
+    metrics_mod = pytest.importorskip("server.metrics")
+    samples = [s for f in metrics_mod.Metrics().registry.collect() for s in f.samples]
+    selectors = [
+        (name, dict(re.findall(r'(\w+)="([^"]*)"', matchers or "")))
+        for expr in _alerts().values()
+        for name, matchers in re.findall(r"\b(forgedit_[a-z_]+)(?:\{([^}]*)\})?", expr)
+    ]
+    assert selectors
+    for name, labels in selectors:
+        matching = [
+            s
+            for s in samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        assert matching, f"{name}{labels} is not exported before its first event"
+        assert all(s.value == 0 for s in matching)
