@@ -89,7 +89,7 @@ class JobRunner:
         # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (only
         # possible with an explicit training seed: random seeds never repeat).
         existing = self.store.find_trained(
-            plan.image.sha256, engine.base.fingerprint, source_prompt, plan.training
+            plan.image.sha256, engine.base.fingerprint, source_prompt, plan.training, job.principal
         )
         if existing is not None:
             self._reuse(job, plan, engine, existing)
@@ -122,7 +122,10 @@ class JobRunner:
         # half-done registration is exactly what cancelling here could leave behind.
         t = time.perf_counter()
         registered = self.store.register(
-            edit_model, request_id=plan.request_id, image_bytes=plan.image_bytes
+            edit_model,
+            request_id=plan.request_id,
+            image_bytes=plan.image_bytes,
+            principal=job.principal,
         )
         job.timings.registration = time.perf_counter() - t
         self.metrics.registration.observe(job.timings.registration)
