@@ -223,8 +223,12 @@ class ServerSettings(BaseSettings):
         entries = token_entries(self.auth_tokens)
         if any(not e.token.get_secret_value() for e in entries):
             raise ValueError("FORGEDIT_AUTH_TOKENS must not contain empty tokens")
-        if len({e.name for e in entries}) != len(entries):
-            raise ValueError("FORGEDIT_AUTH_TOKENS: each token needs its own principal name")
+        admin_of: dict[str, bool] = {}
+        for e in entries:  # a name may repeat (rotation: old and new token), its rights not
+            if admin_of.setdefault(e.name, e.admin) != e.admin:
+                raise ValueError(
+                    f"FORGEDIT_AUTH_TOKENS: the tokens of principal {e.name!r} disagree on admin"
+                )
         if len({e.token.get_secret_value() for e in entries}) != len(entries):
             raise ValueError("FORGEDIT_AUTH_TOKENS: a token is listed twice")
         if self.max_streams > self.grpc_threads - _RESERVED_THREADS:

@@ -252,8 +252,16 @@ def test_token_settings_objects_and_plain_strings(monkeypatch: pytest.MonkeyPatc
     assert "a-token" not in repr(settings) and "plain-token" not in repr(settings)
     names = [e.name for e in token_entries(settings.auth_tokens)]
     assert names[:2] == ["alice", "ops"] and names[2].startswith("token-")
+    # Rotation: two tokens of one principal, both accepted as that principal.
+    monkeypatch.setenv(
+        "FORGEDIT_AUTH_TOKENS",
+        '[{"name": "alice", "token": "old-token"}, {"name": "alice", "token": "new-token"}]',
+    )
+    auth = Authenticator(ServerSettings().auth_tokens)
+    for token in ("old-token", "new-token"):
+        assert auth.identify((("authorization", f"Bearer {token}"),)) == Principal("alice")
     for bad in (
-        '[{"name": "a", "token": "t1"}, {"name": "a", "token": "t2"}]',  # one name twice
+        '[{"name": "a", "token": "t1"}, {"name": "a", "token": "t2", "admin": true}]',
         '[{"name": "a", "token": "t1"}, {"name": "b", "token": "t1"}]',  # one token twice
         '[{"name": "a b", "token": "t1"}]',  # not a usable name
         '[{"name": "a", "token": "t1", "admn": true}]',  # a typo is an error, not ignored
