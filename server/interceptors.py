@@ -100,9 +100,18 @@ class DrainingInterceptor(grpc.ServerInterceptor):
 class StreamLimiter:
     """Counts open streams, in all and per client; ``acquire`` refuses beyond the bounds."""
 
-    def __init__(self, max_total: int, max_per_client: int) -> None:
+    def __init__(
+        self,
+        max_total: int,
+        max_per_client: int,
+        *,
+        total_setting: str = "FORGEDIT_MAX_STREAMS",
+        client_setting: str = "FORGEDIT_MAX_STREAMS_PER_CLIENT",
+    ) -> None:
         self.max_total = max_total
         self.max_per_client = max_per_client
+        self.total_setting = total_setting  # what the refusal names as the limit
+        self.client_setting = client_setting
         self._lock = threading.Lock()
         self._total = 0
         self._per_client: Counter[str] = Counter()
@@ -114,14 +123,14 @@ class StreamLimiter:
             if self._per_client[client] >= self.max_per_client:
                 raise StreamLimitError(
                     f"too many open streams from this client: at most {self.max_per_client} "
-                    "(FORGEDIT_MAX_STREAMS_PER_CLIENT); close one, or retry when one ends",
+                    f"({self.client_setting}); close one, or retry when one ends",
                     subject="streams-per-client",
                     limit=self.max_per_client,
                 )
             if self._total >= self.max_total:
                 raise StreamLimitError(
                     f"too many open streams on this replica: at most {self.max_total} "
-                    "(FORGEDIT_MAX_STREAMS); retry later or on another replica",
+                    f"({self.total_setting}); retry later or on another replica",
                     subject="streams",
                     limit=self.max_total,
                 )
@@ -182,6 +191,7 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
                 except StreamLimitError as exc:
                     log.info("refused %s: %s", handler_call_details.method, exc)
                     context.abort_with_status(to_rpc_status(exc).grpc_status())
+                    raise  # unreachable: abort raises
                 context.add_callback(release)  # whichever way the call ends
                 try:
                     yield from inner(request, context)

@@ -52,6 +52,7 @@ log = logging.getLogger("server.main")
 
 TINY_MODEL_NAME = "tiny"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+HEALTH_PORT_REFLECTION_STREAMS = 2
 
 
 class ForgeditServer:
@@ -247,18 +248,33 @@ def create_server(
 def start_health_server(
     settings: ServerSettings, servicer: health.HealthServicer
 ) -> tuple[grpc.Server | None, int | None]:
-    """The probes' own server (``FORGEDIT_HEALTH_PORT``): the same health servicer, its own
-    few threads and no concurrency limit, so health answers whatever application calls hold.
-    Health only: no reflection (a long reflection stream would hold one of its threads) and
-    no authentication. Plaintext even with TLS, as kubelet's gRPC probes do not speak TLS;
-    bind it where only the kubelet reaches it (see deploy/k8s NetworkPolicy)."""
+    """The probes' own server (``FORGEDIT_HEALTH_PORT``): the same health servicer, and
+    reflection, on their own few threads with no concurrency limit, so they answer whatever
+    application calls hold. A reflection stream holds a thread while open, so at most
+    ``HEALTH_PORT_REFLECTION_STREAMS`` may be open at once, leaving threads for health checks
+    (non-blocking, brief). No authentication. Plaintext even with TLS, as kubelet's gRPC probes
+    do not speak TLS; reachable by no pod in deploy/k8s (NetworkPolicy)."""
     if settings.health_port is None:
         return None, None
+    reflection_bound = StreamLimitInterceptor(
+        StreamLimiter(
+            HEALTH_PORT_REFLECTION_STREAMS,
+            HEALTH_PORT_REFLECTION_STREAMS,
+            total_setting="reflection streams on the health port",
+            client_setting="reflection streams on the health port",
+        ),
+        Authenticator([]),
+        "/grpc.reflection.",
+    )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="forgedit-health"),
-        options=server_options(64 * 1024),
+        futures.ThreadPoolExecutor(
+            max_workers=HEALTH_PORT_REFLECTION_STREAMS + 2, thread_name_prefix="forgedit-health"
+        ),
+        interceptors=[reflection_bound],
+        options=server_options(4 * 1024 * 1024),
     )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
     if port == 0:
         raise RuntimeError(f"could not listen on health port {settings.health_port}")

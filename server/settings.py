@@ -109,9 +109,9 @@ class ServerSettings(BaseSettings):
         default=50052,
         ge=0,
         le=65535,
-        description="Port of a second gRPC server that answers grpc.health.v1 only, with its "
-        "own threads, for probes: it answers whatever application calls do. 0 = any free; "
-        "'none' = off (health is always also served on the gRPC port).",
+        description="Port of a second gRPC server that answers grpc.health.v1 and reflection "
+        "on its own threads, for probes: it answers whatever application calls do. 0 = any "
+        "free; 'none' = off (both are always also served on the gRPC port).",
     )
     max_streams: int = Field(
         default=48,

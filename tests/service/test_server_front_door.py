@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from server._proto import forgedit_pb2 as pb
-from server.main import default_engine_factory
+from server.main import HEALTH_PORT_REFLECTION_STREAMS, default_engine_factory
 from server.service import SERVICE_NAME
 from server.settings import ServerSettings
 from server.transport import client_options
@@ -218,11 +218,15 @@ def test_prompt_with_invalid_utf8_is_invalid_argument_naming_the_field(
 # ------------------------------------------------------------------------------ reflection
 
 
+@pytest.mark.parametrize("port", ["grpc", "health"])
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 def test_reflection_v1_and_v1alpha_list_the_service_without_a_token(
-    harness: Any, version: str
+    harness: Any, version: str, port: str
 ) -> None:
-    info = harness.channel.stream_stream(
+    channel = harness.channel
+    if port == "health":
+        channel = grpc.insecure_channel(f"127.0.0.1:{harness.server.health_port}")
+    info = channel.stream_stream(
         f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
@@ -232,3 +236,40 @@ def test_reflection_v1_and_v1alpha_list_the_service_without_a_token(
     )
     names = {s.name for s in response.list_services_response.service}
     assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection"} <= names
+    if port == "health":
+        channel.close()
+
+
+def test_open_reflection_streams_cannot_take_the_health_ports_threads(harness: Any) -> None:
+    """Reflection streams left open on the health port are bounded; health still answers."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{harness.server.health_port}")
+    release = threading.Event()
+
+    def idle() -> Iterator[Any]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(60)  # keep the stream open
+
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    calls = [info(idle(), timeout=60) for _ in range(6)]
+    try:
+        outcomes = []
+        for call in calls:
+            try:
+                next(call)
+                outcomes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                outcomes.append(e.code())
+        assert outcomes.count(grpc.StatusCode.OK) == HEALTH_PORT_REFLECTION_STREAMS
+        assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 6 - outcomes.count(
+            grpc.StatusCode.OK
+        )
+        assert check(channel, "") == SERVING and check(channel, SERVICE_NAME) == SERVING
+    finally:
+        release.set()
+        for call in calls:
+            call.cancel()
+        channel.close()

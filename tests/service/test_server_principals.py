@@ -127,3 +127,12 @@ def test_the_same_fine_tune_is_not_shared_across_principals(
     again = support.stream(harness.stub.Edit, request, metadata=BOB)
     assert again.code == grpc.StatusCode.OK and not again.of("training")  # his own is reused
     assert again.of("completed")[0].edit_model_id == registered.edit_model_id
+
+
+def test_the_sdk_reports_the_principal(harness: Any, alices: tuple) -> None:
+    from forgedit_client import ForgeditClient
+
+    job_id, edit_model_id = alices
+    with ForgeditClient(f"127.0.0.1:{harness.port}", token=TOKENS["alice"]) as client:
+        assert client.get_job(job_id).principal == "alice"
+        assert client.get_edit_model(edit_model_id).principal == "alice"
