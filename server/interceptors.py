@@ -22,8 +22,8 @@ configured, else its IP address).
 
 ``RequestDecodingInterceptor``: a request that is not a valid protobuf of its method's type (or
 has a text field that is not UTF-8) ends INVALID_ARGUMENT naming the problem, with one brief
-WARNING log line, instead of gRPC's INTERNAL "Exception deserializing request!" and an ERROR
-traceback.
+WARNING log line (at most one per 10 s, counting the ones left out), instead of gRPC's
+INTERNAL "Exception deserializing request!" and an ERROR traceback.
 """
 
 from __future__ import annotations
@@ -206,6 +206,33 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
 # ------------------------------------------------------------------------------- decoding
 
 
+MALFORMED_LOG_INTERVAL_S = 10.0
+
+
+class LogBudget:
+    """At most one log line per ``interval_s``; the next allowed line reports how many were
+    suppressed meanwhile. A client sending garbage in a loop costs the log one line per
+    interval, not one per request."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def take(self) -> tuple[bool, int]:
+        """(whether to log now, how many lines were suppressed since the last one)."""
+        with self._lock:
+            now = self._clock()
+            if now < self._next:
+                self._suppressed += 1
+                return False, 0
+            self._next = now + self.interval_s
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
+
+
 class MalformedRequest:
     """What the tolerant deserializer returns for bytes that are not a valid request, in place
     of raising (gRPC would log a traceback and answer INTERNAL)."""
@@ -294,8 +321,9 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
     """Malformed requests end INVALID_ARGUMENT (see the module docstring). Innermost, so
     authentication and admission come first."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, log_budget: LogBudget | None = None) -> None:
         self.prefix = prefix
+        self.log_budget = log_budget or LogBudget(MALFORMED_LOG_INTERVAL_S)
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -311,9 +339,15 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
             return handler
 
         def refuse(request: MalformedRequest, context: grpc.ServicerContext) -> None:
-            log.warning(
-                "malformed request to %s from %s: %s", method, context.peer(), request.problem
-            )
+            allowed, suppressed = self.log_budget.take()
+            if allowed:
+                log.warning(
+                    "malformed request to %s from %s: %s%s",
+                    method,
+                    context.peer(),
+                    request.problem,
+                    f" ({suppressed} more since the last such line)" if suppressed else "",
+                )
             error = InvalidInputError(request.problem, field=request.field)
             context.abort_with_status(to_rpc_status(error).grpc_status())
 

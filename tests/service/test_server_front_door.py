@@ -181,15 +181,17 @@ def test_malformed_protobuf_is_invalid_argument_and_unauthenticated_first(
 ) -> None:
     caplog.set_level(logging.INFO)
     get_job = harness.channel.unary_unary(f"{METHOD}GetJob")
-    with pytest.raises(grpc.RpcError) as raised:
-        get_job(b"\xff\xff\xff\xff", metadata=support.AUTH, timeout=10)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "forgedit.v1.GetJobRequest" in (raised.value.details() or "")
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError) as raised:
+            get_job(b"\xff\xff\xff\xff", metadata=support.AUTH, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "forgedit.v1.GetJobRequest" in (raised.value.details() or "")
     with pytest.raises(grpc.RpcError) as raised:
         get_job(b"\xff\xff\xff\xff", timeout=10)  # no token: that is said first
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Five malformed requests cost the log at most one brief line (one per 10 s).
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len([r for r in warnings if "malformed request" in r.getMessage()]) == 1
+    assert len([r for r in warnings if "malformed request" in r.getMessage()]) <= 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 

@@ -26,7 +26,7 @@ from server.auth import (
     token_entries,
 )
 from server.errors import QueueFullError, StreamLimitError, UnauthenticatedError, to_rpc_status
-from server.interceptors import StreamLimiter
+from server.interceptors import LogBudget, MalformedRequest, StreamLimiter, tolerant_deserializer
 from server.ports import BaseModelInfo
 from server.service import _payload_digest
 from server.settings import ServerSettings
@@ -318,3 +318,26 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ServerSettings(tls_cert_file=Path("cert.pem"))  # a certificate needs its key
     with pytest.raises(ValidationError):
         ServerSettings(max_image_bytes=10**9)  # must stay below the message limit
+
+
+def test_log_budget_allows_one_line_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    budget = LogBudget(10.0, clock=lambda: now[0])
+    assert budget.take() == (True, 0)
+    assert budget.take() == (False, 0) and budget.take() == (False, 0)
+    now[0] += 10.0
+    assert budget.take() == (True, 2)  # the next line reports the two left out
+    assert budget.take() == (False, 0)
+
+
+def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
+    parse = tolerant_deserializer(pb.EditRequest.FromString)
+    assert isinstance(
+        parse(pb.EditRequest(target_prompts=["ok"]).SerializeToString()), pb.EditRequest
+    )
+    garbage = parse(b"\xff\xff\xff")
+    assert isinstance(garbage, MalformedRequest) and "forgedit.v1.EditRequest" in garbage.problem
+    number = pb.EditRequest.DESCRIPTOR.fields_by_name["source_prompt"].number
+    bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
+    assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
+    assert "UTF-8" in bad.problem
