@@ -88,6 +88,7 @@ def main() -> None:
     tiny = ensure_tiny_model(work / "tiny-model")
     settings = ServerSettings(
         grpc_port=0,
+        health_port=None,
         metrics_port=None,
         data_dir=work / "data",
         queue_size=64,
@@ -219,6 +220,7 @@ def idle_rss(tiny: Path, work: Path) -> float:
         **os.environ,
         "FORGEDIT_GRPC_PORT": str(port),
         "FORGEDIT_METRICS_PORT": "none",
+        "FORGEDIT_HEALTH_PORT": "0",
         "FORGEDIT_DATA_DIR": str(work / "idle"),
         "FORGEDIT_LOG_LEVEL": "WARNING",
         "FORGEDIT_BASE_MODELS": json.dumps({"tiny": str(tiny / "stable-diffusion")}),

@@ -40,11 +40,14 @@ TAG_WIDTH = "forgedit.width"
 TAG_HEIGHT = "forgedit.height"
 # The whole training config as canonical JSON (seed included): reproducible from the API alone.
 TAG_TRAINING = "forgedit.training"
+# Who made it (a principal name of the service's tokens); absent on older edit models.
+TAG_PRINCIPAL = "forgedit.principal"
 # Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
 TAG_RUN_DATA = "forgedit.run_data_logged"
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _BASE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_PRINCIPAL = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 MAX_REQUEST_ID_CHARS = 256
 MAX_USER_TAGS = 20
 
@@ -95,6 +98,8 @@ class EditModelInfo:
             return int(json.loads(self.training_json)["seed"]) if self.training_json else 0
         except (ValueError, KeyError, TypeError):
             return 0
+
+    principal: str = ""  # who made it; "" if unrecorded
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,17 @@ def check_base_model_name(value: str) -> str:
     return value
 
 
+def check_principal(value: str) -> str:
+    """A principal name as it may appear in a tag and a filter string (no quotes possible)."""
+    if not _PRINCIPAL.match(value):
+        raise InvalidInputError(
+            f"principal {value[:80]!r} is not valid: 1-64 letters, digits, '.', '_', '@' or "
+            "'-', starting with a letter or digit",
+            field="principal",
+        )
+    return value
+
+
 def describe_manifest(
     manifest: Mapping[str, Any], edit_model_id: str, request_id: str, manifest_sha256: str
 ) -> dict[str, str]:
@@ -217,6 +233,7 @@ def info_from_tags(
         width=int(num(TAG_WIDTH)),
         height=int(num(TAG_HEIGHT)),
         training_json=tags.get(TAG_TRAINING, ""),
+        principal=tags.get(TAG_PRINCIPAL, ""),
     )
 
 

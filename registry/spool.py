@@ -41,7 +41,7 @@ from registry.fsutil import (
     write_json_atomic,
 )
 from registry.ids import is_edit_model_id
-from registry.records import TAG_DEDUPE, TAG_REQUEST_KEY
+from registry.records import TAG_DEDUPE, TAG_PRINCIPAL, TAG_REQUEST_KEY
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,18 @@ class Spool:
         return sorted(found, key=lambda e: float(e.meta.get("spooled_at", 0.0)))
 
     def find(
-        self, *, request_key: str | None = None, dedupe_key: str | None = None
+        self,
+        *,
+        request_key: str | None = None,
+        dedupe_key: str | None = None,
+        principal: str | None = None,
     ) -> SpoolEntry | None:
+        """The first entry of ``request_key`` or ``dedupe_key``; with ``principal``, of that
+        principal only (``TAG_PRINCIPAL``)."""
         for entry in self.entries():
             tags = entry.tags
+            if principal is not None and tags.get(TAG_PRINCIPAL, "") != principal:
+                continue
             if request_key and tags.get(TAG_REQUEST_KEY) == request_key:
                 return entry
             if dedupe_key and tags.get(TAG_DEDUPE) == dedupe_key:

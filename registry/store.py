@@ -80,6 +80,7 @@ from registry.records import (
     TAG_DEDUPE,
     TAG_ID,
     TAG_MANIFEST,
+    TAG_PRINCIPAL,
     TAG_PROMPT,
     TAG_REQUEST_KEY,
     TAG_RUN_DATA,
@@ -89,6 +90,7 @@ from registry.records import (
     RegisteredEditModel,
     Source,
     check_base_model_name,
+    check_principal,
     check_request_id,
     check_sha256,
     dedupe_key,
@@ -191,6 +193,7 @@ class EditModelRegistry:
         contact_sheet: ImageInput | None = None,
         tags: Mapping[str, str] | None = None,
         dedupe: bool = True,
+        principal: str = "",
     ) -> RegisteredEditModel:
         """Register an edit model (an ``EditModel`` or an edit-model directory).
 
@@ -202,6 +205,9 @@ class EditModelRegistry:
         another.
         ``input_image`` and ``contact_sheet`` (bytes or a file path) are stored as artifacts.
         ``tags`` are extra run tags (at most 20; keys of letters, digits, ``_ - .``).
+        ``principal`` (a service's token name) is recorded as ``forgedit.principal``; with it,
+        the request id and deduplication only ever match that principal's edit models (another
+        principal's request id is a conflict, never its model).
 
         Never raises ``RegistryUnavailableError``: when MLflow does not answer, the edit model
         is spooled and the result says ``spooled=True`` (its ID is usable here at once).
@@ -209,6 +215,8 @@ class EditModelRegistry:
         or corrupted edit-model directory.
         """
         check_request_id(request_id)
+        if principal:
+            check_principal(principal)
         user_tags = _check_user_tags(tags or {})
         rkey = request_key(request_id) if request_id else None
         keys = _keys_of(edit_model)
@@ -216,11 +224,11 @@ class EditModelRegistry:
         # Without the image's hash there is nothing to deduplicate on.
         dedupe = dedupe and bool(keys[0])
         with self._request_lock(rkey or dkey):
-            existing, reachable = self._existing(rkey, dkey, dedupe)
+            existing, reachable = self._existing(rkey, dkey, dedupe, principal)
             if existing is not None:
                 return existing
             entry = self._spool_edit_model(
-                edit_model, request_id, input_image, contact_sheet, user_tags
+                edit_model, request_id, input_image, contact_sheet, user_tags, principal
             )
             if reachable:
                 try:
@@ -238,18 +246,20 @@ class EditModelRegistry:
         base_model_fingerprint: str,
         config_fingerprint: str,
         source_prompt: str,
+        principal: str | None = None,
     ) -> EditModelInfo | None:
         """An edit model of the same image bytes, base model, training config (seed included)
         and source prompt, registered or spooled here; ``None`` if there is none, or if MLflow
         does not answer (then training again is the safe choice, and ``register`` dedupes
-        later)."""
+        later). With ``principal``, only that principal's edit models."""
         check_sha256(image_sha256, "image_sha256")
+        mine = {} if principal is None else {"principal": check_principal(principal)}
         dkey = dedupe_key(image_sha256, base_model_fingerprint, config_fingerprint, source_prompt)
-        entry = self._spool.find(dedupe_key=dkey)
+        entry = self._spool.find(dedupe_key=dkey, principal=principal)
         if entry is not None:
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
         try:
-            versions = self._backend.find_versions(dedupe_key=dkey)
+            versions = self._backend.find_versions(dedupe_key=dkey, **mine)
         except RegistryUnavailableError:
             log.warning("MLflow unavailable: cannot look for an existing edit model to reuse")
             return None
@@ -276,11 +286,13 @@ class EditModelRegistry:
         image_sha256: str | None = None,
         page_size: int = 50,
         page_token: str | None = None,
+        principal: str | None = None,
     ) -> EditModelPage:
-        """Registered edit models, newest first, optionally filtered by base-model name and
-        image sha256. The first page (no ``page_token``) also lists this replica's spooled
-        edit models that match, ahead of the registered ones. Raises ``InvalidInputError`` for
-        a bad filter, page size (1-1000) or token, ``RegistryUnavailableError``."""
+        """Registered edit models, newest first, optionally filtered by base-model name, image
+        sha256 and the ``principal`` that made them. The first page (no ``page_token``) also
+        lists this replica's spooled edit models that match, ahead of the registered ones.
+        Raises ``InvalidInputError`` for a bad filter, page size (1-1000) or token,
+        ``RegistryUnavailableError``."""
         if not 1 <= page_size <= 1000:
             raise InvalidInputError(
                 f"page size must be 1..1000, got {page_size}", field="page_size"
@@ -290,6 +302,8 @@ class EditModelRegistry:
             wanted["base_model_name"] = check_base_model_name(base_model)
         if image_sha256 is not None:
             wanted["image_sha256"] = check_sha256(image_sha256, "image_sha256")
+        if principal is not None:
+            wanted["principal"] = check_principal(principal)
         if page_token is not None and (
             not page_token
             or len(page_token) > 512
@@ -509,19 +523,23 @@ class EditModelRegistry:
             yield
 
     def _existing(
-        self, rkey: str | None, dkey: str, dedupe: bool
+        self, rkey: str | None, dkey: str, dedupe: bool, principal: str = ""
     ) -> tuple[RegisteredEditModel | None, bool]:
-        """(the edit model to return instead of registering, whether MLflow answered)."""
+        """(the edit model to return instead of registering, whether MLflow answered). With a
+        ``principal``, deduplication looks at its edit models only, and its request id must not
+        name another principal's."""
+        scope = principal or None
+        mine = {"principal": principal} if principal else {}
         if rkey is not None and (entry := self._spool.find(request_key=rkey)) is not None:
-            _check_same(entry.tags, dkey)
+            _check_same(entry.tags, dkey, principal)
             return RegisteredEditModel(entry.edit_model_id, None, spooled=True), True
-        if dedupe and (entry := self._spool.find(dedupe_key=dkey)) is not None:
+        if dedupe and (entry := self._spool.find(dedupe_key=dkey, principal=scope)) is not None:
             return RegisteredEditModel(entry.edit_model_id, None, deduped=True, spooled=True), True
         try:
             if rkey is not None and (versions := self._backend.find_versions(request_key=rkey)):
-                _check_same(versions[0].tags, dkey)
+                _check_same(versions[0].tags, dkey, principal)
                 return _registered(versions[0]), True
-            if dedupe and (versions := self._backend.find_versions(dedupe_key=dkey)):
+            if dedupe and (versions := self._backend.find_versions(dedupe_key=dkey, **mine)):
                 return _registered(versions[0], deduped=True), True
         except RegistryUnavailableError:
             return None, False
@@ -534,6 +552,7 @@ class EditModelRegistry:
         input_image: ImageInput | None,
         contact_sheet: ImageInput | None,
         user_tags: dict[str, str],
+        principal: str = "",
     ) -> SpoolEntry:
         staging = self._spool.new_staging()
         try:
@@ -547,6 +566,8 @@ class EditModelRegistry:
             edit_model_id = new_edit_model_id()
             manifest_sha = sha256_file(staging / "model/artifacts/edit_model" / MANIFEST_FILE)
             tags = describe_manifest(manifest, edit_model_id, request_id, manifest_sha)
+            if principal:
+                tags[TAG_PRINCIPAL] = principal
             meta = {
                 "edit_model_id": edit_model_id,
                 "request_id": request_id,
@@ -893,7 +914,10 @@ def _check_user_tags(tags: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _check_same(tags: Mapping[str, str], dkey: str) -> None:
+def _check_same(tags: Mapping[str, str], dkey: str, principal: str = "") -> None:
+    if principal and tags.get(TAG_PRINCIPAL, "") != principal:
+        # Another principal's request: say nothing about its edit model.
+        raise RegistryConflictError("request id is already in use; use a new request id")
     if tags.get(TAG_DEDUPE) != dkey:
         raise RegistryConflictError(
             f"request id was already used to register edit model {tags.get(TAG_ID)} from a "

@@ -14,7 +14,7 @@ rm -rf out/demo  # the demo's own output; --out must be new or empty
 mkdir -p out
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 port=$(free_port)
-FORGEDIT_GRPC_PORT=$port FORGEDIT_METRICS_PORT=0 FORGEDIT_LOG_FORMAT=text \
+FORGEDIT_GRPC_PORT=$port FORGEDIT_HEALTH_PORT=0 FORGEDIT_METRICS_PORT=0 FORGEDIT_LOG_FORMAT=text \
   .venv/bin/forgedit-server > out/demo-server.log 2>&1 &
 server=$!
 stop_server() {

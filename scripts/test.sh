@@ -13,6 +13,12 @@ echo "== ruff" >&2
 .venv/bin/ruff format --check .
 echo "== yamllint (deploy/)" >&2
 .venv/bin/yamllint -c deploy/.yamllint.yaml deploy/
+echo "== promtool test rules (every alert in deploy/)" >&2
+if command -v promtool >/dev/null 2>&1; then
+  (cd deploy/k8s/base/prometheus && promtool test rules forgedit-rules.test.yml)
+else
+  echo "promtool is not installed (scripts/tools.sh): alert rule tests skipped" >&2
+fi
 echo "== mypy" >&2
 .venv/bin/mypy forgedit registry server clients/python/src
 echo "== protobuf: buf lint (STANDARD), generated code is current" >&2

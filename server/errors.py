@@ -10,7 +10,8 @@ error                          status                 details
 =============================  =====================  ========================================
 InvalidInputError (+ image,    INVALID_ARGUMENT       BadRequest.field_violations[field]
 strategy, edit-model id)
-QueueFullError                 RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
+QueueFullError,                RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
+StreamLimitError
 RequestConflictError,          ALREADY_EXISTS         ErrorInfo
 RegistryConflictError
 JobNotFoundError,              NOT_FOUND              ResourceInfo
@@ -113,6 +114,15 @@ class UnauthenticatedError(ServiceError):
     """No bearer token, or not one the server accepts."""
 
 
+class StreamLimitError(ServiceError):
+    """A new long-lived stream would exceed a bound on open streams (``subject`` names it)."""
+
+    def __init__(self, message: str, *, subject: str, limit: int) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class MappedError:
     """An exception as the client sees it, plus a bounded label for metrics."""
@@ -151,6 +161,19 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
                 violations=[
                     error_details_pb2.QuotaFailure.Violation(
                         subject="job-queue", description=f"at most {exc.queue_size} jobs may wait"
+                    )
+                ]
+            ),
+        )
+    if isinstance(exc, StreamLimitError):
+        return _status(
+            code_pb2.RESOURCE_EXHAUSTED,
+            str(exc),
+            _retry_info(5.0),
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=exc.subject, description=f"at most {exc.limit} open streams"
                     )
                 ]
             ),

@@ -1,27 +1,74 @@
-"""Interceptors around every call: draining (SIGTERM) and per-call metrics.
+"""Interceptors around every call: the server's front door.
+
+In pipeline order (the first is outermost; see ``server.main``):
+
+``MetricsInterceptor``: observes ``forgedit_rpc_duration_seconds{method,code}`` when a call
+ends, whatever way it ends: OK, an error status, a refusal by the interceptors inside it, or the
+client going away (CANCELLED).
 
 ``DrainingInterceptor``: once draining starts, new calls other than health checks end
 UNAVAILABLE at once (calls already running continue), so a load balancer retries them on
 another replica.
 
-``MetricsInterceptor``: observes ``forgedit_rpc_duration_seconds{method,code}`` when a call
-ends, whatever way it ends: OK, an error status, or the client going away (CANCELLED).
+``server.auth.BearerTokenInterceptor`` (when tokens are configured): UNAUTHENTICATED before the
+payload is read.
+
+``StreamLimitInterceptor``: bounds the long-lived streams of our service (Edit, Sample,
+WatchJob): each holds a server thread while open, so without a bound they could take every
+thread and starve unary calls, health checks and reflection. Over the bound a new stream ends
+RESOURCE_EXHAUSTED naming the limit (``FORGEDIT_MAX_STREAMS`` in all,
+``FORGEDIT_MAX_STREAMS_PER_CLIENT`` per client; a client is its principal when tokens are
+configured, else its IP address).
+
+``RequestDecodingInterceptor``: a request that is not a valid protobuf of its method's type (or
+has a text field that is not UTF-8) ends INVALID_ARGUMENT naming the problem, with one brief
+WARNING log line (at most one per 10 s, counting the ones left out), instead of gRPC's
+INTERNAL "Exception deserializing request!" and an ERROR traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from server.auth import refusing_handler
-from server.errors import UnavailableError
+from forgedit.errors import InvalidInputError
+from server.auth import Authenticator, refusing_handler
+from server.errors import StreamLimitError, UnavailableError, to_rpc_status
 from server.metrics import Metrics
 
+log = logging.getLogger("server.interceptors")
+
 _HEALTH = "/grpc.health.v1.Health/"
+
+Behavior = Callable[..., Any]
+Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
+
+
+def wrap_behavior(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Behavior], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour replaced by ``around(behaviour)``, same shape; and with
+    ``request_deserializer`` instead of its own when given."""
+    kwargs = {
+        "request_deserializer": request_deserializer or handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(around(handler.stream_unary), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(around(handler.stream_stream), **kwargs)
 
 
 class DrainingInterceptor(grpc.ServerInterceptor):
@@ -36,9 +83,7 @@ class DrainingInterceptor(grpc.ServerInterceptor):
         return self._draining.is_set()
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
@@ -49,55 +94,319 @@ class DrainingInterceptor(grpc.ServerInterceptor):
         )
 
 
+# ------------------------------------------------------------------------------- streams
+
+
+class StreamLimiter:
+    """Counts open streams, in all and per client; ``acquire`` refuses beyond the bounds."""
+
+    def __init__(
+        self,
+        max_total: int,
+        max_per_client: int,
+        *,
+        total_setting: str = "FORGEDIT_MAX_STREAMS",
+        client_setting: str = "FORGEDIT_MAX_STREAMS_PER_CLIENT",
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total_setting = total_setting  # what the refusal names as the limit
+        self.client_setting = client_setting
+        self._lock = threading.Lock()
+        self._total = 0
+        self._per_client: Counter[str] = Counter()
+
+    def acquire(self, client: str) -> Callable[[], None]:
+        """Take a slot for ``client``; returns its release (idempotent) or raises
+        ``StreamLimitError`` naming the bound that was reached."""
+        with self._lock:
+            if self._per_client[client] >= self.max_per_client:
+                raise StreamLimitError(
+                    f"too many open streams from this client: at most {self.max_per_client} "
+                    f"({self.client_setting}); close one, or retry when one ends",
+                    subject="streams-per-client",
+                    limit=self.max_per_client,
+                )
+            if self._total >= self.max_total:
+                raise StreamLimitError(
+                    f"too many open streams on this replica: at most {self.max_total} "
+                    f"({self.total_setting}); retry later or on another replica",
+                    subject="streams",
+                    limit=self.max_total,
+                )
+            self._total += 1
+            self._per_client[client] += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                self._total -= 1
+                self._per_client[client] -= 1
+                if self._per_client[client] <= 0:
+                    del self._per_client[client]
+
+        return release
+
+    @property
+    def open_streams(self) -> int:
+        with self._lock:
+            return self._total
+
+
+def client_key(authenticator: Authenticator, context: grpc.ServicerContext) -> str:
+    """Who a stream counts against: its principal with tokens, else the peer's IP address
+    (``ipv4:127.0.0.1:54321`` -> ``ipv4:127.0.0.1``), so one host's many connections share."""
+    if authenticator.enabled:
+        return "principal:" + authenticator.principal_of(context).name
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class StreamLimitInterceptor(grpc.ServerInterceptor):
+    """Bound the response-streaming calls of our service (see the module docstring)."""
+
+    def __init__(self, limiter: StreamLimiter, authenticator: Authenticator, prefix: str) -> None:
+        self.limiter = limiter
+        self.authenticator = authenticator
+        self.prefix = prefix
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if (
+            handler is None
+            or not handler.response_streaming
+            or not handler_call_details.method.startswith(self.prefix)
+        ):
+            return handler
+
+        def around(inner: Behavior) -> Behavior:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    release = self.limiter.acquire(client_key(self.authenticator, context))
+                except StreamLimitError as exc:
+                    log.info("refused %s: %s", handler_call_details.method, exc)
+                    context.abort_with_status(to_rpc_status(exc).grpc_status())
+                    raise  # unreachable: abort raises
+                context.add_callback(release)  # whichever way the call ends
+                try:
+                    yield from inner(request, context)
+                finally:
+                    release()
+
+            return stream
+
+        return wrap_behavior(handler, around)
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+MALFORMED_LOG_INTERVAL_S = 10.0
+
+
+class LogBudget:
+    """At most one log line per ``interval_s``; the next allowed line reports how many were
+    suppressed meanwhile. A client sending garbage in a loop costs the log one line per
+    interval, not one per request."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def take(self) -> tuple[bool, int]:
+        """(whether to log now, how many lines were suppressed since the last one)."""
+        with self._lock:
+            now = self._clock()
+            if now < self._next:
+                self._suppressed += 1
+                return False, 0
+            self._next = now + self.interval_s
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
+
+
+class MalformedRequest:
+    """What the tolerant deserializer returns for bytes that are not a valid request, in place
+    of raising (gRPC would log a traceback and answer INTERNAL)."""
+
+    def __init__(self, problem: str, field: str) -> None:
+        self.problem = problem
+        self.field = field
+
+
+def tolerant_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer`` that returns a ``MalformedRequest`` instead of raising."""
+    message_type = getattr(deserializer, "__self__", None)
+    type_name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            bad_text = _first_bad_utf8_field(message_type, data) if "UTF-8" in str(exc) else None
+            if bad_text is not None:
+                return MalformedRequest(
+                    f"field {bad_text!r} of {type_name} is not valid UTF-8; text fields "
+                    "(prompts, ids) must be UTF-8",
+                    bad_text,
+                )
+            if "UTF-8" in str(exc):
+                return MalformedRequest(
+                    f"a text field of {type_name} is not valid UTF-8; text fields (prompts, "
+                    "ids) must be UTF-8",
+                    "request",
+                )
+            return MalformedRequest(
+                f"the request is not a valid {type_name} protobuf message ({len(data)} bytes "
+                "that do not parse); send a serialized forgedit.v1 request",
+                "request",
+            )
+
+    return parse
+
+
+def _first_bad_utf8_field(message_type: Any, data: bytes) -> str | None:
+    """Name of the first top-level string field whose bytes are not UTF-8, or None (a nested
+    one, or a wire format too broken to walk)."""
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+    if descriptor is None:
+        return None
+    strings = {f.number: f.name for f in descriptor.fields if f.type == f.TYPE_STRING}
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = _varint(data, pos)
+                value, pos = data[pos : pos + length], pos + length
+                if number in strings:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return strings[number]
+            else:
+                return None
+    except IndexError:
+        return None
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+class RequestDecodingInterceptor(grpc.ServerInterceptor):
+    """Malformed requests end INVALID_ARGUMENT (see the module docstring). Innermost, so
+    authentication and admission come first."""
+
+    def __init__(self, prefix: str, log_budget: LogBudget | None = None) -> None:
+        self.prefix = prefix
+        self.log_budget = log_budget or LogBudget(MALFORMED_LOG_INTERVAL_S)
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if (
+            handler is None
+            or handler.request_streaming
+            or handler.request_deserializer is None
+            or not method.startswith(self.prefix)
+        ):
+            return handler
+
+        def refuse(request: MalformedRequest, context: grpc.ServicerContext) -> None:
+            allowed, suppressed = self.log_budget.take()
+            if allowed:
+                log.warning(
+                    "malformed request to %s from %s: %s%s",
+                    method,
+                    context.peer(),
+                    request.problem,
+                    f" ({suppressed} more since the last such line)" if suppressed else "",
+                )
+            error = InvalidInputError(request.problem, field=request.field)
+            context.abort_with_status(to_rpc_status(error).grpc_status())
+
+        def around(inner: Behavior) -> Behavior:
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, MalformedRequest):
+                    refuse(request, context)
+                return inner(request, context)
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if isinstance(request, MalformedRequest):
+                    refuse(request, context)
+                yield from inner(request, context)
+
+            return stream if handler.response_streaming else unary
+
+        return wrap_behavior(handler, around, tolerant_deserializer(handler.request_deserializer))
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Time every call of our service, labelled by method name and final status code."""
+    """Time every call of our service, labelled by method name and final status code
+    (refusals by the interceptors inside this one included)."""
 
     def __init__(self, metrics: Metrics, service_prefix: str) -> None:
         self.metrics = metrics
         self.prefix = service_prefix
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         full = handler_call_details.method
         if handler is None or not full.startswith(self.prefix):
             return handler
         method = full[len(self.prefix) :]  # a bounded set: the service's method names
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
 
+        def around(inner: Behavior) -> Behavior:
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 call = _Call(self.metrics, method, context)
                 try:
-                    response = inner_unary(request, context)
+                    response = inner(request, context)
                 except BaseException:
                     call.failed()
                     raise
                 call.succeeded()
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 call = _Call(self.metrics, method, context)
                 try:
-                    yield from inner_stream(request, context)
+                    yield from inner(request, context)
                 except BaseException:
                     call.failed()
                     raise
                 call.succeeded()
 
-            return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-        return handler
+            return stream if handler.response_streaming else unary
+
+        return wrap_behavior(handler, around)
 
 
 class _Call:

@@ -79,6 +79,7 @@ class Job:
     max_events: int
     max_bytes: int
     detach: bool = False
+    principal: str = ""  # who submitted it (server.auth.Principal.name)
     state: JobState = JobState.QUEUED
     queue_position: int = 0
     edit_model_id: str = ""
@@ -219,6 +220,7 @@ class Job:
                 edit_model_id=self.edit_model_id,
                 last_sequence=self._sequence,
                 create_time=_ts(self.created_at),
+                principal=self.principal,
             )
             if self.started_at is not None:
                 job.start_time.CopyFrom(_ts(self.started_at))

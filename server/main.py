@@ -4,7 +4,8 @@
 ``grpc_port=0``): it starts listening at once (liveness is SERVING), loads and warms up the
 engines in the device workers, and flips readiness to SERVING when they are ready.
 
-Health (``grpc.health.v1``)
+Health (``grpc.health.v1``), on the gRPC port and on the probes' own ``FORGEDIT_HEALTH_PORT``
+(its own server and threads, so it answers whatever application calls do)
     ``""`` (liveness): SERVING while the process serves at all.
     ``"forgedit.v1.ForgeditService"`` (readiness): NOT_SERVING until every base model is
     loaded and warmed up, and again from the moment draining starts.
@@ -26,11 +27,17 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from server._proto import forgedit_pb2_grpc as pb_grpc
-from server.auth import BearerTokenInterceptor
-from server.interceptors import DrainingInterceptor, MetricsInterceptor
+from server.auth import Authenticator, BearerTokenInterceptor
+from server.interceptors import (
+    DrainingInterceptor,
+    MetricsInterceptor,
+    RequestDecodingInterceptor,
+    StreamLimiter,
+    StreamLimitInterceptor,
+)
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ports import EngineFactory, EngineLike, RegistryLike
@@ -44,6 +51,8 @@ from server.transport import server_credentials, server_options
 log = logging.getLogger("server.main")
 
 TINY_MODEL_NAME = "tiny"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+HEALTH_PORT_REFLECTION_STREAMS = 2
 
 
 class ForgeditServer:
@@ -60,6 +69,10 @@ class ForgeditServer:
         metrics: Metrics,
         metrics_port: int | None,
         owned_registry: RegistryLike | None = None,
+        *,
+        health_server: grpc.Server | None = None,
+        health_port: int | None = None,
+        streams: StreamLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.grpc_server = grpc_server
@@ -70,6 +83,9 @@ class ForgeditServer:
         self.metrics = metrics
         self.metrics_port = metrics_port
         self._owned_registry = owned_registry
+        self.health_server = health_server
+        self.health_port = health_port
+        self.streams = streams
         self._stopped = threading.Event()
         self._watcher = threading.Thread(
             target=self._mark_ready, name="forgedit-ready", daemon=True
@@ -109,6 +125,8 @@ class ForgeditServer:
         self.draining.start_draining()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.scheduler.stop()
         self.metrics.close()
         if self._owned_registry is not None:
@@ -154,32 +172,37 @@ def create_server(
     )
 
     draining = DrainingInterceptor()
-    interceptors: list[grpc.ServerInterceptor] = [
-        MetricsInterceptor(metrics, f"/{SERVICE_NAME}/"),
-        draining,
+    authenticator = Authenticator(settings.auth_tokens)
+    prefix = f"/{SERVICE_NAME}/"
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics, prefix), draining]
+    if authenticator.enabled:
+        interceptors.append(BearerTokenInterceptor(authenticator))
+    streams = StreamLimiter(settings.max_streams, settings.max_streams_per_client)
+    interceptors += [
+        StreamLimitInterceptor(streams, authenticator, prefix),
+        RequestDecodingInterceptor(prefix),
     ]
-    if settings.auth_tokens:
-        interceptors.append(
-            BearerTokenInterceptor([t.get_secret_value() for t in settings.auth_tokens])
-        )
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_threads, thread_name_prefix="forgedit-rpc"
         ),
         interceptors=interceptors,
-        options=server_options(settings.max_message_bytes),
+        options=server_options(
+            settings.max_message_bytes,
+            settings.max_connection_age_s,
+            settings.max_connection_age_grace_s,
+        ),
         maximum_concurrent_rpcs=settings.grpc_threads,
     )
     pb_grpc.add_ForgeditServiceServicer_to_server(
-        ForgeditServicer(settings, scheduler, store), grpc_server
+        ForgeditServicer(settings, scheduler, store, authenticator), grpc_server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
-    )
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), grpc_server)
+    health_server, health_port = start_health_server(settings, health_servicer)
 
     address = f"{settings.host}:{settings.grpc_port}"
     if settings.tls:
@@ -200,9 +223,10 @@ def create_server(
     grpc_server.start()
     scheduler.start()
     log.info(
-        "listening on port %d (%s), metrics on %s",
+        "listening on port %d (%s), health on %s, metrics on %s",
         port,
         "TLS" if settings.tls else "plaintext",
+        health_port or "the gRPC port only",
         metrics_port or "off",
     )
     server = ForgeditServer(
@@ -215,8 +239,65 @@ def create_server(
         metrics,
         metrics_port,
         registry if owns_registry else None,
+        health_server=health_server,
+        health_port=health_port,
+        streams=streams,
     )
     return server, port
+
+
+def start_health_server(
+    settings: ServerSettings, servicer: health.HealthServicer
+) -> tuple[grpc.Server | None, int | None]:
+    """The probes' own server (``FORGEDIT_HEALTH_PORT``): the same health servicer, and
+    reflection, on their own few threads with no concurrency limit, so they answer whatever
+    application calls hold. A reflection stream holds a thread while open, so at most
+    ``HEALTH_PORT_REFLECTION_STREAMS`` may be open at once, leaving threads for health checks
+    (non-blocking, brief). No authentication. Plaintext even with TLS, as kubelet's gRPC probes
+    do not speak TLS; reachable by no pod in deploy/k8s (NetworkPolicy)."""
+    if settings.health_port is None:
+        return None, None
+    reflection_bound = StreamLimitInterceptor(
+        StreamLimiter(
+            HEALTH_PORT_REFLECTION_STREAMS,
+            HEALTH_PORT_REFLECTION_STREAMS,
+            total_setting="reflection streams on the health port",
+            client_setting="reflection streams on the health port",
+        ),
+        Authenticator([]),
+        "/grpc.reflection.",
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=HEALTH_PORT_REFLECTION_STREAMS + 2, thread_name_prefix="forgedit-health"
+        ),
+        interceptors=[reflection_bound],
+        options=server_options(4 * 1024 * 1024),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    if port == 0:
+        raise RuntimeError(f"could not listen on health port {settings.health_port}")
+    server.start()
+    return server, port
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> None:
+    """Serve reflection as ``grpc.reflection.v1`` and ``v1alpha``. grpcio-reflection 1.85 only
+    ships ``v1alpha``; ``v1`` has the same messages (same fields and numbers, only the package
+    differs), so the one servicer answers both with the ``v1alpha`` message classes."""
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
 
 
 def resolve_base_models(settings: ServerSettings) -> dict[str, Path]:

@@ -12,7 +12,8 @@ Histograms (seconds): ``forgedit_queue_wait_seconds{method}``, ``forgedit_captio
 Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``; cached edit models come from the
 registry's own ``forgedit_registry_cached_edit_models{tier}``.
 Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
-reason}``, ``forgedit_images_total{method}``.
+reason}``, ``forgedit_images_total{method}``. The failure and image series exist at 0 from
+start-up (every method x reason), so alerts over their ``rate()`` see a replica's first event.
 
 The endpoint also serves the process-wide default registry (the registry package's spool and
 cache gauges, and prometheus_client's process and Python collectors).
@@ -24,6 +25,7 @@ import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -34,6 +36,13 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+# The label values of the job counters (bounded sets, exported at 0 from start-up):
+# job methods, and failure reasons = lower-case status names (server.errors.MappedError.reason).
+JOB_METHODS = ("Edit", "Sample")
+FAILURE_REASONS = tuple(
+    code.name.lower() for code in grpc.StatusCode if code is not grpc.StatusCode.OK
+)
 
 # From a 64x64 test image (tens of ms) to a 1000-update fine-tune on a slow GPU (minutes).
 _LONG = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
@@ -105,9 +114,20 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("forgedit_images", "Images produced.", ["method"], registry=r)
+        self._initialise_series()
         r.register(_DefaultRegistry())
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def _initialise_series(self) -> None:
+        """Export every (bounded) labelled counter series at 0 from the start. A series that
+        first appears at its first event has no earlier sample, so ``rate()`` and
+        ``increase()`` over it stay empty and an alert on them never fires for a replica's
+        first failure."""
+        for method in JOB_METHODS:
+            self.images.labels(method=method)
+            for reason in FAILURE_REASONS:
+                self.failures.labels(method=method, reason=reason)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0 = any free port); returns the port."""

@@ -104,6 +104,7 @@ class RegistryLike(Protocol):
         contact_sheet: bytes | None = None,
         tags: Any = None,
         dedupe: bool = True,
+        principal: str = "",
     ) -> Any: ...
 
     def add_contact_sheet(self, edit_model_id: str, contact_sheet: bytes) -> None: ...
@@ -114,6 +115,7 @@ class RegistryLike(Protocol):
         base_model_fingerprint: str,
         config_fingerprint: str,
         source_prompt: str,
+        principal: str | None = None,
     ) -> Any: ...
 
     def load(
@@ -129,6 +131,7 @@ class RegistryLike(Protocol):
         image_sha256: str | None = None,
         page_size: int = 50,
         page_token: str | None = None,
+        principal: str | None = None,
     ) -> Any: ...
 
     def delete(self, edit_model_id: str) -> None: ...

@@ -95,7 +95,11 @@ class JobRunner:
         # default, content-derived seed makes that the rule for a repeated image).
         training = plan.training_for(engine.base.fingerprint, source_prompt)
         existing = self.store.find_trained(
-            plan.image.sha256, engine.base.fingerprint, source_prompt, training
+            plan.image.sha256,
+            engine.base.fingerprint,
+            source_prompt,
+            training,
+            job.principal,
         )
         if existing is not None:
             self._reuse(job, plan, engine, existing, training)
@@ -128,7 +132,10 @@ class JobRunner:
         # half-done registration is exactly what cancelling here could leave behind.
         t = time.perf_counter()
         registered = self.store.register(
-            edit_model, request_id=plan.request_id, image_bytes=plan.image_bytes
+            edit_model,
+            request_id=plan.request_id,
+            image_bytes=plan.image_bytes,
+            principal=job.principal,
         )
         job.timings.registration = time.perf_counter() - t
         self.metrics.registration.observe(job.timings.registration)

@@ -30,7 +30,8 @@ import grpc
 from forgedit.errors import InvalidInputError
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
-from server.errors import UnavailableError, to_rpc_status
+from server.auth import Authenticator, Principal
+from server.errors import JobNotFoundError, UnavailableError, to_rpc_status
 from server.jobs import Job, new_job_id
 from server.logs import job_context
 from server.scheduler import Scheduler
@@ -89,9 +90,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     """The service. Holds no job state itself: that lives in the scheduler."""
 
     def __init__(
-        self, settings: ServerSettings, scheduler: Scheduler, store: EditModelStore
+        self,
+        settings: ServerSettings,
+        scheduler: Scheduler,
+        store: EditModelStore,
+        authenticator: Authenticator,
     ) -> None:
         self.settings = settings
+        self.authenticator = authenticator
         self.scheduler = scheduler
         self.store = store
         self.limits = Limits.from_settings(settings)
@@ -111,7 +117,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             self._default_base_model(),
             default_precision=self.settings.precision,
         )
-        job = self._new_job(pb.JOB_KIND_EDIT, plan, request)
+        job = self._new_job(pb.JOB_KIND_EDIT, plan, request, self._principal(context))
         job = self._submit(job, context, detach=request.detach)
         for event in self._follow(job, context, owner=True):
             yield pb.EditResponse(event=event)
@@ -121,17 +127,18 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.SampleRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SampleResponse]:
         self._require_ready()
-        # Known (its variant sets the sweep's defaults), and made on a base model served
-        # here? Refused before queueing.
+        principal = self._principal(context)
+        # Known to this principal (its variant sets the sweep's defaults and strategy names),
+        # and made on a base model served here? Refused before queueing.
         shown: list[Any] = []
 
         def training_mode_of(edit_model_id: str) -> str:
-            shown.append(self.store.show(edit_model_id))
+            shown.append(self.store.show(edit_model_id, principal))
             return str(shown[0].training_mode or "joint")
 
         plan = validate_sample(request, self.limits, training_mode_of)
         self.store.check_served(shown[0], self.scheduler.base_models.values())
-        job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request)
+        job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request, principal)
         job = self._submit(job, context, detach=request.detach)
         for event in self._follow(job, context, owner=True):
             yield pb.SampleResponse(event=event)
@@ -143,10 +150,11 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         which = request.WhichOneof("job")
         if which is None:
             raise InvalidInputError("set job_id or request_id to name the job", field="job")
+        principal = self._principal(context)
         if which == "request_id":
-            job = self.scheduler.get_by_request(request.request_id)
+            job = self._visible(self.scheduler.get_by_request(request.request_id), principal)
         else:
-            job = self.scheduler.get(request.job_id)
+            job = self._visible(self.scheduler.get(request.job_id), principal)
         for event in self._follow(job, context, owner=False, after=request.after_sequence):
             yield pb.WatchJobResponse(event=event)
 
@@ -154,12 +162,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
 
     @_unary
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=self.scheduler.get(request.job_id).to_proto())
+        job = self._visible(self.scheduler.get(request.job_id), self._principal(context))
+        return pb.GetJobResponse(job=job.to_proto())
 
     @_unary
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext
     ) -> pb.CancelJobResponse:
+        self._visible(self.scheduler.get(request.job_id), self._principal(context))
         job = self.scheduler.cancel(request.job_id, "client cancelled")
         with job_context(job.job_id):
             log.info("cancel requested by a client")
@@ -173,7 +183,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     ) -> pb.GetEditModelResponse:
         edit_model_id = validate_edit_model_id_field(request.edit_model_id)
         return pb.GetEditModelResponse(
-            edit_model=edit_model_to_proto(self.store.show(edit_model_id))
+            edit_model=edit_model_to_proto(self.store.show(edit_model_id, self._principal(context)))
         )
 
     @_unary
@@ -186,6 +196,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             image_sha256=request.image_sha256 or None,
             page_size=page_size,
             page_token=request.page_token or None,
+            principal=self._principal(context),
         )
         return pb.ListEditModelsResponse(
             edit_models=[edit_model_to_proto(info) for info in page.items],
@@ -197,7 +208,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.DeleteEditModelRequest, context: grpc.ServicerContext
     ) -> pb.DeleteEditModelResponse:
         edit_model_id = validate_edit_model_id_field(request.edit_model_id)
-        self.store.delete(edit_model_id)
+        self.store.delete(edit_model_id, self._principal(context))
         log.info("edit model %s deleted", edit_model_id)
         return pb.DeleteEditModelResponse()
 
@@ -214,12 +225,24 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def _default_base_model(self) -> str:
         return self.scheduler.config.base_models[0]
 
-    def _new_job(self, kind: pb.JobKind, plan: Any, request: Any) -> Job:
+    def _principal(self, context: grpc.ServicerContext) -> Principal:
+        return self.authenticator.principal_of(context)
+
+    @staticmethod
+    def _visible(job: Job, principal: Principal) -> Job:
+        """``job`` if ``principal`` may see it; otherwise NOT_FOUND, worded as for a job that
+        does not exist (its existence is not revealed)."""
+        if not principal.may_see(job.principal):
+            raise JobNotFoundError(repr(job.job_id[:80]))
+        return job
+
+    def _new_job(self, kind: pb.JobKind, plan: Any, request: Any, principal: Principal) -> Job:
         job = Job(
             job_id=new_job_id(),
             kind=kind,
             plan=plan,
-            payload_digest=_payload_digest(kind, request),
+            principal=principal.name,
+            payload_digest=_payload_digest(kind, request, principal.name),
             estimated_s=0.0,
             max_events=self.settings.replay_max_events,
             max_bytes=self.settings.replay_max_bytes,
@@ -290,11 +313,13 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
                 self.scheduler.cancel(job.job_id, "client disconnected")
 
 
-def _payload_digest(kind: int, request: Any) -> str:
-    """Identity of a request for idempotency: everything but request_id and detach."""
+def _payload_digest(kind: int, request: Any, principal: str = "") -> str:
+    """Identity of a request for idempotency: everything but request_id and detach, and who
+    sent it (another principal's request id is a conflict, never its job)."""
     copy = type(request)()
     copy.CopyFrom(request)
     copy.ClearField("request_id")
     copy.ClearField("detach")
     blob = copy.SerializeToString(deterministic=True)
-    return hashlib.sha256(bytes([kind]) + blob).hexdigest()
+    who = principal.encode("utf-8") + b"\0"
+    return hashlib.sha256(bytes([kind]) + who + blob).hexdigest()

@@ -2,9 +2,9 @@
 
 Every setting comes from an environment variable ``FORGEDIT_<NAME>`` (case-insensitive) or,
 if ``FORGEDIT_CONFIG_FILE`` names one, from a ``KEY=value`` dotenv file; the environment wins.
-Lists and maps are JSON, e.g. ``FORGEDIT_AUTH_TOKENS='["token-a","token-b"]'`` or
-``FORGEDIT_BASE_MODELS='{"sd15": "/models/sd15"}'``. ``MLFLOW_TRACKING_URI`` is honoured when
-``FORGEDIT_MLFLOW_TRACKING_URI`` is unset.
+Lists and maps are JSON, e.g. ``FORGEDIT_BASE_MODELS='{"sd15": "/models/sd15"}'`` or
+``FORGEDIT_AUTH_TOKENS='[{"name": "alice", "token": "...", "admin": false}]'``.
+``MLFLOW_TRACKING_URI`` is honoured when ``FORGEDIT_MLFLOW_TRACKING_URI`` is unset.
 
 With no configuration at all the server runs the embedded default: the tiny deterministic
 model (written on first use by ``forgedit.tiny.ensure_tiny_model``), MLflow on a local SQLite
@@ -23,7 +23,11 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.auth import TokenEntry, token_entries
 from server.transport import MAX_MESSAGE_BYTES, MIB
+
+# Threads that long-lived streams may never take (unary calls, health, reflection).
+_RESERVED_THREADS = 8
 
 LogFormat = Literal["json", "text"]
 
@@ -138,11 +142,44 @@ class ServerSettings(BaseSettings):
         ge=4,
         description="Threads serving RPCs; each open stream holds one while it runs.",
     )
+    health_port: int | None = Field(
+        default=50052,
+        ge=0,
+        le=65535,
+        description="Port of a second gRPC server that answers grpc.health.v1 and reflection "
+        "on its own threads, for probes: it answers whatever application calls do. 0 = any "
+        "free; 'none' = off (both are always also served on the gRPC port).",
+    )
+    max_streams: int = Field(
+        default=48,
+        ge=1,
+        description="Open Edit/Sample/WatchJob streams in all; more -> RESOURCE_EXHAUSTED. "
+        "Must leave FORGEDIT_GRPC_THREADS room for unary calls, health and reflection.",
+    )
+    max_streams_per_client: int = Field(
+        default=16,
+        ge=1,
+        description="Open streams per client (its principal with tokens, else its IP address).",
+    )
+    max_connection_age_s: float | None = Field(
+        default=300.0,
+        gt=0,
+        description="After this long a connection is asked to close (GOAWAY), so clients "
+        "re-resolve and new replicas receive traffic; 'none' = never.",
+    )
+    max_connection_age_grace_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long calls still open on such a connection may finish; 'none' = "
+        "as long as they take (a running Edit is never cut).",
+    )
 
     # ----------------------------------------------------------------------------- security
-    auth_tokens: list[SecretStr] = Field(
+    auth_tokens: list[TokenEntry | SecretStr] = Field(
         default_factory=list,
-        description="Accepted bearer tokens (JSON list). Empty: no authentication. Health "
+        description="Accepted bearer tokens (JSON list): objects "
+        '{"name": principal, "token": ..., "admin": false}, or plain token strings (principal '
+        "'token-<sha256 prefix>'). Empty: no authentication, one anonymous principal. Health "
         "checks and reflection never need one.",
     )
     tls_cert_file: Path | None = Field(default=None, description="PEM server certificate.")
@@ -223,8 +260,22 @@ class ServerSettings(BaseSettings):
             raise ValueError("FORGEDIT_MAX_IMAGE_BYTES must be below FORGEDIT_MAX_MESSAGE_BYTES")
         if not self.devices:
             raise ValueError("FORGEDIT_DEVICES must name at least one device")
-        if any(not t.get_secret_value() for t in self.auth_tokens):
+        entries = token_entries(self.auth_tokens)
+        if any(not e.token.get_secret_value() for e in entries):
             raise ValueError("FORGEDIT_AUTH_TOKENS must not contain empty tokens")
+        admin_of: dict[str, bool] = {}
+        for e in entries:  # a name may repeat (rotation: old and new token), its rights not
+            if admin_of.setdefault(e.name, e.admin) != e.admin:
+                raise ValueError(
+                    f"FORGEDIT_AUTH_TOKENS: the tokens of principal {e.name!r} disagree on admin"
+                )
+        if len({e.token.get_secret_value() for e in entries}) != len(entries):
+            raise ValueError("FORGEDIT_AUTH_TOKENS: a token is listed twice")
+        if self.max_streams > self.grpc_threads - _RESERVED_THREADS:
+            raise ValueError(
+                f"FORGEDIT_MAX_STREAMS ({self.max_streams}) must leave {_RESERVED_THREADS} of "
+                f"FORGEDIT_GRPC_THREADS ({self.grpc_threads}) for unary calls and health"
+            )
         return self
 
     @property

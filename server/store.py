@@ -16,7 +16,9 @@ from google.protobuf import timestamp_pb2
 from forgedit.artifact import EditModel
 from forgedit.config import TrainingConfig
 from forgedit.errors import ForgeditError
+from registry.errors import EditModelNotFoundError
 from server._proto import forgedit_pb2 as pb
+from server.auth import Principal
 from server.errors import UnservedBaseModelError
 from server.ports import BaseModelInfo, RegistryLike
 
@@ -35,11 +37,16 @@ class EditModelStore:
     def __init__(self, registry: RegistryLike) -> None:
         self.registry = registry
 
-    def register(self, edit_model: EditModel, *, request_id: str, image_bytes: bytes) -> Any:
-        """Store a freshly trained edit model; returns the registry's ``RegisteredEditModel``
-        (id, version, deduped, spooled). A retry with the same request id returns the first
-        registration instead of creating a second version."""
-        return self.registry.register(edit_model, request_id=request_id, input_image=image_bytes)
+    def register(
+        self, edit_model: EditModel, *, request_id: str, image_bytes: bytes, principal: str
+    ) -> Any:
+        """Store a freshly trained edit model, recording the ``principal`` that made it;
+        returns the registry's ``RegisteredEditModel`` (id, version, deduped, spooled). A retry
+        with the same request id returns the first registration instead of creating a second
+        version; deduplication only returns the same principal's edit models."""
+        return self.registry.register(
+            edit_model, request_id=request_id, input_image=image_bytes, principal=principal
+        )
 
     def add_contact_sheet(self, edit_model_id: str, png: bytes) -> bool:
         """Attach the contact sheet of a job's sampled edits to its edit model. Best effort:
@@ -53,22 +60,33 @@ class EditModelStore:
         return True
 
     def find_trained(
-        self, image_sha256: str, base_fingerprint: str, source_prompt: str, training: TrainingConfig
+        self,
+        image_sha256: str,
+        base_fingerprint: str,
+        source_prompt: str,
+        training: TrainingConfig,
+        principal: str,
     ) -> Any:
         """The registry's record of an edit model already fine-tuned on the same image bytes,
         base model, source prompt and training config (seed included), or None. Training again
         would reproduce exactly that model, so it is reused instead (one fine-tune serves
-        unlimited edits). None also when the registry cannot be asked."""
+        unlimited edits); only ``principal``'s own. None also when the registry cannot be
+        asked."""
         return self.registry.find_existing(
-            image_sha256, base_fingerprint, training.fingerprint(), source_prompt
+            image_sha256, base_fingerprint, training.fingerprint(), source_prompt, principal
         )
 
     def load(self, edit_model_id: str) -> EditModel:
         """The verified edit model (from the registry's caches when it can)."""
         return self.registry.load(edit_model_id)
 
-    def show(self, edit_model_id: str) -> Any:
-        return self.registry.show(edit_model_id)
+    def show(self, edit_model_id: str, principal: Principal) -> Any:
+        """Describe an edit model ``principal`` may see; another principal's is
+        ``EditModelNotFoundError`` exactly as if it did not exist."""
+        info = self.registry.show(edit_model_id)
+        if not principal.may_see(getattr(info, "principal", "")):
+            raise EditModelNotFoundError(edit_model_id)
+        return info
 
     def list(
         self,
@@ -77,15 +95,20 @@ class EditModelStore:
         image_sha256: str | None,
         page_size: int,
         page_token: str | None,
+        principal: Principal,
     ) -> Any:
+        """A page of the edit models ``principal`` may see (an admin's: everyone's)."""
         return self.registry.list_models(
             base_model=base_model,
             image_sha256=image_sha256,
             page_size=page_size,
             page_token=page_token,
+            principal=None if principal.admin else principal.name,
         )
 
-    def delete(self, edit_model_id: str) -> None:
+    def delete(self, edit_model_id: str, principal: Principal) -> None:
+        """Delete an edit model ``principal`` may see (else ``EditModelNotFoundError``)."""
+        self.show(edit_model_id, principal)
         self.registry.delete(edit_model_id)
 
     @staticmethod
@@ -118,4 +141,5 @@ def edit_model_to_proto(info: Any) -> pb.EditModel:
         height=int(info.height),
         train_seed=int(info.train_seed),
         training_config_json=info.training_json,
+        principal=getattr(info, "principal", ""),
     )

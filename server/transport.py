@@ -33,9 +33,23 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Channel arguments of the gRPC server."""
+def server_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_connection_age_s: float | None = None,
+    max_connection_age_grace_s: float | None = None,
+) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC server. ``max_connection_age_s``: connections are sent
+    GOAWAY after this long so clients re-resolve (new replicas get traffic); calls open then
+    get ``max_connection_age_grace_s`` to finish (None: unbounded)."""
+    age: list[tuple[str, int]] = []
+    if max_connection_age_s is not None:
+        age.append(("grpc.max_connection_age_ms", round(max_connection_age_s * 1000)))
+        if max_connection_age_grace_s is not None:
+            age.append(
+                ("grpc.max_connection_age_grace_ms", round(max_connection_age_grace_s * 1000))
+            )
     return [
+        *age,
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),

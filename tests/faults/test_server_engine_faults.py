@@ -17,6 +17,7 @@ import test_server_support as support  # tests/service, on sys.path via conftest
 from google.rpc import error_details_pb2
 
 from server._proto import forgedit_pb2 as pb
+from server.auth import legacy_principal_name
 from server.main import default_engine_factory
 from server.settings import ServerSettings
 
@@ -89,7 +90,10 @@ def test_edit_model_of_another_base_model_is_failed_precondition(harness: Any) -
     foreign = dataclasses.replace(
         edit_model, base_model_name="sd15", base_model_fingerprint="f" * 64
     )
-    registered = harness.registry.register(foreign)
+    registered = harness.registry.register(
+        foreign,
+        principal=legacy_principal_name(support.TOKEN),  # the test token's own
+    )
     outcome = support.stream(
         harness.stub.Sample,
         pb.SampleRequest(

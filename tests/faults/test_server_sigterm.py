@@ -42,6 +42,7 @@ def test_sigterm_drains_running_jobs_and_exits_zero(tmp_path: Path, tiny_model_d
         FORGEDIT_DATA_DIR=str(tmp_path / "data"),
         FORGEDIT_GRPC_PORT=str(port),
         FORGEDIT_METRICS_PORT="none",
+        FORGEDIT_HEALTH_PORT="0",
         FORGEDIT_AUTH_TOKENS=json.dumps([support.TOKEN]),
         FORGEDIT_GRACE_PERIOD_S="120",
         FORGEDIT_HEARTBEAT_INTERVAL_S="1",

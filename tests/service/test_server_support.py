@@ -108,6 +108,7 @@ def running_server(
         own_registry = registry = EditModelRegistry(RegistryConfig(data_dir=data_dir / "registry"))
     values: dict[str, Any] = {
         "grpc_port": 0,
+        "health_port": 0,
         "metrics_port": 0,
         "data_dir": data_dir,
         "base_models": {"tiny": tiny_model_dir / "stable-diffusion"},

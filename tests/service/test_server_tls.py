@@ -103,6 +103,7 @@ class _Engine:
 def _serve(tmp_path: Path, pki: dict[str, Path], mutual: bool) -> tuple:
     settings = ServerSettings(
         grpc_port=0,
+        health_port=None,
         metrics_port=None,
         data_dir=tmp_path,
         auth_tokens=[SecretStr(TOKEN)],

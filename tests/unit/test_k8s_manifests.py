@@ -109,10 +109,13 @@ def test_probes_use_grpc_health_liveness_overall_readiness_the_service(
 ) -> None:
     _, docs = build
     c = server_container(docs)
-    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-    assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": SERVICE_NAME}
-    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
-    assert c["startupProbe"]["grpc"]["service"] == ""
+    # The probes' own health server, so application streams can never starve them.
+    health_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
+    config = find(docs, "ConfigMap", "forgedit-server-config")["data"]
+    assert int(config["FORGEDIT_HEALTH_PORT"]) == health_port
+    assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": SERVICE_NAME}
+    assert c["livenessProbe"]["grpc"] == {"port": health_port, "service": ""}
+    assert c["startupProbe"]["grpc"] == {"port": health_port, "service": ""}
     # Startup may take minutes (model load + warm-up) before liveness starts counting.
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
@@ -173,6 +176,7 @@ def test_server_config_names_only_settings_the_server_has(
     settings = settings_mod.ServerSettings()
     assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
     assert settings.grpc_port == 50051 and settings.metrics_port == 9464
+    assert settings.health_port == 50052 and settings.max_connection_age_s
     assert settings.mlflow_tracking_uri == "http://mlflow:5000"
 
 
@@ -186,7 +190,10 @@ def test_secret_templates_parse_as_server_settings(monkeypatch: pytest.MonkeyPat
     ]
     for key, value in pairs:
         monkeypatch.setenv(key, value)
-    assert len(settings_mod.ServerSettings().auth_tokens) == 1
+    auth = pytest.importorskip("server.auth")
+    entries = auth.token_entries(settings_mod.ServerSettings().auth_tokens)
+    assert [e.admin for e in entries] == [False, True]  # an application's and an admin's
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= dict(pairs).keys()
 
 
 def test_services_select_the_pods_and_name_their_ports(
@@ -384,3 +391,118 @@ def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.Mon
     estimate = Estimator(prior.training_sample_s, prior.image_step_s).estimate(job)  # type: ignore[arg-type]
     assert 110 <= estimate <= settings.grace_period_s
     assert Timeouts().edit is not None and estimate < Timeouts().edit
+
+
+def _alerts() -> dict[str, str]:
+    rules = yaml.safe_load((K8S / "base" / "prometheus" / "forgedit-rules.yml").read_text())
+    return {
+        rule["alert"]: rule["expr"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def test_every_alert_has_promtool_rule_tests_and_they_pass() -> None:
+    tests = yaml.safe_load((K8S / "base" / "prometheus" / "forgedit-rules.test.yml").read_text())
+    tested = {
+        case["alertname"]
+        for group in tests["tests"]
+        for case in group.get("alert_rule_test", [])
+        if case.get("exp_alerts")  # a case where it fires, not only where it stays quiet
+    }
+    assert set(_alerts()) <= tested, f"alerts without a firing case: {set(_alerts()) - tested}"
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+    out = subprocess.run(
+        ["promtool", "test", "rules", "forgedit-rules.test.yml"],
+        cwd=K8S / "base" / "prometheus",
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_series_that_alerts_read_exist_at_zero_on_a_fresh_server() -> None:
+    """A labelled counter that first appears at its first event has no rate until its second:
+    every forgedit series an alert selects must be exported (at 0) from start-up."""
+    metrics_mod = pytest.importorskip("server.metrics")
+    samples = [s for f in metrics_mod.Metrics().registry.collect() for s in f.samples]
+    selectors = [
+        (name, dict(re.findall(r'(\w+)="([^"]*)"', matchers or "")))
+        for expr in _alerts().values()
+        for name, matchers in re.findall(r"\b(forgedit_[a-z_]+)(?:\{([^}]*)\})?", expr)
+    ]
+    assert selectors
+    for name, labels in selectors:
+        matching = [
+            s
+            for s in samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        assert matching, f"{name}{labels} is not exported before its first event"
+        assert all(s.value == 0 for s in matching)
+
+
+# -------------------------------------------------------------------- network and MLflow auth
+
+
+def _policy_for(docs: list[dict[str, Any]], app: str) -> dict[str, Any]:
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": app}
+    ]
+    return policy
+
+
+def test_network_policies_confine_the_server_and_mlflow(
+    build: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = build
+    server = _policy_for(docs, "forgedit-server")
+    assert set(server["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    opened = {p["port"] for rule in server["spec"]["ingress"] for p in rule["ports"]}
+    assert opened == {"grpc", "metrics"}  # never the probe port, never anything else
+    (metrics_rule,) = [r for r in server["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
+    assert metrics_rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ]
+    mlflow = _policy_for(docs, "mlflow")
+    assert set(mlflow["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert [rule["from"] for rule in mlflow["spec"]["ingress"]] == [
+        [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "forgedit-server"}}}]
+    ]
+    postgres = _policy_for(docs, "mlflow-postgres")
+    assert [rule["from"] for rule in postgres["spec"]["ingress"]] == [
+        [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+    ]
+
+
+def test_mlflow_runs_basic_auth_and_the_server_signs_in_from_a_secret(
+    build: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = build
+    pod = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (mlflow,) = pod["containers"]
+    assert "--app-name=basic-auth" in mlflow["args"]
+    env = {e["name"]: e for e in mlflow["env"]}
+    for key in (
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-secrets", "key": key}
+    # The auth config (with the database password) is written at start into memory, never
+    # committed: the init container writes where MLFLOW_AUTH_CONFIG_PATH points.
+    (init,) = pod["initContainers"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] in init["args"][0]
+    server_env = {e["name"]: e for e in server_container(docs)["env"]}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert server_env[key]["valueFrom"]["secretKeyRef"] == {
+            "name": "forgedit-server-secrets",
+            "key": key,
+        }
+    template = (K8S / "extras" / "mlflow-secrets.example.env").read_text()
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=" in template

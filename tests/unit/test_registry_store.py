@@ -287,6 +287,34 @@ def test_reusing_a_request_id_for_another_model_is_a_conflict(replicas: Replicas
         reg.register(random_edit_model(7), request_id="job-1")
 
 
+def test_principal_scopes_request_ids_dedupe_and_listing(replicas: Replicas) -> None:
+    reg = replicas("a")
+    em = random_edit_model(12)
+    alices = reg.register(em, request_id="p-1", principal="alice")
+    assert reg.show(alices.edit_model_id).principal == "alice"
+    # Bob's identical fine-tune is his own, never alice's; his second one dedupes to his.
+    bobs = reg.register(random_edit_model(12), principal="bob")
+    assert not bobs.deduped and bobs.edit_model_id != alices.edit_model_id
+    assert reg.register(random_edit_model(12), principal="bob").edit_model_id == (
+        bobs.edit_model_id
+    )
+    keys = (em.image_sha256, em.base_model_fingerprint, em.training.fingerprint())
+    found = replicas("b").find_existing(*keys, em.source_prompt, principal="bob")
+    assert found is not None and found.edit_model_id == bobs.edit_model_id
+    # Alice's request id, reused by bob: a conflict that names nothing of hers.
+    with pytest.raises(RegistryConflictError) as conflict:
+        reg.register(random_edit_model(12), request_id="p-1", principal="bob")
+    assert alices.edit_model_id not in str(conflict.value)
+    listed = reg.list_models(principal="alice").items
+    assert [m.edit_model_id for m in listed] == [alices.edit_model_id]
+    assert {m.edit_model_id for m in reg.list_models().items} >= {
+        alices.edit_model_id,
+        bobs.edit_model_id,
+    }
+    with pytest.raises(InvalidInputError):
+        reg.list_models(principal="x' or '1'='1")  # never reaches a filter string
+
+
 def test_same_image_base_and_config_is_deduplicated(replicas: Replicas) -> None:
     reg = replicas("a")
     em = random_edit_model(8)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 import server.validation as validation
 from forgedit import cli
@@ -21,11 +21,20 @@ from forgedit.config import TrainingConfig, content_seed
 from forgedit.errors import BaseModelMismatchError, CancelledError, InvalidInputError
 from registry.errors import EditModelNotFoundError, RegistryUnavailableError
 from server._proto import forgedit_pb2 as pb
-from server.auth import BearerTokenInterceptor
-from server.errors import QueueFullError, to_rpc_status
+from server.auth import (
+    ANONYMOUS,
+    Authenticator,
+    BearerTokenInterceptor,
+    Principal,
+    TokenEntry,
+    token_entries,
+)
+from server.errors import QueueFullError, StreamLimitError, UnauthenticatedError, to_rpc_status
+from server.interceptors import LogBudget, MalformedRequest, StreamLimiter, tolerant_deserializer
 from server.ports import BaseModelInfo
 from server.service import _payload_digest
 from server.settings import ServerSettings
+from server.transport import MIB, server_options
 from server.validation import Limits, validate_edit, validate_sample
 
 BASES = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, has_captioner=True)}
@@ -327,8 +336,10 @@ def _details(metadata: tuple) -> SimpleNamespace:
 
 
 def test_bearer_tokens() -> None:
-    interceptor = BearerTokenInterceptor(["alpha-token", "beta-token"])
-    ok = object()
+    interceptor = BearerTokenInterceptor(
+        Authenticator([SecretStr("alpha-token"), SecretStr("beta-token")])
+    )
+    ok = SimpleNamespace(response_streaming=False, response_serializer=None)
 
     def handler(_: object) -> object:
         return ok
@@ -346,11 +357,98 @@ def test_bearer_tokens() -> None:
         (("authorization", "Bearer alpha"),),
         (("authorization", "Token alpha-token"),),
     ):
-        assert interceptor._problem(metadata) is not None
+        refused = interceptor.intercept_service(handler, _details(metadata))
+        # Refused without reading the request: request-streaming, no deserializer.
+        assert refused is not ok and refused.request_streaming
+        assert refused.request_deserializer is None
     health = SimpleNamespace(method="/grpc.health.v1.Health/Check", invocation_metadata=())
     assert interceptor.intercept_service(handler, health) is ok
     with pytest.raises(ValueError):
-        BearerTokenInterceptor([])
+        BearerTokenInterceptor(Authenticator([]))
+
+
+def test_principals_named_admin_and_legacy_tokens() -> None:
+    auth = Authenticator(
+        [
+            TokenEntry(name="alice", token=SecretStr("alice-token")),
+            TokenEntry(name="ops", token=SecretStr("ops-token"), admin=True),
+            SecretStr("plain-token"),
+        ]
+    )
+    alice = auth.identify((("authorization", "Bearer alice-token"),))
+    ops = auth.identify((("authorization", "Bearer ops-token"),))
+    legacy = auth.identify((("authorization", "Bearer plain-token"),))
+    assert alice == Principal("alice") and ops == Principal("ops", admin=True)
+    assert legacy.name.startswith("token-") and "plain" not in legacy.name and not legacy.admin
+    assert legacy == auth.identify((("authorization", "Bearer plain-token"),))  # stable
+    assert alice.may_see("alice") and not alice.may_see("bob") and not alice.may_see("")
+    assert ops.may_see("bob") and ops.may_see("")
+    for metadata in ((), (("authorization", "Bearer nope"),), (("authorization", "x"),)):
+        with pytest.raises(UnauthenticatedError):
+            auth.identify(metadata)
+    assert Authenticator([]).identify(()) == ANONYMOUS and ANONYMOUS.may_see("anyone")
+
+
+def test_token_settings_objects_and_plain_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "FORGEDIT_AUTH_TOKENS",
+        '[{"name": "alice", "token": "a-token"}, {"name": "ops", "token": "o-token", '
+        '"admin": true}, "plain-token"]',
+    )
+    settings = ServerSettings()
+    assert "a-token" not in repr(settings) and "plain-token" not in repr(settings)
+    names = [e.name for e in token_entries(settings.auth_tokens)]
+    assert names[:2] == ["alice", "ops"] and names[2].startswith("token-")
+    # Rotation: two tokens of one principal, both accepted as that principal.
+    monkeypatch.setenv(
+        "FORGEDIT_AUTH_TOKENS",
+        '[{"name": "alice", "token": "old-token"}, {"name": "alice", "token": "new-token"}]',
+    )
+    auth = Authenticator(ServerSettings().auth_tokens)
+    for token in ("old-token", "new-token"):
+        assert auth.identify((("authorization", f"Bearer {token}"),)) == Principal("alice")
+    for bad in (
+        '[{"name": "a", "token": "t1"}, {"name": "a", "token": "t2", "admin": true}]',
+        '[{"name": "a", "token": "t1"}, {"name": "b", "token": "t1"}]',  # one token twice
+        '[{"name": "a b", "token": "t1"}]',  # not a usable name
+        '[{"name": "a", "token": "t1", "admn": true}]',  # a typo is an error, not ignored
+    ):
+        monkeypatch.setenv("FORGEDIT_AUTH_TOKENS", bad)
+        with pytest.raises(ValidationError):
+            ServerSettings()
+
+
+def test_stream_limiter_bounds_per_client_and_in_all() -> None:
+    limiter = StreamLimiter(max_total=3, max_per_client=2)
+    a1, a2 = limiter.acquire("a"), limiter.acquire("a")
+    with pytest.raises(StreamLimitError, match="FORGEDIT_MAX_STREAMS_PER_CLIENT"):
+        limiter.acquire("a")
+    b1 = limiter.acquire("b")
+    with pytest.raises(StreamLimitError, match=r"FORGEDIT_MAX_STREAMS\b"):
+        limiter.acquire("c")
+    a1()
+    a1()  # releasing twice frees one slot only
+    assert limiter.open_streams == 2
+    limiter.acquire("c")
+    with pytest.raises(StreamLimitError):
+        limiter.acquire("a")
+    a2(), b1()
+    assert limiter.open_streams == 1
+    mapped = to_rpc_status(StreamLimitError("x", subject="streams", limit=3))
+    assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_streams_must_leave_threads_for_unary_calls_and_health() -> None:
+    with pytest.raises(ValidationError, match="FORGEDIT_MAX_STREAMS"):
+        ServerSettings(grpc_threads=16, max_streams=16)
+    ServerSettings(grpc_threads=16, max_streams=8)
+
+
+def test_max_connection_age_becomes_channel_arguments() -> None:
+    options = dict(server_options(MIB * 8, 300.0, 30.0))
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert options["grpc.max_connection_age_grace_ms"] == 30_000
+    assert "grpc.max_connection_age_ms" not in dict(server_options(MIB * 8, None, None))
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,3 +516,26 @@ def test_a_base_model_without_a_vae_is_served_with_vae_dirs(
     assert engine.base.vae is not None and engine.base.name == "rv-novae"
     with pytest.raises(ValidationError, match="FORGEDIT_VAE_DIRS"):
         ServerSettings(base_models=bases, vae_dirs={"other": tmp_path / "vae"})
+
+
+def test_log_budget_allows_one_line_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    budget = LogBudget(10.0, clock=lambda: now[0])
+    assert budget.take() == (True, 0)
+    assert budget.take() == (False, 0) and budget.take() == (False, 0)
+    now[0] += 10.0
+    assert budget.take() == (True, 2)  # the next line reports the two left out
+    assert budget.take() == (False, 0)
+
+
+def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
+    parse = tolerant_deserializer(pb.EditRequest.FromString)
+    assert isinstance(
+        parse(pb.EditRequest(target_prompts=["ok"]).SerializeToString()), pb.EditRequest
+    )
+    garbage = parse(b"\xff\xff\xff")
+    assert isinstance(garbage, MalformedRequest) and "forgedit.v1.EditRequest" in garbage.problem
+    number = pb.EditRequest.DESCRIPTOR.fields_by_name["source_prompt"].number
+    bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
+    assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
+    assert "UTF-8" in bad.problem

@@ -335,6 +335,7 @@ class EditModelInfo:
     create_time: datetime | None
     size_bytes: int
     training_config_json: str = field(repr=False)
+    principal: str = ""  # the token name that made it (the server shows it only to it / admins)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -357,6 +358,7 @@ def edit_model_from_proto(m: Any) -> EditModelInfo:
         create_time=_time(m.create_time),
         size_bytes=m.size_bytes,
         training_config_json=m.training_config_json,
+        principal=m.principal,
     )
 
 
@@ -376,6 +378,7 @@ class JobInfo:
     end_time: datetime | None
     error_code: int
     error_message: str
+    principal: str = ""  # the token name that submitted it
 
     @property
     def finished(self) -> bool:
@@ -402,4 +405,5 @@ def job_from_proto(j: Any) -> JobInfo:
         end_time=_time(j.end_time),
         error_code=j.error_code,
         error_message=j.error_message,
+        principal=j.principal,
     )

@@ -242,7 +242,7 @@ class CancelJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class EditModel(_message.Message):
-    __slots__ = ("edit_model_id", "version", "base_model", "base_fingerprint", "image_sha256", "source_prompt", "training_mode", "width", "height", "train_seed", "create_time", "size_bytes", "training_config_json")
+    __slots__ = ("edit_model_id", "version", "base_model", "base_fingerprint", "image_sha256", "source_prompt", "training_mode", "width", "height", "train_seed", "create_time", "size_bytes", "training_config_json", "principal")
     EDIT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class EditModel(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     edit_model_id: str
     version: int
     base_model: str
@@ -269,10 +270,11 @@ class EditModel(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     size_bytes: int
     training_config_json: str
-    def __init__(self, edit_model_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., image_sha256: _Optional[str] = ..., source_prompt: _Optional[str] = ..., training_mode: _Optional[_Union[TrainingMode, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., train_seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., training_config_json: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, edit_model_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., image_sha256: _Optional[str] = ..., source_prompt: _Optional[str] = ..., training_mode: _Optional[_Union[TrainingMode, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., train_seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., training_config_json: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "request_id", "kind", "state", "queue_position", "edit_model_id", "last_sequence", "create_time", "start_time", "end_time", "error_code", "error_message")
+    __slots__ = ("job_id", "request_id", "kind", "state", "queue_position", "edit_model_id", "last_sequence", "create_time", "start_time", "end_time", "error_code", "error_message", "principal")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +287,7 @@ class Job(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     kind: JobKind
@@ -297,7 +300,8 @@ class Job(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     error_code: int
     error_message: str
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., edit_model_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., edit_model_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("job_id", "sequence", "time", "accepted", "queued", "captioned", "training", "registered", "sampling", "image", "heartbeat", "completed")
