@@ -18,6 +18,7 @@ Not thread-safe: one job at a time per Engine.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ import torch
 
 from forgedit import forgetting
 from forgedit.artifact import EditModel
+from forgedit.backends.base import BackendUnavailableError, NoisePredictor, Shape
+from forgedit.backends.select import (
+    BackendChain,
+    BackendConfig,
+    FallbackCallback,
+    check_backend_name,
+)
 from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig, check_prompt
 from forgedit.errors import BaseModelMismatchError, InvalidInputError, ModelDirectoryError
 from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
@@ -64,12 +72,36 @@ class Engine:
         captioner: Captioner | None = None,
         *,
         precision: Precision = "faithful",
+        unet_backend: str = "torch",
+        cache_dir: str | Path | None = None,
+        max_batch: int = 8,
+        on_backend_fallback: FallbackCallback | None = None,
     ) -> None:
+        """``unet_backend``: torch, onnxruntime, tensorrt or auto (``forgedit.backends``);
+        accelerated backends export to ``cache_dir`` (a private temporary directory when
+        None). ``max_batch`` sizes the batch profile ``warmup`` prepares."""
         self.base = base
         self.captioner = captioner
         self.precision = precision
+        self.max_batch = max_batch
         self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
-        if precision == "fast" and base.device.type == "cuda":
+        fast_cuda = precision == "fast" and base.device.type == "cuda"
+        check_backend_name(unet_backend)
+        if cache_dir is None and unet_backend != "torch":
+            self._temporary_cache = tempfile.TemporaryDirectory(prefix="forgedit-engines-")
+            cache_dir = self._temporary_cache.name
+        self.backends = BackendChain(
+            base.unet,
+            self.weights,
+            BackendConfig(
+                requested=unet_backend,
+                cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                fingerprint=base.fingerprint,
+                autocast_dtype=torch.float16 if fast_cuda else None,
+            ),
+            on_fallback=on_backend_fallback,
+        )
+        if fast_cuda:
             # What an A100 rewards. On the CPU none of this measured faster (BENCHMARKS.md), so
             # fast mode there keeps fp32 compute and differs from faithful only in Adam's eps
             # and the fp16 delta.
@@ -87,15 +119,18 @@ class Engine:
         vae_dir: str | Path | None = None,
         device: str = "cpu",
         precision: Precision = "faithful",
+        **backend: Any,
     ) -> Engine:
-        """Load a base model (and optionally a BLIP captioner) from local directories."""
+        """Load a base model (and optionally a BLIP captioner) from local directories.
+        ``backend``: the UNet backend keywords of ``Engine`` (``unet_backend``, ``cache_dir``,
+        ``max_batch``, ``on_backend_fallback``)."""
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
 
         check_device(device)
         base = load_base_model(base_model_dir, device=device, vae_directory=vae_dir)
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return cls(base, captioner, precision=precision)
+        return cls(base, captioner, precision=precision, **backend)
 
     # -- 1. the source prompt ---------------------------------------------------------------
 
@@ -194,14 +229,20 @@ class Engine:
         specs = list(sweep.images())
         done: list[EditedImage] = []
         started = time.perf_counter()
+        # Export or build on first use of this resolution, before any denoising loop.
+        self.backends.current.prepare(
+            self.sampling_shape(edit_model.height, edit_model.width, max_batch)
+        )
         with self.weights.edit_model(edit_model.delta) as live:
             # The text side is encoded with the edit model's text encoder (fine-tuned in
             # dreambooth mode, the base one otherwise), the negative prompt included.
             text = self._encode_targets(sweep)
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
+                unet = self.unet_predictor(edit_model.height, edit_model.width, max_batch)
                 for chunk in _chunks(list(group), max_batch):
                     images = self._sample_chunk(
+                        unet,
                         edit_model,
                         chunk,
                         text,
@@ -218,17 +259,42 @@ class Engine:
                             on_image(edited)
         return done
 
+    @property
+    def sampling_backend(self) -> str:
+        """The backend that samples now: torch, onnxruntime or tensorrt."""
+        return self.backends.current.name
+
     def warmup(self) -> None:
         """One small denoising step through every component, so the first request does not
-        pay for lazy initialisation (readiness probes wait for this)."""
+        pay for lazy initialisation (readiness probes wait for this). It also exports or
+        builds the UNet backend's graph for the native resolution and ``max_batch`` (and runs
+        its canary), so that never happens inside a request's denoising loop."""
         base = self.base
+        height, width = base.native_height, base.native_width
         with torch.no_grad():
             e = encode_prompt(base.tokenizer, base.text_encoder, "")
             latents = initial_latents(
-                [0], base.unet.config["in_channels"], 64, 64, base.vae_scale_factor
+                [0], base.unet.config["in_channels"], height, width, base.vae_scale_factor
             )
-            z = denoise(base.unet, latents, e, e, steps=1, guidance=7.5)
+            unet = self.unet_predictor(height, width, self.max_batch)
+            z = denoise(unet, latents, e, e, steps=1, guidance=7.5)
             decode(base.vae, z, base.scaling_factor)
+
+    def sampling_shape(self, height: int, width: int, max_batch: int) -> Shape:
+        """The compiled-UNet shape that serves images of ``height`` × ``width`` in chunks of
+        at most ``max_batch`` (guidance doubles the rows)."""
+        scale = self.base.vae_scale_factor
+        return Shape(height // scale, width // scale, 2 * max_batch)
+
+    def unet_predictor(self, height: int, width: int, max_batch: int) -> NoisePredictor:
+        """The current backend's UNet, synced to the live weights. A backend that cannot
+        serve (its canary failed) is replaced by the next one, logged and reported."""
+        shape = self.sampling_shape(height, width, max_batch)
+        while True:
+            try:
+                return self.backends.current.predictor(shape)
+            except BackendUnavailableError as e:
+                self.backends.fall_back(e)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -252,6 +318,7 @@ class Engine:
 
     def _sample_chunk(
         self,
+        unet: NoisePredictor,
         edit_model: EditModel,
         chunk: list[ImageSpec],
         text: dict[str, torch.Tensor],
@@ -296,9 +363,8 @@ class Engine:
                     )
                 )
 
-        fast_cuda = self.precision == "fast" and device.type == "cuda"
         z = denoise(
-            base.unet,
+            unet,
             latents,
             conditioning,
             text[""],
@@ -306,7 +372,6 @@ class Engine:
             guidance=chunk[0].guidance,
             on_step=on_step,
             cancel=cancel,
-            autocast_dtype=torch.float16 if fast_cuda else None,
         )
         return to_pil(decode(base.vae, z, base.scaling_factor))
 

@@ -241,7 +241,9 @@ class JobRunner:
                 # The first image of a batch carries the batch's time, split over its images.
                 per_image = (now - last[0]) / max(1, pending[0])
                 for _ in range(max(1, pending[0])):
-                    self.metrics.sampling_image.labels(method=job.method).observe(per_image)
+                    self.metrics.sampling_image.labels(
+                        method=job.method, backend=engine.sampling_backend
+                    ).observe(per_image)
                 last[0] = now
             spec = edited.spec
             png = edited.png_bytes()
@@ -280,6 +282,8 @@ class JobRunner:
             max_batch=self.max_batch,
         )
         job.timings.sampling = time.perf_counter() - started
+        # A canary failure during the job may have moved the engine to the next backend.
+        job.timings.sampling_backend = engine.sampling_backend
         self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)
         return list(edited)
 
