@@ -76,10 +76,12 @@ class Engine:
         cache_dir: str | Path | None = None,
         max_batch: int = 8,
         on_backend_fallback: FallbackCallback | None = None,
+        torch_compile: bool = False,
     ) -> None:
         """``unet_backend``: torch, onnxruntime, tensorrt or auto (``forgedit.backends``);
         accelerated backends export to ``cache_dir`` (a private temporary directory when
-        None). ``max_batch`` sizes the batch profile ``warmup`` prepares."""
+        None). ``max_batch`` sizes the batch profile ``warmup`` prepares. ``torch_compile``
+        samples the torch backend's UNet through ``torch.compile`` (training stays eager)."""
         self.base = base
         self.captioner = captioner
         self.precision = precision
@@ -98,6 +100,7 @@ class Engine:
                 cache_dir=Path(cache_dir) if cache_dir is not None else None,
                 fingerprint=base.fingerprint,
                 autocast_dtype=torch.float16 if fast_cuda else None,
+                compile=torch_compile,
             ),
             on_fallback=on_backend_fallback,
         )
@@ -123,7 +126,7 @@ class Engine:
     ) -> Engine:
         """Load a base model (and optionally a BLIP captioner) from local directories.
         ``backend``: the UNet backend keywords of ``Engine`` (``unet_backend``, ``cache_dir``,
-        ``max_batch``, ``on_backend_fallback``)."""
+        ``max_batch``, ``on_backend_fallback``, ``torch_compile``)."""
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
 
