@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
     from forgedit.caption import Captioner
     from forgedit.models import BaseModel
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,7 @@ class Engine:
         done: list[EditedImage] = []
         started = time.perf_counter()
         # Export or build on first use of this resolution, before any denoising loop.
-        self.backends.current.prepare(
-            self.sampling_shape(edit_model.height, edit_model.width, max_batch)
-        )
+        self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
         with self.weights.edit_model(edit_model.delta) as live:
             # The text side is encoded with the edit model's text encoder (fine-tuned in
             # dreambooth mode, the base one otherwise), the negative prompt included.
@@ -289,15 +290,24 @@ class Engine:
         scale = self.base.vae_scale_factor
         return Shape(height // scale, width // scale, 2 * max_batch)
 
+    def prepare_sampling(self, height: int, width: int, max_batch: int) -> None:
+        """Export, build or load the backend's UNet for this shape (seconds, once): called
+        before any denoising loop. A backend that cannot serve is replaced by the next one."""
+        shape = self.sampling_shape(height, width, max_batch)
+        self._with_fallback(lambda: self.backends.current.prepare(shape))
+
     def unet_predictor(self, height: int, width: int, max_batch: int) -> NoisePredictor:
         """The current backend's UNet, synced to the live weights. A backend that cannot
         serve (its canary failed) is replaced by the next one, logged and reported."""
         shape = self.sampling_shape(height, width, max_batch)
+        return self._with_fallback(lambda: self.backends.current.predictor(shape))
+
+    def _with_fallback(self, step: Callable[[], T]) -> T:
         while True:
             try:
-                return self.backends.current.predictor(shape)
+                return step()
             except BackendUnavailableError as e:
-                self.backends.fall_back(e)
+                self.backends.fall_back(e)  # raises when no backend is left
 
     # -- helpers ------------------------------------------------------------------------------
 

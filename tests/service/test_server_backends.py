@@ -83,6 +83,9 @@ def onnxruntime_results(
         registry=registry,
         unet_backend="onnxruntime",
     ) as h:
+        # Ready means exported: the export happened at start-up, not inside a request.
+        (entry,) = (h.data_dir / "engines" / "onnx").iterdir()
+        assert (entry / "manifest.json").is_file() and (entry / "unet.onnx").is_file()
         for name, seed in (("a", 7), ("b", 8)):
             request = edit_request(
                 tedbench_image(tedbench_dir),

@@ -124,6 +124,18 @@ def test_backend_names_and_order() -> None:
         chain_for("tensorflow", torch.device("cpu"))
 
 
+def test_server_setting_accepts_the_backend_names_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import ServerSettings
+
+    monkeypatch.delenv("FORGEDIT_UNET_BACKEND", raising=False)
+    assert ServerSettings().unet_backend == "auto"  # the shipped default
+    assert ServerSettings(unet_backend="onnxruntime").unet_backend == "onnxruntime"
+    with pytest.raises(ValidationError, match="'auto', 'torch', 'onnxruntime' or 'tensorrt'"):
+        ServerSettings(unet_backend="trt")
+
+
 def test_plan_cache_key_covers_everything_a_plan_depends_on() -> None:
     shape = Shape(64, 64, 16)
     base = plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, shape, False)
