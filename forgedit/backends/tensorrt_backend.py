@@ -11,8 +11,9 @@ Refit: the engine remembers which state it holds (``LoadedWeights``); a sync han
 ``trt.Refitter.set_named_weights`` exactly the changed tensors, then ``refit_cuda_engine``.
 TensorRT may have merged weights at build time (a fused Conv + bias); ``get_missing_weights``
 then names the partners it also needs, which are supplied from the live parameters (they are
-unchanged, so this alters nothing). A weight still missing after that, or a failed
-``refit_cuda_engine``, is an error.
+unchanged, so this alters nothing). A weight TensorRT refuses, a weight still missing after
+that, or a failed ``refit_cuda_engine`` is ``BackendUnavailableError(reason="refit_failed")``:
+the engine falls back to the next backend rather than sample with half-swapped weights.
 
 The engine is always wrapped in ``CanariedBackend`` by the selection (``select.py``).
 
@@ -222,7 +223,8 @@ class _Engine:
         self._device = backend.device
         self._name_map = name_map
         self._unet = backend.unet
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan)
+        self._runtime = trt.Runtime(self._logger)  # must outlive the engine
+        self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BackendUnavailableError("TensorRT could not load the cached plan", "build_failed")
         self.context = self.engine.create_execution_context()
@@ -246,7 +248,10 @@ class _Engine:
             array = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
             keep.append(array)
             if not refitter.set_named_weights(self._name_map[name], trt.Weights(array)):
-                raise RuntimeError(f"TensorRT refused weights {self._name_map[name]!r}")
+                raise BackendUnavailableError(
+                    f"TensorRT refused weights {self._name_map[name]!r} (not refittable)",
+                    "refit_failed",
+                )
 
         for name, tensor in tensors.items():
             put(name, tensor)
@@ -256,11 +261,12 @@ class _Engine:
             put(name, weights.parameter(f"unet.{name}").detach())
         missing = list(refitter.get_missing_weights())
         if missing:
-            raise RuntimeError(
-                f"incomplete TensorRT refit: {len(missing)} weights missing (e.g. {missing[0]!r})"
+            raise BackendUnavailableError(
+                f"incomplete TensorRT refit: {len(missing)} weights missing (e.g. {missing[0]!r})",
+                "refit_failed",
             )
         if not refitter.refit_cuda_engine():
-            raise RuntimeError("TensorRT refit_cuda_engine failed")
+            raise BackendUnavailableError("TensorRT refit_cuda_engine failed", "refit_failed")
         log.debug("refitted %d tensors (+%d merged partners)", len(tensors), len(partners))
 
     def predict(
