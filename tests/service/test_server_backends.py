@@ -155,3 +155,26 @@ def test_torch_server_samples_the_same_edits(
     assert max_difference(vp_b, r["vp_b"]) <= 2
     # The two edit models differ, so stale weights of one under the other would have shown.
     assert max_difference(vs_a, vs_b) > 2
+
+
+def test_a_backend_that_cannot_serve_is_counted_and_the_next_one_serves(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FORGEDIT_UNET_BACKEND=tensorrt on this CPU machine: TensorRT cannot serve (no CUDA), so
+    the replica becomes ready on ONNX Runtime, says why in the log, and counts it."""
+    with (
+        caplog.at_level("WARNING", logger="forgedit.backends"),
+        running_server(tmp_path, tiny_model_dir, unet_backend="tensorrt") as h,
+    ):
+        url = f"http://127.0.0.1:{h.server.metrics_port}/metrics"
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert (
+        'forgedit_unet_backend_fallbacks_total{backend="tensorrt",reason="no_cuda"} 1.0' in metrics
+    )
+    assert (
+        'forgedit_unet_backend_fallbacks_total{backend="onnxruntime",reason="canary_failed"} 0.0'
+        in metrics
+    )
+    assert any(
+        "UNet backend tensorrt unavailable (no_cuda)" in r.getMessage() for r in caplog.records
+    )
