@@ -3,7 +3,9 @@ eager torch, compared against a documented tolerance.
 
 Refittable TensorRT engines are known to drop fusions and, in some versions, bias terms after a
 refit; nothing in their API says so. The canary runs after an engine is built or loaded (base
-weights) and after the first refit of every edit model. Outside the tolerance the backend is
+weights) and after the first refit of every edit-model load (each ``Engine.edit`` loads its edit
+model afresh, so that is once per job: two UNet calls on two rows, small next to a sweep; later
+strategy switches of the same load are not re-checked). Outside the tolerance the backend is
 refused with ``BackendUnavailableError(reason="canary_failed")``, and the engine falls back to
 the next backend, logging why and counting it.
 
@@ -61,7 +63,7 @@ def compare(
 
 class CanariedBackend(UNetBackend):
     """Wraps a backend so that it is only used after its canary passed: for each shape once on
-    the weights it was prepared with, then after the first sync of each new edit model.
+    the weights it was prepared with, then after the first sync of each edit-model load.
 
     ``reference`` is the torch backend on the same live parameters (which always hold exactly
     the weights the candidate was just synced to)."""
