@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser(
         "build-engine",
         help="prebuild the TensorRT engine of a base model",
-        description="Export a base model's UNet to ONNX and build its refittable FP16 TensorRT "
-        "engine for one resolution and batch profile (1 .. 2 x max batch rows), then run its "
-        "canary against torch. The plan is cached where edit and the server look for it. "
-        "Needs a CUDA device and TensorRT.",
+        description="Export a base model's UNet to ONNX and build its refittable FP16 TensorRT\n"
+        "engine for one resolution and batch profile (1 .. 2 x max batch rows), then run its\n"
+        "canary against torch. The plan is cached in --engine-cache, where edit finds it; to\n"
+        "prebuild for a server, point it at the server's FORGEDIT_DATA_DIR/engines. Needs a\n"
+        "CUDA device and TensorRT.",
         formatter_class=_Formatter,
     )
     build.add_argument("--base-model", metavar="DIR", required=True, help="SD 1.x directory")

@@ -87,6 +87,35 @@ def plan_key(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()[:24]
 
 
+def read_cached_plan(entry: Path, identity: Mapping[str, Any]) -> bytes | None:
+    """The cached plan of ``entry`` if its manifest is exactly ``identity`` and the plan's
+    sha256 is the one recorded; else None (rebuild, never trust)."""
+    try:
+        manifest = json.loads((entry / PLAN_MANIFEST).read_text(encoding="utf-8"))
+        plan = (entry / PLAN_FILE).read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.pop("plan_sha256", None) != _sha256(plan):
+        log.warning("TensorRT plan %s does not match its hash; rebuilding", entry.name)
+        return None
+    if manifest != dict(identity):
+        log.warning("TensorRT plan %s does not match this machine; rebuilding", entry.name)
+        return None
+    return plan
+
+
+def write_plan(entry: Path, identity: Mapping[str, Any], plan: bytes) -> None:
+    """Store a plan and its manifest (identity + the plan's sha256), each atomically; the
+    manifest last, so a crash in between leaves an entry that ``read_cached_plan`` rejects."""
+    entry.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(plan, entry / PLAN_FILE)
+    write_json_atomic(entry / PLAN_MANIFEST, {**identity, "plan_sha256": _sha256(plan)})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def weights_as_initializers(graph_path: Path) -> bytes:
     """The export with its weight inputs removed from ``graph.input`` (their initializers
     stay): TensorRT builds them as refittable constants instead of runtime tensors."""
@@ -136,7 +165,7 @@ class TensorRTBackend(UNetBackend):
             self.strip_weights,
         )
         entry = self.cache_dir / "tensorrt" / plan_key(identity)
-        plan = self._cached_plan(entry, identity)
+        plan = read_cached_plan(entry, identity)
         if plan is None:
             try:
                 plan = self._build(export.path, shape)
@@ -146,9 +175,7 @@ class TensorRTBackend(UNetBackend):
                 raise BackendUnavailableError(
                     f"TensorRT could not build the UNet engine: {e}", "build_failed"
                 ) from e
-            entry.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(plan, entry / PLAN_FILE)
-            write_json_atomic(entry / PLAN_MANIFEST, identity)
+            write_plan(entry, identity, plan)
         engine = _Engine(self, plan, export.name_map, shape)
         if self.strip_weights:  # the plan holds no weights: refit them all from the base
             engine.refit({n: p.detach() for n, p in self.unet.named_parameters()}, self.weights)
@@ -167,17 +194,6 @@ class TensorRTBackend(UNetBackend):
         self._engines.clear()
 
     # -- building -------------------------------------------------------------------------
-
-    def _cached_plan(self, entry: Path, identity: Mapping[str, Any]) -> bytes | None:
-        try:
-            manifest = json.loads((entry / PLAN_MANIFEST).read_text(encoding="utf-8"))
-            plan = (entry / PLAN_FILE).read_bytes()
-        except (OSError, ValueError):
-            return None
-        if manifest != dict(identity):
-            log.warning("TensorRT plan %s does not match this machine; rebuilding", entry.name)
-            return None
-        return plan
 
     def _build(self, graph_path: Path, shape: Shape) -> bytes:
         trt = self._trt

@@ -36,7 +36,14 @@ from forgedit.backends.onnx_export import (
 )
 from forgedit.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forgedit.backends.select import BackendChain, BackendConfig, chain_for
-from forgedit.backends.tensorrt_backend import plan_identity, plan_key, weights_as_initializers
+from forgedit.backends.tensorrt_backend import (
+    PLAN_FILE,
+    plan_identity,
+    plan_key,
+    read_cached_plan,
+    weights_as_initializers,
+    write_plan,
+)
 from forgedit.backends.torch_backend import TorchBackend
 from forgedit.config import SweepConfig, TrainingConfig
 from forgedit.engine import Engine
@@ -150,6 +157,18 @@ def test_plan_cache_key_covers_everything_a_plan_depends_on() -> None:
     keys = {plan_key(base), *(plan_key(v) for v in variants)}
     assert len(keys) == 1 + len(variants)
     assert plan_key(base) == plan_key(dict(base))
+
+
+def test_a_cached_plan_is_trusted_only_when_it_matches(tmp_path: Path) -> None:
+    identity = plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(64, 64, 16), False)
+    entry = tmp_path / plan_key(identity)
+    assert read_cached_plan(entry, identity) is None  # nothing there
+    write_plan(entry, identity, b"serialized engine")
+    assert read_cached_plan(entry, identity) == b"serialized engine"
+    other_gpu = {**identity, "gpu": "NVIDIA H200"}
+    assert read_cached_plan(entry, other_gpu) is None
+    (entry / PLAN_FILE).write_bytes(b"serialized engine, truncated or swapped")
+    assert read_cached_plan(entry, identity) is None
 
 
 # -- the tiny model ---------------------------------------------------------------------------
