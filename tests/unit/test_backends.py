@@ -474,6 +474,11 @@ def test_cli_onnxruntime_edits_match_torch(
         assert int(np.abs(a - b).max()) <= 2
 
 
+def test_cli_default_is_auto() -> None:
+    args = cli.build_parser().parse_args(["edit", "photo.png", "--prompt", "a"])
+    assert args.unet_backend == "auto" and args.engine_cache is None
+
+
 def test_cli_rejects_an_unknown_backend(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, err = _cli(
         capsys, "edit", tmp_path / "x.png", "--prompt", "a", "--unet-backend", "trt"
