@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 
+from forgedit.backends.names import BACKEND_CHOICES
 from forgedit.config import (
     INTERPOLATIONS,
     MAX_BATCH,
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from forgedit.artifact import EditModel
+    from forgedit.backends.select import Fallback
     from forgedit.engine import EditedImage, Engine
 
 PROG = "python -m forgedit"
@@ -132,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     strategies.add_argument("--base-model", metavar="DIR", help="count on this base model's UNet")
     strategies.add_argument("--device", default="cpu", help="device to load it on (default: cpu)")
     strategies.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    build = sub.add_parser(
+        "build-engine",
+        help="prebuild the TensorRT engine of a base model",
+        description="Export a base model's UNet to ONNX and build its refittable FP16 TensorRT\n"
+        "engine for one resolution and batch profile (1 .. 2 x max batch rows), then run its\n"
+        "canary against torch. The plan is cached in --engine-cache, where edit finds it; to\n"
+        "prebuild for a server, point it at the server's FORGEDIT_DATA_DIR/engines. Needs a\n"
+        "CUDA device and TensorRT.",
+        formatter_class=_Formatter,
+    )
+    build.add_argument("--base-model", metavar="DIR", required=True, help="SD 1.x directory")
+    build.add_argument("--size", metavar="WxH", help="image size (default: the model's native)")
+    build.add_argument("--max-batch", metavar="N", default="8", help="images per batch (8)")
+    build.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    build.add_argument(
+        "--engine-cache", metavar="DIR", help="plan cache (default: as edit --engine-cache)"
+    )
     return parser
 
 
@@ -295,6 +315,20 @@ def _add_edit(sub: Any) -> None:
     run.add_argument(
         "--out", metavar="DIR", default="out", help="output directory, new or empty (default: out)"
     )
+    run.add_argument(
+        "--unet-backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="which UNet samples: auto = TensorRT on CUDA where it imports and its canary "
+        "passes, else ONNX Runtime where installed, else torch; fallbacks are reported "
+        "(default: auto)",
+    )
+    run.add_argument(
+        "--engine-cache",
+        metavar="DIR",
+        help="where ONNX exports and TensorRT plans are cached (default: "
+        "$FORGEDIT_HOME/engines, else ~/.cache/forgedit/engines)",
+    )
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
@@ -321,6 +355,8 @@ class EditPlan:
     device: str
     precision: str
     max_batch: int
+    unet_backend: str
+    engine_cache: Path
     out: Path
     json: bool
     train_seed_from: str  # "content", "random", "given" or "edit model" (--load-model)
@@ -455,6 +491,10 @@ def validate_edit(args: argparse.Namespace) -> EditPlan:
         device=device,
         precision=precision,
         max_batch=max_batch,
+        unet_backend=args.unet_backend,
+        engine_cache=(
+            Path(args.engine_cache) if args.engine_cache is not None else default_engine_cache()
+        ),
         out=out,
         json=args.json,
         train_seed_from=train_seed_from,
@@ -899,6 +939,14 @@ def run_edit(plan: EditPlan, cancel: CancelToken, stderr: TextIO) -> dict[str, A
             "size": {"width": config.width, "height": config.height},
             "device": plan.device,
             "precision": plan.precision,
+            "unet_backend": {
+                "requested": plan.unet_backend,
+                "sampled_with": engine.sampling_backend,
+                "fallbacks": [
+                    {"backend": f.backend, "reason": f.reason, "message": f.message}
+                    for f in engine.backends.fallbacks
+                ],
+            },
             "training": config.to_dict(),
             "loss_curve": [float(x) for x in edit_model.loss_curve],
             "sweep": plan.sweep.to_dict(),
@@ -934,8 +982,30 @@ def _load_engine(plan: EditPlan) -> tuple[Engine, str]:
         vae_dir=plan.vae,
         device=plan.device,
         precision=cast(Precision, plan.precision),
+        unet_backend=plan.unet_backend,
+        cache_dir=plan.engine_cache,
+        max_batch=plan.max_batch,
+        on_backend_fallback=_warn_fallback,
     )
     return engine, label
+
+
+def _warn_fallback(fallback: Fallback) -> None:
+    print(
+        f"warning: UNet backend {fallback.backend} unavailable ({fallback.reason}): "
+        f"{_one_line(fallback.message)}",
+        file=sys.stderr,
+    )
+
+
+def default_engine_cache() -> Path:
+    """``$FORGEDIT_HOME/engines`` if set, else ``${XDG_CACHE_HOME:-~/.cache}/forgedit/engines``
+    (the tiny model's convention, with cache rather than data)."""
+    home = os.environ.get("FORGEDIT_HOME")
+    if home:
+        return Path(home) / "engines"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(cache).expanduser() / "forgedit" / "engines"
 
 
 def _edit_model(
@@ -1026,6 +1096,51 @@ def run_strategies(args: argparse.Namespace, stdout: TextIO) -> None:
             print(f"{variant:<11} {name:<22} {c['tensors']:>8} {c['parameters']:>14,}", file=stdout)
 
 
+def run_build_engine(args: argparse.Namespace, stdout: TextIO) -> None:
+    """``build-engine``: refuse at once (exit 2) where TensorRT or CUDA is missing, before
+    loading anything; else build (or load), canary, and say where the plan is."""
+    from forgedit.backends.base import BackendUnavailableError
+    from forgedit.backends.tensorrt_backend import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except BackendUnavailableError as e:
+        raise ForgeditError(
+            f"build-engine needs TensorRT and a CUDA device; {e}. Other backends need no "
+            "prebuilt engine (edit --unet-backend onnxruntime or torch)"
+        ) from e
+    device = _check_device(args.device)
+    if not device.startswith("cuda"):
+        raise InvalidInputError(
+            f"build-engine needs a CUDA device, got {args.device!r}", field="device"
+        )
+    max_batch = _parse_int(args.max_batch, "--max-batch")
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise InvalidInputError(f"--max-batch must be 1..{MAX_BATCH}, got {max_batch}")
+    base_dir = _existing_dir(args.base_model, "--base-model")
+    assert base_dir is not None
+    from forgedit.engine import Engine
+
+    engine = Engine.load(
+        base_dir,
+        device=device,
+        unet_backend="tensorrt",
+        cache_dir=Path(args.engine_cache) if args.engine_cache else default_engine_cache(),
+        max_batch=max_batch,
+        on_backend_fallback=_warn_fallback,
+    )
+    base = engine.base
+    width, height = _parse_size(args.size) if args.size else (base.native_width, base.native_height)
+    shape = engine.sampling_shape(height, width, max_batch)
+    engine.unet_predictor(height, width, max_batch)  # build or load, then the canary
+    if engine.sampling_backend != "tensorrt":
+        raise ForgeditError("the TensorRT engine failed its canary; see the warning above")
+    print(
+        f"TensorRT engine ready for {base.name} at {width}x{height} ({shape.describe()})",
+        file=stdout,
+    )
+
+
 def run_make_tiny_model(args: argparse.Namespace, stdout: TextIO) -> None:
     from forgedit.tiny import make_tiny_model
 
@@ -1097,6 +1212,8 @@ def main(argv: Sequence[str] | None = None, *, cancel: CancelToken | None = None
         elif args.command == "make-tiny-model":
             _quiet_libraries()
             run_make_tiny_model(args, stdout)
+        elif args.command == "build-engine":
+            run_build_engine(args, stdout)
         return EXIT_OK
     except SystemExit as e:  # --help
         return int(e.code or 0) if isinstance(e.code, int | None) else EXIT_USAGE

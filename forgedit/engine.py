@@ -18,17 +18,27 @@ Not thread-safe: one job at a time per Engine.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from forgedit import forgetting
 from forgedit.artifact import EditModel
+from forgedit.backends.base import BackendUnavailableError, NoisePredictor, Shape
+from forgedit.backends.select import (
+    BackendChain,
+    BackendConfig,
+    FallbackCallback,
+    check_backend_name,
+)
+from forgedit.backends.torch_backend import TorchBackend
 from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig, check_prompt
 from forgedit.errors import BaseModelMismatchError, InvalidInputError, ModelDirectoryError
 from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
@@ -43,6 +53,9 @@ if TYPE_CHECKING:
 
     from forgedit.caption import Captioner
     from forgedit.models import BaseModel
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,12 +77,39 @@ class Engine:
         captioner: Captioner | None = None,
         *,
         precision: Precision = "faithful",
+        unet_backend: str = "torch",
+        cache_dir: str | Path | None = None,
+        max_batch: int = 8,
+        on_backend_fallback: FallbackCallback | None = None,
+        torch_compile: bool = False,
     ) -> None:
+        """``unet_backend``: torch, onnxruntime, tensorrt or auto (``forgedit.backends``);
+        accelerated backends export to ``cache_dir`` (a private temporary directory when
+        None). ``max_batch`` sizes the batch profile ``warmup`` prepares. ``torch_compile``
+        samples the torch backend's UNet through ``torch.compile`` (training stays eager)."""
         self.base = base
         self.captioner = captioner
         self.precision = precision
+        self.max_batch = max_batch
         self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
-        if precision == "fast" and base.device.type == "cuda":
+        fast_cuda = precision == "fast" and base.device.type == "cuda"
+        check_backend_name(unet_backend)
+        if cache_dir is None and unet_backend != "torch":
+            self._temporary_cache = tempfile.TemporaryDirectory(prefix="forgedit-engines-")
+            cache_dir = self._temporary_cache.name
+        self.backends = BackendChain(
+            base.unet,
+            self.weights,
+            BackendConfig(
+                requested=unet_backend,
+                cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                fingerprint=base.fingerprint,
+                autocast_dtype=torch.float16 if fast_cuda else None,
+                compile=torch_compile,
+            ),
+            on_fallback=on_backend_fallback,
+        )
+        if fast_cuda:
             # What an A100 rewards. On the CPU none of this measured faster (BENCHMARKS.md), so
             # fast mode there keeps fp32 compute and differs from faithful only in Adam's eps
             # and the fp16 delta.
@@ -87,15 +127,18 @@ class Engine:
         vae_dir: str | Path | None = None,
         device: str = "cpu",
         precision: Precision = "faithful",
+        **backend: Any,
     ) -> Engine:
-        """Load a base model (and optionally a BLIP captioner) from local directories."""
+        """Load a base model (and optionally a BLIP captioner) from local directories.
+        ``backend``: the UNet backend keywords of ``Engine`` (``unet_backend``, ``cache_dir``,
+        ``max_batch``, ``on_backend_fallback``, ``torch_compile``)."""
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
 
         check_device(device)
         base = load_base_model(base_model_dir, device=device, vae_directory=vae_dir)
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return cls(base, captioner, precision=precision)
+        return cls(base, captioner, precision=precision, **backend)
 
     # -- 1. the source prompt ---------------------------------------------------------------
 
@@ -196,15 +239,22 @@ class Engine:
         specs = list(sweep.images())
         done: list[EditedImage] = []
         started = time.perf_counter()
-        with self.weights.edit_model(edit_model.delta) as live:
+        # Export or build on first use of this resolution, before any denoising loop.
+        self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
+        with (
+            self._sampling_precision(precision or self.precision),
+            self.weights.edit_model(edit_model.delta) as live,
+        ):
             # The text side is encoded with the edit model's text encoder (fine-tuned in
             # dreambooth mode, the base one otherwise), the negative prompt included: the
             # edit model's text-encoder Δ is already written when the block is entered.
             text = self._encode_targets(sweep)
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
+                unet = self.unet_predictor(edit_model.height, edit_model.width, max_batch)
                 for chunk in _chunks(list(group), max_batch):
                     images = self._sample_chunk(
+                        unet,
                         edit_model,
                         chunk,
                         text,
@@ -213,7 +263,6 @@ class Engine:
                         started=started,
                         on_progress=on_progress,
                         cancel=cancel,
-                        precision=precision or self.precision,
                     )
                     for spec, image in zip(chunk, images, strict=True):
                         edited = EditedImage(spec, image)
@@ -222,17 +271,68 @@ class Engine:
                             on_image(edited)
         return done
 
+    @contextmanager
+    def _sampling_precision(self, precision: Precision) -> Iterator[None]:
+        """Sample one job in its own precision: fast mode's fp16 autocast on CUDA is set per
+        job on the torch backend. A compiled backend's precision is its graph's (ONNX Runtime
+        fp32, TensorRT fp16) whatever the job asks (docs/DIVERGENCES.md)."""
+        backend = self.backends.current
+        if not isinstance(backend, TorchBackend):
+            yield
+            return
+        saved = backend.autocast_dtype
+        fast_cuda = precision == "fast" and self.base.device.type == "cuda"
+        backend.autocast_dtype = torch.float16 if fast_cuda else None
+        try:
+            yield
+        finally:
+            backend.autocast_dtype = saved
+
+    @property
+    def sampling_backend(self) -> str:
+        """The backend that samples now: torch, onnxruntime or tensorrt."""
+        return self.backends.current.name
+
     def warmup(self) -> None:
         """One small denoising step through every component, so the first request does not
-        pay for lazy initialisation (readiness probes wait for this)."""
+        pay for lazy initialisation (readiness probes wait for this). It also exports or
+        builds the UNet backend's graph for the native resolution and ``max_batch`` (and runs
+        its canary), so that never happens inside a request's denoising loop."""
         base = self.base
+        height, width = base.native_height, base.native_width
         with torch.no_grad():
             e = encode_prompt(base.tokenizer, base.text_encoder, "")
             latents = initial_latents(
-                [0], base.unet.config["in_channels"], 64, 64, base.vae_scale_factor
+                [0], base.unet.config["in_channels"], height, width, base.vae_scale_factor
             )
-            z = denoise(base.unet, latents, e, e, steps=1, guidance=7.5)
+            unet = self.unet_predictor(height, width, self.max_batch)
+            z = denoise(unet, latents, e, e, steps=1, guidance=7.5)
             decode(base.vae, z, base.scaling_factor)
+
+    def sampling_shape(self, height: int, width: int, max_batch: int) -> Shape:
+        """The compiled-UNet shape that serves images of ``height`` × ``width`` in chunks of
+        at most ``max_batch`` (guidance doubles the rows)."""
+        scale = self.base.vae_scale_factor
+        return Shape(height // scale, width // scale, 2 * max_batch)
+
+    def prepare_sampling(self, height: int, width: int, max_batch: int) -> None:
+        """Export, build or load the backend's UNet for this shape (seconds, once): called
+        before any denoising loop. A backend that cannot serve is replaced by the next one."""
+        shape = self.sampling_shape(height, width, max_batch)
+        self._with_fallback(lambda: self.backends.current.prepare(shape))
+
+    def unet_predictor(self, height: int, width: int, max_batch: int) -> NoisePredictor:
+        """The current backend's UNet, synced to the live weights. A backend that cannot
+        serve (its canary failed) is replaced by the next one, logged and reported."""
+        shape = self.sampling_shape(height, width, max_batch)
+        return self._with_fallback(lambda: self.backends.current.predictor(shape))
+
+    def _with_fallback(self, step: Callable[[], T]) -> T:
+        while True:
+            try:
+                return step()
+            except BackendUnavailableError as e:
+                self.backends.fall_back(e)  # raises when no backend is left
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -256,6 +356,7 @@ class Engine:
 
     def _sample_chunk(
         self,
+        unet: NoisePredictor,
         edit_model: EditModel,
         chunk: list[ImageSpec],
         text: dict[str, torch.Tensor],
@@ -265,7 +366,6 @@ class Engine:
         started: float,
         on_progress: SamplingCallback | None,
         cancel: CancelToken | None,
-        precision: Precision,
     ) -> list[Image.Image]:
         from forgedit.images import to_pil
 
@@ -301,9 +401,8 @@ class Engine:
                     )
                 )
 
-        fast_cuda = precision == "fast" and device.type == "cuda"
         z = denoise(
-            base.unet,
+            unet,
             latents,
             conditioning,
             text[""],
@@ -311,7 +410,6 @@ class Engine:
             guidance=chunk[0].guidance,
             on_step=on_step,
             cancel=cancel,
-            autocast_dtype=torch.float16 if fast_cuda else None,
         )
         return to_pil(decode(base.vae, z, base.scaling_factor))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from forgedit.backends.base import NoisePredictor
 from forgedit.events import CancelToken
 
 StepCallback = Callable[[int, int], None]  # (step, steps), 1-based
@@ -55,7 +56,7 @@ def initial_latents(
 
 @torch.no_grad()
 def denoise(
-    unet: Any,
+    unet: NoisePredictor,
     latents: torch.Tensor,
     conditioning: torch.Tensor,
     unconditional: torch.Tensor,
@@ -64,12 +65,15 @@ def denoise(
     guidance: float,
     on_step: StepCallback | None = None,
     cancel: CancelToken | None = None,
-    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run deterministic DDIM (η = 0) from ``latents`` [B, C, h, w] under ``conditioning``
     [B, 77, D]. Guidance is ε_u + w·(ε_c − ε_u) with ``unconditional`` = E("") [1, 77, D];
-    it is skipped for w ≤ 1, as the original. Checks ``cancel`` before every step."""
-    device = next(unet.parameters()).device
+    it is skipped for w ≤ 1, as the original. Checks ``cancel`` before every step.
+
+    ``unet`` is whichever backend the engine chose (``forgedit.backends``); this loop neither
+    knows nor cares. Its ε comes back as fp32 (fast mode's fp16 autocast lives in the torch
+    backend)."""
+    device = unet.device
     scheduler = make_ddim_scheduler()
     scheduler.set_timesteps(steps)
     guided = guidance > 1.0
@@ -83,11 +87,7 @@ def denoise(
             cancel.check()
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            noise_pred = unet(model_input, t, encoder_hidden_states=conditioning).sample
-        noise_pred = noise_pred.float()
+        noise_pred = unet.predict(model_input, t, conditioning)
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance * (cond - uncond)

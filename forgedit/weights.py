@@ -26,6 +26,11 @@ from forgedit.errors import EditModelError
 # Delta keys are "<component>.<parameter name>", e.g. "unet.down_blocks.1.resnets.0.conv1.weight".
 COMPONENTS = ("unet", "text_encoder")
 
+# What one live tensor holds when it is not pristine: (which edit-model load, forget
+# coefficient). Accelerated UNet backends keep their own copy of the weights and compare these
+# states to decide which tensors to re-send (forgedit.backends.base.refit_plan).
+WeightState = tuple[int, float]
+
 
 class ResidentWeights:
     """Pristine copies of the base model's touched parameters, and in-place edits on top.
@@ -46,6 +51,9 @@ class ResidentWeights:
         # Tensors being trained in place: anything may be in them until restore().
         self._training: set[str] = set()
         self._delta: Mapping[str, torch.Tensor] = {}
+        # Counts edit-model loads and trainings, so that two edit models with the same
+        # coefficient on a tensor still count as different contents.
+        self._generation = 0
 
     def names(self, component: str) -> list[str]:
         prefix = component + "."
@@ -63,9 +71,23 @@ class ResidentWeights:
     def begin_training(self, keys: Iterable[str]) -> None:
         """Snapshot ``keys`` before an optimiser writes into them; ``restore()`` undoes it."""
         self.restore()
+        self._generation += 1
         keys = list(keys)
         self.snapshot(keys)
         self._training.update(keys)
+
+    def state(self, component: str) -> dict[str, WeightState]:
+        """What every non-pristine tensor of ``component`` holds, by parameter name (without
+        the component prefix); a name that is absent holds its pristine base value. Refused
+        while training, when the live tensors hold anything."""
+        if self._training:
+            raise RuntimeError("the weights are being trained; restore() before sampling")
+        prefix = component + "."
+        return {
+            key.removeprefix(prefix): (self._generation, coefficient)
+            for key, coefficient in self._coefficient.items()
+            if key.startswith(prefix)
+        }
 
     def pristine(self, key: str) -> torch.Tensor:
         return self._pristine[key]
@@ -104,6 +126,7 @@ class ResidentWeights:
                     f"{tuple(self._params[key].shape)}"
                 )
         self.restore()
+        self._generation += 1
         self.snapshot(delta)
         self._delta = delta
         try:

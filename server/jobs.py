@@ -55,6 +55,7 @@ class Timings:
     registration: float = 0.0
     sampling: float = 0.0
     total: float = 0.0
+    sampling_backend: str = ""  # the UNet backend that sampled ("" before sampling)
 
     def to_proto(self) -> pb.PhaseTimings:
         return pb.PhaseTimings(
@@ -63,6 +64,7 @@ class Timings:
             training_seconds=self.training,
             registration_seconds=self.registration,
             sampling_seconds=self.sampling,
+            sampling_backend=self.sampling_backend,
             total_seconds=self.total,
         )
 

@@ -146,14 +146,14 @@ def create_server(
     the configured base models and the MLflow registry of the settings.
     """
     base_models = resolve_base_models(settings)
+    metrics = Metrics()
     if engine_factory is None:
-        engine_factory = default_engine_factory(settings, base_models)
+        engine_factory = default_engine_factory(settings, base_models, metrics)
     owns_registry = registry is None
     if registry is None:
         registry = default_registry(settings)
     registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
 
-    metrics = Metrics()
     store = EditModelStore(registry)
     prior = settings.time_prior(time_prior_key(base_models, settings))
     estimator = Estimator(prior.training_sample_s, prior.image_step_s)
@@ -331,8 +331,13 @@ def time_prior_key(base_models: dict[str, Path], settings: ServerSettings) -> st
     return f"{model_size(first)}-{device}"
 
 
-def default_engine_factory(settings: ServerSettings, base_models: dict[str, Path]) -> EngineFactory:
-    """The real engine: ``forgedit.engine.Engine`` on each base model, with BLIP if any."""
+def default_engine_factory(
+    settings: ServerSettings, base_models: dict[str, Path], metrics: Metrics | None = None
+) -> EngineFactory:
+    """The real engine: ``forgedit.engine.Engine`` on each base model, with BLIP if any, on
+    the configured UNet backend (exports and plans cached under ``data_dir/engines``; the
+    engine's warm-up builds them, so readiness waits). Backend fallbacks count in
+    ``metrics``."""
     blip_dir = settings.blip_dir
     if blip_dir is None and not settings.base_models:
         blip_dir = base_models[TINY_MODEL_NAME].parent / "blip"
@@ -346,7 +351,17 @@ def default_engine_factory(settings: ServerSettings, base_models: dict[str, Path
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return Engine(base, captioner, precision=settings.precision)
+        return Engine(
+            base,
+            captioner,
+            precision=settings.precision,
+            unet_backend=settings.unet_backend,
+            cache_dir=settings.data_dir / "engines",
+            max_batch=settings.max_batch,
+            on_backend_fallback=(
+                None if metrics is None else lambda f: metrics.count_fallback(f.backend, f.reason)
+            ),
+        )
 
     return build
 

@@ -2,18 +2,22 @@
 
 Each server instance has its own ``CollectorRegistry``, so several servers in one process (the
 tests) do not share series. Labels are bounded sets only: ``method`` (the RPC's name),
+``backend`` (torch, onnxruntime, tensorrt), ``reason`` of a backend fallback (bounded codes),
 ``code`` (a gRPC status name), ``reason`` (a cancellation reason or status name) and
 ``base_model`` (the configured base models). Never a job, request or edit-model ID.
 
 Histograms (seconds): ``forgedit_queue_wait_seconds{method}``, ``forgedit_captioning_seconds``,
 ``forgedit_training_seconds{base_model}``, ``forgedit_registration_seconds``,
-``forgedit_sampling_image_seconds{method}`` (per image), ``forgedit_time_to_first_image_seconds
-{method}``, ``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
+``forgedit_sampling_image_seconds{method,backend}`` (per image, by the UNet backend that
+sampled it), ``forgedit_time_to_first_image_seconds{method}``,
+``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
 Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``; cached edit models come from the
 registry's own ``forgedit_registry_cached_edit_models{tier}``.
 Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
-reason}``, ``forgedit_images_total{method}``. The failure and image series exist at 0 from
-start-up (every method x reason), so alerts over their ``rate()`` see a replica's first event.
+reason}``, ``forgedit_images_total{method}``, ``forgedit_unet_backend_fallbacks_total{backend,
+reason}`` (a UNet backend that could not serve: not installed, no CUDA, build failed, canary
+failed). The failure, image and fallback series exist at 0 from start-up (every bounded label
+combination), so alerts over their ``rate()`` see a replica's first event.
 
 The endpoint also serves the process-wide default registry (the registry package's spool and
 cache gauges, and prometheus_client's process and Python collectors).
@@ -36,6 +40,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from forgedit.backends.names import ACCELERATED_BACKENDS, BACKEND_NAMES, FALLBACK_REASONS
 
 # The label values of the job counters (bounded sets, exported at 0 from start-up):
 # job methods, and failure reasons = lower-case status names (server.errors.MappedError.reason).
@@ -83,9 +89,16 @@ class Metrics:
         )
         self.sampling_image = Histogram(
             "forgedit_sampling_image_seconds",
-            "Sampling time per finished image (a batch's time divided by its images).",
-            ["method"],
+            "Sampling time per finished image (a batch's time divided by its images), by the "
+            "UNet backend that sampled it.",
+            ["method", "backend"],
             buckets=_SHORT,
+            registry=r,
+        )
+        self.backend_fallbacks = Counter(
+            "forgedit_unet_backend_fallbacks",
+            "UNet backends that could not serve and were replaced by the next one, by reason.",
+            ["backend", "reason"],
             registry=r,
         )
         self.time_to_first_image = Histogram(
@@ -128,6 +141,15 @@ class Metrics:
             self.images.labels(method=method)
             for reason in FAILURE_REASONS:
                 self.failures.labels(method=method, reason=reason)
+            for backend in BACKEND_NAMES:
+                self.sampling_image.labels(method=method, backend=backend)
+        for backend in ACCELERATED_BACKENDS:
+            for reason in FALLBACK_REASONS:
+                self.backend_fallbacks.labels(backend=backend, reason=reason)
+
+    def count_fallback(self, backend: str, reason: str) -> None:
+        """One UNet backend fallback (called by the engine, from its worker thread)."""
+        self.backend_fallbacks.labels(backend=backend, reason=reason).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0 = any free port); returns the port."""

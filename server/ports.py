@@ -43,6 +43,11 @@ class EngineLike(Protocol):
     base: Any  # BaseModelLike; Any because the engine's dataclass fields are not properties
     captioner: Any  # None when no BLIP captioner is loaded
 
+    @property
+    def sampling_backend(self) -> str:
+        """The UNet backend that samples now (torch, onnxruntime or tensorrt)."""
+        ...
+
     def source_prompt(self, image: Image.Image, target_prompt: str) -> str: ...
 
     def finetune(

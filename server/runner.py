@@ -265,11 +265,15 @@ class JobRunner:
 
         def on_image(edited: Any) -> None:
             now = time.perf_counter()
-            if now > last[0]:
-                # The first image of a batch carries the batch's time, split over its images.
-                per_image = (now - last[0]) / max(1, pending[0])
-                for _ in range(max(1, pending[0])):
-                    self.metrics.sampling_image.labels(method=job.method).observe(per_image)
+            if pending[0]:
+                # The first image of a batch carries the batch's time, split over its images;
+                # the batch's other images observe nothing (one observation per image).
+                per_image = (now - last[0]) / pending[0]
+                for _ in range(pending[0]):
+                    self.metrics.sampling_image.labels(
+                        method=job.method, backend=engine.sampling_backend
+                    ).observe(per_image)
+                pending[0] = 0
                 last[0] = now
             spec = edited.spec
             png = edited.png_bytes()
@@ -309,6 +313,8 @@ class JobRunner:
             precision=precision,
         )
         job.timings.sampling = time.perf_counter() - started
+        # A canary failure during the job may have moved the engine to the next backend.
+        job.timings.sampling_backend = engine.sampling_backend
         self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)
         return list(edited)
 

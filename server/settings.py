@@ -102,6 +102,12 @@ class ServerSettings(BaseSettings):
         default="faithful",
         description="Default numerics when a request leaves precision unset; 'fast' on GPUs.",
     )
+    unet_backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
+        default="auto",
+        description="Which UNet samples: 'auto' = TensorRT on CUDA where it imports and its "
+        "canary passes, else ONNX Runtime where installed, else torch. Exports and engine "
+        "plans are cached under data_dir/engines; every fallback is logged and counted.",
+    )
     max_batch: int = Field(
         default=8,
         ge=1,

@@ -45,7 +45,9 @@ class FlakyEngine:
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Any]:
     settings = ServerSettings(
-        base_models={"tiny": tiny_model_dir / "stable-diffusion"}, blip_dir=tiny_model_dir / "blip"
+        base_models={"tiny": tiny_model_dir / "stable-diffusion"},
+        blip_dir=tiny_model_dir / "blip",
+        unet_backend="torch",
     )
     real = default_engine_factory(settings, dict(settings.base_models))
     with support.running_server(

@@ -275,7 +275,7 @@ def test_job_phases_are_measured(harness: Harness, edited: tuple) -> None:
     assert values['forgedit_queue_wait_seconds_count{method="Edit"}'] >= 1
     assert values["forgedit_registration_seconds_count"] >= 1
     assert values["forgedit_captioning_seconds_count"] >= 1
-    assert values['forgedit_sampling_image_seconds_count{method="Edit"}'] >= 4
+    assert values['forgedit_sampling_image_seconds_count{backend="torch",method="Edit"}'] >= 4
     assert values['forgedit_images_total{method="Edit"}'] >= 4
     assert values["forgedit_queue_depth"] == 0 and values["forgedit_running_jobs"] == 0
 

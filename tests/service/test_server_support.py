@@ -117,6 +117,9 @@ def running_server(
         "heartbeat_interval_s": 1.0,
         "grace_period_s": 10.0,
         "log_format": "text",
+        # The shipped default is "auto" (ONNX Runtime here), whose start-up export costs
+        # seconds per server; tests of the accelerated path ask for it explicitly.
+        "unet_backend": "torch",
     }
     values.update(settings)
     server, port = create_server(

@@ -156,6 +156,27 @@ def test_gpu_overlay_requests_one_a100_and_cpu_overlays_none(
         assert "cpu" in c["image"].rsplit(":", 1)[1]
 
 
+def test_gpu_overlay_samples_on_tensorrt_with_plans_on_a_persistent_volume(
+    build: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = build
+    config = find(docs, "ConfigMap", "forgedit-server-config")["data"]
+    sts = find(docs, "StatefulSet", "forgedit-server")
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in server_container(docs)["volumeMounts"]}
+    if name != "a100":
+        assert "FORGEDIT_UNET_BACKEND" not in config  # the server's default, auto
+        assert "engines" not in claims
+        return
+    assert config["FORGEDIT_UNET_BACKEND"] == "tensorrt"
+    # Plans live where the server caches them (data_dir/engines), on their own claim.
+    assert mounts["engines"] == config["FORGEDIT_DATA_DIR"] + "/engines"
+    assert claims["engines"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # The first start builds the engines before readiness: the startup probe waits long enough.
+    probe = server_container(docs)["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 30 * 60
+
+
 def test_server_config_names_only_settings_the_server_has(
     build: tuple[str, list[dict[str, Any]]],
     monkeypatch: pytest.MonkeyPatch,

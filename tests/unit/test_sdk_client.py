@@ -140,7 +140,9 @@ def edit_job_events(job: str = "job-1", images: int = 2) -> list[pb.Event]:
             7 + images,
             job,
             completed=pb.CompletedEvent(
-                timings=pb.PhaseTimings(training_seconds=1.5, total_seconds=3.0),
+                timings=pb.PhaseTimings(
+                    training_seconds=1.5, total_seconds=3.0, sampling_backend="onnxruntime"
+                ),
                 edit_model_id="em-1",
                 images=images,
                 train_seed=42,
@@ -249,6 +251,7 @@ def test_every_event_kind_maps_to_its_dataclass() -> None:
     assert img.params.label() == "donotforget γ=0.6 seed=1"
     done = mapped[-1]
     assert isinstance(done, Completed) and done.timings.training_seconds == 1.5
+    assert done.timings.sampling_backend == "onnxruntime"
     assert done.train_seed == 42
 
 

@@ -12,12 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from forgedit.backends.base import Shape
+from forgedit.backends.torch_backend import TorchBackend
 from forgedit.config import SweepConfig, TrainingConfig, default_sweep
 from forgedit.engine import Engine
 from forgedit.images import to_pil
 from forgedit.models import load_base_model
 from forgedit.sampling import decode, denoise, initial_latents
 from forgedit.text import encode_prompt
+from forgedit.weights import ResidentWeights
 
 SIZE = 64
 SOURCE = "A photo of a dog"
@@ -63,15 +66,16 @@ def _reference_dreambooth_images(
         source = encode_prompt(base.tokenizer, base.text_encoder, SOURCE).float()
         target = encode_prompt(base.tokenizer, base.text_encoder, TARGET).float()
         empty = encode_prompt(base.tokenizer, base.text_encoder, "").float()
+    # The eager UNet, through the same noise-predictor interface denoise() calls.
+    backend = TorchBackend(base.unet, ResidentWeights(modules))
+    unet = backend.predictor(Shape(SIZE // 8, SIZE // 8, 2))
     images = []
     for spec in sweep.images():
         conditioning = spec.gamma * target + (1 - spec.gamma) * source
         latents = initial_latents(
             [spec.seed], base.unet.config["in_channels"], SIZE, SIZE, base.vae_scale_factor
         )
-        z = denoise(
-            base.unet, latents, conditioning, empty, steps=spec.steps, guidance=spec.guidance
-        )
+        z = denoise(unet, latents, conditioning, empty, steps=spec.steps, guidance=spec.guidance)
         (image,) = to_pil(decode(base.vae, z, base.scaling_factor))
         images.append(np.asarray(image, dtype=np.int16))
     return images

@@ -186,7 +186,9 @@ class Heartbeat(Event):
 
 @dataclass(frozen=True)
 class PhaseTimings:
-    """Wall-clock seconds per phase; 0 for phases the job does not have."""
+    """Wall-clock seconds per phase; 0 for phases the job does not have. ``sampling_backend``
+    names the UNet backend that sampled ("torch", "onnxruntime", "tensorrt"; "" from servers
+    that do not say)."""
 
     queue_wait_seconds: float = 0.0
     captioning_seconds: float = 0.0
@@ -194,8 +196,9 @@ class PhaseTimings:
     registration_seconds: float = 0.0
     sampling_seconds: float = 0.0
     total_seconds: float = 0.0
+    sampling_backend: str = ""
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | str]:
         return dict(self.__dict__)
 
 
@@ -312,6 +315,7 @@ def timings_from_proto(t: Any) -> PhaseTimings:
         registration_seconds=t.registration_seconds,
         sampling_seconds=t.sampling_seconds,
         total_seconds=t.total_seconds,
+        sampling_backend=t.sampling_backend,
     )
 
 

@@ -442,20 +442,22 @@ class HeartbeatEvent(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class PhaseTimings(_message.Message):
-    __slots__ = ("queue_wait_seconds", "captioning_seconds", "training_seconds", "registration_seconds", "sampling_seconds", "total_seconds")
+    __slots__ = ("queue_wait_seconds", "captioning_seconds", "training_seconds", "registration_seconds", "sampling_seconds", "total_seconds", "sampling_backend")
     QUEUE_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPTIONING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_BACKEND_FIELD_NUMBER: _ClassVar[int]
     queue_wait_seconds: float
     captioning_seconds: float
     training_seconds: float
     registration_seconds: float
     sampling_seconds: float
     total_seconds: float
-    def __init__(self, queue_wait_seconds: _Optional[float] = ..., captioning_seconds: _Optional[float] = ..., training_seconds: _Optional[float] = ..., registration_seconds: _Optional[float] = ..., sampling_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    sampling_backend: str
+    def __init__(self, queue_wait_seconds: _Optional[float] = ..., captioning_seconds: _Optional[float] = ..., training_seconds: _Optional[float] = ..., registration_seconds: _Optional[float] = ..., sampling_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., sampling_backend: _Optional[str] = ...) -> None: ...
 
 class CompletedEvent(_message.Message):
     __slots__ = ("timings", "edit_model_id", "images", "train_seed")

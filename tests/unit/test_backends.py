@@ -1,0 +1,531 @@
+"""Sampling UNet backends: the refit plan (which tensors, diffed against what a backend holds),
+the ONNX export's name map and cache, ONNX Runtime against torch (UNet outputs per step within
+1e-5, images within 2/255 for vs and vp, several strategies, an edit model from disk and one
+just trained, two edit models back to back), the canary and the fallback chain (ONNX Runtime
+standing in for TensorRT, which cannot be installed here), and the CLI flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from forgedit import cli
+from forgedit.artifact import load_edit_model
+from forgedit.backends.base import (
+    BackendUnavailableError,
+    LoadedWeights,
+    Shape,
+    example_inputs,
+    refit_plan,
+)
+from forgedit.backends.canary import CanariedBackend
+from forgedit.backends.onnx_export import (
+    GRAPH_FILE,
+    MANIFEST_FILE,
+    ExportError,
+    _graph_inputs,
+    check_name_map,
+    export_unet,
+)
+from forgedit.backends.onnxruntime_backend import OnnxRuntimeBackend
+from forgedit.backends.select import BackendChain, BackendConfig, chain_for
+from forgedit.backends.tensorrt_backend import (
+    PLAN_FILE,
+    plan_identity,
+    plan_key,
+    read_cached_plan,
+    weights_as_initializers,
+    write_plan,
+)
+from forgedit.backends.torch_backend import TorchBackend
+from forgedit.config import SweepConfig, TrainingConfig
+from forgedit.engine import Engine
+from forgedit.errors import InvalidInputError
+from forgedit.images import load_image
+from forgedit.models import SD1_UNET_TENSORS
+from forgedit.weights import ResidentWeights
+
+SIZE = 64
+PROMPT = "A photo of a sitting dog."
+STRATEGIES = ("donotforget", "encoderkv", "noencoder", "encoderattn")
+
+
+def quick(seed: int = 1) -> TrainingConfig:
+    stages = tuple(
+        dataclasses.replace(s, updates=4, batch_size=2)
+        for s in TrainingConfig.for_mode("joint").stages
+    )
+    return TrainingConfig.for_mode("joint", stages=stages, height=SIZE, width=SIZE, seed=seed)
+
+
+def pixels(images: list[Any]) -> list[np.ndarray]:
+    return [np.asarray(e.image, dtype=np.int16) for e in images]
+
+
+def max_pixel_difference(a: list[Any], b: list[Any]) -> int:
+    assert [e.spec for e in a] == [e.spec for e in b]
+    return max(int(np.abs(x - y).max()) for x, y in zip(pixels(a), pixels(b), strict=True))
+
+
+# -- the refit plan, without any model --------------------------------------------------------
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Linear(2, 2)
+        self.up = torch.nn.Linear(2, 2)
+
+
+def test_refit_plan_names_exactly_the_differing_tensors() -> None:
+    assert refit_plan({}, {}) == []
+    assert refit_plan({"a": (1, 1.0)}, {}) == ["a"]
+    assert refit_plan({}, {"a": (1, 1.0)}) == ["a"]  # back to the base
+    assert refit_plan({"a": (1, 1.0), "b": (1, 0.5)}, {"a": (1, 1.0), "b": (1, 1.0)}) == ["b"]
+    # Same coefficient, another edit model: different contents.
+    assert refit_plan({"a": (2, 1.0)}, {"a": (1, 1.0)}) == ["a"]
+
+
+def test_sync_sends_only_what_changed_since_the_backend_last_loaded() -> None:
+    toy = _Toy()
+    weights = ResidentWeights({"unet": toy})
+    loaded = LoadedWeights(weights.state("unet"))
+    sent: list[tuple[dict[str, torch.Tensor], bool]] = []
+
+    def apply(tensors: Mapping[str, torch.Tensor], *, new_edit_model: bool) -> None:
+        sent.append(({k: v.clone() for k, v in tensors.items()}, new_edit_model))
+
+    delta_a = {"unet.down.weight": torch.ones(2, 2), "unet.up.weight": torch.ones(2, 2)}
+    delta_b = {"unet.up.weight": 2 * torch.ones(2, 2), "unet.up.bias": torch.ones(2)}
+    with weights.edit_model(delta_a) as live:
+        live.set_forgetting([], 1.0)
+        assert loaded.sync(weights, apply) == ("down.weight", "up.weight")
+        assert torch.equal(sent[-1][0]["up.weight"], toy.up.weight)
+        assert sent[-1][1] is False  # from the base: nothing to clear
+        live.set_forgetting(["down.weight"], 0.0)  # revert one tensor
+        assert loaded.sync(weights, apply) == ("down.weight",)
+        assert loaded.sync(weights, apply) == ()  # nothing changed since
+        assert len(sent) == 2
+    with weights.edit_model(delta_b) as live:
+        live.set_forgetting([], 1.0)
+        # A's up.weight must go (B overwrites it), A's down.weight is already pristine.
+        assert loaded.sync(weights, apply) == ("up.bias", "up.weight")
+        assert sent[-1][1] is True  # another edit model: clear the bindings first
+    assert loaded.sync(weights, apply) == ("up.bias", "up.weight")  # restoring the base
+    assert torch.equal(sent[-1][0]["up.weight"], toy.up.weight)
+
+
+def test_backend_names_and_order() -> None:
+    assert chain_for("auto", torch.device("cpu")) == ["onnxruntime", "torch"]
+    assert chain_for("auto", torch.device("cuda")) == ["tensorrt", "onnxruntime", "torch"]
+    assert chain_for("onnxruntime", torch.device("cuda")) == ["onnxruntime", "torch"]
+    assert chain_for("torch", torch.device("cpu")) == ["torch"]
+    with pytest.raises(InvalidInputError, match="accepted: torch, onnxruntime, tensorrt, auto"):
+        chain_for("tensorflow", torch.device("cpu"))
+
+
+def test_server_setting_accepts_the_backend_names_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import ServerSettings
+
+    monkeypatch.delenv("FORGEDIT_UNET_BACKEND", raising=False)
+    assert ServerSettings().unet_backend == "auto"  # the shipped default
+    assert ServerSettings(unet_backend="onnxruntime").unet_backend == "onnxruntime"
+    with pytest.raises(ValidationError, match="'auto', 'torch', 'onnxruntime' or 'tensorrt'"):
+        ServerSettings(unet_backend="trt")
+
+
+def test_plan_cache_key_covers_everything_a_plan_depends_on() -> None:
+    shape = Shape(64, 64, 16)
+    base = plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, shape, False)
+    variants = [
+        plan_identity("NVIDIA H200", "10.9.0", "f" * 64, shape, False),
+        plan_identity("NVIDIA A100-SXM4-80GB", "10.10.0", "f" * 64, shape, False),
+        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "e" * 64, shape, False),
+        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(96, 64, 16), False),
+        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(64, 64, 8), False),
+        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, shape, True),
+    ]
+    keys = {plan_key(base), *(plan_key(v) for v in variants)}
+    assert len(keys) == 1 + len(variants)
+    assert plan_key(base) == plan_key(dict(base))
+
+
+def test_a_cached_plan_is_trusted_only_when_it_matches(tmp_path: Path) -> None:
+    identity = plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(64, 64, 16), False)
+    entry = tmp_path / plan_key(identity)
+    assert read_cached_plan(entry, identity) is None  # nothing there
+    write_plan(entry, identity, b"serialized engine")
+    assert read_cached_plan(entry, identity) == b"serialized engine"
+    other_gpu = {**identity, "gpu": "NVIDIA H200"}
+    assert read_cached_plan(entry, other_gpu) is None
+    (entry / PLAN_FILE).write_bytes(b"serialized engine, truncated or swapped")
+    assert read_cached_plan(entry, identity) is None
+
+
+# -- the tiny model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tiny_model_dir: Path) -> Engine:
+    return Engine.load(tiny_model_dir / "stable-diffusion", unet_backend="torch")
+
+
+@pytest.fixture(scope="module")
+def ort_engine(tiny_model_dir: Path, cache_dir: Path) -> Engine:
+    engine = Engine.load(
+        tiny_model_dir / "stable-diffusion",
+        unet_backend="onnxruntime",
+        cache_dir=cache_dir,
+        max_batch=4,
+    )
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def photo(photos_dir: Path) -> Any:
+    return load_image(photos_dir / "cat.jpg").image
+
+
+@pytest.fixture(scope="module")
+def edit_models(torch_engine: Engine, photo: Any) -> list[Any]:
+    """Two edit models of the same base model (the engines share its fingerprint)."""
+    return [torch_engine.finetune(photo, "A photo of a dog", quick(seed)) for seed in (1, 2)]
+
+
+def test_default_backend_choice_and_tensorrt_fallback_here(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """On this CPU machine TensorRT cannot serve (no CUDA); asking for it falls back to ONNX
+    Runtime, with the reason reported."""
+    seen: list[Any] = []
+    engine = Engine.load(
+        tiny_model_dir / "stable-diffusion",
+        unet_backend="tensorrt",
+        cache_dir=cache_dir,
+        on_backend_fallback=seen.append,
+    )
+    assert engine.sampling_backend == "onnxruntime"
+    assert [(f.backend, f.reason) for f in seen] == [("tensorrt", "no_cuda")]
+    assert "CUDA" in seen[0].message
+    auto = Engine(engine.base, unet_backend="auto", cache_dir=cache_dir)
+    assert auto.sampling_backend == "onnxruntime"
+    assert auto.backends.fallbacks == []
+
+
+def test_export_name_map_is_complete_and_cached(ort_engine: Engine, cache_dir: Path) -> None:
+    unet = ort_engine.base.unet
+    shape = ort_engine.sampling_shape(SIZE, SIZE, 4)
+    export = export_unet(unet, ort_engine.base.fingerprint, shape, cache_dir / "onnx")
+    assert export.seconds == 0.0  # the warm-up exported it; this came from the cache
+    assert len(export.name_map) == SD1_UNET_TENSORS == sum(1 for _ in unet.parameters())
+    assert len(set(export.name_map.values())) == SD1_UNET_TENSORS  # one-to-one
+    manifest = json.loads((export.path.parent / MANIFEST_FILE).read_text())
+    assert manifest["base_model_fingerprint"] == ort_engine.base.fingerprint
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["opset"] >= 17
+    assert manifest["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert manifest["name_map"] == export.name_map
+    # TensorRT gets the same graph with the weights as refittable initializers.
+    import onnx
+
+    trt_graph = onnx.load_from_string(weights_as_initializers(export.path))
+    assert [i.name for i in trt_graph.graph.input] == manifest["inputs"]
+    assert {i.name for i in trt_graph.graph.initializer} >= set(export.name_map.values())
+
+
+def test_an_export_cache_entry_that_does_not_match_is_rebuilt(
+    ort_engine: Engine, tmp_path: Path
+) -> None:
+    unet, fingerprint = ort_engine.base.unet, ort_engine.base.fingerprint
+    shape = ort_engine.sampling_shape(SIZE, SIZE, 1)
+    first = export_unet(unet, fingerprint, shape, tmp_path)
+    assert first.seconds > 0
+    manifest_path = first.path.parent / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["torch_version"] = "0.0.1"  # written by another torch
+    manifest_path.write_text(json.dumps(manifest))
+    assert export_unet(unet, fingerprint, shape, tmp_path).seconds > 0
+    with open(first.path, "r+b") as f:  # a corrupt graph file
+        f.seek(100)
+        f.write(b"\0" * 16)
+    rebuilt = export_unet(unet, fingerprint, shape, tmp_path)
+    assert rebuilt.seconds > 0
+    assert export_unet(unet, fingerprint, shape, tmp_path).seconds == 0.0
+    other = export_unet(unet, "0" * 64, shape, tmp_path)  # another base model
+    assert other.path.parent != rebuilt.path.parent
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [rebuilt.path.parent.name, other.path.parent.name]
+    )  # no staging directories left behind
+    assert {p.name for p in rebuilt.path.parent.iterdir()} == {GRAPH_FILE, MANIFEST_FILE}
+
+
+def test_an_incomplete_name_map_is_an_error_at_export(ort_engine: Engine, cache_dir: Path) -> None:
+    unet = ort_engine.base.unet
+    export = export_unet(
+        unet,
+        ort_engine.base.fingerprint,
+        ort_engine.sampling_shape(SIZE, SIZE, 4),
+        cache_dir / "onnx",
+    )
+    inputs = _graph_inputs(export.path)
+    check_name_map(unet, inputs)
+    del inputs["unet.conv_out.bias"]  # what a folded or renamed weight looks like
+    with pytest.raises(ExportError, match=f"maps {SD1_UNET_TENSORS - 1} of the UNet's 686"):
+        check_name_map(unet, inputs)
+    inputs["onnx::Conv_123"] = (4,)
+    with pytest.raises(ExportError, match="unexpected inputs: onnx::Conv_123"):
+        check_name_map(unet, inputs)
+
+
+def test_unet_outputs_match_torch_per_step_after_every_swap(
+    ort_engine: Engine, edit_models: list[Any]
+) -> None:
+    """ε from ONNX Runtime equals torch's within 1e-5 on the base, an edit model, a strategy
+    switch (only the changed tensors re-bound), another edit model and the base again."""
+    engine = ort_engine
+    shape = engine.sampling_shape(SIZE, SIZE, 4)
+    backend = engine.backends.current
+    reference = TorchBackend(engine.base.unet, engine.weights)
+    inputs = example_inputs(engine.base.unet, shape, rows=4)
+    noencoder = [n for n in engine.weights.names("unet") if n.startswith("down_blocks")]
+
+    def check() -> tuple[str, ...]:
+        got = backend.predictor(shape).predict(*inputs)
+        expected = reference.predictor(shape).predict(*inputs)
+        assert float((got - expected).abs().max()) < 1e-5
+        return backend.last_plan(shape)
+
+    check()
+    a, b = edit_models
+    unet_keys_a = sorted(k.removeprefix("unet.") for k in a.delta if k.startswith("unet."))
+    unet_keys_b = sorted(k.removeprefix("unet.") for k in b.delta if k.startswith("unet."))
+    with engine.weights.edit_model(a.delta) as live:
+        live.set_forgetting([], 1.0)
+        assert list(check()) == unet_keys_a
+        live.set_forgetting(noencoder, 0.0)
+        switched = check()
+        assert list(switched) == [k for k in unet_keys_a if k.startswith("down_blocks")]
+        assert 0 < len(switched) < len(unet_keys_a)
+        live.set_forgetting(noencoder, 0.0)
+        assert check() == ()
+    with engine.weights.edit_model(b.delta) as live:
+        live.set_forgetting([], 1.0)
+        assert list(check()) == sorted(set(unet_keys_a) | set(unet_keys_b))
+    assert list(check()) == unet_keys_b  # the base restored: the same operation
+
+
+def sweep(interpolation: str, **kw: Any) -> SweepConfig:
+    values: dict[str, Any] = {
+        "prompts": (PROMPT,),
+        "steps": 8,
+        "seeds": (1, 2),
+        "gammas": (0.6, 1.0),
+        "forget": STRATEGIES,
+        "interpolation": interpolation,
+        **kw,
+    }
+    return SweepConfig(**values)
+
+
+@pytest.mark.parametrize("interpolation", ["vs", "vp"])
+def test_images_match_torch_within_2_of_255(
+    torch_engine: Engine, ort_engine: Engine, edit_models: list[Any], interpolation: str
+) -> None:
+    """The edit model just trained, every strategy of the sweep, vs and vp."""
+    config = sweep(interpolation)
+    expected = torch_engine.edit(edit_models[0], config, max_batch=4)
+    got = ort_engine.edit(edit_models[0], config, max_batch=4)
+    assert ort_engine.sampling_backend == "onnxruntime"
+    assert max_pixel_difference(got, expected) <= 2
+
+
+def test_edit_models_from_disk_back_to_back_leave_no_stale_weights(
+    torch_engine: Engine, ort_engine: Engine, edit_models: list[Any], tmp_path: Path
+) -> None:
+    a, b = edit_models
+    a.save(tmp_path / "a")
+    from_disk = load_edit_model(tmp_path / "a", expected_base_fingerprint=a.base_model_fingerprint)
+    config = sweep("vs", forget=("encoderkv", "noencoder"), gammas=(1.0,))
+    expected_a = torch_engine.edit(from_disk, config, max_batch=4)
+    expected_b = torch_engine.edit(b, config, max_batch=4)
+    got_a = ort_engine.edit(from_disk, config, max_batch=4)
+    got_b = ort_engine.edit(b, config, max_batch=4)
+    again_a = ort_engine.edit(from_disk, config, max_batch=4)
+    assert max_pixel_difference(got_a, expected_a) <= 2
+    assert max_pixel_difference(got_b, expected_b) <= 2
+    assert max_pixel_difference(again_a, got_a) == 0  # bit-identical: nothing of B left
+    # The two models really differ, so a stale B would have shown.
+    assert max_pixel_difference(expected_a, expected_b) > 2
+
+
+class _DropsBiasesOnRefit(OnnxRuntimeBackend):
+    """Fault injection: what some refittable TensorRT versions do. The base weights bind
+    correctly; every refit afterwards silently zeroes the biases it was given."""
+
+    def predictor(self, shape: Shape) -> Any:
+        predictor = super().predictor(shape)
+        session = self._sessions[shape]
+        for name in session.loaded.last_plan:
+            if name.endswith(".bias"):
+                session._bound[session._name_map[name]][0][:] = 0.0
+        return predictor
+
+
+def test_canary_passes_on_a_faithful_backend_and_fails_over_on_a_bad_refit(
+    torch_engine: Engine, tiny_model_dir: Path, cache_dir: Path, edit_models: list[Any]
+) -> None:
+    seen: list[Any] = []
+    engine = Engine.load(
+        tiny_model_dir / "stable-diffusion",
+        unet_backend="onnxruntime",
+        cache_dir=cache_dir,
+        on_backend_fallback=seen.append,
+    )
+    shape = engine.sampling_shape(SIZE, SIZE, 4)
+    reference = TorchBackend(engine.base.unet, engine.weights)
+    faithful = CanariedBackend(engine.backends.current, reference, tolerance=1e-2)
+    faithful.prepare(shape)  # the base passes
+
+    bad = _DropsBiasesOnRefit(
+        engine.base.unet,
+        engine.weights,
+        fingerprint=engine.base.fingerprint,
+        cache_dir=cache_dir / "onnx",
+    )
+    engine.backends.current = CanariedBackend(bad, reference, tolerance=1e-2)
+    engine.backends.current.prepare(shape)  # the base binds correctly: passes
+    assert engine.sampling_backend == "onnxruntime"
+    config = sweep("vs", forget=("encoderkv",), gammas=(1.0,))
+    got = engine.edit(edit_models[0], config, max_batch=4)
+    # The first refit of the edit model dropped its biases; the canary caught it, the engine
+    # moved on to torch before sampling anything, and said why.
+    assert engine.sampling_backend == "torch"
+    assert [(f.backend, f.reason) for f in seen] == [("onnxruntime", "canary_failed")]
+    assert "relative error" in seen[0].message
+    assert max_pixel_difference(got, torch_engine.edit(edit_models[0], config, max_batch=4)) == 0
+
+
+def test_chain_gives_up_only_after_the_last_backend(ort_engine: Engine) -> None:
+    built: list[str] = []
+
+    def build(name: str) -> Any:
+        built.append(name)
+        raise BackendUnavailableError(f"{name} is broken here", "build_failed")
+
+    with pytest.raises(BackendUnavailableError, match="torch is broken"):
+        BackendChain(ort_engine.base.unet, ort_engine.weights, BackendConfig("auto"), build=build)
+    assert built == ["onnxruntime", "torch"]
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_onnxruntime_edits_match_torch(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_model_dir: Path, photos_dir: Path
+) -> None:
+    image = photos_dir / "cat.jpg"
+    common = [
+        "edit", image, "--prompt", PROMPT, "--source-prompt", "A photo of a dog",
+        "--base-model", tiny_model_dir / "stable-diffusion", "--size", "64x64",
+        "--updates", "4", "--batch-size", "2", "--train-seed", "3", "--seeds", "1,2",
+        "--steps", "6", "--forget", "encoderkv,noencoder", "--interpolation", "vp",
+        "--engine-cache", tmp_path / "cache", "--json",
+    ]  # fmt: skip
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        code, out, err = _cli(
+            capsys, *common, "--unet-backend", backend, "--out", tmp_path / backend
+        )
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["unet_backend"] == {
+            "requested": backend,
+            "sampled_with": backend,
+            "fallbacks": [],
+        }
+        results[backend] = summary
+    names = [Path(f["path"]).name for f in results["torch"]["images"]]
+    assert names == [Path(f["path"]).name for f in results["onnxruntime"]["images"]]
+    assert len(names) >= 4  # 2 strategies x 2 seeds x the default gammas
+    for name in names:
+        a = np.asarray(load_image(tmp_path / "torch" / name).image, dtype=np.int16)
+        b = np.asarray(load_image(tmp_path / "onnxruntime" / name).image, dtype=np.int16)
+        assert int(np.abs(a - b).max()) <= 2
+
+
+def test_cli_default_is_auto() -> None:
+    args = cli.build_parser().parse_args(["edit", "photo.png", "--prompt", "a"])
+    assert args.unet_backend == "auto" and args.engine_cache is None
+
+
+def test_cli_rejects_an_unknown_backend(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = _cli(
+        capsys, "edit", tmp_path / "x.png", "--prompt", "a", "--unet-backend", "trt"
+    )
+    assert code == 2 and out == ""
+    assert "--unet-backend" in err and "onnxruntime" in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_engine_without_tensorrt_says_so_and_exits_2(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path
+) -> None:
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    code, out, err = _cli(
+        capsys,
+        "build-engine",
+        "--base-model",
+        tiny_model_dir / "stable-diffusion",
+        "--size",
+        "64x64",
+    )
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "TensorRT is not installed" in err and "build-engine" in err
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_torch_after_refits(
+    tiny_model_dir: Path, tmp_path: Path, edit_models: list[Any]
+) -> None:
+    """On a CUDA machine with TensorRT: build, canary, refit two edit models, compare."""
+    pytest.importorskip("tensorrt")
+    engine = Engine.load(
+        tiny_model_dir / "stable-diffusion",
+        device="cuda",
+        unet_backend="tensorrt",
+        cache_dir=tmp_path,
+    )
+    engine.warmup()
+    assert engine.sampling_backend == "tensorrt"
+    reference = Engine.load(
+        tiny_model_dir / "stable-diffusion", device="cuda", unet_backend="torch"
+    )
+    config = sweep("vs", forget=("encoderkv", "noencoder"), gammas=(1.0,))
+    for model in edit_models:
+        assert max_pixel_difference(engine.edit(model, config), reference.edit(model, config)) <= 8
