@@ -31,12 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Random edit models of real shapes and a real `mlflow server` come from the tests' helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 
 def generate(directory: Path, scale: float) -> None:
     """Child process: write the random SD-sized edit model to ``directory``."""
     import torch
-
-    from registry.testing import random_edit_model, sd1_trained_subset_shapes
+    from support.registry import random_edit_model, sd1_trained_subset_shapes
 
     torch.set_num_threads(1)
     shapes = sd1_trained_subset_shapes()
@@ -70,10 +72,11 @@ def main() -> None:
 
 
 def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from support.registry import MlflowServer
+
     from forgedit.artifact import read_manifest
     from registry import EditModelRegistry, RegistryConfig
     from registry.fsutil import tree_bytes
-    from registry.testing import MlflowServer
 
     source = work / "edit-model"
     started = time.perf_counter()

@@ -4,7 +4,6 @@ foreign load run 5–25× slower (ENVIRONMENT.md)."""
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -19,9 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_PHOTOS = REPO / "samples" / "photos"
 
-# The real-server harness (tests/service/test_server_support.py) is shared by the service and
-# fault tests; one importable location instead of each file loading it by path.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
+# Shared helpers live in the tests/support package (imported as ``support``: pytest puts this
+# folder on sys.path for its root conftest).
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from support.registry import MlflowServer, free_port, random_edit_model
 
 from registry import EditModelRegistry, RegistryConfig
-from registry.testing import MlflowServer, free_port, random_edit_model
 
 pytestmark = pytest.mark.mlflow_server
 
@@ -107,11 +107,13 @@ def test_server_killed_mid_upload_then_spool_registers_exactly_once(
     assert len(versions(server)) == 1
 
 
+TESTS = Path(__file__).resolve().parents[1]
+
 REGISTER_WHILE_DOWN = textwrap.dedent(
     """
     import json, sys
     from registry import EditModelRegistry, RegistryConfig
-    from registry.testing import random_edit_model
+    from support.registry import random_edit_model
 
     data_dir, uri, name = sys.argv[1:4]
     reg = EditModelRegistry(RegistryConfig(
@@ -147,7 +149,8 @@ def run_script(script: str, *args: str) -> dict[str, object]:
         [sys.executable, "-c", script, *args],
         capture_output=True,
         timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # The child imports the tests' helpers (support.registry) from tests/.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)},
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     result: dict[str, object] = json.loads(proc.stdout.decode().strip().splitlines()[-1])

@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
-import test_server_support as support  # tests/service, on sys.path via conftest
 from google.rpc import error_details_pb2
+from support import server as support
 
 from server._proto import forgedit_pb2 as pb
 

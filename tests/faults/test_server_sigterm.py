@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-import test_server_support as support  # tests/service, on sys.path via conftest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import server as support
 
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc

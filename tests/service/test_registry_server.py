@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from support.registry import MlflowServer, random_edit_model
 
 from forgedit.artifact import DELTA_FILE, load_edit_model
 from registry import (
@@ -27,7 +28,6 @@ from registry import (
     RegistryConfig,
     RegistryIntegrityError,
 )
-from registry.testing import MlflowServer, random_edit_model
 
 
 @pytest.fixture(scope="module")

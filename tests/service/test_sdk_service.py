@@ -35,7 +35,7 @@ from forgedit_client import (
 )
 from forgedit_client.cli import main as cli_main
 from PIL import Image
-from test_server_support import TOKEN, Harness, assert_nothing_left_behind, running_server
+from support.server import TOKEN, Harness, assert_nothing_left_behind, running_server
 
 QUICK: dict[str, Any] = {"updates": 2, "batch_size": 1, "train_seed": 7, "steps": 2, "seeds": [3]}
 

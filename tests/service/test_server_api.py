@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-from test_server_support import (
+from support.server import (
     AUTH,
     Harness,
     assert_nothing_left_behind,

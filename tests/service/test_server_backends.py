@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_support import (
+from support.server import (
     assert_nothing_left_behind,
     edit_request,
     running_server,

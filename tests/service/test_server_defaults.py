@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_support import Harness, assert_nothing_left_behind, running_server, stream, unary
+from support.server import Harness, assert_nothing_left_behind, running_server, stream, unary
 
 from forgedit.config import TrainingConfig
 from server._proto import forgedit_pb2 as pb

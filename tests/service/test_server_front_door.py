@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 import pytest
-import test_server_support as support
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from support import server as support
 
 from server._proto import forgedit_pb2 as pb
 from server.main import HEALTH_PORT_REFLECTION_STREAMS, default_engine_factory

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-import test_server_support as support
+from support import server as support
 
 from server._proto import forgedit_pb2 as pb
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from test_server_support import (
+from support.server import (
     Harness,
     assert_nothing_left_behind,
     edit_request,

@@ -20,6 +20,7 @@ import requests
 import torch
 from mlflow import MlflowClient
 from prometheus_client import REGISTRY
+from support.registry import random_edit_model, small_config
 
 from forgedit.artifact import DELTA_FILE, MANIFEST_FILE, load_edit_model, sha256_file
 from forgedit.errors import BaseModelMismatchError, EditModelError, InvalidInputError
@@ -34,7 +35,6 @@ from registry import (
 )
 from registry.fsutil import tree_bytes
 from registry.records import dedupe_key
-from registry.testing import random_edit_model, small_config
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake image bytes"
 
