@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from forgedit.artifact import DELTA_FILE
 from forgedit.config import TrainingConfig
 from forgedit.errors import InvalidInputError
 
@@ -38,6 +39,8 @@ TAG_PROMPT = "forgedit.source_prompt"
 TAG_CREATED = "forgedit.created_at"
 TAG_WIDTH = "forgedit.width"
 TAG_HEIGHT = "forgedit.height"
+TAG_DELTA_FORMAT = "forgedit.delta_format"
+TAG_DELTA_BYTES = "forgedit.delta_bytes"
 # Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
 TAG_RUN_DATA = "forgedit.run_data_logged"
 
@@ -84,6 +87,8 @@ class EditModelInfo:
     size_bytes: int
     width: int = 0  # the resolution it was fine-tuned (and samples) at; 0 if unrecorded
     height: int = 0
+    delta_format: str = ""  # fp32, fp16 or int8; "" if unrecorded
+    delta_bytes: int = 0  # size of the stored delta file
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ def describe_manifest(
         TAG_CREATED: repr(float(manifest.get("created_at", 0.0))),
         TAG_WIDTH: str(int((manifest.get("resolution") or {}).get("width", 0))),
         TAG_HEIGHT: str(int((manifest.get("resolution") or {}).get("height", 0))),
+        TAG_DELTA_FORMAT: training.stored_format,
+        TAG_DELTA_BYTES: str(int(manifest["files"][DELTA_FILE]["bytes"])),
     }
 
 
@@ -204,6 +211,8 @@ def info_from_tags(
         size_bytes=int(num(TAG_BYTES)),
         width=int(num(TAG_WIDTH)),
         height=int(num(TAG_HEIGHT)),
+        delta_format=tags.get(TAG_DELTA_FORMAT, ""),
+        delta_bytes=int(num(TAG_DELTA_BYTES)),
     )
 
 

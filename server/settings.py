@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from forgedit.config import DeltaFormat
 from server.transport import MAX_MESSAGE_BYTES, MIB
 
 LogFormat = Literal["json", "text"]
@@ -60,6 +61,11 @@ class ServerSettings(BaseSettings):
     precision: Literal["faithful", "fast"] = Field(
         default="faithful",
         description="Default numerics when a request leaves precision unset; 'fast' on GPUs.",
+    )
+    delta_format: DeltaFormat | None = Field(
+        default=None,
+        description="How new edit models store their delta when a request leaves it unset. "
+        "Unset: fp32 for faithful precision (exact), int8 for fast (a quarter of the bytes).",
     )
     max_batch: int = Field(
         default=8,

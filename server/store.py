@@ -19,9 +19,11 @@ from forgedit.errors import ForgeditError
 from server._proto import forgedit_pb2 as pb
 from server.errors import UnservedBaseModelError
 from server.ports import BaseModelInfo, RegistryLike
+from server.validation import DELTA_FORMATS
 
 log = logging.getLogger("server.store")
 
+_DELTA_FORMATS = {name: number for number, name in DELTA_FORMATS.items()}
 _MODES = {
     "joint": pb.TRAINING_MODE_JOINT,
     "two_stage": pb.TRAINING_MODE_TWO_STAGE,
@@ -116,4 +118,6 @@ def edit_model_to_proto(info: Any) -> pb.EditModel:
         size_bytes=int(info.size_bytes),
         width=int(info.width),
         height=int(info.height),
+        delta_format=_DELTA_FORMATS.get(info.delta_format, pb.DELTA_FORMAT_UNSPECIFIED),
+        delta_bytes=int(info.delta_bytes),
     )

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client.errors import InvalidOptionError
-from forgedit_client.events import INTERPOLATIONS, PRECISIONS, TRAINING_MODES
+from forgedit_client.events import DELTA_FORMATS, INTERPOLATIONS, PRECISIONS, TRAINING_MODES
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -29,7 +29,8 @@ class TrainingOptions:
     """How the edit model is fine-tuned. ``mode``: joint | two_stage | dreambooth; ``seed``
     unset = random (reported back in ``Completed.train_seed``); ``width``/``height`` unset =
     the base model's native size; ``updates``/``batch_size`` override every stage (e.g. a quick
-    test run); ``precision``: faithful | fast."""
+    test run); ``precision``: faithful | fast; ``delta_format``: how the edit model stores its
+    delta, fp32 | fp16 | int8 (unset: the server's default, fp32 for faithful, int8 for fast)."""
 
     mode: str | None = None
     seed: int | None = None
@@ -39,6 +40,7 @@ class TrainingOptions:
     precision: str | None = None
     updates: int | None = None
     batch_size: int | None = None
+    delta_format: str | None = None
 
     def to_proto(self) -> Any:
         msg: Any = pb.TrainingOptions()
@@ -46,6 +48,8 @@ class TrainingOptions:
             msg.mode = _enum("mode", self.mode, TRAINING_MODES)
         if self.precision is not None:
             msg.precision = _enum("precision", self.precision, PRECISIONS)
+        if self.delta_format is not None:
+            msg.delta_format = _enum("delta_format", self.delta_format, DELTA_FORMATS)
         for name in ("seed", "vae_seed", "width", "height", "updates", "batch_size"):
             value = getattr(self, name)
             if value is not None:

@@ -96,7 +96,10 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
         "guidance",
     ]
     if args.command == "edit":
-        names += ["mode", "train_seed", "vae_seed", "precision", "updates", "batch_size"]
+        names += [
+            *("mode", "train_seed", "vae_seed", "precision", "delta_format"),
+            *("updates", "batch_size"),
+        ]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "size", None) is not None:
         options["width"], options["height"] = args.size
