@@ -98,7 +98,7 @@ class EditModel:
         file_sizes: Mapping[str, int],
         payload: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
-        stored = self.delta if payload is None else payload
+        stored = self.payload() if payload is None else payload
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
