@@ -146,7 +146,8 @@ def dequantize_int8(key: str, q: torch.Tensor, scale: torch.Tensor | None) -> to
             f"edit model delta tensor {key!r} is int8 but has no fp32 scale of shape "
             f"({q.shape[0]},) under {key + SCALE_SUFFIX!r}"
         )
-    flat = q.reshape(q.shape[0], -1).to(RESIDENT_DTYPE) * scale[:, None].to(RESIDENT_DTYPE)
+    flat = q.reshape(q.shape[0], -1).to(RESIDENT_DTYPE)
+    flat.mul_(scale[:, None].to(RESIDENT_DTYPE))  # in place: one fp32 copy, not two
     return flat.reshape(q.shape)
 
 
