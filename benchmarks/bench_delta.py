@@ -9,15 +9,18 @@ Prints one JSON document; asserts nothing. Three parts, each optional:
   RMS of each format's Δ error next to rounding the fine-tuned weights to fp16 (what fast mode
   samples with on a GPU), the 1-D alternative (per-tensor int8 instead of fp16), and the largest
   pixel difference (0-255) of each format's images against the fp32 edit model's on the same
-  seeds (vs and vp; donotforget and two strategies with forgetting at degree 0.5).
+  seeds (vs and vp; donotforget and two strategies with forgetting at degree 0.5), for the
+  training mode given (joint by default; dreambooth also trains the text encoder).
   Also: how much zstd shrinks each payload and at what CPU time.
 * ``transfer``: an SD-1.x-sized edit model (random Δ of the real shapes) per format:
   register and fetch through the embedded MLflow store and a real ``mlflow server`` on
-  loopback, and ``load_edit_model`` (verify + read + dequantise). Children write the models,
-  so this process never holds them.
+  loopback, ``load_edit_model`` (verify + read + dequantise), and the swap of the loaded Δ into
+  the resident weights of an SD-1.x UNet. Children write and load the models, so this process
+  never holds them.
 
     .venv/bin/python benchmarks/bench_delta.py [--parts sizes,quality,transfer]
-        [--presets tiny,small] [--updates 40] [--steps 20] [--formats int8,fp16,fp32]
+        [--presets tiny,small] [--mode joint] [--updates N] [--steps 20]
+        [--formats int8,fp16,fp32]
         [--scale 1.0] [--backends embedded,server] [--repeats 1]
 """
 
@@ -117,7 +120,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 # -- quality ------------------------------------------------------------------------------------
 
 
-def quality(preset: str, updates: int, steps: int) -> dict[str, Any]:
+def quality(preset: str, mode: str, updates: int | None, steps: int) -> dict[str, Any]:
     """One fine-tune on ``preset``, stored in every format; errors, bytes and pixel
     differences against fp32."""
     import numpy as np
@@ -141,20 +144,26 @@ def quality(preset: str, updates: int, steps: int) -> dict[str, Any]:
             _widen_unet(model_dir / "unet", widths, size)
         engine = Engine.load(model_dir)
         image = load_image(PHOTO).image
-        config = TrainingConfig.for_mode("joint", height=size, width=size, seed=0)
-        config = dataclasses.replace(
-            config, stages=tuple(dataclasses.replace(s, updates=updates) for s in config.stages)
-        )
+        config = TrainingConfig.for_mode(mode, height=size, width=size, seed=0)  # type: ignore[arg-type]
+        if updates is not None:
+            stages = tuple(dataclasses.replace(s, updates=updates) for s in config.stages)
+            config = dataclasses.replace(config, stages=stages)
         t = time.perf_counter()
         exact = engine.finetune(image, "A photo of a dog", config)
         train_s = time.perf_counter() - t
+        # donotforget, and two strategies with forgetting, valid in the mode's variant.
+        forget = (
+            "donotforget",
+            "encoderattn",
+            "decoderkv" if mode != "dreambooth" else "decoderattn",
+        )
         pipeline_bytes = sum(p.stat().st_size for p in model_dir.rglob("*.safetensors"))
 
         sweeps = {
             "vs": SweepConfig(
                 prompts=("A photo of a sitting dog.",),
                 gammas=(0.6, 1.0),
-                forget=("donotforget", "encoderattn", "decoderkv"),
+                forget=forget,
                 forget_degree=0.5,
                 seeds=(1, 2),
                 steps=steps,
@@ -164,7 +173,7 @@ def quality(preset: str, updates: int, steps: int) -> dict[str, Any]:
                 interpolation="vp",
                 gammas=(1.2,),
                 alphas=(0.9,),
-                forget=("donotforget", "encoderattn", "decoderkv"),
+                forget=forget,
                 forget_degree=0.5,
                 seeds=(1, 2),
                 steps=steps,
@@ -188,6 +197,7 @@ def quality(preset: str, updates: int, steps: int) -> dict[str, Any]:
 
         result: dict[str, Any] = {
             "preset": preset,
+            "mode": mode,
             "resolution": size,
             "training_updates": len(exact.loss_curve),
             "training_s": round(train_s, 1),
@@ -396,7 +406,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="sizes,quality,transfer")
     parser.add_argument("--presets", default="tiny,small")
-    parser.add_argument("--updates", type=int, default=40, help="joint updates (batch 10)")
+    parser.add_argument("--mode", default="joint", help="quality: the training mode")
+    parser.add_argument(
+        "--updates", type=int, default=None, help="quality: updates per stage (default: the mode's)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps of the compared images")
     parser.add_argument("--formats", default="int8,fp16,fp32", help="transfer: which formats")
     parser.add_argument("--scale", type=float, default=1.0, help="transfer: fraction of tensors")
@@ -414,7 +427,7 @@ def main() -> None:
         load_timing(args.load)
         return
     if args.quality_of is not None:
-        print(json.dumps(quality(args.quality_of, args.updates, args.steps)))
+        print(json.dumps(quality(args.quality_of, args.mode, args.updates, args.steps)))
         return
 
     parts = args.parts.split(",")
@@ -424,7 +437,10 @@ def main() -> None:
     if "quality" in parts:
         report["quality"] = [
             json.loads(
-                _child("--quality-of", p, "--updates", args.updates, "--steps", args.steps)
+                _child(
+                    *("--quality-of", p, "--mode", args.mode, "--steps", args.steps),
+                    *(("--updates", args.updates) if args.updates is not None else ()),
+                )
                 .strip()
                 .splitlines()[-1]
             )
