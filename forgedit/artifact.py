@@ -4,7 +4,9 @@ new edits from it without retraining (ARCHITECTURE.md, "The edit-model artifact"
 A directory of exactly three files::
 
     delta.safetensors      θ_ft − θ_pre for every trained tensor, keyed "unet.<name>" or
-                           "text_encoder.<name>" (fp32 in faithful mode, fp16 by default in fast)
+                           "text_encoder.<name>", in the training config's delta format
+                           (``forgedit.delta``: fp32 by default in faithful mode, int8 with
+                           per-output-channel scales by default in fast, or fp16)
     embedding.safetensors  "source_embedding": the optimised e_opt, fp32, [1, 77, D]
     manifest.json          format version, base-model fingerprint, resolution, source prompt,
                            training config, loss curve, timings, sha256 of the two files above
@@ -31,7 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from forgedit.config import TrainingConfig
+from forgedit import delta as delta_format
+from forgedit.config import DeltaFormat, TrainingConfig, legacy_delta_format
 from forgedit.durable import fsync_dir, fsync_file
 from forgedit.errors import BaseModelMismatchError, EditModelError
 
@@ -48,9 +51,12 @@ _HASH_CHUNK = 8 * 1024 * 1024
 class EditModel:
     """A fine-tuned edit model, held as a delta over its base model.
 
-    ``delta`` maps "unet.<param>" / "text_encoder.<param>" to θ_ft − θ_pre (CPU tensors).
-    ``source_embedding`` is e_opt, fp32, shape [1, 77, D]. In dreambooth mode it is
-    E_ft(source) as encoded by the fine-tuned text encoder at the end of training.
+    ``delta`` maps "unet.<param>" / "text_encoder.<param>" to θ_ft − θ_pre (CPU tensors),
+    decoded: what ``ResidentWeights`` writes, whatever ``training.delta_format`` stores.
+    ``delta_scales`` are the int8 scales it was decoded with (empty for fp32/fp16), so that
+    saving it again writes the same bytes. ``source_embedding`` is e_opt, fp32, shape
+    [1, 77, D]. In dreambooth mode it is E_ft(source) as encoded by the fine-tuned text
+    encoder at the end of training.
     """
 
     delta: dict[str, torch.Tensor]
@@ -63,6 +69,7 @@ class EditModel:
     timings: dict[str, float] = field(default_factory=dict)
     image_sha256: str = ""
     created_at: float = field(default_factory=time.time)
+    delta_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def height(self) -> int:
@@ -73,12 +80,25 @@ class EditModel:
         return self.training.width
 
     @property
+    def delta_format(self) -> DeltaFormat:
+        return self.training.stored_format
+
+    @property
     def delta_bytes(self) -> int:
+        """Bytes the decoded Δ takes in memory (the stored size is in the manifest)."""
         return sum(t.numel() * t.element_size() for t in self.delta.values())
 
+    def payload(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``delta.safetensors``: Δ encoded in the delta format."""
+        return delta_format.encode(self.delta, self.delta_format, self.delta_scales)
+
     def manifest(
-        self, file_hashes: Mapping[str, str], file_sizes: Mapping[str, int]
+        self,
+        file_hashes: Mapping[str, str],
+        file_sizes: Mapping[str, int],
+        payload: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
+        stored = self.payload() if payload is None else payload
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -93,9 +113,10 @@ class EditModel:
             "loss_curve": [float(x) for x in self.loss_curve],
             "timings": dict(self.timings),
             "delta": {
+                "format": self.delta_format,
                 "tensors": len(self.delta),
                 "parameters": sum(t.numel() for t in self.delta.values()),
-                "dtype": _dtype_name(self.delta),
+                "dtype": _dtype_name(stored),
             },
             "created_at": self.created_at,
             "files": {
@@ -119,8 +140,10 @@ class EditModel:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.delta.items()}
-            save_file(tensors, tmp / DELTA_FILE, metadata={"format": FORMAT})
+            payload = self.payload()
+            # One metadata key only: safetensors writes several in an arbitrary order, and the
+            # same edit model must give the same bytes. The delta format lives in the manifest.
+            save_file(payload, tmp / DELTA_FILE, metadata={"format": FORMAT})
             save_file(
                 {
                     "source_embedding": self.source_embedding.detach()
@@ -132,7 +155,7 @@ class EditModel:
             )
             hashes = {name: sha256_file(tmp / name) for name in PAYLOAD_FILES}
             sizes = {name: (tmp / name).stat().st_size for name in PAYLOAD_FILES}
-            manifest = self.manifest(hashes, sizes)
+            manifest = self.manifest(hashes, sizes, payload)
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             for name in (*PAYLOAD_FILES, MANIFEST_FILE):
                 fsync_file(tmp / name)
@@ -178,7 +201,19 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(PAYLOAD_FILES):
         raise EditModelError(f"edit model manifest must list exactly {', '.join(PAYLOAD_FILES)}")
+    stored_delta_format(manifest)
     return manifest
+
+
+def stored_delta_format(manifest: Mapping[str, Any]) -> DeltaFormat:
+    """The delta format a manifest declares (its training config's ``delta_format``; what
+    the precision implied for artifacts from before the field). Raises ``EditModelError`` for
+    a format this engine does not read."""
+    training = manifest.get("training")
+    if not isinstance(training, Mapping):
+        raise EditModelError("edit model manifest has no training config")
+    legacy = legacy_delta_format(str(training.get("precision", "faithful")))
+    return delta_format.check_stored_format(training.get("delta_format", legacy))
 
 
 def verify_files(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -224,13 +259,15 @@ def load_edit_model(
             "was made on"
         )
     try:
-        delta = load_file(Path(directory) / DELTA_FILE)
+        payload = load_file(Path(directory) / DELTA_FILE)
         embedding = load_file(Path(directory) / EMBEDDING_FILE)["source_embedding"]
         training = TrainingConfig.from_dict(manifest["training"])
     except (SafetensorError, KeyError, TypeError, ValueError) as e:
         raise EditModelError(f"edit model payload cannot be read: {e}") from None
+    decoded = delta_format.decode(payload, training.stored_format)
     return EditModel(
-        delta=delta,
+        delta=decoded.tensors,
+        delta_scales=decoded.scales,
         source_embedding=embedding,
         base_model_name=str(base.get("name", "")),
         base_model_fingerprint=fingerprint,

@@ -22,10 +22,12 @@ TrainingMode = Literal["joint", "two_stage", "dreambooth"]
 Precision = Literal["faithful", "fast"]
 Interpolation = Literal["vs", "vp"]
 UnetSubset = Literal["forgedit", "all"]
+DeltaFormat = Literal["fp32", "fp16", "int8"]  # how an edit model stores Δ (forgedit.delta)
 
 TRAINING_MODES: tuple[str, ...] = get_args(TrainingMode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+DELTA_FORMATS: tuple[str, ...] = get_args(DeltaFormat)
 
 # Accepted ranges. They bound work and catch typos; the science lives well inside them.
 MAX_SEED = 2**63 - 1
@@ -127,6 +129,18 @@ def default_stages(mode: TrainingMode) -> tuple[Stage, ...]:
     )
 
 
+def default_delta_format(precision: str) -> DeltaFormat:
+    """``faithful`` keeps Δ exact (fp32); ``fast`` stores int8, which measured more accurate
+    than the fp16 weights fast mode samples with on a GPU (BENCHMARKS.md)."""
+    return "fp32" if precision == "faithful" else "int8"
+
+
+def legacy_delta_format(precision: str) -> DeltaFormat:
+    """What edit models stored before the format could be chosen: fp32 in faithful mode, fp16
+    in fast mode. Artifacts that do not name their format are read as this."""
+    return "fp32" if precision == "faithful" else "fp16"
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Everything that determines an edit model, given the image, the base model and the
@@ -141,10 +155,16 @@ class TrainingConfig:
     stages: tuple[Stage, ...] = field(default_factory=lambda: default_stages("joint"))
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    # How the edit model stores Δ (forgedit.delta); None = the precision mode's default.
+    delta_format: DeltaFormat | None = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, TRAINING_MODES)
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.delta_format is None:
+            object.__setattr__(self, "delta_format", default_delta_format(self.precision))
+        else:
+            _check_choice("delta format", self.delta_format, DELTA_FORMATS, "delta_format")
         check_resolution(self.height, self.width)
         for name, seed in (("seed", self.seed), ("vae_seed", self.vae_seed)):
             check_seed(seed, name)
@@ -156,6 +176,11 @@ class TrainingConfig:
         """The original's settings for ``mode``, with top-level fields overridden."""
         stages = overrides.pop("stages", None) or default_stages(mode)
         return cls(mode=mode, stages=tuple(stages), **overrides)
+
+    @property
+    def stored_format(self) -> DeltaFormat:
+        """The delta format, resolved (``delta_format`` is never None after construction)."""
+        return self.delta_format or default_delta_format(self.precision)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -201,11 +226,19 @@ class TrainingConfig:
             es = s.pop("early_stop", None)
             stages.append(Stage(**s, early_stop=EarlyStop(**es) if es else None))
         data["adam_betas"] = tuple(data.get("adam_betas", (0.9, 0.999)))
+        # Manifests from before the field existed stored what the precision implied then.
+        data.setdefault("delta_format", legacy_delta_format(data.get("precision", "faithful")))
         return cls(stages=tuple(stages), **data)
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON: part of the registry's dedupe key."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON: part of the registry's dedupe key.
+
+        A delta format equal to what the engine stored before the field existed is left out,
+        so edit models registered before it keep their fingerprint (and keep deduping)."""
+        data = self.to_dict()
+        if data["delta_format"] == legacy_delta_format(self.precision):
+            del data["delta_format"]
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -440,10 +473,10 @@ def check_prompt(prompt: str, name: str = "prompt") -> None:
         )
 
 
-def _check_choice(name: str, value: str, accepted: Sequence[str]) -> None:
+def _check_choice(name: str, value: str, accepted: Sequence[str], field: str | None = None) -> None:
     if value not in accepted:
         raise InvalidInputError(
-            f"unknown {name} {value!r}; accepted: {', '.join(accepted)}", field=name
+            f"unknown {name} {value!r}; accepted: {', '.join(accepted)}", field=field or name
         )
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from forgedit import delta as delta_format
 from forgedit import forgetting
 from forgedit.artifact import EditModel
 from forgedit.backends.base import BackendUnavailableError, NoisePredictor, Shape
@@ -112,7 +113,7 @@ class Engine:
         if fast_cuda:
             # What an A100 rewards. On the CPU none of this measured faster (BENCHMARKS.md), so
             # fast mode there keeps fp32 compute and differs from faithful only in Adam's eps
-            # and the fp16 delta.
+            # and the default delta format (int8).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             unet: Any = base.unet
@@ -189,13 +190,18 @@ class Engine:
                 on_progress=on_progress,
                 cancel=cancel,
             )
-            # Faithful keeps Δ in fp32 (θ_pre + Δ reproduces θ_ft exactly); fast halves it.
-            dtype = torch.float32 if config.precision == "faithful" else torch.float16
-            delta = self.weights.trained_delta(result.trained_keys, dtype)
+            exact = self.weights.trained_delta(result.trained_keys, torch.float32)
         finally:
             self.weights.restore()
+        # Sample what will be stored: Δ round-trips through its delta format now, so this
+        # job's images equal those of the saved and reloaded edit model.
+        delta = delta_format.decode(
+            delta_format.encode(exact, config.stored_format), config.stored_format
+        )
+        del exact
         return EditModel(
-            delta=delta,
+            delta=delta.tensors,
+            delta_scales=delta.scales,
             source_embedding=result.source_embedding,
             base_model_name=base.name,
             base_model_fingerprint=base.fingerprint,

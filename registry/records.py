@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from forgedit.artifact import DELTA_FILE
 from forgedit.config import TrainingConfig
 from forgedit.errors import InvalidInputError
 
@@ -42,6 +43,8 @@ TAG_HEIGHT = "forgedit.height"
 TAG_TRAINING = "forgedit.training"
 # Who made it (a principal name of the service's tokens); absent on older edit models.
 TAG_PRINCIPAL = "forgedit.principal"
+TAG_DELTA_FORMAT = "forgedit.delta_format"
+TAG_DELTA_BYTES = "forgedit.delta_bytes"
 # Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
 TAG_RUN_DATA = "forgedit.run_data_logged"
 
@@ -100,6 +103,8 @@ class EditModelInfo:
             return 0
 
     principal: str = ""  # who made it; "" if unrecorded
+    delta_format: str = ""  # fp32, fp16 or int8; "" if unrecorded
+    delta_bytes: int = 0  # size of the stored delta file
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,8 @@ def describe_manifest(
         TAG_WIDTH: str(int((manifest.get("resolution") or {}).get("width", 0))),
         TAG_HEIGHT: str(int((manifest.get("resolution") or {}).get("height", 0))),
         TAG_TRAINING: json.dumps(training.to_dict(), sort_keys=True, separators=(",", ":")),
+        TAG_DELTA_FORMAT: training.stored_format,
+        TAG_DELTA_BYTES: str(int(manifest["files"][DELTA_FILE]["bytes"])),
     }
 
 
@@ -234,6 +241,8 @@ def info_from_tags(
         height=int(num(TAG_HEIGHT)),
         training_json=tags.get(TAG_TRAINING, ""),
         principal=tags.get(TAG_PRINCIPAL, ""),
+        delta_format=tags.get(TAG_DELTA_FORMAT, ""),
+        delta_bytes=int(num(TAG_DELTA_BYTES)),
     )
 
 

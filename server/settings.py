@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from forgedit.config import DeltaFormat
 from server.auth import TokenEntry, token_entries
 from server.transport import MAX_MESSAGE_BYTES, MIB
 
@@ -107,6 +108,11 @@ class ServerSettings(BaseSettings):
         description="Which UNet samples: 'auto' = TensorRT on CUDA where it imports and its "
         "canary passes, else ONNX Runtime where installed, else torch. Exports and engine "
         "plans are cached under data_dir/engines; every fallback is logged and counted.",
+    )
+    delta_format: DeltaFormat | None = Field(
+        default=None,
+        description="How new edit models store their delta when a request leaves it unset. "
+        "Unset: fp32 for faithful precision (exact), int8 for fast (a quarter of the bytes).",
     )
     max_batch: int = Field(
         default=8,

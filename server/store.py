@@ -21,9 +21,11 @@ from server._proto import forgedit_pb2 as pb
 from server.auth import Principal
 from server.errors import UnservedBaseModelError
 from server.ports import BaseModelInfo, RegistryLike
+from server.validation import DELTA_FORMATS
 
 log = logging.getLogger("server.store")
 
+_DELTA_FORMATS = {name: number for number, name in DELTA_FORMATS.items()}
 _MODES = {
     "joint": pb.TRAINING_MODE_JOINT,
     "two_stage": pb.TRAINING_MODE_TWO_STAGE,
@@ -142,4 +144,6 @@ def edit_model_to_proto(info: Any) -> pb.EditModel:
         train_seed=int(info.train_seed),
         training_config_json=info.training_json,
         principal=getattr(info, "principal", ""),
+        delta_format=_DELTA_FORMATS.get(info.delta_format, pb.DELTA_FORMAT_UNSPECIFIED),
+        delta_bytes=int(info.delta_bytes),
     )

@@ -55,6 +55,11 @@ _INTERPOLATIONS = {
     pb.INTERPOLATION_VP: "vp",
 }
 _PRECISIONS = {pb.PRECISION_FAITHFUL: "faithful", pb.PRECISION_FAST: "fast"}
+DELTA_FORMATS = {
+    pb.DELTA_FORMAT_FP32: "fp32",
+    pb.DELTA_FORMAT_FP16: "fp16",
+    pb.DELTA_FORMAT_INT8: "int8",
+}
 
 # The engine's field names -> the request's field paths, for engine checks that we reuse.
 _SWEEP_FIELDS = {
@@ -77,6 +82,7 @@ _TRAINING_FIELDS = {
     "batch_size": "training.batch_size",
     "mode": "training.mode",
     "precision": "training.precision",
+    "delta_format": "training.delta_format",
     "stages": "training",
     "unet_lr": "training",
     "text_lr": "training",
@@ -96,6 +102,9 @@ class Limits:
     max_sweep_images: int = 256
     max_steps: int = 200
     max_training_updates: int = 5000
+    # Not a limit but the one request default the settings own: the delta format when a
+    # request leaves it unset (None: the precision mode's default).
+    default_delta_format: str | None = None
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> Limits:
@@ -109,6 +118,7 @@ class Limits:
             max_sweep_images=settings.max_sweep_images,
             max_steps=settings.max_steps,
             max_training_updates=settings.max_training_updates,
+            default_delta_format=settings.delta_format,
         )
 
 
@@ -325,6 +335,15 @@ def _training_config(
                 "PRECISION_FAST",
                 field="training.precision",
             )
+    delta_format = limits.default_delta_format
+    if options.delta_format != pb.DELTA_FORMAT_UNSPECIFIED:
+        delta_format = DELTA_FORMATS.get(options.delta_format)
+        if delta_format is None:
+            raise InvalidInputError(
+                f"unknown delta format {options.delta_format}; accepted: "
+                + ", ".join(pb.DeltaFormat.Name(f) for f in DELTA_FORMATS),
+                field="training.delta_format",
+            )
     height = options.height if options.HasField("height") else base.height
     width = options.width if options.HasField("width") else base.width
     _reraise(check_resolution, {"size": "training.width"}, height, width)
@@ -366,6 +385,7 @@ def _training_config(
             seed=seed,
             vae_seed=vae_seed,
             precision=precision,
+            delta_format=delta_format,
         )
         return override_stages(
             config,

@@ -29,6 +29,13 @@ class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRECISION_FAITHFUL: _ClassVar[Precision]
     PRECISION_FAST: _ClassVar[Precision]
 
+class DeltaFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELTA_FORMAT_UNSPECIFIED: _ClassVar[DeltaFormat]
+    DELTA_FORMAT_FP32: _ClassVar[DeltaFormat]
+    DELTA_FORMAT_FP16: _ClassVar[DeltaFormat]
+    DELTA_FORMAT_INT8: _ClassVar[DeltaFormat]
+
 class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_KIND_UNSPECIFIED: _ClassVar[JobKind]
@@ -54,6 +61,10 @@ INTERPOLATION_VP: Interpolation
 PRECISION_UNSPECIFIED: Precision
 PRECISION_FAITHFUL: Precision
 PRECISION_FAST: Precision
+DELTA_FORMAT_UNSPECIFIED: DeltaFormat
+DELTA_FORMAT_FP32: DeltaFormat
+DELTA_FORMAT_FP16: DeltaFormat
+DELTA_FORMAT_INT8: DeltaFormat
 JOB_KIND_UNSPECIFIED: JobKind
 JOB_KIND_EDIT: JobKind
 JOB_KIND_SAMPLE: JobKind
@@ -66,7 +77,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("mode", "seed", "vae_seed", "width", "height", "precision", "updates", "batch_size", "stage2_updates", "stage2_batch_size", "fresh_seed")
+    __slots__ = ("mode", "seed", "vae_seed", "width", "height", "precision", "updates", "batch_size", "stage2_updates", "stage2_batch_size", "fresh_seed", "delta_format")
     MODE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     VAE_SEED_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +89,7 @@ class TrainingOptions(_message.Message):
     STAGE2_UPDATES_FIELD_NUMBER: _ClassVar[int]
     STAGE2_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     FRESH_SEED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FORMAT_FIELD_NUMBER: _ClassVar[int]
     mode: TrainingMode
     seed: int
     vae_seed: int
@@ -89,7 +101,8 @@ class TrainingOptions(_message.Message):
     stage2_updates: int
     stage2_batch_size: int
     fresh_seed: bool
-    def __init__(self, mode: _Optional[_Union[TrainingMode, str]] = ..., seed: _Optional[int] = ..., vae_seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., updates: _Optional[int] = ..., batch_size: _Optional[int] = ..., stage2_updates: _Optional[int] = ..., stage2_batch_size: _Optional[int] = ..., fresh_seed: _Optional[bool] = ...) -> None: ...
+    delta_format: DeltaFormat
+    def __init__(self, mode: _Optional[_Union[TrainingMode, str]] = ..., seed: _Optional[int] = ..., vae_seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., updates: _Optional[int] = ..., batch_size: _Optional[int] = ..., stage2_updates: _Optional[int] = ..., stage2_batch_size: _Optional[int] = ..., fresh_seed: _Optional[bool] = ..., delta_format: _Optional[_Union[DeltaFormat, str]] = ...) -> None: ...
 
 class SweepOptions(_message.Message):
     __slots__ = ("interpolation", "gammas", "alphas", "forget_strategies", "forget_degree", "seeds", "seed_count", "steps", "guidance")
@@ -242,7 +255,7 @@ class CancelJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class EditModel(_message.Message):
-    __slots__ = ("edit_model_id", "version", "base_model", "base_fingerprint", "image_sha256", "source_prompt", "training_mode", "width", "height", "train_seed", "create_time", "size_bytes", "training_config_json", "principal")
+    __slots__ = ("edit_model_id", "version", "base_model", "base_fingerprint", "image_sha256", "source_prompt", "training_mode", "width", "height", "train_seed", "create_time", "size_bytes", "training_config_json", "principal", "delta_format", "delta_bytes")
     EDIT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +270,8 @@ class EditModel(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     edit_model_id: str
     version: int
     base_model: str
@@ -271,7 +286,9 @@ class EditModel(_message.Message):
     size_bytes: int
     training_config_json: str
     principal: str
-    def __init__(self, edit_model_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., image_sha256: _Optional[str] = ..., source_prompt: _Optional[str] = ..., training_mode: _Optional[_Union[TrainingMode, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., train_seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., training_config_json: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
+    delta_format: DeltaFormat
+    delta_bytes: int
+    def __init__(self, edit_model_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., image_sha256: _Optional[str] = ..., source_prompt: _Optional[str] = ..., training_mode: _Optional[_Union[TrainingMode, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., train_seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., training_config_json: _Optional[str] = ..., principal: _Optional[str] = ..., delta_format: _Optional[_Union[DeltaFormat, str]] = ..., delta_bytes: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "request_id", "kind", "state", "queue_position", "edit_model_id", "last_sequence", "create_time", "start_time", "end_time", "error_code", "error_message", "principal")

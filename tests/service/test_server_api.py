@@ -189,6 +189,52 @@ def test_get_list_and_delete_edit_models(harness: Harness, edited: tuple) -> Non
     assert_nothing_left_behind(harness)
 
 
+def test_int8_edit_models_are_registered_small_and_served(
+    harness: Harness, edited: tuple, photos_dir: Path
+) -> None:
+    """An Edit asking for DELTA_FORMAT_INT8 registers an int8 edit model (format and delta
+    bytes reported and tagged), about a quarter of the default fp32 one, that Sample serves."""
+    _, events = edited
+    fp32_id = events[-1].completed.edit_model_id
+    int8 = stream(
+        harness.stub.Edit,
+        edit_request(
+            sample_photo(),
+            training={"delta_format": pb.DELTA_FORMAT_INT8},
+            request_id="api-edit-int8",
+        ),
+    )
+    assert int8.code == grpc.StatusCode.OK, int8.details
+    int8_id = int8.of("completed")[0].edit_model_id
+    assert int8_id != fp32_id  # another stored form: not deduplicated onto the fp32 model
+    models = {
+        i: unary(harness.stub.GetEditModel, pb.GetEditModelRequest(edit_model_id=i))[0].edit_model
+        for i in (fp32_id, int8_id)
+    }
+    assert models[fp32_id].delta_format == pb.DELTA_FORMAT_FP32
+    assert models[int8_id].delta_format == pb.DELTA_FORMAT_INT8
+    ratio = models[int8_id].delta_bytes / models[fp32_id].delta_bytes
+    assert 0.2 < ratio < 0.3, ratio
+    tags = harness.registry.show(int8_id)
+    assert (tags.delta_format, tags.delta_bytes) == ("int8", models[int8_id].delta_bytes)
+    sampled = stream(
+        harness.stub.Sample,
+        pb.SampleRequest(
+            edit_model_id=int8_id,
+            target_prompts=["A photo of a plum."],
+            sweep=pb.SweepOptions(steps=2, gammas=[0.6], seeds=[5]),
+        ),
+    )
+    assert sampled.code == grpc.StatusCode.OK, sampled.details
+    assert len(sampled.of("image")) == 1
+    # Leave the module's registry as the other tests expect it (one model per photo).
+    _, deleted = unary(
+        harness.stub.DeleteEditModel, pb.DeleteEditModelRequest(edit_model_id=int8_id)
+    )
+    assert deleted.code == grpc.StatusCode.OK
+    assert_nothing_left_behind(harness)
+
+
 def test_watch_job_replays_and_get_job_reports(harness: Harness, edited: tuple) -> None:
     _, events = edited
     job_id = events[0].accepted.job_id

@@ -167,6 +167,16 @@ def test_training_out_of_range(harness: Harness, photo: bytes) -> None:
     _expect_invalid(harness, edit_request(photo, training={"seed": 2**64 - 1}), "training.seed")
 
 
+def test_unknown_delta_format(harness: Harness, photo: bytes) -> None:
+    _expect_invalid(
+        harness,
+        edit_request(photo, training={"delta_format": 7}),
+        "training.delta_format",
+        "unknown delta format 7",
+        "DELTA_FORMAT_FP32, DELTA_FORMAT_FP16, DELTA_FORMAT_INT8",
+    )
+
+
 def test_unknown_base_model_and_bad_request_id(harness: Harness, photo: bytes) -> None:
     _expect_invalid(harness, edit_request(photo, base_model="sd15"), "base_model", "tiny")
     _expect_invalid(harness, edit_request(photo, request_id="a b/c"), "request_id")

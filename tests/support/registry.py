@@ -8,6 +8,7 @@ format) whose tensors are random: the registry only stores bytes, so no training
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from forgedit.artifact import EditModel
-from forgedit.config import Stage, TrainingConfig
+from forgedit.config import DeltaFormat, Stage, TrainingConfig
+from forgedit.delta import decode, encode
 
 # The UNet blocks Forgedit fine-tunes (ARCHITECTURE.md): down_blocks.1-3 and up_blocks.1-3.
 TRAINED_PREFIXES = tuple(f"{side}_blocks.{i}." for side in ("down", "up") for i in (1, 2, 3))
@@ -48,22 +50,29 @@ def random_edit_model(
     base_model_name: str = "tiny-sd",
     base_model_fingerprint: str = "b" * 64,
     config: TrainingConfig | None = None,
+    delta_format: DeltaFormat | None = None,
 ) -> EditModel:
-    """An ``EditModel`` with random tensors (deterministic in ``seed``)."""
+    """An ``EditModel`` with random tensors (deterministic in ``seed``), stored in
+    ``delta_format`` (default: fp16 for ``dtype`` fp16, else fp32). Its ``delta`` is already
+    decoded from that format, as the engine's are, so a saved and reloaded copy equals it."""
     g = torch.Generator().manual_seed(seed)
     shapes = shapes or {
         "unet.down_blocks.1.attentions.0.proj_in.weight": (32, 32),
         "unet.up_blocks.1.resnets.0.conv1.weight": (16, 32, 3, 3),
     }
-    delta = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    fmt = delta_format or ("fp16" if dtype == torch.float16 else "fp32")
+    raw = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    delta = decode(encode(raw, fmt), fmt)
+    config = dataclasses.replace(config or small_config(seed), delta_format=fmt)
     image = image_bytes if image_bytes is not None else f"image-{seed}".encode()
     return EditModel(
-        delta=delta,
+        delta=delta.tensors,
+        delta_scales=delta.scales,
         source_embedding=torch.randn(1, 77, 32, generator=g),
         base_model_name=base_model_name,
         base_model_fingerprint=base_model_fingerprint,
         source_prompt=f"A photo of thing number {seed}",
-        training=config or small_config(seed),
+        training=config,
         loss_curve=[1.0 / (i + 1) for i in range(3)],
         timings={"caption": 0.1, "training": 1.5},
         image_sha256=hashlib.sha256(image).hexdigest(),

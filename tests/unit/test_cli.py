@@ -145,6 +145,7 @@ def test_bad_images(capsys, tmp_path, monkeypatch, no_model_loading, content, ne
         (["--mode", "two_stage", "--updates", "1,2,3"], ["(2: embedding, unet), got 3"]),
         (["--device", "tpu:banana"], ["device", "cpu, cuda"]),
         (["--mode", "magic"], ["invalid choice: 'magic'", "--help"]),
+        (["--delta-format", "int4"], ["--delta-format", "invalid choice: 'int4'", "int8"]),
         (["--source-prompt", " "], ["--source-prompt must be non-empty text"]),
         (["--vae", "."], ["--vae needs --base-model"]),
         (["--gammas", ",".join(["0.5"] * 4097)], ["at most 4096 are accepted"]),
@@ -258,6 +259,7 @@ def test_training_flags_conflict_with_load_model(capsys, tmp_path, photo, no_mod
         ("--train-seed", "1"),
         ("--updates", "3"),
         ("--save-model", "x"),
+        ("--delta-format", "int8"),
         ("--source-prompt", "a dog"),
     ):
         code, out, err = run(
@@ -393,6 +395,52 @@ def test_reloaded_edit_model_gives_the_same_images(
     first = json.loads(first_run["out"])["images"]
     (same,) = [i for i in first if (i["forget"], i["gamma"], i["seed"]) == ("encoderkv", 1.0, 2)]
     assert Path(image["path"]).read_bytes() == Path(same["path"]).read_bytes()
+
+
+def test_int8_edit_model_is_a_quarter_and_samples_within_one_level(
+    capsys, first_run, tiny_model_dir, photos_dir, tmp_path
+):
+    """The same fine-tune as ``first_run`` saved with --delta-format int8: its Δ file is about
+    a quarter of the fp32 one, its images are within 1/255 of the fp32 edit model's, and
+    --load-model of it samples exactly the images of the job that made it."""
+    assert first_run["code"] == 0
+    root: Path = first_run["root"]
+    image = photos_dir / "cat.jpg"
+    sweep = ["--forget", "donotforget,encoderkv", "--gammas", "0.5,1.0", "--seeds", "1,2"]
+    common = [
+        *("edit", image, "--prompt", "A photo of a sitting dog.", "--json", "--steps", "4"),
+        *(*sweep, "--max-batch", "3", "--base-model", tiny_model_dir / "stable-diffusion"),
+    ]
+    source = json.loads(first_run["out"])["source_prompt"]
+    code, out, err = run(
+        capsys,
+        *common,
+        *FAST,
+        *("--train-seed", "3", "--source-prompt", source, "--delta-format", "int8"),
+        *("--out", tmp_path / "int8", "--save-model", tmp_path / "int8-model"),
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["training"]["delta_format"] == "int8"
+    fp32_bytes = (root / "model" / "delta.safetensors").stat().st_size
+    int8_bytes = (tmp_path / "int8-model" / "delta.safetensors").stat().st_size
+    assert 0.2 * fp32_bytes < int8_bytes < 0.3 * fp32_bytes, (int8_bytes, fp32_bytes)
+
+    def pixels(images: list[dict]) -> dict[tuple, np.ndarray]:
+        return {
+            (i["forget"], i["seed"], i["gamma"]): np.asarray(Image.open(i["path"]), np.int16)
+            for i in images
+        }
+
+    exact, ours = pixels(json.loads(first_run["out"])["images"]), pixels(summary["images"])
+    assert exact.keys() == ours.keys()
+    assert max(int(np.abs(exact[k] - ours[k]).max()) for k in exact) <= 1
+    code, out, err = run(
+        capsys, *common, "--out", tmp_path / "again", "--load-model", tmp_path / "int8-model"
+    )
+    assert code == 0, err
+    again = pixels(json.loads(out)["images"])
+    assert all(np.array_equal(again[k], ours[k]) for k in ours)
 
 
 def test_edit_model_of_another_base_model_is_refused(capsys, tmp_path, tiny_model_dir, photo):

@@ -203,8 +203,8 @@ def test_cancel_during_sampling_stops_within_one_step(engine: Engine, edit_model
 
 def test_faithful_and_fast_differ_only_slightly(engine: Engine, photo, edit_model) -> None:  # type: ignore[no-untyped-def]
     fast = engine.finetune(photo, "A photo of a dog", quick(precision="fast"))
-    assert all(v.dtype == torch.float16 for v in fast.delta.values())
-    # Same draws, same data: the two runs differ only by Adam's eps and the Δ storage dtype.
+    assert fast.delta_format == "int8" and fast.delta_scales
+    # Same draws, same data: the two runs differ only by Adam's eps and the Δ storage format.
     np.testing.assert_allclose(fast.loss_curve, edit_model.loss_curve, rtol=1e-3, atol=1e-4)
     a = pixels(engine.edit(edit_model, sweep(seeds=(1,))))
     b = pixels(engine.edit(fast, sweep(seeds=(1,))))
@@ -259,3 +259,27 @@ def test_unavailable_device_is_refused_clearly() -> None:
             check_device("cuda")
     with pytest.raises(InvalidInputError, match="not available"):
         check_device("tpu")
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+def test_compact_delta_formats_sample_within_one_level_of_fp32(
+    engine: Engine, photo, edit_model, tmp_path: Path, fmt: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The same fine-tune stored as fp16 or int8 samples images within 1/255 of the fp32 edit
+    model's (vs and vp, with and without forgetting at a degree between 0 and 1), and a saved
+    and reloaded copy samples exactly the job's own images."""
+    compact = engine.finetune(photo, "A photo of a dog", quick(delta_format=fmt))
+    assert compact.loss_curve == edit_model.loss_curve  # storage never changes training
+    assert any(not torch.equal(compact.delta[k], v) for k, v in edit_model.delta.items())
+    compact.save(tmp_path / fmt)
+    reloaded = load_edit_model(tmp_path / fmt, expected_base_fingerprint=engine.base.fingerprint)
+    for kw in (
+        {"forget": ("donotforget", "encoderattn"), "forget_degree": 0.5},
+        {"interpolation": "vp", "gammas": (1.2,), "forget": ("decoderkv",), "forget_degree": 0.3},
+    ):
+        exact = pixels(engine.edit(edit_model, sweep(**kw)))
+        ours = engine.edit(compact, sweep(**kw))
+        difference = max(int(np.abs(x - y).max()) for x, y in zip(exact, pixels(ours), strict=True))
+        assert difference <= 1, (fmt, kw, difference)
+        again = engine.edit(reloaded, sweep(**kw))
+        assert [e.png_bytes() for e in again] == [e.png_bytes() for e in ours]

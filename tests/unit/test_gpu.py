@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from forgedit import delta
 from forgedit.config import SweepConfig, TrainingConfig
 from forgedit.engine import Engine
 from forgedit.images import load_image
@@ -46,10 +47,24 @@ def test_cuda_fast_mode_runs_and_stays_close(tiny_model_dir: Path, photos_dir: P
     photo = load_image(photos_dir / "cat.jpg").image
     engine = Engine.load(tiny_model_dir / "stable-diffusion", device="cuda", precision="fast")
     model = engine.finetune(photo, "A photo of a dog", _config("fast"))
-    assert all(v.dtype == torch.float16 for v in model.delta.values())
+    assert model.delta_format == "int8"  # fast mode's default, dequantised to fp32 on load
+    assert all(v.dtype == torch.float32 for v in model.delta.values())
     images = _images(engine, model)
     assert all(img.shape == (64, 64, 3) for img in images)
     assert torch.cuda.max_memory_allocated() > 0
+    # One fine-tune stored exactly and as int8: within one 8-bit level under fp16 autocast.
+    exact = engine.finetune(
+        photo, "A photo of a dog", dataclasses.replace(_config("fast"), delta_format="fp32")
+    )
+    int8 = delta.decode(delta.encode(exact.delta, "int8"), "int8")
+    compact = dataclasses.replace(
+        exact,
+        training=dataclasses.replace(exact.training, delta_format="int8"),
+        delta=int8.tensors,
+        delta_scales=int8.scales,
+    )
+    a, b = _images(engine, exact), _images(engine, compact)
+    assert max(int(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) <= 1
 
 
 def test_the_requested_precision_is_the_sampling_precision(

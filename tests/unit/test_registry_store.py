@@ -223,6 +223,21 @@ def test_a_contact_sheet_is_attached_after_sampling(replicas: Replicas) -> None:
         reg.add_contact_sheet("em_" + "a" * 26, PNG)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_compact_edit_models_round_trip_and_are_tagged(replicas: Replicas, fmt: str) -> None:
+    """The registry records each edit model's delta format and stored delta bytes, and an int8
+    edit model fetched on another replica loads to the same decoded Δ."""
+    a, b = replicas("a"), replicas("b")
+    em = random_edit_model(4, dtype=torch.float32, delta_format=fmt)  # type: ignore[arg-type]
+    model_id = a.register(em).edit_model_id
+    fetched = b.fetch(model_id)
+    info = b.show(model_id)
+    assert info.delta_format == fmt
+    assert info.delta_bytes == (fetched.path / DELTA_FILE).stat().st_size > 0
+    assert_same_tensors(load_edit_model(fetched.path), em)
+    assert {i.delta_format for i in b.list_models().items} == {fmt}
+
+
 def test_register_from_a_directory(replicas: Replicas, tmp_path: Path) -> None:
     em = random_edit_model(2)
     directory = em.save(tmp_path / "made-by-engine")

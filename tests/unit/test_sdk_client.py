@@ -348,12 +348,14 @@ def test_options_reach_the_request_and_unset_ones_stay_unset() -> None:
         forget=["encoderkv"],
         interpolation="vp",
         precision="fast",
+        delta_format="int8",
         request_id="req-1",
     ).result()
     ((_, req, timeout, _),) = stub.calls
     assert req.request_id == "req-1" and list(req.target_prompts) == ["a dog", "a fox"]
     assert req.training.mode == pb.TRAINING_MODE_TWO_STAGE and req.training.seed == 5
     assert req.training.precision == pb.PRECISION_FAST
+    assert req.training.delta_format == pb.DELTA_FORMAT_INT8
     assert list(req.sweep.gammas) == [0.5, 0.7]
     assert list(req.sweep.forget_strategies) == ["encoderkv"]
     assert req.sweep.interpolation == pb.INTERPOLATION_VP
@@ -536,7 +538,12 @@ def test_cancel_asks_the_server_by_job_id() -> None:
 
 def test_unary_reads_retry_unavailable_but_delete_does_not() -> None:
     model = pb.EditModel(
-        edit_model_id="em-1", version=2, base_model="tiny", training_mode=pb.TRAINING_MODE_JOINT
+        edit_model_id="em-1",
+        version=2,
+        base_model="tiny",
+        training_mode=pb.TRAINING_MODE_JOINT,
+        delta_format=pb.DELTA_FORMAT_INT8,
+        delta_bytes=1234,
     )
     stub = FakeStub(
         unary={
@@ -547,6 +554,7 @@ def test_unary_reads_retry_unavailable_but_delete_does_not() -> None:
     client, slept = client_with(stub)
     info = client.get_edit_model("em-1")
     assert info.edit_model_id == "em-1" and info.training_mode == "joint"
+    assert (info.delta_format, info.delta_bytes) == ("int8", 1234)
     assert info.create_time is None
     with pytest.raises(ForgeditRpcError):
         client.delete_edit_model("em-1")

@@ -208,6 +208,26 @@ def test_limits_come_from_settings() -> None:
     assert "1..10" in str(e.value)
 
 
+def test_delta_format_request_setting_and_precision_default() -> None:
+    """The request's format wins; unset, the server setting; unset too, the precision's."""
+
+    def stored(options: pb.TrainingOptions, limits: Limits) -> str | None:
+        return validate_edit(_edit(training=options), limits, BASES, "tiny").training.delta_format
+
+    assert stored(pb.TrainingOptions(), Limits()) == "fp32"
+    assert stored(pb.TrainingOptions(precision=pb.PRECISION_FAST), Limits()) == "int8"
+    fp16_server = Limits.from_settings(ServerSettings(delta_format="fp16"))
+    assert stored(pb.TrainingOptions(), fp16_server) == "fp16"
+    int8 = pb.TrainingOptions(delta_format=pb.DELTA_FORMAT_INT8)
+    assert stored(int8, fp16_server) == "int8"
+    with pytest.raises(ValidationError, match="delta_format"):
+        ServerSettings(delta_format="int4")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError) as e:
+        stored(pb.TrainingOptions(delta_format=9), Limits())  # type: ignore[arg-type]
+    assert e.value.field == "training.delta_format"
+    assert "DELTA_FORMAT_FP32, DELTA_FORMAT_FP16, DELTA_FORMAT_INT8" in str(e.value)
+
+
 def _mode(mode: str):  # type: ignore[no-untyped-def]
     return lambda edit_model_id: mode
 

@@ -227,7 +227,7 @@ class ForgeditClient(_ClientConfig):
 
         ``image``: bytes, a path, a binary file or a PIL image (PNG/JPEG/WebP on the wire).
         ``options``: any field of ``TrainingOptions`` (``mode``, ``train_seed``, ``width``,
-        ``height``, ``precision``, ``updates``, ``batch_size``, ``vae_seed``) or
+        ``height``, ``precision``, ``delta_format``, ``updates``, ``batch_size``, ``vae_seed``) or
         ``SweepOptions`` (``interpolation``, ``gammas``, ``alphas``, ``forget``,
         ``forget_degree``, ``seeds``, ``seed_count``, ``steps``, ``guidance``).
         ``request_id``: idempotency key (generated when omitted). ``detach``: keep the job

@@ -29,6 +29,11 @@ TRAINING_MODES: dict[str, int] = {
 }
 INTERPOLATIONS: dict[str, int] = {"vs": pb.INTERPOLATION_VS, "vp": pb.INTERPOLATION_VP}
 PRECISIONS: dict[str, int] = {"faithful": pb.PRECISION_FAITHFUL, "fast": pb.PRECISION_FAST}
+DELTA_FORMATS: dict[str, int] = {
+    "fp32": pb.DELTA_FORMAT_FP32,
+    "fp16": pb.DELTA_FORMAT_FP16,
+    "int8": pb.DELTA_FORMAT_INT8,
+}
 JOB_STATES: dict[int, str] = {
     pb.JOB_STATE_QUEUED: "queued",
     pb.JOB_STATE_RUNNING: "running",
@@ -340,6 +345,8 @@ class EditModelInfo:
     size_bytes: int
     training_config_json: str = field(repr=False)
     principal: str = ""  # the token name that made it (the server shows it only to it / admins)
+    delta_format: str = ""  # fp32 | fp16 | int8; "" from a server that does not report it
+    delta_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -363,6 +370,8 @@ def edit_model_from_proto(m: Any) -> EditModelInfo:
         size_bytes=m.size_bytes,
         training_config_json=m.training_config_json,
         principal=m.principal,
+        delta_format=_name_of(m.delta_format, DELTA_FORMATS),
+        delta_bytes=m.delta_bytes,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client.errors import InvalidOptionError
-from forgedit_client.events import INTERPOLATIONS, PRECISIONS, TRAINING_MODES
+from forgedit_client.events import DELTA_FORMATS, INTERPOLATIONS, PRECISIONS, TRAINING_MODES
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -33,7 +33,8 @@ class TrainingOptions:
     ``width``/``height`` unset = the base model's native size; ``updates``/``batch_size``
     override the first stage, ``stage2_updates``/``stage2_batch_size`` two_stage's second (UNet)
     stage (e.g. a quick test run); ``precision``: faithful | fast, for training and sampling
-    (unset: the server's)."""
+    (unset: the server's); ``delta_format``: how the edit model stores its delta, fp32 | fp16 |
+    int8 (unset: the server's default, fp32 for faithful, int8 for fast)."""
 
     mode: str | None = None
     seed: int | None = None
@@ -46,6 +47,7 @@ class TrainingOptions:
     stage2_updates: int | None = None
     stage2_batch_size: int | None = None
     fresh_seed: bool = False
+    delta_format: str | None = None
 
     def to_proto(self) -> Any:
         msg: Any = pb.TrainingOptions()
@@ -53,6 +55,8 @@ class TrainingOptions:
             msg.mode = _enum("mode", self.mode, TRAINING_MODES)
         if self.precision is not None:
             msg.precision = _enum("precision", self.precision, PRECISIONS)
+        if self.delta_format is not None:
+            msg.delta_format = _enum("delta_format", self.delta_format, DELTA_FORMATS)
         for name in (
             "seed",
             "vae_seed",

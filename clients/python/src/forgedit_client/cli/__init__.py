@@ -96,7 +96,7 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
         "guidance",
     ]
     if args.command == "edit":
-        names += ["mode", "train_seed", "vae_seed", "precision"]
+        names += ["mode", "train_seed", "vae_seed", "precision", "delta_format"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if options.get("train_seed") == "random":
         del options["train_seed"]

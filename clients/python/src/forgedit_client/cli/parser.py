@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from forgedit_client.client import DEFAULT_TARGET
-from forgedit_client.events import INTERPOLATIONS, PRECISIONS, TRAINING_MODES
+from forgedit_client.events import DELTA_FORMATS, INTERPOLATIONS, PRECISIONS, TRAINING_MODES
 
 PROG = "forgedit"
 T = TypeVar("T")
@@ -249,6 +249,11 @@ def _add_edit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--size", type=parse_size, metavar="WxH", help="working size (default: base model's)"
     )
     training.add_argument("--precision", choices=sorted(PRECISIONS), help="server default")
+    training.add_argument(
+        "--delta-format",
+        choices=sorted(DELTA_FORMATS),
+        help="how the edit model stores its delta (server default: fp32 faithful, int8 fast)",
+    )
     training.add_argument(
         "--updates",
         type=per_stage("--updates"),
