@@ -59,8 +59,8 @@ from forgedit.artifact import (
 )
 from forgedit.config import TrainingConfig
 from forgedit.errors import BaseModelMismatchError, EditModelError, InvalidInputError
-from registry.backend import MlflowBackend
-from registry.cache import DiskCache, MemoryCache
+from registry.backend import MlflowBackend, redact
+from registry.cache import CACHE_WRITE_ERRORS, DiskCache, MemoryCache
 from registry.config import RegistryConfig
 from registry.errors import (
     EditModelNotFoundError,
@@ -71,7 +71,7 @@ from registry.errors import (
 )
 from registry.fsutil import copy_file_durable
 from registry.ids import new_edit_model_id, validate_edit_model_id
-from registry.locks import file_lock
+from registry.locks import LockBusy, file_lock
 from registry.pyfunc_signature import sweep_signature
 from registry.records import (
     MAX_USER_TAGS,
@@ -269,6 +269,46 @@ class EditModelRegistry:
             raise EditModelNotFoundError(edit_model_id)
         return _version_info(versions[0])
 
+    def cached_info(self, edit_model_id: str) -> EditModelInfo | None:
+        """Describe the edit model from this replica's own copy, without asking MLflow: its
+        spool entry, or its disk-cache copy whose manifest still matches the registered one.
+        ``None`` if there is no such copy, or if the copy is busy (being downloaded, installed
+        or evicted right now), so that the caller asks the registry instead.
+
+        A registered copy is reported with status ``cached`` and the version it was cached
+        at; a deletion through another replica is noticed when the copy is next loaded
+        (``confirm_cached``). Raises ``InvalidEditModelIdError`` (before any I/O)."""
+        edit_model_id = validate_edit_model_id(edit_model_id)
+        entry = self._spool.get(edit_model_id)
+        if entry is not None:
+            return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
+        try:
+            with self._disk.lock(edit_model_id, blocking=False):
+                return self._describe_cached_copy(edit_model_id)
+        except LockBusy:
+            return None
+
+    def _describe_cached_copy(self, edit_model_id: str) -> EditModelInfo | None:
+        """``cached_info`` of the disk copy (caller holds its lock)."""
+        origin = self._disk.origin(edit_model_id)
+        if origin is None or not self._disk.has(edit_model_id):
+            return None
+        path = self._disk.path(edit_model_id)
+        try:
+            manifest_sha = sha256_file(path / MANIFEST_FILE)
+            if manifest_sha != origin.get("manifest_sha256"):
+                return None
+            tags = describe_manifest(read_manifest(path), edit_model_id, "", manifest_sha)
+        except (OSError, EditModelError, KeyError, TypeError, ValueError):
+            return None  # unreadable: the fetch path will discard and download it
+        version = str(origin.get("version") or "")
+        return info_from_tags(
+            tags,
+            status="cached",
+            version=int(version) if version.isdigit() else None,
+            run_id=None,
+        )
+
     def list_models(
         self,
         *,
@@ -419,14 +459,16 @@ class EditModelRegistry:
             found = self._spool.get(edit_model_id) is not None
             if found:
                 self._spool.remove(edit_model_id)
-            self._forget_local(edit_model_id)
             try:
                 versions = self._backend.find_versions(edit_model_id=edit_model_id)
                 runs = {r.info.run_id: r for r in self._backend.find_runs(edit_model_id)}
             except RegistryUnavailableError:
                 if found:
+                    self._forget_local(edit_model_id)
                     return
+                # The edit model still exists in MLflow: keep serving this replica's copy.
                 raise
+            self._forget_local(edit_model_id)
             for version in versions:
                 self._backend.delete_version(version)
                 if version.run_id and version.run_id not in runs:
@@ -576,7 +618,7 @@ class EditModelRegistry:
             version = versions[0] if versions else self._upload_and_create_version(entry)
             winner = self._reconcile(version, tags.get(TAG_REQUEST_KEY) or None)
             if winner.tags.get(TAG_ID) == edit_model_id:
-                self._adopt_into_cache(entry, tags)
+                self._adopt_into_cache(entry, _origin(tags, winner.version))
             self._spool.remove(edit_model_id)
         log.info(
             "registered edit model %s as version %s of %r",
@@ -652,17 +694,31 @@ class EditModelRegistry:
                 self._backend.delete_run(self._backend.get_run(mine.run_id))
         return winner
 
-    def _adopt_into_cache(self, entry: SpoolEntry, tags: Mapping[str, str]) -> None:
-        """The registering replica keeps its copy: move it from the spool into the cache."""
+    def _adopt_into_cache(self, entry: SpoolEntry, origin: dict[str, str]) -> None:
+        """The registering replica keeps its copy: move it from the spool into the cache.
+
+        The version exists by now, so this is only an optimisation: if the disk refuses (full,
+        read-only, permissions), the registration still succeeds, the copy is dropped with the
+        spool entry, a warning is logged and ``forgedit_registry_cache_write_errors_total``
+        counts it; a later fetch downloads the model again."""
         edit_model_id = entry.edit_model_id
-        with self._disk.lock(edit_model_id):
-            tmp = self._disk.new_tmp()
-            try:
-                if self._spool.take_edit_model(entry, tmp / "edit_model"):
-                    self._disk.install(edit_model_id, tmp / "edit_model", _origin(tags))
-            finally:
-                _rmtree(tmp)
-            self._disk.evict(keep=edit_model_id)
+        try:
+            with self._disk.lock(edit_model_id):
+                tmp = self._disk.new_tmp()
+                try:
+                    if self._spool.take_edit_model(entry, tmp / "edit_model"):
+                        self._disk.install(edit_model_id, tmp / "edit_model", origin)
+                finally:
+                    _rmtree(tmp)
+                self._disk.evict(keep=edit_model_id)
+        except OSError as e:
+            CACHE_WRITE_ERRORS.inc()
+            log.warning(
+                "edit model %s is registered but could not be kept in the local cache (%s); "
+                "it will be downloaded when next used",
+                edit_model_id,
+                redact(f"{type(e).__name__}: {e.strerror or e}"),
+            )
 
     # -- fetch: internals ------------------------------------------------------------------------
 
@@ -707,7 +763,7 @@ class EditModelRegistry:
         return self._download(edit_model_id, versions[0]), "download"
 
     def _download(self, edit_model_id: str, version: Any) -> Path:
-        origin = _origin(version.tags)
+        origin = _origin(version.tags, version.version)
         for attempt in range(1, self.config.fetch_attempts + 1):
             tmp = self._disk.new_tmp()
             try:
@@ -911,10 +967,13 @@ def _version_info(version: Any) -> EditModelInfo:
     )
 
 
-def _origin(tags: Mapping[str, str]) -> dict[str, str]:
+def _origin(tags: Mapping[str, str], version: Any = None) -> dict[str, str]:
+    """What the registry vouched for, kept beside a cached copy (``origin.json``). The version
+    number lets ``cached_info`` describe the copy while MLflow is down."""
     return {
         "manifest_sha256": tags.get(TAG_MANIFEST, ""),
         "base_model_fingerprint": tags.get(TAG_BASE_FINGERPRINT, ""),
+        "version": str(version or ""),
     }
 
 

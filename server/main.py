@@ -38,8 +38,9 @@ from server.runner import JobRunner
 from server.scheduler import Estimator, Scheduler, SchedulerConfig
 from server.service import SERVICE_NAME, ForgeditServicer
 from server.settings import ServerSettings
-from server.store import EditModelStore
+from server.store import EditModelStore, RegistryCalls
 from server.transport import server_credentials, server_options
+from server.validation import Limits
 
 log = logging.getLogger("server.main")
 
@@ -70,6 +71,7 @@ class ForgeditServer:
         self.metrics = metrics
         self.metrics_port = metrics_port
         self._owned_registry = owned_registry
+        self.store: EditModelStore | None = None  # set by create_server; closed on stop
         self._stopped = threading.Event()
         self._watcher = threading.Thread(
             target=self._mark_ready, name="forgedit-ready", daemon=True
@@ -111,6 +113,8 @@ class ForgeditServer:
         self.grpc_server.stop(grace).wait()
         self.scheduler.stop()
         self.metrics.close()
+        if self.store is not None:
+            self.store.close()
         if self._owned_registry is not None:
             self._owned_registry.close()
         log.info("stopped")
@@ -136,7 +140,9 @@ def create_server(
     registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
 
     metrics = Metrics()
-    store = EditModelStore(registry)
+    store = EditModelStore(
+        registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
+    )
     estimator = Estimator(settings.seconds_per_update_prior, settings.seconds_per_image_step_prior)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -145,9 +151,16 @@ def create_server(
             queue_size=settings.queue_size,
             retention_s=settings.job_retention_s,
             max_retained=settings.max_retained_jobs,
+            max_training_overtakes=settings.max_training_overtakes,
         ),
         engine_factory,
-        JobRunner(store, metrics, estimator, max_batch=settings.max_batch),
+        JobRunner(
+            store,
+            metrics,
+            estimator,
+            max_batch=settings.max_batch,
+            limits=Limits.from_settings(settings),
+        ),
         estimator,
         metrics,
     )
@@ -215,6 +228,7 @@ def create_server(
         metrics_port,
         registry if owns_registry else None,
     )
+    server.store = store
     return server, port
 
 

@@ -38,6 +38,7 @@ from server.settings import ServerSettings
 from server.store import EditModelStore, edit_model_to_proto
 from server.validation import (
     Limits,
+    check_sampling_memory,
     check_strategies,
     validate_edit,
     validate_edit_model_id_field,
@@ -119,9 +120,13 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     ) -> Iterator[pb.SampleResponse]:
         self._require_ready()
         plan = validate_sample(request, self.limits)
-        # Known, and made on a base model served here? Refused before queueing.
-        info = self.store.show(plan.edit_model_id)
+        # Known, and made on a base model served here? Refused before queueing. A copy cached
+        # here answers without MLflow, so sampling it survives a registry outage.
+        info = self.store.describe_for_sampling(
+            plan.edit_model_id, remaining_s=context.time_remaining()
+        )
         check_strategies(plan.sweep, info.training_mode or "joint")
+        check_sampling_memory(plan.sweep, int(info.height), int(info.width), self.limits)
         self.store.check_served(info, self.scheduler.base_models.values())
         job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request)
         job = self._submit(job, context, detach=request.detach)
@@ -165,7 +170,9 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     ) -> pb.GetEditModelResponse:
         edit_model_id = validate_edit_model_id_field(request.edit_model_id)
         return pb.GetEditModelResponse(
-            edit_model=edit_model_to_proto(self.store.show(edit_model_id))
+            edit_model=edit_model_to_proto(
+                self.store.show(edit_model_id, remaining_s=context.time_remaining())
+            )
         )
 
     @_unary
@@ -178,6 +185,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             image_sha256=request.image_sha256 or None,
             page_size=page_size,
             page_token=request.page_token or None,
+            remaining_s=context.time_remaining(),
         )
         return pb.ListEditModelsResponse(
             edit_models=[edit_model_to_proto(info) for info in page.items],
@@ -189,7 +197,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.DeleteEditModelRequest, context: grpc.ServicerContext
     ) -> pb.DeleteEditModelResponse:
         edit_model_id = validate_edit_model_id_field(request.edit_model_id)
-        self.store.delete(edit_model_id)
+        self.store.delete(edit_model_id, remaining_s=context.time_remaining())
         log.info("edit model %s deleted", edit_model_id)
         return pb.DeleteEditModelResponse()
 
