@@ -122,6 +122,7 @@ _USER_TAG_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 
 ImageInput = bytes | str | os.PathLike[str]
 _REQUEST_LOCK_STRIPES = 64
+_CONFIRM_THREADS = 2  # confirmations of cached copies that may wait for MLflow at once
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class EditModelRegistry:
         self._memory = MemoryCache(config.memory_cache_models)
         # Striped locks: bounded memory however many request ids a long-lived server sees.
         self._request_locks = [threading.Lock() for _ in range(_REQUEST_LOCK_STRIPES)]
+        self._confirm_slots = threading.BoundedSemaphore(_CONFIRM_THREADS)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -796,15 +798,43 @@ class EditModelRegistry:
         self._disk.discard(edit_model_id)
 
     def _still_exists(self, edit_model_id: str) -> bool | None:
-        """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer)."""
+        """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer).
+
+        The question is best effort, so it is bounded: it waits at most
+        ``confirm_timeout_s``, on at most ``_CONFIRM_THREADS`` threads. A hung MLflow thus
+        delays serving a cached copy by that much at most (not by MLflow's HTTP timeout and
+        retries), and while earlier questions are still unanswered nobody asks again."""
         if self._spool.get(edit_model_id) is not None:
             return True  # spooled here, not yet in MLflow
         if not self.config.confirm_cached:
             return None
-        try:
-            return bool(self._backend.find_versions(edit_model_id=edit_model_id))
-        except RegistryUnavailableError:
+        if not self._confirm_slots.acquire(blocking=False):
+            return None  # earlier confirmations still wait for MLflow
+        answer: list[bool | BaseException | None] = [None]
+        done = threading.Event()
+
+        def ask() -> None:
+            try:
+                answer[0] = bool(self._backend.find_versions(edit_model_id=edit_model_id))
+            except RegistryUnavailableError:
+                pass
+            except BaseException as e:  # raised in the caller, as before
+                answer[0] = e
+            finally:
+                self._confirm_slots.release()
+                done.set()
+
+        threading.Thread(target=ask, name="registry-confirm", daemon=True).start()
+        if not done.wait(self.config.confirm_timeout_s):
+            log.warning(
+                "MLflow did not confirm edit model %s within %.1f s; serving the cached copy",
+                edit_model_id,
+                self.config.confirm_timeout_s,
+            )
             return None
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
 
 
 # -- helpers -----------------------------------------------------------------------------------
