@@ -45,6 +45,7 @@ from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.transport import client_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+RETRY_PAUSE_S = 0.5  # a client's pause after a refused or failed call
 
 
 # -- process resources --------------------------------------------------------------------------
@@ -124,7 +125,8 @@ Metadata = tuple[tuple[str, str], ...]
 
 async def _one_call(
     stub: Any, kind: str, request: Any, deadline: float, metadata: Metadata, tally: Tally
-) -> None:
+) -> bool:
+    """Run one call to its end and tally it; True when it ended OK."""
     call = getattr(stub, kind)(request, timeout=deadline, metadata=metadata)
     started = time.perf_counter()
     code = "OK"
@@ -137,6 +139,7 @@ async def _one_call(
         code = e.code().name
     tally.status[kind][code] += 1
     tally.latency[kind].append(time.perf_counter() - started)
+    return code == "OK"
 
 
 async def _client(
@@ -155,7 +158,8 @@ async def _client(
             return  # the shared request budget is spent
         await budget.acquire()
         tally.issued += 1
-        await _one_call(stub, kind, make(tally.issued), deadline, metadata, tally)
+        if not await _one_call(stub, kind, make(tally.issued), deadline, metadata, tally):
+            await asyncio.sleep(RETRY_PAUSE_S)  # as a client would, rather than spin
 
 
 async def _probe(pid: int, interval: float, samples: list[dict[str, float]], stop: Any) -> None:
@@ -256,9 +260,10 @@ async def drive(
 
 
 @contextmanager
-def own_server(work: Path) -> Iterator[tuple[str, int]]:
-    """``forgedit-server`` on the tiny model in a subprocess on a free loopback port; yields
-    (target, pid) once it is ready, and stops it (SIGTERM, then SIGKILL) on exit."""
+def own_server(work: Path, settings: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+    """``forgedit-server`` on the tiny model in a subprocess on a free loopback port, with extra
+    ``NAME=VALUE`` settings (as ``FORGEDIT_NAME``); yields (target, pid) once it is ready, and
+    stops it (SIGTERM, then SIGKILL) on exit."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with socket.socket() as s:
@@ -276,6 +281,9 @@ def own_server(work: Path) -> Iterator[tuple[str, int]]:
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
         }
     )
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        env[f"FORGEDIT_{name.upper()}"] = value
     with open(work / "server.log", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "server.main"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -319,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--probe-interval", type=float, default=0.5)
     parser.add_argument("--settle", type=float, default=2.0, help="idle seconds before 'after'")
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
+    parser.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the server it starts, e.g. max_training_overtakes=4 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if (args.target is None) != (args.server_pid is None):
         parser.error("--target and --server-pid go together")
@@ -344,8 +359,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.target is not None:
         report = run(args.target, args.server_pid)
     else:
-        with tempfile.TemporaryDirectory() as work, own_server(Path(work)) as (target, pid):
+        with (
+            tempfile.TemporaryDirectory() as work,
+            own_server(Path(work), args.server_setting) as (target, pid),
+        ):
             report = run(target, pid)
+        report["config"]["server_settings"] = args.server_setting
     text = json.dumps(report, indent=2, sort_keys=True)
     if args.out is not None:
         tmp = args.out.with_name(f".{args.out.name}.tmp")
