@@ -122,7 +122,7 @@ _USER_TAG_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 
 ImageInput = bytes | str | os.PathLike[str]
 _REQUEST_LOCK_STRIPES = 64
-_CONFIRM_THREADS = 2  # confirmations of cached copies that may wait for MLflow at once
+_LOOKUP_THREADS = 2  # optional lookups (see _ask) that may wait for MLflow at once
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class EditModelRegistry:
         self._memory = MemoryCache(config.memory_cache_models)
         # Striped locks: bounded memory however many request ids a long-lived server sees.
         self._request_locks = [threading.Lock() for _ in range(_REQUEST_LOCK_STRIPES)]
-        self._confirm_slots = threading.BoundedSemaphore(_CONFIRM_THREADS)
+        self._lookup_slots = threading.BoundedSemaphore(_LOOKUP_THREADS)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -251,7 +251,9 @@ class EditModelRegistry:
         if entry is not None:
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
         try:
-            versions = self._backend.find_versions(dedupe_key=dkey)
+            versions = self._ask(
+                lambda: self._backend.find_versions(dedupe_key=dkey), self.config.lookup_timeout_s
+            )
         except RegistryUnavailableError:
             log.warning("MLflow unavailable: cannot look for an existing edit model to reuse")
             return None
@@ -561,15 +563,20 @@ class EditModelRegistry:
             return RegisteredEditModel(entry.edit_model_id, None, spooled=True), True
         if dedupe and (entry := self._spool.find(dedupe_key=dkey)) is not None:
             return RegisteredEditModel(entry.edit_model_id, None, deduped=True, spooled=True), True
-        try:
+
+        def lookup() -> RegisteredEditModel | None:
             if rkey is not None and (versions := self._backend.find_versions(request_key=rkey)):
                 _check_same(versions[0].tags, dkey)
-                return _registered(versions[0]), True
+                return _registered(versions[0])
             if dedupe and (versions := self._backend.find_versions(dedupe_key=dkey)):
-                return _registered(versions[0], deduped=True), True
+                return _registered(versions[0], deduped=True)
+            return None
+
+        try:
+            # Unanswered in time: spool (the flusher reconciles duplicates by request key).
+            return self._ask(lookup, self.config.lookup_timeout_s), True
         except RegistryUnavailableError:
             return None, False
-        return None, True
 
     def _spool_edit_model(
         self,
@@ -798,40 +805,51 @@ class EditModelRegistry:
         self._disk.discard(edit_model_id)
 
     def _still_exists(self, edit_model_id: str) -> bool | None:
-        """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer).
-
-        The question is best effort, so it is bounded: it waits at most
-        ``confirm_timeout_s``, on at most ``_CONFIRM_THREADS`` threads. A hung MLflow thus
-        delays serving a cached copy by that much at most (not by MLflow's HTTP timeout and
-        retries), and while earlier questions are still unanswered nobody asks again."""
+        """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer within
+        ``confirm_timeout_s``, see ``_ask``)."""
         if self._spool.get(edit_model_id) is not None:
             return True  # spooled here, not yet in MLflow
         if not self.config.confirm_cached:
             return None
-        if not self._confirm_slots.acquire(blocking=False):
-            return None  # earlier confirmations still wait for MLflow
-        answer: list[bool | BaseException | None] = [None]
+        try:
+            versions = self._ask(
+                lambda: self._backend.find_versions(edit_model_id=edit_model_id),
+                self.config.confirm_timeout_s,
+            )
+        except RegistryUnavailableError:
+            return None
+        return bool(versions)
+
+    def _ask(self, question: Callable[[], T], timeout_s: float) -> T:
+        """``question()`` (an MLflow lookup whose answer is optional to the caller), waited for
+        at most ``timeout_s`` on at most ``_LOOKUP_THREADS`` threads.
+
+        Against a hung MLflow a lookup would otherwise hold the device's worker for MLflow's
+        HTTP timeout and retries (minutes). Raises ``RegistryUnavailableError`` when it does
+        not answer in time, or at once while earlier lookups still wait; the thread left
+        waiting ends with MLflow's HTTP timeout."""
+        if not self._lookup_slots.acquire(blocking=False):
+            raise RegistryUnavailableError(
+                "the MLflow registry is not answering (earlier lookups still wait for it)"
+            )
+        answer: list[Any] = []
         done = threading.Event()
 
         def ask() -> None:
             try:
-                answer[0] = bool(self._backend.find_versions(edit_model_id=edit_model_id))
-            except RegistryUnavailableError:
-                pass
-            except BaseException as e:  # raised in the caller, as before
-                answer[0] = e
+                answer.append(question())
+            except BaseException as e:  # re-raised in the caller
+                answer.append(e)
             finally:
-                self._confirm_slots.release()
+                self._lookup_slots.release()
                 done.set()
 
-        threading.Thread(target=ask, name="registry-confirm", daemon=True).start()
-        if not done.wait(self.config.confirm_timeout_s):
-            log.warning(
-                "MLflow did not confirm edit model %s within %.1f s; serving the cached copy",
-                edit_model_id,
-                self.config.confirm_timeout_s,
+        threading.Thread(target=ask, name="registry-lookup", daemon=True).start()
+        if not done.wait(timeout_s):
+            log.warning("MLflow did not answer a lookup within %.1f s", timeout_s)
+            raise RegistryUnavailableError(
+                f"the MLflow registry did not answer within {timeout_s:g} s; try again later"
             )
-            return None
         if isinstance(answer[0], BaseException):
             raise answer[0]
         return answer[0]

@@ -709,8 +709,8 @@ def test_a_cached_copy_is_served_while_mlflow_hangs(replicas: Replicas) -> None:
         loader.join(30)  # MLflow stays hung for 60 s: only the bounded confirmation returns
         assert not loader.is_alive() and len(loaded) == 3
         assert loaded[0].image_sha256 == random_edit_model(18).image_sha256
-        hung = [t for t in threading.enumerate() if t.name == "registry-confirm"]
-        assert len(hung) <= 2  # the confirmations waiting for MLflow are bounded
+        hung = [t for t in threading.enumerate() if t.name == "registry-lookup"]
+        assert len(hung) <= 2  # the lookups waiting for MLflow are bounded
         assert b.cached_info(model_id) is not None  # described locally, no MLflow needed
     finally:
         switch.release.set()
@@ -727,3 +727,37 @@ def test_a_delete_refused_while_mlflow_is_down_keeps_the_cached_copy(replicas: R
         a.delete(model_id)
     assert model_id in cached_ids(a)
     assert a.load(model_id).image_sha256 == random_edit_model(19).image_sha256
+
+
+def test_register_and_find_existing_do_not_wait_out_a_hung_mlflow(replicas: Replicas) -> None:
+    reg = replicas("a", lookup_timeout_s=0.2)
+    reg._backend.experiment_id()
+    switch = HungSwitch(reg._backend.client)
+    reg._backend.client = switch  # type: ignore[assignment]
+    switch.hung.set()
+    model = random_edit_model(41)
+    results: list[Any] = []
+
+    def work() -> None:
+        results.append(
+            reg.find_existing(
+                model.image_sha256,
+                model.base_model_fingerprint,
+                model.training.fingerprint(),
+                model.source_prompt,
+            )
+        )
+        results.append(reg.register(model, request_id="hung-1"))
+
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join(30)  # MLflow stays hung for 60 s
+        assert not worker.is_alive()
+        found, registered = results
+        assert found is None and registered.spooled and registered.version is None
+    finally:
+        switch.release.set()
+    switch.hung.clear()
+    assert reg.flush_spool().registered == [registered.edit_model_id]
+    assert len(replicas.versions(request_id="hung-1")) == 1
