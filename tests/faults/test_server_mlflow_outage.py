@@ -140,8 +140,16 @@ def test_mlflow_killed_then_restarted(
 
 
 def test_mlflow_hung_requests_end_unavailable_before_their_deadline(
-    tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path, mlflow: MlflowServer
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tedbench_dir: Path,
+    mlflow: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # MLflow's own HTTP timeout and retries as in production (the server's defaults): no
+    # request or job may wait for them.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     registry = _registry(tmp_path, mlflow.uri)
     photo = support.tedbench_image(tedbench_dir)
     clients = 16
@@ -195,14 +203,21 @@ def test_mlflow_hung_requests_end_unavailable_before_their_deadline(
             waiting = [t for t in threading.enumerate() if t.name.startswith("registry-call")]
             assert len(waiting) <= 4
 
-            # A cached edit model is still sampled (given time for MLflow's HTTP timeout).
-            sampled = support.stream(h.stub.Sample, _sample(registered.edit_model_id), timeout=60)
+            # A cached edit model is still sampled, well within MLflow's HTTP timeout.
+            sampled = support.stream(h.stub.Sample, _sample(registered.edit_model_id), timeout=30)
             assert sampled.code == grpc.StatusCode.OK, sampled.details
             assert h.health() == health_pb2.HealthCheckResponse.SERVING
 
             os.killpg(mlflow.pgid, signal.SIGCONT)
-            _, outcome = support.unary(h.stub.ListEditModels, pb.ListEditModelsRequest())
-            assert outcome.code == grpc.StatusCode.OK, outcome.details
+            # Answered again once MLflow has worked off the calls that waited for it.
+            assert support.wait_for(
+                lambda: (
+                    support.unary(h.stub.ListEditModels, pb.ListEditModelsRequest())[1].code
+                    == grpc.StatusCode.OK
+                ),
+                timeout=60,
+                interval=0.5,
+            )
             support.assert_nothing_left_behind(h)
             support.assert_resources_back(before)
     finally:
