@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import grpc
+import pytest
 import test_server_support as support  # tests/service, on sys.path via conftest
 from prometheus_client import REGISTRY
 
@@ -21,6 +22,7 @@ def _cache_write_errors() -> float:
     return REGISTRY.get_sample_value(COUNTER) or 0.0
 
 
+@pytest.mark.slow
 def test_cache_unwritable_after_registration_does_not_fail_the_edit(
     tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path
 ) -> None:

@@ -30,7 +30,7 @@ from registry import EditModelRegistry, RegistryConfig
 from registry.testing import MlflowServer
 from server._proto import forgedit_pb2 as pb
 
-pytestmark = pytest.mark.mlflow_server
+pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
 
 MODEL = "outage-edit-models"
 UNKNOWN_ID = "em_" + "a" * 26

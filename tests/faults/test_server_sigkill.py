@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import pytest
 import test_server_support as support  # tests/service, on sys.path via conftest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -57,6 +58,7 @@ def _server(tmp: Path, tiny_model_dir: Path, port: int, name: str) -> Iterator[s
         process.wait(60)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_restart(
     tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path
 ) -> None:

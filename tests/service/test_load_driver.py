@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import test_server_support as support
 
 DRIVER = Path(__file__).resolve().parents[2] / "benchmarks" / "load_driver.py"
@@ -27,6 +28,7 @@ def _driver() -> ModuleType:
     return module
 
 
+@pytest.mark.slow
 def test_a_brief_load_run_is_bounded_and_reports_everything(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
