@@ -262,6 +262,8 @@ class Scheduler:
             queue = self._sampling if job.is_sampling else self._training
             was_queued = job in queue
             if was_queued:
+                if queue is self._training and queue[0] is job:
+                    self._overtakes = 0  # the next training job in line starts its own count
                 queue.remove(job)
                 self._queue_changed_locked()
         if was_queued:
@@ -422,8 +424,8 @@ class Scheduler:
         ):
             self._overtakes = 0
             return self._training.popleft()
-        if self._training:
-            self._overtakes += 1
+        # Overtakes count against the training job first in line; none waits: nothing to count.
+        self._overtakes = self._overtakes + 1 if self._training else 0
         return self._sampling.popleft()
 
     def _queue_changed_locked(self, *, announce: bool = True, exclude: Job | None = None) -> None:

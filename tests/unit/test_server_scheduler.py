@@ -346,3 +346,21 @@ def test_without_sampling_load_an_edit_is_not_charged_for_samples_that_may_never
         assert s.wait_idle(5)
     finally:
         s.stop()
+
+
+def test_a_cancelled_edit_does_not_pass_its_overtakes_on_to_the_next() -> None:
+    s, runner = _fair_scheduler(max_overtakes=2)
+    try:
+        first = s.submit(_job())[0]
+        assert runner.started.acquire(timeout=5)
+        doomed, edit = s.submit(_job())[0], s.submit(_job())[0]
+        samples = [s.submit(_job(pb.JOB_KIND_SAMPLE))[0] for _ in range(3)]
+        runner.gate(first).set()
+        assert runner.started.acquire(timeout=5)  # samples[0] overtakes `doomed`
+        s.cancel(doomed.job_id, "client cancelled")
+        runner.gate(samples[0]).set()
+        _run_all(s, runner, 3)
+        # `edit` is overtaken twice itself (samples 1 and 2), not once.
+        assert runner.order[1:] == [j.job_id for j in (*samples, edit)]
+    finally:
+        s.stop()
