@@ -293,3 +293,25 @@ def _eventually(predicate: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 4294967296 bytes."
+        ),
+        pytest.param("cuda", id="torch.cuda.OutOfMemoryError"),
+    ],
+)
+def test_running_out_of_memory_is_resource_exhausted_not_internal(error: Any) -> None:
+    if error == "cuda":
+        import torch
+
+        error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    mapped = to_rpc_status(error, context="in job j-1")
+    assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "FORGEDIT_MAX_BATCH_PIXELS" in mapped.status.message
+    assert mapped.reason == "resource_exhausted"
