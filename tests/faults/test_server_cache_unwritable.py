@@ -24,7 +24,7 @@ def _cache_write_errors() -> float:
 
 @pytest.mark.slow
 def test_cache_unwritable_after_registration_does_not_fail_the_edit(
-    tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     with support.running_server(tmp_path, tiny_model_dir) as h:
         before = support.Resources.now()
@@ -35,9 +35,7 @@ def test_cache_unwritable_after_registration_does_not_fail_the_edit(
         shutil.rmtree(staging)
         staging.write_bytes(b"")
 
-        edit = support.stream(
-            h.stub.Edit, support.edit_request(support.tedbench_image(tedbench_dir))
-        )
+        edit = support.stream(h.stub.Edit, support.edit_request(support.encoded("PNG", (64, 64))))
         assert edit.code == grpc.StatusCode.OK, edit.details
         registered = edit.of("registered")[0]
         assert registered.version >= 1 and not registered.spooled

@@ -94,10 +94,10 @@ def _registry_calls(h: support.Harness, edit_model_id: str) -> dict[str, Any]:
 
 
 def test_mlflow_killed_then_restarted(
-    tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path, mlflow: MlflowServer
+    tmp_path: Path, tiny_model_dir: Path, mlflow: MlflowServer
 ) -> None:
     registry = _registry(tmp_path, mlflow.uri)
-    photo = support.tedbench_image(tedbench_dir)
+    photo = support.encoded("PNG", (64, 64))
     try:
         with support.running_server(tmp_path, tiny_model_dir, registry=registry) as h:
             registered = _edit_and_register(h, photo)
@@ -142,7 +142,6 @@ def test_mlflow_killed_then_restarted(
 def test_mlflow_hung_requests_end_unavailable_before_their_deadline(
     tmp_path: Path,
     tiny_model_dir: Path,
-    tedbench_dir: Path,
     mlflow: MlflowServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -151,7 +150,7 @@ def test_mlflow_hung_requests_end_unavailable_before_their_deadline(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     registry = _registry(tmp_path, mlflow.uri)
-    photo = support.tedbench_image(tedbench_dir)
+    photo = support.encoded("PNG", (64, 64))
     clients = 16
     try:
         with support.running_server(

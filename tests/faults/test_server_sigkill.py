@@ -59,12 +59,10 @@ def _server(tmp: Path, tiny_model_dir: Path, port: int, name: str) -> Iterator[s
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_restart(
-    tmp_path: Path, tiny_model_dir: Path, tedbench_dir: Path
-) -> None:
+def test_sigkill_mid_training_then_restart(tmp_path: Path, tiny_model_dir: Path) -> None:
     (tmp_path / "process-tmp").mkdir()
     port = support.free_port()
-    photo = support.tedbench_image(tedbench_dir)
+    photo = support.encoded("PNG", (64, 64))
     before = support.Resources.now()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=client_options())
     stub = pb_grpc.ForgeditServiceStub(channel)
