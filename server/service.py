@@ -13,6 +13,8 @@ Contracts
   no request asked to ``detach``, the job is cancelled (it stops within one step). WatchJob
   streams never cancel.
 - Every error goes through ``server.errors.to_rpc_status`` (one mapping, with details).
+- Registry calls made here are bounded by the registry timeout and the call's own deadline
+  (``server.store``); a Sample of an edit model cached on this replica needs no MLflow.
 """
 
 from __future__ import annotations
