@@ -428,16 +428,21 @@ class EditModelRegistry:
         sampling, i.e. after ``register`` returned. A spooled edit model keeps it in its spool
         entry and uploads it with the model.
 
-        Raises ``InvalidEditModelIdError``, ``EditModelNotFoundError``,
+        Being a convenience, it waits at most ``lookup_timeout_s`` for a publish of the same
+        edit model in progress (the flusher may be stuck on a hung MLflow) and for the version
+        lookup. Raises ``InvalidEditModelIdError``, ``EditModelNotFoundError``,
         ``RegistryUnavailableError`` (the caller may ignore it: the sheet is a convenience).
         """
         edit_model_id = validate_edit_model_id(edit_model_id)
-        with file_lock(self._locks / f"publish-{edit_model_id}.lock"):
+        with self._publish_lock(edit_model_id, self.config.lookup_timeout_s):
             entry = self._spool.get(edit_model_id)
             if entry is not None:
                 _write_input(contact_sheet, entry.extras_dir, CONTACT_SHEET_NAME, force_name=True)
                 return
-            versions = self._backend.find_versions(edit_model_id=edit_model_id)
+            versions = self._ask(
+                lambda: self._backend.find_versions(edit_model_id=edit_model_id),
+                self.config.lookup_timeout_s,
+            )
             if not versions or not versions[0].run_id:
                 raise EditModelNotFoundError(edit_model_id)
             staging = self._spool.new_staging()
@@ -820,6 +825,25 @@ class EditModelRegistry:
             return None
         return bool(versions)
 
+    @contextmanager
+    def _publish_lock(self, edit_model_id: str, timeout_s: float) -> Iterator[None]:
+        """The edit model's publish lock, waited for at most ``timeout_s``; then
+        ``RegistryUnavailableError`` (its holder is waiting for MLflow)."""
+        path = self._locks / f"publish-{edit_model_id}.lock"
+        deadline = _monotonic() + timeout_s
+        while True:
+            try:
+                with file_lock(path, blocking=False):
+                    yield
+                return
+            except LockBusy:
+                if _monotonic() >= deadline:
+                    raise RegistryUnavailableError(
+                        f"edit model {edit_model_id} is being published to MLflow, which is "
+                        "not answering; try again later"
+                    ) from None
+                self._stop.wait(0.05)
+
     def _ask(self, question: Callable[[], T], timeout_s: float) -> T:
         """``question()`` (an MLflow lookup whose answer is optional to the caller), waited for
         at most ``timeout_s`` on at most ``_LOOKUP_THREADS`` threads.
@@ -1052,3 +1076,9 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

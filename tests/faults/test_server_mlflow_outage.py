@@ -7,8 +7,9 @@ but answers nothing). One scenario per test, each with its own server and MLflow
   UNAVAILABLE with a retry hint (and a refused delete keeps the cached copy); an Edit spools;
   after the restart the spool drains and every edit model has exactly one version.
 - Hung: every request that needs MLflow ends UNAVAILABLE before its own deadline (none hangs
-  until DEADLINE_EXCEEDED), health stays SERVING, a cached edit model is still sampled, and
-  the threads waiting for MLflow stay bounded.
+  until DEADLINE_EXCEEDED), health stays SERVING, a cached edit model is still sampled, an
+  Edit spools instead of waiting out MLflow's timeouts, and the threads waiting for MLflow
+  stay bounded.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _sample(edit_model_id: str) -> pb.SampleRequest:
 
 def _edit_and_register(h: support.Harness, photo: bytes, seed: int = 7) -> pb.RegisteredEvent:
     outcome = support.stream(h.stub.Edit, support.edit_request(photo, training={"seed": seed}))
-    assert outcome.code == grpc.StatusCode.OK, outcome.details
+    assert outcome.code == grpc.StatusCode.OK, (outcome.details, outcome.kinds())
     return outcome.of("registered")[0]
 
 
@@ -205,9 +206,16 @@ def test_mlflow_hung_requests_end_unavailable_before_their_deadline(
             # A cached edit model is still sampled, well within MLflow's HTTP timeout.
             sampled = support.stream(h.stub.Sample, _sample(registered.edit_model_id), timeout=30)
             assert sampled.code == grpc.StatusCode.OK, sampled.details
+            # An Edit neither waits out MLflow's timeouts: its lookups give up, it spools.
+            spooled = _edit_and_register(h, photo, seed=8)
+            assert spooled.spooled
             assert h.health() == health_pb2.HealthCheckResponse.SERVING
 
             os.killpg(mlflow.pgid, signal.SIGCONT)
+            trash = h.data_dir / "registry" / "spool" / "trash"
+            assert support.wait_for(
+                lambda: registry.spool_size()[0] == 0 and not any(trash.iterdir()), timeout=120
+            )
             # Answered again once MLflow has worked off the calls that waited for it.
             assert support.wait_for(
                 lambda: (
