@@ -24,7 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from forgedit.artifact import EditModel
 from registry.fsutil import (
@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 
 EDIT_MODEL_DIR = "edit_model"
 ORIGIN_FILE = "origin.json"
+
+CACHE_WRITE_ERRORS = Counter(
+    "forgedit_registry_cache_write_errors_total",
+    "Edit models registered but not kept in the replica's disk cache (the disk refused)",
+)
+CACHE_WRITE_ERRORS.inc(0)  # exported from start-up, so a rate() sees the first error
 
 CACHED_MODELS = Gauge(
     "forgedit_registry_cached_edit_models",

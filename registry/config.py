@@ -62,8 +62,10 @@ class RegistryConfig:
     ``flush_initial_backoff_s`` / ``flush_max_backoff_s``: the spool flusher's retry schedule.
     ``fetch_attempts``: downloads tried before a corrupted edit model is reported.
     ``confirm_cached``: on a cache hit, ask MLflow (one search) whether the ID still exists, so
-        a model deleted through another replica stops being served; if MLflow does not answer,
-        the cached copy is served anyway.
+        a model deleted through another replica stops being served; if MLflow does not answer
+        within ``confirm_timeout_s``, the cached copy is served anyway.
+    ``lookup_timeout_s``: how long ``find_existing`` and ``register``'s dedupe/idempotency
+        lookup wait for MLflow before treating it as unavailable (reuse nothing; spool).
     """
 
     data_dir: Path
@@ -81,6 +83,8 @@ class RegistryConfig:
     flush_max_backoff_s: float = 60.0
     fetch_attempts: int = 2
     confirm_cached: bool = True
+    confirm_timeout_s: float = 2.0
+    lookup_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -94,6 +98,8 @@ class RegistryConfig:
                 )
         if self.cache_max_bytes < 0 or self.memory_cache_models < 0:
             raise ValueError("cache bounds must be >= 0")
+        if self.confirm_timeout_s <= 0 or self.lookup_timeout_s <= 0:
+            raise ValueError("confirm_timeout_s and lookup_timeout_s must be > 0")
         if self.fetch_attempts < 1:
             raise ValueError("fetch_attempts must be >= 1")
         if self.http_timeout_s < 1 or self.http_max_retries < 0 or self.http_backoff_factor < 0:

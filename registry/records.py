@@ -55,7 +55,7 @@ MAX_REQUEST_ID_CHARS = 256
 MAX_USER_TAGS = 20
 
 Source = Literal["memory", "spool", "cache", "download"]
-Status = Literal["registered", "spooled"]
+Status = Literal["registered", "spooled", "cached"]
 
 
 @dataclass(frozen=True)

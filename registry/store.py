@@ -59,8 +59,8 @@ from forgedit.artifact import (
 )
 from forgedit.config import TrainingConfig
 from forgedit.errors import BaseModelMismatchError, EditModelError, InvalidInputError
-from registry.backend import MlflowBackend
-from registry.cache import DiskCache, MemoryCache
+from registry.backend import MlflowBackend, redact
+from registry.cache import CACHE_WRITE_ERRORS, DiskCache, MemoryCache
 from registry.config import RegistryConfig
 from registry.errors import (
     EditModelNotFoundError,
@@ -71,7 +71,7 @@ from registry.errors import (
 )
 from registry.fsutil import copy_file_durable
 from registry.ids import new_edit_model_id, validate_edit_model_id
-from registry.locks import file_lock
+from registry.locks import LockBusy, file_lock
 from registry.pyfunc_signature import sweep_signature
 from registry.records import (
     MAX_USER_TAGS,
@@ -124,6 +124,7 @@ _USER_TAG_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 
 ImageInput = bytes | str | os.PathLike[str]
 _REQUEST_LOCK_STRIPES = 64
+_LOOKUP_THREADS = 2  # optional lookups (see _ask) that may wait for MLflow at once
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class EditModelRegistry:
         self._memory = MemoryCache(config.memory_cache_models)
         # Striped locks: bounded memory however many request ids a long-lived server sees.
         self._request_locks = [threading.Lock() for _ in range(_REQUEST_LOCK_STRIPES)]
+        self._lookup_slots = threading.BoundedSemaphore(_LOOKUP_THREADS)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -259,7 +261,10 @@ class EditModelRegistry:
         if entry is not None:
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
         try:
-            versions = self._backend.find_versions(dedupe_key=dkey, **mine)
+            versions = self._ask(
+                lambda: self._backend.find_versions(dedupe_key=dkey, **mine),
+                self.config.lookup_timeout_s,
+            )
         except RegistryUnavailableError:
             log.warning("MLflow unavailable: cannot look for an existing edit model to reuse")
             return None
@@ -278,6 +283,46 @@ class EditModelRegistry:
         if not versions:
             raise EditModelNotFoundError(edit_model_id)
         return _version_info(versions[0])
+
+    def cached_info(self, edit_model_id: str) -> EditModelInfo | None:
+        """Describe the edit model from this replica's own copy, without asking MLflow: its
+        spool entry, or its disk-cache copy whose manifest still matches the registered one.
+        ``None`` if there is no such copy, or if the copy is busy (being downloaded, installed
+        or evicted right now), so that the caller asks the registry instead.
+
+        A registered copy is reported with status ``cached`` and the version it was cached
+        at; a deletion through another replica is noticed when the copy is next loaded
+        (``confirm_cached``). Raises ``InvalidEditModelIdError`` (before any I/O)."""
+        edit_model_id = validate_edit_model_id(edit_model_id)
+        entry = self._spool.get(edit_model_id)
+        if entry is not None:
+            return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
+        try:
+            with self._disk.lock(edit_model_id, blocking=False):
+                return self._describe_cached_copy(edit_model_id)
+        except LockBusy:
+            return None
+
+    def _describe_cached_copy(self, edit_model_id: str) -> EditModelInfo | None:
+        """``cached_info`` of the disk copy (caller holds its lock)."""
+        origin = self._disk.origin(edit_model_id)
+        if origin is None or not self._disk.has(edit_model_id):
+            return None
+        path = self._disk.path(edit_model_id)
+        try:
+            manifest_sha = sha256_file(path / MANIFEST_FILE)
+            if manifest_sha != origin.get("manifest_sha256"):
+                return None
+            tags = describe_manifest(read_manifest(path), edit_model_id, "", manifest_sha)
+        except (OSError, EditModelError, KeyError, TypeError, ValueError):
+            return None  # unreadable: the fetch path will discard and download it
+        version = str(origin.get("version") or "")
+        return info_from_tags(
+            tags,
+            status="cached",
+            version=int(version) if version.isdigit() else None,
+            run_id=None,
+        )
 
     def list_models(
         self,
@@ -398,16 +443,21 @@ class EditModelRegistry:
         sampling, i.e. after ``register`` returned. A spooled edit model keeps it in its spool
         entry and uploads it with the model.
 
-        Raises ``InvalidEditModelIdError``, ``EditModelNotFoundError``,
+        Being a convenience, it waits at most ``lookup_timeout_s`` for a publish of the same
+        edit model in progress (the flusher may be stuck on a hung MLflow) and for the version
+        lookup. Raises ``InvalidEditModelIdError``, ``EditModelNotFoundError``,
         ``RegistryUnavailableError`` (the caller may ignore it: the sheet is a convenience).
         """
         edit_model_id = validate_edit_model_id(edit_model_id)
-        with file_lock(self._locks / f"publish-{edit_model_id}.lock"):
+        with self._publish_lock(edit_model_id, self.config.lookup_timeout_s):
             entry = self._spool.get(edit_model_id)
             if entry is not None:
                 _write_input(contact_sheet, entry.extras_dir, CONTACT_SHEET_NAME, force_name=True)
                 return
-            versions = self._backend.find_versions(edit_model_id=edit_model_id)
+            versions = self._ask(
+                lambda: self._backend.find_versions(edit_model_id=edit_model_id),
+                self.config.lookup_timeout_s,
+            )
             if not versions or not versions[0].run_id:
                 raise EditModelNotFoundError(edit_model_id)
             staging = self._spool.new_staging()
@@ -433,14 +483,16 @@ class EditModelRegistry:
             found = self._spool.get(edit_model_id) is not None
             if found:
                 self._spool.remove(edit_model_id)
-            self._forget_local(edit_model_id)
             try:
                 versions = self._backend.find_versions(edit_model_id=edit_model_id)
                 runs = {r.info.run_id: r for r in self._backend.find_runs(edit_model_id)}
             except RegistryUnavailableError:
                 if found:
+                    self._forget_local(edit_model_id)
                     return
+                # The edit model still exists in MLflow: keep serving this replica's copy.
                 raise
+            self._forget_local(edit_model_id)
             for version in versions:
                 self._backend.delete_version(version)
                 if version.run_id and version.run_id not in runs:
@@ -535,15 +587,20 @@ class EditModelRegistry:
             return RegisteredEditModel(entry.edit_model_id, None, spooled=True), True
         if dedupe and (entry := self._spool.find(dedupe_key=dkey, principal=scope)) is not None:
             return RegisteredEditModel(entry.edit_model_id, None, deduped=True, spooled=True), True
-        try:
+
+        def lookup() -> RegisteredEditModel | None:
             if rkey is not None and (versions := self._backend.find_versions(request_key=rkey)):
                 _check_same(versions[0].tags, dkey, principal)
-                return _registered(versions[0]), True
+                return _registered(versions[0])
             if dedupe and (versions := self._backend.find_versions(dedupe_key=dkey, **mine)):
-                return _registered(versions[0], deduped=True), True
+                return _registered(versions[0], deduped=True)
+            return None
+
+        try:
+            # Unanswered in time: spool (the flusher reconciles duplicates by request key).
+            return self._ask(lookup, self.config.lookup_timeout_s), True
         except RegistryUnavailableError:
             return None, False
-        return None, True
 
     def _spool_edit_model(
         self,
@@ -597,7 +654,7 @@ class EditModelRegistry:
             version = versions[0] if versions else self._upload_and_create_version(entry)
             winner = self._reconcile(version, tags.get(TAG_REQUEST_KEY) or None)
             if winner.tags.get(TAG_ID) == edit_model_id:
-                self._adopt_into_cache(entry, tags)
+                self._adopt_into_cache(entry, _origin(tags, winner.version))
             self._spool.remove(edit_model_id)
         log.info(
             "registered edit model %s as version %s of %r",
@@ -673,17 +730,31 @@ class EditModelRegistry:
                 self._backend.delete_run(self._backend.get_run(mine.run_id))
         return winner
 
-    def _adopt_into_cache(self, entry: SpoolEntry, tags: Mapping[str, str]) -> None:
-        """The registering replica keeps its copy: move it from the spool into the cache."""
+    def _adopt_into_cache(self, entry: SpoolEntry, origin: dict[str, str]) -> None:
+        """The registering replica keeps its copy: move it from the spool into the cache.
+
+        The version exists by now, so this is only an optimisation: if the disk refuses (full,
+        read-only, permissions), the registration still succeeds, the copy is dropped with the
+        spool entry, a warning is logged and ``forgedit_registry_cache_write_errors_total``
+        counts it; a later fetch downloads the model again."""
         edit_model_id = entry.edit_model_id
-        with self._disk.lock(edit_model_id):
-            tmp = self._disk.new_tmp()
-            try:
-                if self._spool.take_edit_model(entry, tmp / "edit_model"):
-                    self._disk.install(edit_model_id, tmp / "edit_model", _origin(tags))
-            finally:
-                _rmtree(tmp)
-            self._disk.evict(keep=edit_model_id)
+        try:
+            with self._disk.lock(edit_model_id):
+                tmp = self._disk.new_tmp()
+                try:
+                    if self._spool.take_edit_model(entry, tmp / "edit_model"):
+                        self._disk.install(edit_model_id, tmp / "edit_model", origin)
+                finally:
+                    _rmtree(tmp)
+                self._disk.evict(keep=edit_model_id)
+        except OSError as e:
+            CACHE_WRITE_ERRORS.inc()
+            log.warning(
+                "edit model %s is registered but could not be kept in the local cache (%s); "
+                "it will be downloaded when next used",
+                edit_model_id,
+                redact(f"{type(e).__name__}: {e.strerror or e}"),
+            )
 
     # -- fetch: internals ------------------------------------------------------------------------
 
@@ -728,7 +799,7 @@ class EditModelRegistry:
         return self._download(edit_model_id, versions[0]), "download"
 
     def _download(self, edit_model_id: str, version: Any) -> Path:
-        origin = _origin(version.tags)
+        origin = _origin(version.tags, version.version)
         for attempt in range(1, self.config.fetch_attempts + 1):
             tmp = self._disk.new_tmp()
             try:
@@ -761,15 +832,73 @@ class EditModelRegistry:
         self._disk.discard(edit_model_id)
 
     def _still_exists(self, edit_model_id: str) -> bool | None:
-        """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer)."""
+        """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer within
+        ``confirm_timeout_s``, see ``_ask``)."""
         if self._spool.get(edit_model_id) is not None:
             return True  # spooled here, not yet in MLflow
         if not self.config.confirm_cached:
             return None
         try:
-            return bool(self._backend.find_versions(edit_model_id=edit_model_id))
+            versions = self._ask(
+                lambda: self._backend.find_versions(edit_model_id=edit_model_id),
+                self.config.confirm_timeout_s,
+            )
         except RegistryUnavailableError:
             return None
+        return bool(versions)
+
+    @contextmanager
+    def _publish_lock(self, edit_model_id: str, timeout_s: float) -> Iterator[None]:
+        """The edit model's publish lock, waited for at most ``timeout_s``; then
+        ``RegistryUnavailableError`` (its holder is waiting for MLflow)."""
+        path = self._locks / f"publish-{edit_model_id}.lock"
+        deadline = _monotonic() + timeout_s
+        while True:
+            try:
+                with file_lock(path, blocking=False):
+                    yield
+                return
+            except LockBusy:
+                if _monotonic() >= deadline:
+                    raise RegistryUnavailableError(
+                        f"edit model {edit_model_id} is being published to MLflow, which is "
+                        "not answering; try again later"
+                    ) from None
+                self._stop.wait(0.05)
+
+    def _ask(self, question: Callable[[], T], timeout_s: float) -> T:
+        """``question()`` (an MLflow lookup whose answer is optional to the caller), waited for
+        at most ``timeout_s`` on at most ``_LOOKUP_THREADS`` threads.
+
+        Against a hung MLflow a lookup would otherwise hold the device's worker for MLflow's
+        HTTP timeout and retries (minutes). Raises ``RegistryUnavailableError`` when it does
+        not answer in time, or at once while earlier lookups still wait; the thread left
+        waiting ends with MLflow's HTTP timeout."""
+        if not self._lookup_slots.acquire(blocking=False):
+            raise RegistryUnavailableError(
+                "the MLflow registry is not answering (earlier lookups still wait for it)"
+            )
+        answer: list[Any] = []
+        done = threading.Event()
+
+        def ask() -> None:
+            try:
+                answer.append(question())
+            except BaseException as e:  # re-raised in the caller
+                answer.append(e)
+            finally:
+                self._lookup_slots.release()
+                done.set()
+
+        threading.Thread(target=ask, name="registry-lookup", daemon=True).start()
+        if not done.wait(timeout_s):
+            log.warning("MLflow did not answer a lookup within %.1f s", timeout_s)
+            raise RegistryUnavailableError(
+                f"the MLflow registry did not answer within {timeout_s:g} s; try again later"
+            )
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -935,10 +1064,13 @@ def _version_info(version: Any) -> EditModelInfo:
     )
 
 
-def _origin(tags: Mapping[str, str]) -> dict[str, str]:
+def _origin(tags: Mapping[str, str], version: Any = None) -> dict[str, str]:
+    """What the registry vouched for, kept beside a cached copy (``origin.json``). The version
+    number lets ``cached_info`` describe the copy while MLflow is down."""
     return {
         "manifest_sha256": tags.get(TAG_MANIFEST, ""),
         "base_model_fingerprint": tags.get(TAG_BASE_FINGERPRINT, ""),
+        "version": str(version or ""),
     }
 
 
@@ -969,3 +1101,9 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

@@ -12,6 +12,9 @@ InvalidInputError (+ image,    INVALID_ARGUMENT       BadRequest.field_violation
 strategy, edit-model id)
 QueueFullError,                RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
 StreamLimitError
+out of memory (MemoryError,    RESOURCE_EXHAUSTED     QuotaFailure(device-memory)
+torch's OutOfMemoryError or
+allocator failure)
 RequestConflictError,          ALREADY_EXISTS         ErrorInfo
 RegistryConflictError
 JobNotFoundError,              NOT_FOUND              ResourceInfo
@@ -178,6 +181,22 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
                 ]
             ),
         )
+    if _out_of_memory(exc):
+        # Admission (FORGEDIT_MAX_BATCH_PIXELS) should have refused it; the limit is too high
+        # for this device. Still the client's request size, not an internal error.
+        log.warning("a job ran out of memory %s: %s", context, str(exc)[:200])
+        return _status(
+            code_pb2.RESOURCE_EXHAUSTED,
+            "the device ran out of memory for this request; lower the resolution, the batch "
+            "size or the number of images (the operator may lower FORGEDIT_MAX_BATCH_PIXELS)",
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject="device-memory", description="the request did not fit"
+                    )
+                ]
+            ),
+        )
     if isinstance(exc, RequestConflictError | RegistryConflictError):
         return _status(code_pb2.ALREADY_EXISTS, str(exc), _error_info("REQUEST_ID_REUSED"))
     if isinstance(exc, JobNotFoundError):
@@ -236,6 +255,14 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
         f"internal error; quote reference {reference} to the operator",
         _error_info("INTERNAL", reference=reference),
     )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA and others), or the CPU
+    allocator's ``RuntimeError`` ("can't allocate memory"), recognised without importing torch."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def cancelled_status(reason: str) -> MappedError:

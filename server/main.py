@@ -45,8 +45,9 @@ from server.runner import JobRunner
 from server.scheduler import Estimator, Scheduler, SchedulerConfig
 from server.service import SERVICE_NAME, ForgeditServicer
 from server.settings import ServerSettings
-from server.store import EditModelStore
+from server.store import EditModelStore, RegistryCalls
 from server.transport import server_credentials, server_options
+from server.validation import Limits
 
 log = logging.getLogger("server.main")
 
@@ -86,6 +87,7 @@ class ForgeditServer:
         self.health_server = health_server
         self.health_port = health_port
         self.streams = streams
+        self.store: EditModelStore | None = None  # set by create_server; closed on stop
         self._stopped = threading.Event()
         self._watcher = threading.Thread(
             target=self._mark_ready, name="forgedit-ready", daemon=True
@@ -129,6 +131,8 @@ class ForgeditServer:
             self.health_server.stop(0).wait()
         self.scheduler.stop()
         self.metrics.close()
+        if self.store is not None:
+            self.store.close()
         if self._owned_registry is not None:
             self._owned_registry.close()
         log.info("stopped")
@@ -154,7 +158,9 @@ def create_server(
         registry = default_registry(settings)
     registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
 
-    store = EditModelStore(registry)
+    store = EditModelStore(
+        registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
+    )
     prior = settings.time_prior(time_prior_key(base_models, settings))
     estimator = Estimator(prior.training_sample_s, prior.image_step_s)
     scheduler = Scheduler(
@@ -164,9 +170,16 @@ def create_server(
             queue_size=settings.queue_size,
             retention_s=settings.job_retention_s,
             max_retained=settings.max_retained_jobs,
+            max_training_overtakes=settings.max_training_overtakes,
         ),
         engine_factory,
-        JobRunner(store, metrics, estimator, max_batch=settings.max_batch),
+        JobRunner(
+            store,
+            metrics,
+            estimator,
+            max_batch=settings.max_batch,
+            limits=Limits.from_settings(settings),
+        ),
         estimator,
         metrics,
     )
@@ -243,6 +256,7 @@ def create_server(
         health_port=health_port,
         streams=streams,
     )
+    server.store = store
     return server, port
 
 

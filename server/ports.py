@@ -129,6 +129,8 @@ class RegistryLike(Protocol):
 
     def show(self, edit_model_id: str) -> Any: ...
 
+    def cached_info(self, edit_model_id: str) -> Any: ...
+
     def list_models(
         self,
         *,

@@ -41,7 +41,7 @@ from server.metrics import Metrics
 from server.ports import EngineLike
 from server.scheduler import Estimator
 from server.store import EditModelStore
-from server.validation import EditPlan, SamplePlan
+from server.validation import EditPlan, Limits, SamplePlan, sampling_batch_size
 
 log = logging.getLogger("server.runner")
 
@@ -52,12 +52,19 @@ class JobRunner:
     """Runs Edit and Sample jobs on a worker's engines. Stateless between jobs."""
 
     def __init__(
-        self, store: EditModelStore, metrics: Metrics, estimator: Estimator, *, max_batch: int = 8
+        self,
+        store: EditModelStore,
+        metrics: Metrics,
+        estimator: Estimator,
+        *,
+        max_batch: int = 8,
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.estimator = estimator
         self.max_batch = max_batch
+        self.limits = limits or Limits(sampling_batch=max_batch)
 
     def __call__(self, job: Job, engines: Mapping[str, EngineLike]) -> None:
         started = time.perf_counter()
@@ -309,7 +316,10 @@ class JobRunner:
             on_image=on_image,
             on_progress=on_progress,
             cancel=job.cancel,
-            max_batch=self.max_batch,
+            # Batches that fit the device's pixel budget at this resolution.
+            max_batch=sampling_batch_size(
+                edit_model.training.height, edit_model.training.width, self.limits
+            ),
             precision=precision,
         )
         job.timings.sampling = time.perf_counter() - started

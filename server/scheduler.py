@@ -4,9 +4,16 @@ Contract
 - Each device has one worker thread that builds its engines (one per served base model) in
   that thread, warms them up, and then runs one job at a time. The worker owns the device: no
   other thread touches its engines.
-- Queued sampling jobs run before queued training (Edit) jobs; within a kind, first come first
-  served. At most ``queue_size`` jobs wait (running ones are not counted); one more raises
-  ``QueueFullError`` with an estimated retry delay.
+- Queued sampling jobs run before queued training (Edit) jobs, but not forever: once
+  ``max_training_overtakes`` sampling jobs have started while the same training job was first
+  in its line, that training job starts next (bounded ageing; 0 = no overtaking at all). Within
+  a kind, first come first served. At most ``queue_size`` jobs wait (running ones are not
+  counted); one more raises ``QueueFullError`` with an estimated retry delay.
+- Queue positions and the wait estimate of the deadline check follow this very order
+  (``_planned_order``). The estimate of a training job also counts the sampling jobs that may
+  still overtake it while sampling load is present (queued or running sampling work), so that
+  under steady sampling load the estimate is an honest upper bound, not the time to drain the
+  current queue.
 - Every queued job gets a ``queued(position)`` event whenever its 1-based position changes.
 - ``cancel`` removes a queued job at once (state CANCELLED) or asks a running job to stop at
   its next training update or denoising step (the engine checks the job's ``CancelToken``).
@@ -93,6 +100,7 @@ class SchedulerConfig:
     queue_size: int
     retention_s: float
     max_retained: int
+    max_training_overtakes: int = 4
 
 
 class Scheduler:
@@ -115,6 +123,8 @@ class Scheduler:
         self._sampling: deque[Job] = deque()
         self._training: deque[Job] = deque()
         self._running: dict[str, Job] = {}
+        # Sampling jobs started since the first queued training job became first in line.
+        self._overtakes = 0
         self._jobs: dict[str, Job] = {}
         self._by_request: dict[str, Job] = {}
         self._finished: OrderedDict[str, Job] = OrderedDict()
@@ -228,13 +238,27 @@ class Scheduler:
             return job, True
 
     def _estimate_with_queue_locked(self, job: Job) -> float:
-        """The job's estimated run time plus the estimated wait before it starts."""
-        ahead = list(self._sampling)
-        if not job.is_sampling:
-            ahead += list(self._training)
-        wait = sum(j.estimated_s for j in ahead if j is not job)
+        """The job's estimated run time plus the estimated wait before it starts, in the order
+        the workers will take the jobs (see the module docstring)."""
+        sampling = [*self._sampling, job] if job.is_sampling else list(self._sampling)
+        training = list(self._training) if job.is_sampling else [*self._training, job]
+        ahead = _planned_order(
+            sampling,
+            training,
+            self._overtakes,
+            self.config.max_training_overtakes,
+            refill_s=self._sampling_load_locked(),
+            until=job,
+        )
+        wait = sum(j.estimated_s if isinstance(j, Job) else j for j in ahead)
         wait += sum(self._remaining(j) for j in self._running.values())
         return wait / max(1, len(self.config.devices)) + job.estimated_s
+
+    def _sampling_load_locked(self) -> float | None:
+        """Mean estimate of the sampling jobs queued or running now (None: no sampling load).
+        While there is sampling load, more sampling jobs are assumed to keep arriving."""
+        jobs = [*self._sampling, *(j for j in self._running.values() if j.is_sampling)]
+        return sum(j.estimated_s for j in jobs) / len(jobs) if jobs else None
 
     def cancel(self, job_id: str, reason: str) -> Job:
         """Cancel a job by id (see the module docstring). Raises ``JobNotFoundError``."""
@@ -243,6 +267,8 @@ class Scheduler:
             queue = self._sampling if job.is_sampling else self._training
             was_queued = job in queue
             if was_queued:
+                if queue is self._training and queue[0] is job:
+                    self._overtakes = 0  # the next training job in line starts its own count
                 queue.remove(job)
                 self._queue_changed_locked()
         if was_queued:
@@ -358,9 +384,8 @@ class Scheduler:
             while True:
                 if self._stopping:
                     return None
-                queue = self._sampling or self._training
-                if queue:
-                    job = queue.popleft()
+                if self._sampling or self._training:
+                    job = self._pop_next_locked()
                     self._running[job.job_id] = job
                     job.set_state(JobState.RUNNING)
                     self._queue_changed_locked()
@@ -394,9 +419,30 @@ class Scheduler:
 
     # -- bookkeeping (call with the lock held) ---------------------------------------------
 
+    def _pop_next_locked(self) -> Job:
+        """Take the next job under the ordering rule, and count the overtake it makes."""
+        if _training_next(
+            bool(self._sampling),
+            bool(self._training),
+            self._overtakes,
+            self.config.max_training_overtakes,
+        ):
+            self._overtakes = 0
+            return self._training.popleft()
+        # Overtakes count against the training job first in line; none waits: nothing to count.
+        self._overtakes = self._overtakes + 1 if self._training else 0
+        return self._sampling.popleft()
+
     def _queue_changed_locked(self, *, announce: bool = True, exclude: Job | None = None) -> None:
         """Renumber queued jobs; emit ``queued`` to those whose position changed."""
-        for position, job in enumerate([*self._sampling, *self._training], start=1):
+        order = _planned_order(
+            list(self._sampling),
+            list(self._training),
+            self._overtakes,
+            self.config.max_training_overtakes,
+        )
+        for position, job in enumerate(order, start=1):
+            assert isinstance(job, Job)  # no refill_s: real jobs only
             if job.queue_position != position:
                 job.queue_position = position
                 if announce and job is not exclude:
@@ -431,6 +477,55 @@ class Scheduler:
             self._jobs.pop(job_id, None)
             if job.request_id and self._by_request.get(job.request_id) is job:
                 del self._by_request[job.request_id]
+
+
+def _training_next(
+    sampling_waits: bool, training_waits: bool, overtakes: int, max_overtakes: int
+) -> bool:
+    """The ordering rule: sampling first, unless the first training job in line has already
+    been overtaken ``max_overtakes`` times."""
+    return training_waits and (not sampling_waits or overtakes >= max_overtakes)
+
+
+def _planned_order(
+    sampling: list[Job],
+    training: list[Job],
+    overtakes: int,
+    max_overtakes: int,
+    *,
+    refill_s: float | None = None,
+    until: Job | None = None,
+) -> list[Job | float]:
+    """The order in which the workers will start the queued jobs, by ``_training_next``.
+
+    With ``until``, only the jobs that start before it. With ``refill_s``, the sampling line
+    is assumed to be refilled with jobs of that many seconds (steady sampling load) whenever
+    it runs dry while a training job could still be overtaken; those appear as floats.
+    """
+    sampling_line: list[Job | _Phantom] = list(sampling)
+    training_line = list(training)
+    order: list[Job | float] = []
+    while sampling_line or training_line:
+        # Steady sampling load: the sampling line refills while the edit may be overtaken.
+        if refill_s is not None and overtakes < max_overtakes and not sampling_line:
+            sampling_line.append(_Phantom(refill_s))
+        if _training_next(bool(sampling_line), bool(training_line), overtakes, max_overtakes):
+            overtakes = 0
+            nxt: Job | _Phantom = training_line.pop(0)
+        else:
+            overtakes += bool(training_line)
+            nxt = sampling_line.pop(0)
+        if nxt is until:
+            break
+        order.append(nxt.seconds if isinstance(nxt, _Phantom) else nxt)
+    return order
+
+
+class _Phantom:
+    """A sampling job assumed to arrive (``_planned_order`` with ``refill_s``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
 
 
 _REASONS: Sequence[str] = ("client cancelled", "client disconnected", "the server is shutting down")

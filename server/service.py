@@ -13,6 +13,8 @@ Contracts
   no request asked to ``detach``, the job is cancelled (it stops within one step). WatchJob
   streams never cancel.
 - Every error goes through ``server.errors.to_rpc_status`` (one mapping, with details).
+- Registry calls made here are bounded by the registry timeout and the call's own deadline
+  (``server.store``); a Sample of an edit model cached on this replica needs no MLflow.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from server.settings import ServerSettings
 from server.store import EditModelStore, edit_model_to_proto
 from server.validation import (
     Limits,
+    check_sampling_memory,
     validate_edit,
     validate_edit_model_id_field,
     validate_sample,
@@ -129,15 +132,22 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self._require_ready()
         principal = self._principal(context)
         # Known to this principal (its variant sets the sweep's defaults and strategy names),
-        # and made on a base model served here? Refused before queueing.
+        # and made on a base model served here? Refused before queueing. A copy cached here
+        # answers without MLflow, so sampling it survives a registry outage.
         shown: list[Any] = []
 
         def training_mode_of(edit_model_id: str) -> str:
-            shown.append(self.store.show(edit_model_id, principal))
+            shown.append(
+                self.store.describe_for_sampling(
+                    edit_model_id, principal, remaining_s=context.time_remaining()
+                )
+            )
             return str(shown[0].training_mode or "joint")
 
         plan = validate_sample(request, self.limits, training_mode_of)
-        self.store.check_served(shown[0], self.scheduler.base_models.values())
+        info = shown[0]
+        check_sampling_memory(plan.sweep, int(info.height), int(info.width), self.limits)
+        self.store.check_served(info, self.scheduler.base_models.values())
         job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request, principal)
         job = self._submit(job, context, detach=request.detach)
         for event in self._follow(job, context, owner=True):
@@ -183,7 +193,11 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     ) -> pb.GetEditModelResponse:
         edit_model_id = validate_edit_model_id_field(request.edit_model_id)
         return pb.GetEditModelResponse(
-            edit_model=edit_model_to_proto(self.store.show(edit_model_id, self._principal(context)))
+            edit_model=edit_model_to_proto(
+                self.store.show(
+                    edit_model_id, self._principal(context), remaining_s=context.time_remaining()
+                )
+            )
         )
 
     @_unary
@@ -197,6 +211,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             page_size=page_size,
             page_token=request.page_token or None,
             principal=self._principal(context),
+            remaining_s=context.time_remaining(),
         )
         return pb.ListEditModelsResponse(
             edit_models=[edit_model_to_proto(info) for info in page.items],
@@ -208,7 +223,9 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.DeleteEditModelRequest, context: grpc.ServicerContext
     ) -> pb.DeleteEditModelResponse:
         edit_model_id = validate_edit_model_id_field(request.edit_model_id)
-        self.store.delete(edit_model_id, self._principal(context))
+        self.store.delete(
+            edit_model_id, self._principal(context), remaining_s=context.time_remaining()
+        )
         log.info("edit model %s deleted", edit_model_id)
         return pb.DeleteEditModelResponse()
 

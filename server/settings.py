@@ -149,6 +149,18 @@ class ServerSettings(BaseSettings):
         ge=4 * MIB,
         description="gRPC message size limit, both directions (>= a 4096x4096 PNG).",
     )
+    registry_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest a request waits for the MLflow registry (describe, list, delete) "
+        "before answering UNAVAILABLE; a request's own deadline shortens it.",
+    )
+    registry_threads: int = Field(
+        default=8,
+        ge=1,
+        description="Registry calls of requests that may wait for MLflow at once; more are "
+        "answered UNAVAILABLE at once, so a hung MLflow cannot pin the RPC threads.",
+    )
     grpc_threads: int = Field(
         default=64,
         ge=4,
@@ -222,6 +234,19 @@ class ServerSettings(BaseSettings):
     max_steps: int = Field(default=200, ge=1, le=1000, description="DDIM steps per image.")
     max_training_updates: int = Field(
         default=5000, ge=1, description="Optimiser updates per fine-tune, all stages."
+    )
+    max_training_overtakes: int = Field(
+        default=4,
+        ge=0,
+        description="Sampling jobs that may start ahead of the first queued Edit before it "
+        "runs next (bounded priority of sampling over training; 0 = Edits are never overtaken).",
+    )
+    max_batch_pixels: int = Field(
+        default=2048 * 2048,
+        ge=64 * 64,
+        description="Per device: most width × height × batch of one training update or "
+        "denoising batch (memory grows with it); more -> INVALID_ARGUMENT naming this limit. "
+        "The default admits Forgedit's 512x512 batch of 10; raise it on large GPUs.",
     )
     queue_size: int = Field(
         default=16, ge=0, description="Jobs waiting (not running); more -> RESOURCE_EXHAUSTED."

@@ -3,20 +3,35 @@
 ``EditModelStore`` wraps a ``registry.EditModelRegistry`` (or anything with the same methods,
 see ``server.ports.RegistryLike``) and converts its records to ``forgedit.v1.EditModel``.
 Errors pass through unchanged (``registry.errors``) and are mapped in ``server.errors``.
+
+Registry calls made for a request (``show``, ``describe_for_sampling``, ``list``, ``delete``)
+run on a small bounded pool (``RegistryCalls``) and are waited for at most the registry timeout
+or most of the request's own remaining deadline, whichever is shorter. A hung MLflow (a stopped
+process answers no byte) therefore costs a request thread at most that long, ends in
+UNAVAILABLE with a retry hint, and ties up at most ``threads`` pool threads however many
+requests arrive; once they are all waiting, further calls are refused at once. A call that
+timed out keeps running in its pool thread until MLflow's own HTTP timeout ends it, so a
+delete that timed out may still complete (a retry then answers NOT_FOUND).
+The worker's calls (``find_trained``, ``register``, ``load``, ``add_contact_sheet``) are not
+bounded here: they run on the device's thread, under MLflow's HTTP timeout, and ``register``
+spools when MLflow does not answer.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
 from forgedit.artifact import EditModel
 from forgedit.config import TrainingConfig
 from forgedit.errors import ForgeditError
-from registry.errors import EditModelNotFoundError
+from registry.errors import EditModelNotFoundError, RegistryUnavailableError
 from server._proto import forgedit_pb2 as pb
 from server.auth import Principal
 from server.errors import UnservedBaseModelError
@@ -24,6 +39,11 @@ from server.ports import BaseModelInfo, RegistryLike
 from server.validation import DELTA_FORMATS
 
 log = logging.getLogger("server.store")
+T = TypeVar("T")
+
+# A call may use at most this share of the request's remaining deadline, so that the
+# UNAVAILABLE answer reaches the client before its deadline does.
+DEADLINE_SHARE = 0.8
 
 _DELTA_FORMATS = {name: number for number, name in DELTA_FORMATS.items()}
 _MODES = {
@@ -33,11 +53,54 @@ _MODES = {
 }
 
 
+class RegistryCalls:
+    """A bounded pool for registry calls made on request threads (see the module docstring)."""
+
+    def __init__(self, threads: int, timeout_s: float) -> None:
+        self.threads = threads
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="registry-call")
+        self._slots = threading.BoundedSemaphore(threads)
+
+    def run(self, what: str, fn: Callable[[], T], remaining_s: float | None) -> T:
+        """``fn()``'s result, or ``RegistryUnavailableError`` if it has not answered within
+        the timeout (or ``DEADLINE_SHARE`` of ``remaining_s``), or if every pool thread is
+        still waiting for MLflow. ``what`` completes "could not …" in the message."""
+        timeout = self.timeout_s
+        if remaining_s is not None:
+            timeout = max(0.0, min(timeout, remaining_s * DEADLINE_SHARE))
+        if not self._slots.acquire(blocking=False):
+            raise RegistryUnavailableError(
+                f"the MLflow registry is not answering (could not {what}: every registry call "
+                "is still waiting for it); try again later"
+            )
+        try:
+            future = self._pool.submit(fn)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            log.warning("registry call timed out after %.1f s (could not %s)", timeout, what)
+            raise RegistryUnavailableError(
+                f"the MLflow registry did not answer within {timeout:.1f} s (could not {what}); "
+                "try again later"
+            ) from None
+
+    def close(self) -> None:
+        """Stop taking calls; calls still waiting for MLflow end with its HTTP timeout."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class EditModelStore:
     """Register, load, describe, list and delete edit models through the registry."""
 
-    def __init__(self, registry: RegistryLike) -> None:
+    def __init__(self, registry: RegistryLike, calls: RegistryCalls | None = None) -> None:
         self.registry = registry
+        self.calls = calls or RegistryCalls(threads=8, timeout_s=10.0)
 
     def register(
         self, edit_model: EditModel, *, request_id: str, image_bytes: bytes, principal: str
@@ -82,10 +145,32 @@ class EditModelStore:
         """The verified edit model (from the registry's caches when it can)."""
         return self.registry.load(edit_model_id)
 
-    def show(self, edit_model_id: str, principal: Principal) -> Any:
-        """Describe an edit model ``principal`` may see; another principal's is
-        ``EditModelNotFoundError`` exactly as if it did not exist."""
-        info = self.registry.show(edit_model_id)
+    def show(
+        self, edit_model_id: str, principal: Principal, *, remaining_s: float | None = None
+    ) -> Any:
+        """Describe an edit model ``principal`` may see (bounded, see the module docstring);
+        another principal's is ``EditModelNotFoundError`` exactly as if it did not exist."""
+        info = self.calls.run(
+            f"describe edit model {edit_model_id}",
+            lambda: self.registry.show(edit_model_id),
+            remaining_s,
+        )
+        return self._visible(info, edit_model_id, principal)
+
+    def describe_for_sampling(
+        self, edit_model_id: str, principal: Principal, *, remaining_s: float | None
+    ) -> Any:
+        """What a Sample needs to know before queueing (training mode, base model): from this
+        replica's own verified copy when it has one, so that sampling a cached or spooled edit
+        model never waits for, or fails with, MLflow; otherwise from the registry. Another
+        principal's edit model is ``EditModelNotFoundError`` either way."""
+        local = self.registry.cached_info(edit_model_id)
+        if local is not None:
+            return self._visible(local, edit_model_id, principal)
+        return self.show(edit_model_id, principal, remaining_s=remaining_s)
+
+    @staticmethod
+    def _visible(info: Any, edit_model_id: str, principal: Principal) -> Any:
         if not principal.may_see(getattr(info, "principal", "")):
             raise EditModelNotFoundError(edit_model_id)
         return info
@@ -98,20 +183,34 @@ class EditModelStore:
         page_size: int,
         page_token: str | None,
         principal: Principal,
+        remaining_s: float | None = None,
     ) -> Any:
         """A page of the edit models ``principal`` may see (an admin's: everyone's)."""
-        return self.registry.list_models(
-            base_model=base_model,
-            image_sha256=image_sha256,
-            page_size=page_size,
-            page_token=page_token,
-            principal=None if principal.admin else principal.name,
+        return self.calls.run(
+            "list edit models",
+            lambda: self.registry.list_models(
+                base_model=base_model,
+                image_sha256=image_sha256,
+                page_size=page_size,
+                page_token=page_token,
+                principal=None if principal.admin else principal.name,
+            ),
+            remaining_s,
         )
 
-    def delete(self, edit_model_id: str, principal: Principal) -> None:
+    def delete(
+        self, edit_model_id: str, principal: Principal, *, remaining_s: float | None = None
+    ) -> None:
         """Delete an edit model ``principal`` may see (else ``EditModelNotFoundError``)."""
-        self.show(edit_model_id, principal)
-        self.registry.delete(edit_model_id)
+        self.show(edit_model_id, principal, remaining_s=remaining_s)
+        self.calls.run(
+            f"delete edit model {edit_model_id}",
+            lambda: self.registry.delete(edit_model_id),
+            remaining_s,
+        )
+
+    def close(self) -> None:
+        self.calls.close()
 
     @staticmethod
     def check_served(info: Any, base_models: Iterable[BaseModelInfo]) -> None:

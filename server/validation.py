@@ -105,6 +105,8 @@ class Limits:
     # Not a limit but the one request default the settings own: the delta format when a
     # request leaves it unset (None: the precision mode's default).
     default_delta_format: str | None = None
+    max_batch_pixels: int = 2048 * 2048
+    sampling_batch: int = 8  # images per denoising batch (the server's max_batch)
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> Limits:
@@ -119,6 +121,8 @@ class Limits:
             max_steps=settings.max_steps,
             max_training_updates=settings.max_training_updates,
             default_delta_format=settings.delta_format,
+            max_batch_pixels=settings.max_batch_pixels,
+            sampling_batch=settings.max_batch,
         )
 
 
@@ -227,6 +231,7 @@ def validate_edit(
         )
     training = _training_config(request.training, limits, base, default_precision)
     sweep = _sweep_config(request.target_prompts, request.sweep, limits, training.mode)
+    check_sampling_memory(sweep, training.height, training.width, limits)
     options = request.training
     seed_from = (
         "given" if options.HasField("seed") else ("random" if options.fresh_seed else "content")
@@ -274,6 +279,34 @@ def check_strategies(sweep: SweepConfig, mode: str) -> None:
     variant = variant_for_mode(mode)
     for name in sweep.forget:
         _reraise(check_strategy, _SWEEP_FIELDS, name, variant)
+
+
+def check_batch_pixels(
+    height: int, width: int, batch: int, limits: Limits, *, what: str, field: str
+) -> None:
+    """Refuse work whose largest batch cannot fit a device: activation memory grows with
+    pixels × batch (``max_batch_pixels``, a per-device setting), so a valid-looking 2048² batch
+    of 64 is refused up front instead of failing in the allocator minutes later."""
+    pixels = height * width * batch
+    if pixels > limits.max_batch_pixels:
+        raise InvalidInputError(
+            f"{what} at {width}x{height} with batch {batch} needs {pixels:,} pixels per batch; "
+            f"this server accepts at most {limits.max_batch_pixels:,} (width × height × batch, "
+            "FORGEDIT_MAX_BATCH_PIXELS); lower the resolution or the batch size",
+            field=field,
+        )
+
+
+def check_sampling_memory(sweep: SweepConfig, height: int, width: int, limits: Limits) -> None:
+    """``check_batch_pixels`` for sampling: a denoising batch of one image must fit; larger
+    sweeps are split into batches that fit (``sampling_batch_size``)."""
+    check_batch_pixels(height, width, 1, limits, what="sampling", field="sweep")
+
+
+def sampling_batch_size(height: int, width: int, limits: Limits) -> int:
+    """Images per denoising batch: the server's ``sampling_batch``, fewer when larger batches
+    would exceed ``max_batch_pixels`` at this resolution (at least one)."""
+    return max(1, min(limits.sampling_batch, limits.max_batch_pixels // (height * width)))
 
 
 def validate_edit_model_id_field(value: str) -> str:
@@ -401,6 +434,14 @@ def _training_config(
         else:
             field = _TRAINING_FIELDS.get(e.field or "", e.field or "training")
         raise InvalidInputError(str(e), field=field) from None
+    check_batch_pixels(
+        config.height,
+        config.width,
+        max(stage.batch_size for stage in config.stages),
+        limits,
+        what="training",
+        field="training.batch_size",
+    )
     if config.total_updates > limits.max_training_updates:
         raise InvalidInputError(
             f"training would run {config.total_updates} updates; at most "

@@ -279,6 +279,50 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
     return predicate()
 
 
+# Threads of bounded pools that stay (idle) once started, by design: gRPC's RPC threads,
+# the registry-call pool and MLflow's artifact upload pool. They are bounded by their size,
+# not expected to go away, so they are counted apart.
+POOL_THREAD_PREFIXES = ("forgedit-rpc", "registry-call", "MlflowLocalArtifactRepository")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a scenario could leak in this process: threads (outside the bounded pools) and
+    open file descriptors."""
+
+    threads: int
+    pooled: int
+    fds: int
+
+    @classmethod
+    def now(cls) -> Resources:
+        import threading
+
+        names = [t.name for t in threading.enumerate()]
+        pooled = sum(n.startswith(POOL_THREAD_PREFIXES) for n in names)
+        return cls(len(names) - pooled, pooled, len(os.listdir("/proc/self/fd")))
+
+
+def assert_resources_back(
+    before: Resources, *, max_pooled: int = 80, extra_fds: int = 16, timeout: float = 30.0
+) -> None:
+    """Threads settle back to ``before`` (pool threads at most ``max_pooled``) and fds to
+    ``before`` plus ``extra_fds`` (pooled HTTP connections to MLflow, gRPC's own)."""
+    import threading
+
+    def settled() -> bool:
+        now = Resources.now()
+        return (
+            now.threads <= before.threads
+            and now.pooled <= max_pooled
+            and now.fds <= before.fds + extra_fds
+        )
+
+    ok = wait_for(settled, timeout=timeout, interval=0.2)
+    names = sorted(t.name for t in threading.enumerate())
+    assert ok, f"resources did not settle: before {before}, now {Resources.now()}; {names}"
+
+
 def free_port() -> int:
     import socket
 

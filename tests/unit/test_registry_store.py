@@ -714,3 +714,93 @@ def test_a_fetch_racing_the_flusher_finds_the_model_in_the_cache(replicas: Repli
     flusher.join(30)
     assert fetched.source == "cache"
     assert_same_tensors(load_edit_model(fetched.path), em)
+
+
+class HungSwitch(DownSwitch):
+    """While ``hung``, every call blocks until released, as against a stopped MLflow."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.hung = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = super().__getattr__(name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.hung.is_set():
+                self.release.wait(60)
+                raise requests.exceptions.ReadTimeout("Read timed out.")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_a_cached_copy_is_served_while_mlflow_hangs(replicas: Replicas) -> None:
+    a, b = replicas("a"), replicas("b", confirm_timeout_s=0.2, memory_cache_models=0)
+    model_id = a.register(random_edit_model(18)).edit_model_id
+    b.fetch(model_id)
+    switch = HungSwitch(b._backend.client)
+    b._backend.client = switch  # type: ignore[assignment]
+    switch.hung.set()
+    try:
+        loaded: list[Any] = []
+        loader = threading.Thread(target=lambda: loaded.extend(b.load(model_id) for _ in "xyz"))
+        loader.start()
+        loader.join(30)  # MLflow stays hung for 60 s: only the bounded confirmation returns
+        assert not loader.is_alive() and len(loaded) == 3
+        assert loaded[0].image_sha256 == random_edit_model(18).image_sha256
+        hung = [t for t in threading.enumerate() if t.name == "registry-lookup"]
+        assert len(hung) <= 2  # the lookups waiting for MLflow are bounded
+        assert b.cached_info(model_id) is not None  # described locally, no MLflow needed
+    finally:
+        switch.release.set()
+
+
+def test_a_delete_refused_while_mlflow_is_down_keeps_the_cached_copy(replicas: Replicas) -> None:
+    a = replicas("a")
+    model_id = a.register(random_edit_model(19)).edit_model_id
+    assert model_id in cached_ids(a)
+    info = a.cached_info(model_id)
+    assert info is not None and info.status == "cached" and info.version is not None
+    switchable(a).down = True
+    with pytest.raises(RegistryUnavailableError):
+        a.delete(model_id)
+    assert model_id in cached_ids(a)
+    assert a.load(model_id).image_sha256 == random_edit_model(19).image_sha256
+
+
+def test_register_and_find_existing_do_not_wait_out_a_hung_mlflow(replicas: Replicas) -> None:
+    reg = replicas("a", lookup_timeout_s=0.2)
+    reg._backend.experiment_id()
+    switch = HungSwitch(reg._backend.client)
+    reg._backend.client = switch  # type: ignore[assignment]
+    switch.hung.set()
+    model = random_edit_model(41)
+    results: list[Any] = []
+
+    def work() -> None:
+        results.append(
+            reg.find_existing(
+                model.image_sha256,
+                model.base_model_fingerprint,
+                model.training.fingerprint(),
+                model.source_prompt,
+            )
+        )
+        results.append(reg.register(model, request_id="hung-1"))
+
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join(30)  # MLflow stays hung for 60 s
+        assert not worker.is_alive()
+        found, registered = results
+        assert found is None and registered.spooled and registered.version is None
+    finally:
+        switch.release.set()
+    switch.hung.clear()
+    assert reg.flush_spool().registered == [registered.edit_model_id]
+    assert len(replicas.versions(request_id="hung-1")) == 1

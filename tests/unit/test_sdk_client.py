@@ -682,3 +682,50 @@ def test_channel_options_match_the_servers_transport_settings() -> None:
     # Pinging faster than the server accepts would get the connection closed (too_many_pings).
     assert ours["grpc.keepalive_time_ms"] >= transport.MIN_CLIENT_PING_INTERVAL_MS
     assert ours["grpc.max_send_message_length"] >= 48 * 1024 * 1024  # a 4096² noise PNG
+
+
+# ------------------------------------------------------------- result after cancel/close
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_result_after_cancel_or_close_raises_instead_of_an_empty_result(how: str) -> None:
+    job = pb.Job(job_id="job-1", state=pb.JOB_STATE_CANCELLING)
+    stub = FakeStub(
+        {"Edit": [edit_job_events()]}, unary={"CancelJob": [pb.CancelJobResponse(job=job)]}
+    )
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog")
+    assert isinstance(next(iter(stream)), Accepted)
+    getattr(stream, how)()
+    with pytest.raises(ForgeditRpcError) as raised:
+        stream.result()
+    assert raised.value.code == grpc.StatusCode.CANCELLED and raised.value.job_id == "job-1"
+
+
+def test_result_after_a_finished_stream_is_closed_is_still_returned() -> None:
+    stub = FakeStub({"Edit": [edit_job_events()]})
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog")
+    first = stream.result()
+    stream.close()
+    assert first.completed and stream.result().edit_model_id == "em-1"
+
+
+@pytest.mark.parametrize("how", ["cancel", "aclose"])
+def test_async_result_after_cancel_or_close_raises(how: str) -> None:
+    job = pb.Job(job_id="job-1", state=pb.JOB_STATE_CANCELLING)
+    stub = AsyncFakeStub(
+        {"Edit": [edit_job_events()]}, unary={"CancelJob": [pb.CancelJobResponse(job=job)]}
+    )
+
+    async def run() -> ForgeditRpcError:
+        client = AsyncForgeditClient("fake:1", stub=stub)
+        stream = client.edit(b"img", "a dog")
+        assert isinstance(await stream.__anext__(), Accepted)
+        await getattr(stream, how)()
+        with pytest.raises(ForgeditRpcError) as raised:
+            await stream.result()
+        return raised.value
+
+    error = asyncio.run(run())
+    assert error.code == grpc.StatusCode.CANCELLED and error.job_id == "job-1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -559,3 +560,99 @@ def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
     bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
     assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
     assert "UTF-8" in bad.problem
+
+
+def test_an_edit_whose_batch_cannot_fit_a_device_is_refused_naming_the_limit() -> None:
+    # The case: a valid 2048x2048 Edit with a training batch of 64.
+    request = _edit(training=pb.TrainingOptions(height=2048, width=2048, batch_size=64))
+    with pytest.raises(InvalidInputError) as refused:
+        validate_edit(request, Limits(), BASES, "tiny")
+    assert refused.value.field == "training.batch_size"
+    assert "FORGEDIT_MAX_BATCH_PIXELS" in str(refused.value) and "2048x2048" in str(refused.value)
+    mapped = to_rpc_status(refused.value)
+    assert mapped.code == grpc.StatusCode.INVALID_ARGUMENT
+    # The limit is a setting: the same request fits a device given a larger budget.
+    roomy = Limits(max_batch_pixels=2048 * 2048 * 64)
+    assert validate_edit(request, roomy, BASES, "tiny").training.stages[0].batch_size == 64
+
+
+def test_forgedits_own_512_batch_of_10_fits_the_default_budget() -> None:
+    request = _edit(training=pb.TrainingOptions(height=512, width=512, batch_size=10))
+    settings = ServerSettings(_env_file=None)  # type: ignore[call-arg]
+    plan = validate_edit(request, Limits.from_settings(settings), BASES, "tiny")
+    assert plan.training.stages[0].batch_size == 10
+
+
+def test_sampling_batches_shrink_to_fit_the_budget_and_one_image_must_fit() -> None:
+    limits = Limits(max_batch_pixels=3 * 64 * 64, sampling_batch=8)
+    assert validation.sampling_batch_size(64, 64, limits) == 3
+    assert validation.sampling_batch_size(32, 32, limits) == 8
+    sweep = validate_sample(
+        pb.SampleRequest(edit_model_id="em_" + "a" * 26, target_prompts=["a dog"]),
+        limits,
+        _mode("joint"),
+    ).sweep
+    validation.check_sampling_memory(sweep, 64, 64, limits)
+    with pytest.raises(InvalidInputError, match="FORGEDIT_MAX_BATCH_PIXELS"):
+        validation.check_sampling_memory(sweep, 128, 128, limits)
+
+
+def test_registry_calls_give_up_before_the_deadline_and_stay_bounded() -> None:
+    from server.store import RegistryCalls
+
+    calls = RegistryCalls(threads=2, timeout_s=30.0)
+    hung = threading.Event()
+    try:
+        for _ in range(2):  # MLflow hangs: each call gives up within its request's deadline
+            with pytest.raises(RegistryUnavailableError, match="did not answer within"):
+                calls.run("list edit models", hung.wait, remaining_s=0.05)
+        # Both pool threads still wait for MLflow: a third call is refused at once, no thread
+        # is added however many requests arrive.
+        with pytest.raises(RegistryUnavailableError, match="still waiting"):
+            calls.run("list edit models", lambda: "never run", remaining_s=None)
+        assert to_rpc_status(RegistryUnavailableError("x")).code == grpc.StatusCode.UNAVAILABLE
+        hung.set()  # MLflow answers again (or its HTTP timeout fires): the slots come back
+        assert _eventually(lambda: _try(calls) == "ok")
+    finally:
+        hung.set()
+        calls.close()
+
+
+def _try(calls: Any) -> str:
+    try:
+        return str(calls.run("describe", lambda: "ok", remaining_s=None))
+    except RegistryUnavailableError:
+        return "refused"
+
+
+def _eventually(predicate: Any, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 4294967296 bytes."
+        ),
+        pytest.param("cuda", id="torch.cuda.OutOfMemoryError"),
+    ],
+)
+def test_running_out_of_memory_is_resource_exhausted_not_internal(error: Any) -> None:
+    if error == "cuda":
+        import torch
+
+        error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    mapped = to_rpc_status(error, context="in job j-1")
+    assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "FORGEDIT_MAX_BATCH_PIXELS" in mapped.status.message
+    assert mapped.reason == "resource_exhausted"

@@ -252,3 +252,115 @@ def test_cancel_token_is_what_the_engine_checks() -> None:
     assert job.state is JobState.CANCELLING
     with pytest.raises(CancelledError):
         job.cancel.check()
+
+
+# ------------------------------------------------------------------ bounded overtaking
+
+
+def _fair_scheduler(max_overtakes: int) -> tuple[Scheduler, GatedRunner]:
+    runner = GatedRunner()
+    s = Scheduler(
+        SchedulerConfig(
+            devices=("cpu",),
+            base_models=("tiny",),
+            queue_size=16,
+            retention_s=600,
+            max_retained=32,
+            max_training_overtakes=max_overtakes,
+        ),
+        _engine,
+        runner,
+        Estimator(0.1, 0.01),
+        Metrics(),
+    )
+    s.start()
+    assert s.ready.wait(10)
+    return s, runner
+
+
+def _run_all(s: Scheduler, runner: GatedRunner, count: int) -> None:
+    """Release jobs one at a time in the order they start."""
+    for _ in range(count):
+        assert runner.started.acquire(timeout=5)
+        runner.gates.setdefault(runner.order[-1], threading.Event()).set()
+    assert s.wait_idle(5)
+
+
+def test_a_queued_edit_is_overtaken_at_most_max_training_overtakes_times() -> None:
+    s, runner = _fair_scheduler(max_overtakes=2)
+    try:
+        first = s.submit(_job())[0]
+        assert runner.started.acquire(timeout=5)
+        edit = s.submit(_job())[0]
+        samples = [s.submit(_job(pb.JOB_KIND_SAMPLE))[0] for _ in range(4)]
+        # Positions follow the order the worker will take: two samples, the edit, the rest.
+        assert [j.queue_position for j in (samples[0], samples[1], edit)] == [1, 2, 3]
+        assert [j.queue_position for j in samples[2:]] == [4, 5]
+        runner.gate(first).set()
+        _run_all(s, runner, 5)
+        started = runner.order[1:]
+        assert started[:3] == [samples[0].job_id, samples[1].job_id, edit.job_id]
+        assert started[3:] == [samples[2].job_id, samples[3].job_id]
+    finally:
+        s.stop()
+
+
+def test_the_deadline_estimate_of_an_edit_counts_the_samples_that_will_overtake_it() -> None:
+    # Steady sampling load: one sample queued, more keep arriving. With at most 2 overtakes the
+    # edit waits for two samples (the queued one and one more), never for an unbounded number.
+    s, runner = _fair_scheduler(max_overtakes=2)
+    try:
+        first = _job()
+        first.estimated_s = 0.0  # nothing left to wait for on the device
+        s.submit(first)
+        assert runner.started.acquire(timeout=5)
+        s.submit(_job(pb.JOB_KIND_SAMPLE))
+        with pytest.raises(DeadlineTooShortError) as refused:
+            s.submit(_job(), remaining_s=0.001)
+        # Two samples of 1 s ahead (one queued, one expected to arrive) plus its own 1 s.
+        assert refused.value.estimated_s == pytest.approx(3.0)
+        edit = s.submit(_job(), remaining_s=3.5)[0]
+        later = s.submit(_job(pb.JOB_KIND_SAMPLE))[0]
+        also_later = s.submit(_job(pb.JOB_KIND_SAMPLE))[0]
+        runner.gate(first).set()
+        _run_all(s, runner, 4)
+        # The estimate was true: exactly two samples started before the edit.
+        assert runner.order.index(edit.job_id) == 3
+        assert runner.order.index(later.job_id) == 2
+        assert runner.order.index(also_later.job_id) == 4
+    finally:
+        s.stop()
+
+
+def test_without_sampling_load_an_edit_is_not_charged_for_samples_that_may_never_come() -> None:
+    s, runner = _fair_scheduler(max_overtakes=2)
+    try:
+        first = _job()
+        first.estimated_s = 0.0
+        s.submit(first)
+        assert runner.started.acquire(timeout=5)
+        with pytest.raises(DeadlineTooShortError) as refused:
+            s.submit(_job(), remaining_s=0.001)
+        assert refused.value.estimated_s == pytest.approx(1.0)
+        runner.gate(first).set()
+        assert s.wait_idle(5)
+    finally:
+        s.stop()
+
+
+def test_a_cancelled_edit_does_not_pass_its_overtakes_on_to_the_next() -> None:
+    s, runner = _fair_scheduler(max_overtakes=2)
+    try:
+        first = s.submit(_job())[0]
+        assert runner.started.acquire(timeout=5)
+        doomed, edit = s.submit(_job())[0], s.submit(_job())[0]
+        samples = [s.submit(_job(pb.JOB_KIND_SAMPLE))[0] for _ in range(3)]
+        runner.gate(first).set()
+        assert runner.started.acquire(timeout=5)  # samples[0] overtakes `doomed`
+        s.cancel(doomed.job_id, "client cancelled")
+        runner.gate(samples[0]).set()
+        _run_all(s, runner, 3)
+        # `edit` is overtaken twice itself (samples 1 and 2), not once.
+        assert runner.order[1:] == [j.job_id for j in (*samples, edit)]
+    finally:
+        s.stop()

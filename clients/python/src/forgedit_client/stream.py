@@ -160,6 +160,7 @@ class EventStream:
         self._collector = ResultCollector(request_id)
         self.request_id = request_id
         self._call: Any = None
+        self._closed = False  # by close() or cancel(): result() then raises
         self._events = self._run()
 
     @property
@@ -205,13 +206,15 @@ class EventStream:
 
     def result(self) -> JobResult:
         """Consume the remaining events; return the result. Raises ``ForgeditRpcError`` if the
-        job failed or was cancelled."""
+        job failed or was cancelled, including by this stream's ``cancel()`` or ``close()``
+        before the job completed."""
         for _ in self._events:
             pass
-        return self._collector.result
+        return _result(self._collector.result, self._closed, self.job_id)
 
     def close(self) -> None:
         """Stop reading: cancels the gRPC call (and, without detach, the server's job)."""
+        self._closed = True
         self._events.close()
 
     def cancel(self) -> None:
@@ -246,6 +249,7 @@ class AsyncEventStream:
         self._cancel_job = canceller
         self._collector = ResultCollector(request_id)
         self.request_id = request_id
+        self._closed = False  # by aclose() or cancel(): result() then raises
         self._events = self._run()
 
     @property
@@ -288,11 +292,14 @@ class AsyncEventStream:
             plan = self._tracker.after_error(error)  # raises when final
 
     async def result(self) -> JobResult:
+        """As ``EventStream.result``: raises ``ForgeditRpcError`` if the job failed or was
+        cancelled, including by ``cancel()`` or ``aclose()`` before it completed."""
         async for _ in self._events:
             pass
-        return self._collector.result
+        return _result(self._collector.result, self._closed, self.job_id)
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._events.aclose()
 
     async def cancel(self) -> None:
@@ -306,3 +313,17 @@ class AsyncEventStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _result(result: JobResult, closed: bool, job_id: str | None) -> JobResult:
+    """``result``, unless the stream was closed or cancelled before the job completed: then
+    the events stopped on the client's side and the result would be silently partial, so
+    ``result()`` raises CANCELLED (server-side failures raise while draining already)."""
+    if result.completed or not closed:
+        return result
+    raise ForgeditRpcError(
+        grpc.StatusCode.CANCELLED,
+        "the stream was closed or cancelled before the job completed; no result",
+        error_reason="CANCELLED",
+        job_id=job_id,
+    )

@@ -1,0 +1,63 @@
+"""The load driver (``benchmarks/load_driver.py``) in a brief CI run: a few seconds of two
+Sample clients and one Edit client against a real in-process replica. Its full run is a
+benchmark (BENCHMARKS.md); here we check that it stays within its bounds, that the replica
+answers every call OK under the load, and that the report is complete JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from support import server as support
+
+DRIVER = Path(__file__).resolve().parents[2] / "benchmarks" / "load_driver.py"
+
+
+def _driver() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("load_driver", DRIVER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_a_brief_load_run_is_bounded_and_reports_everything(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    driver = _driver()
+    with support.running_server(tmp_path, tiny_model_dir) as h:
+        report = asyncio.run(
+            driver.drive(
+                f"127.0.0.1:{h.port}",
+                os.getpid(),
+                duration_s=3.0,
+                sample_clients=2,
+                edit_clients=1,
+                max_requests=6,
+                deadline_s=120.0,
+                updates=1,
+                probe_interval_s=0.2,
+                settle_s=0.2,
+                token=support.TOKEN,
+            )
+        )
+        support.assert_nothing_left_behind(h)
+    json.dumps(report)  # JSON out
+    assert 1 <= report["calls"] <= 6
+    statuses = {kind: dict(codes) for kind, codes in report["status"].items()}
+    assert statuses["Sample"] == {"OK": report["latency_s"]["Sample"]["n"]}, statuses
+    assert set(statuses.get("Edit", {"OK": 0})) == {"OK"}, statuses
+    for kind in statuses:
+        assert {"p50", "p95", "p99"} <= set(report["latency_s"][kind])
+        assert report["queue_wait_s"][kind]["n"] == statuses[kind]["OK"]
+    phases = report["resources"]
+    assert set(phases) == {"before", "during_max", "after"}
+    assert all({"rss_mib", "fds", "threads"} <= set(phases[p]) for p in phases)
