@@ -306,14 +306,16 @@ class EditModelRegistry:
     def _describe_cached_copy(self, edit_model_id: str) -> EditModelInfo | None:
         """``cached_info`` of the disk copy (caller holds its lock)."""
         origin = self._disk.origin(edit_model_id)
-        if origin is None or not self._disk.has(edit_model_id):
-            return None
+        if origin is None or "principal" not in origin or not self._disk.has(edit_model_id):
+            return None  # (a copy cached before owners were recorded: ask the registry)
         path = self._disk.path(edit_model_id)
         try:
             manifest_sha = sha256_file(path / MANIFEST_FILE)
             if manifest_sha != origin.get("manifest_sha256"):
                 return None
             tags = describe_manifest(read_manifest(path), edit_model_id, "", manifest_sha)
+            if origin["principal"]:
+                tags[TAG_PRINCIPAL] = str(origin["principal"])
         except (OSError, EditModelError, KeyError, TypeError, ValueError):
             return None  # unreadable: the fetch path will discard and download it
         version = str(origin.get("version") or "")
@@ -1071,6 +1073,8 @@ def _origin(tags: Mapping[str, str], version: Any = None) -> dict[str, str]:
         "manifest_sha256": tags.get(TAG_MANIFEST, ""),
         "base_model_fingerprint": tags.get(TAG_BASE_FINGERPRINT, ""),
         "version": str(version or ""),
+        # Who may see it: a copy described from disk while MLflow is down keeps its owner.
+        "principal": tags.get(TAG_PRINCIPAL, ""),
     }
 
 
