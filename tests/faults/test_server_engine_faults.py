@@ -42,8 +42,10 @@ class FlakyEngine:
         return self._engine.finetune(image, source_prompt, config, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Any]:
+@pytest.fixture
+def harness(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Any]:
+    """A server of its own for each scenario, resources compared after it stops."""
+    before = support.Resources.now()
     settings = ServerSettings(
         base_models={"tiny": tiny_model_dir / "stable-diffusion"},
         blip_dir=tiny_model_dir / "blip",
@@ -51,11 +53,12 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     )
     real = default_engine_factory(settings, dict(settings.base_models))
     with support.running_server(
-        tmp_path_factory.mktemp("server-engine-faults"),
+        tmp_path,
         tiny_model_dir,
         engine_factory=lambda name, device: FlakyEngine(real(name, device)),
     ) as h:
         yield h
+    support.assert_resources_back(before)
 
 
 def test_unexpected_error_is_internal_with_a_logged_reference(

@@ -27,14 +27,17 @@ stream = support.stream
 unary = support.unary
 
 LONG_TRAINING = {"updates": 5000, "batch_size": 1}  # minutes if a cancel were ignored
+QUICK_TRAINING = {"updates": 4, "batch_size": 2}  # an edit model to sample, in seconds
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Any]:
-    with support.running_server(
-        tmp_path_factory.mktemp("server-faults"), tiny_model_dir, queue_size=2, max_steps=1000
-    ) as h:
+@pytest.fixture
+def harness(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Any]:
+    """A server of its own for each scenario (Triton's L0 style): the process's threads and
+    file descriptors are snapshotted before it starts and must be back after it stops."""
+    before = support.Resources.now()
+    with support.running_server(tmp_path, tiny_model_dir, queue_size=2, max_steps=1000) as h:
         yield h
+    support.assert_resources_back(before)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,9 @@ def photo() -> bytes:
     return support.sample_photo("cat.jpg")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def edit_model_id(harness: Any, photo: bytes) -> str:
-    outcome = stream(harness.stub.Edit, edit_request(photo))
+    outcome = stream(harness.stub.Edit, edit_request(photo, training=QUICK_TRAINING))
     assert outcome.code == grpc.StatusCode.OK, outcome.details
     return str(outcome.of("completed")[0].edit_model_id)
 
