@@ -31,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import PHOTO, PRESETS, _widen_unet  # one owner per preset
+from bench_engine import PRESETS, _widen_unet  # one owner per preset
+from photos import add_photo_arguments, chosen_photo
 
 PROMPT = "A photo of a sitting dog."
 REVERT = "noencoder"
 
 
-def run_preset(preset: str, threads: int, repeats: int, updates: int) -> dict[str, Any]:
+def run_preset(
+    preset: str, threads: int, repeats: int, updates: int, photo: Path
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -72,7 +75,7 @@ def run_preset(preset: str, threads: int, repeats: int, updates: int) -> dict[st
     config = dataclasses.replace(
         config, stages=tuple(dataclasses.replace(s, updates=updates) for s in config.stages)
     )
-    edit_model = engines["torch"].finetune(load_image(PHOTO).image, PROMPT, config)
+    edit_model = engines["torch"].finetune(load_image(photo).image, PROMPT, config)
     seeds = tuple(range(n_images // 2))
     sweep = SweepConfig(
         prompts=(PROMPT,), gammas=(0.6, 1.0), seeds=seeds, steps=steps, forget=("encoderkv",)
@@ -150,7 +153,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--updates", type=int, default=20, help="training updates per stage")
     parser.add_argument("--out", help="also write the JSON here")
+    add_photo_arguments(parser, tedbench_photo="dog2_standing.png")
     args = parser.parse_args()
+    photo = chosen_photo(parser, args)
     import onnxruntime
     import torch
 
@@ -163,7 +168,8 @@ def main() -> None:
             "threads": args.threads,
         },
         "presets": [
-            run_preset(p, args.threads, args.repeats, args.updates) for p in args.presets.split(",")
+            run_preset(p, args.threads, args.repeats, args.updates, photo)
+            for p in args.presets.split(",")
         ],
     }
     text = json.dumps(report, indent=2)

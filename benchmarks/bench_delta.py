@@ -39,7 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
+from photos import add_photo_arguments, chosen_photo
+
+# The sibling benchmarks, and the tests' helpers (random edit models, a real `mlflow server`).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 FORMATS = ("fp32", "fp16", "int8")
 EMBEDDING_BYTES = 77 * 768 * 4
@@ -120,12 +124,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 # -- quality ------------------------------------------------------------------------------------
 
 
-def quality(preset: str, mode: str, updates: int | None, steps: int) -> dict[str, Any]:
+def quality(preset: str, mode: str, updates: int | None, steps: int, photo: Path) -> dict[str, Any]:
     """One fine-tune on ``preset``, stored in every format; errors, bytes and pixel
     differences against fp32."""
     import numpy as np
     import torch
-    from bench_engine import PHOTO, PRESETS, _widen_unet
+    from bench_engine import PRESETS, _widen_unet
 
     from forgedit import delta as delta_format
     from forgedit.artifact import load_edit_model
@@ -143,7 +147,7 @@ def quality(preset: str, mode: str, updates: int | None, steps: int) -> dict[str
         if widths is not None:
             _widen_unet(model_dir / "unet", widths, size)
         engine = Engine.load(model_dir)
-        image = load_image(PHOTO).image
+        image = load_image(photo).image
         config = TrainingConfig.for_mode(mode, height=size, width=size, seed=0)  # type: ignore[arg-type]
         if updates is not None:
             stages = tuple(dataclasses.replace(s, updates=updates) for s in config.stages)
@@ -418,7 +422,9 @@ def main() -> None:
     parser.add_argument("--format", help=argparse.SUPPRESS)
     parser.add_argument("--load", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--quality-of", help=argparse.SUPPRESS)
+    add_photo_arguments(parser, tedbench_photo="dog2_standing.png")
     args = parser.parse_args()
+    photo = chosen_photo(parser, args)
     if args.generate is not None:
         generate(args.generate, args.format, args.scale)
         return
@@ -426,7 +432,7 @@ def main() -> None:
         load_timing(args.load)
         return
     if args.quality_of is not None:
-        print(json.dumps(quality(args.quality_of, args.mode, args.updates, args.steps)))
+        print(json.dumps(quality(args.quality_of, args.mode, args.updates, args.steps, photo)))
         return
 
     parts = args.parts.split(",")
@@ -438,6 +444,7 @@ def main() -> None:
             json.loads(
                 _child(
                     *("--quality-of", p, "--mode", args.mode, "--steps", args.steps),
+                    *("--photo", photo),
                     *(("--updates", args.updates) if args.updates is not None else ()),
                 )
                 .strip()
