@@ -182,7 +182,7 @@ def quality(preset: str, mode: str, updates: int | None, steps: int) -> dict[str
 
         def images(model: Any) -> dict[str, list[Any]]:
             return {
-                name: [np.asarray(e.image, dtype=np.int16) for e in engine.edit(model, s)]
+                name: [np.asarray(e.image, dtype=np.int16) for e in engine.sample(model, s)]
                 for name, s in sweeps.items()
             }
 

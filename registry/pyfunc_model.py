@@ -94,7 +94,7 @@ class ForgeditEditModel(PythonModel):
                 prompts=(str(options.pop("prompt")),),
                 **_sweep_kwargs(options),
             )
-            for edited in self._engine.edit(self._edit_model, sweep):
+            for edited in self._engine.sample(self._edit_model, sweep):
                 spec = edited.spec
                 out.append(
                     {

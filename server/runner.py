@@ -310,7 +310,7 @@ class JobRunner:
             )
             self.metrics.images.labels(method=job.method).inc()
 
-        edited = engine.edit(
+        edited = engine.sample(
             edit_model,
             sweep,
             on_image=on_image,
