@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from forgedit.config import MAX_BATCH, SweepConfig, TrainingConfig, check_prompt
+from forgedit.config import (
+    MAX_BATCH,
+    SweepConfig,
+    TrainingConfig,
+    check_prompt,
+    override_stages,
+)
 from forgedit.errors import EditModelError, InvalidInputError, ModelDirectoryError
 from forgedit.images import LoadedImage, load_image
 from forgedit.requests import (
@@ -24,7 +30,6 @@ from forgedit.requests import (
     check_device,
     default_device,
     random_seed,
-    stage_count,
 )
 
 T = TypeVar("T")
@@ -190,7 +195,6 @@ def _training_config(
     else:
         train_seed = random_seed() if seed_from == "random" else 0
     width, height = size or (512, 512)  # provisional: the native size is known after load
-    stages = stage_count(mode)
     config = build_training_config(
         mode,
         height=height,
@@ -198,9 +202,8 @@ def _training_config(
         seed=train_seed,
         precision=precision,
         delta_format=args.delta_format,
-        updates=_per_stage(args.updates, "--updates", mode, stages),
-        batch_sizes=_per_stage(args.batch_size, "--batch-size", mode, stages),
     )
+    config = apply_stage_flags(config, args.updates, args.batch_size)
     if args.save_model is not None:
         _check_new_model_dir(args.save_model)
     return config, seed_from
@@ -290,17 +293,28 @@ def _check_load_model(
     return manifest
 
 
-def _per_stage(text: str | None, flag: str, mode: str, stages: int) -> list[int | None]:
-    """--updates / --batch-size as ``override_stages`` takes them: the i-th value is stage
-    i's, so one value replaces the first stage's (two_stage has two)."""
-    values: list[int | None] = list(parse_list(text, flag, int)) if text is not None else []
-    if len(values) > stages:
-        from forgedit.config import default_stages
+def apply_stage_flags(
+    config: TrainingConfig, updates: str | None, batch_size: str | None
+) -> TrainingConfig:
+    """Apply --updates / --batch-size with ``override_stages`` (the rule the server's
+    ``updates``/``stage2_updates`` follow): the i-th value is stage i's, so one value replaces
+    the first stage's (two_stage has two)."""
+    return override_stages(
+        config,
+        updates=_per_stage(updates, "--updates", config),
+        batch_sizes=_per_stage(batch_size, "--batch-size", config),
+    )
 
-        names = ", ".join(s.name for s in default_stages(mode))  # type: ignore[arg-type]
+
+def _per_stage(text: str | None, flag: str, config: TrainingConfig) -> list[int | None]:
+    """One flag's comma-separated values, refused (naming the flag) if there are more values
+    than ``config`` has stages."""
+    values: list[int | None] = list(parse_list(text, flag, int)) if text is not None else []
+    stages = config.stages
+    if len(values) > len(stages):
         raise InvalidInputError(
             f"{flag} takes one value (for the first stage) or one per stage "
-            f"({stages}: {names}), got {len(values)}",
+            f"({len(stages)}: {', '.join(s.name for s in stages)}), got {len(values)}",
             field=flag.lstrip("-").replace("-", "_"),
         )
     return values
