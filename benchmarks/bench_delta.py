@@ -187,7 +187,8 @@ def quality(preset: str, mode: str, updates: int | None, steps: int) -> dict[str
             }
 
         reference = images(exact)
-        finetuned = {k: engine.weights.pristine(k) + v for k, v in exact.delta.items()}
+        # Sampling restores the base bit-exactly, so the live weights are θ_pre again here.
+        finetuned = {k: engine.weights.parameter(k).detach() + v for k, v in exact.delta.items()}
         numel = sum(v.numel() for v in exact.delta.values())
 
         def rms(errors: dict[str, torch.Tensor]) -> float:

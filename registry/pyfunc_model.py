@@ -52,7 +52,7 @@ _SCALAR_FIELDS = ("interpolation", "forget_degree", "steps", "guidance")
 
 
 class ForgeditEditModel(PythonModel):
-    """Samples edits from one edit model with ``forgedit.engine.Engine.edit``."""
+    """Samples edits from one edit model with ``forgedit.engine.Engine.sample``."""
 
     def load_context(self, context: PythonModelContext) -> None:
         from forgedit.artifact import load_edit_model, read_manifest
