@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,6 +149,21 @@ def test_unknown_strategy_and_other_base_are_refused(engine: Engine, edit_model)
     alien = dataclasses.replace(edit_model, base_model_fingerprint="0" * 64)
     with pytest.raises(BaseModelMismatchError, match="fine-tuned on base model"):
         engine.sample(alien, sweep())
+
+
+def test_engine_says_what_a_server_needs_without_its_internals(
+    engine: Engine, edit_model, tiny_model_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    assert engine.fingerprint == edit_model.base_model_fingerprint
+    assert engine.base_model_name == edit_model.base_model_name
+    assert (engine.native_height, engine.native_width) == (SIZE, SIZE)
+    assert engine.can_caption
+    assert not Engine(engine.base).can_caption  # no BLIP captioner loaded
+    # One rule decides where an edit model can run, for an edit model or a record of one.
+    assert engine.accepts(edit_model)
+    assert not engine.accepts(dataclasses.replace(edit_model, base_model_fingerprint="0" * 64))
+    record = SimpleNamespace(base_model_name="tiny", base_model_fingerprint=engine.fingerprint)
+    assert engine.accepts(record)
 
 
 @pytest.mark.parametrize("mode", ["two_stage", "dreambooth"])
