@@ -89,7 +89,7 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
 
     # 2. Device, precision and the training config (or the loaded edit model's).
     size = parse_size(args.size) if args.size is not None else None
-    device = check_device(args.device) if args.device is not None else default_device()
+    device = parse_device(args.device)
     precision = args.precision or ("fast" if device.startswith("cuda") else "faithful")
     manifest: dict[str, Any] | None = None
     if load_model is not None:
@@ -103,11 +103,7 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
     sweep, random_seeds = _sweep_config(args, prompts, config.mode)
 
     # 4. Batching and where the results go.
-    max_batch = parse_int(args.max_batch, "--max-batch")
-    if not 1 <= max_batch <= MAX_BATCH:
-        raise InvalidInputError(
-            f"--max-batch must be 1..{MAX_BATCH}, got {max_batch}", field="max_batch"
-        )
+    max_batch = parse_max_batch(args.max_batch)
     out = _check_out_dir(args.out)
     if args.save_model is not None:
         save, out_abs = Path(args.save_model).absolute(), out.absolute()
@@ -151,6 +147,21 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         train_seed_from=train_seed_from,
         random_seeds=random_seeds,
     )
+
+
+def parse_device(value: str | None) -> str:
+    """--device (``forgedit.requests.check_device``), or CUDA when this machine has it."""
+    return check_device(value) if value is not None else default_device()
+
+
+def parse_max_batch(text: str) -> int:
+    """--max-batch: images per denoising batch, 1..``MAX_BATCH``."""
+    max_batch = parse_int(text, "--max-batch")
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise InvalidInputError(
+            f"--max-batch must be 1..{MAX_BATCH}, got {max_batch}", field="max_batch"
+        )
+    return max_batch
 
 
 def default_engine_cache() -> Path:

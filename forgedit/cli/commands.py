@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from forgedit.cli.arguments import default_engine_cache, existing_dir, parse_int, parse_size
+from forgedit.cli.arguments import (
+    default_engine_cache,
+    existing_dir,
+    parse_device,
+    parse_max_batch,
+    parse_size,
+)
 from forgedit.cli.edit import warn_fallback
-from forgedit.config import MAX_BATCH
 from forgedit.errors import ForgeditError, InvalidInputError
-from forgedit.requests import check_device, default_device
-
-
-def _device(value: str | None) -> str:
-    """--device, or CUDA when this machine has it."""
-    return check_device(value) if value is not None else default_device()
 
 
 def run_strategies(args: argparse.Namespace, stdout: TextIO) -> None:
@@ -27,7 +26,7 @@ def run_strategies(args: argparse.Namespace, stdout: TextIO) -> None:
         from forgedit.models import load_base_model
 
         existing_dir(args.base_model, "--base-model")
-        unet = load_base_model(args.base_model, device=_device(args.device)).unet
+        unet = load_base_model(args.base_model, device=parse_device(args.device)).unet
     counts = strategy_counts(unet)
     if args.json:
         print(json.dumps(counts, indent=2), file=stdout)
@@ -51,14 +50,12 @@ def run_build_engine(args: argparse.Namespace, stdout: TextIO) -> None:
             f"build-engine needs TensorRT and a CUDA device; {e}. Other backends need no "
             "prebuilt engine (edit --unet-backend onnxruntime or torch)"
         ) from e
-    device = _device(args.device)
+    device = parse_device(args.device)
     if not device.startswith("cuda"):
         raise InvalidInputError(
             f"build-engine needs a CUDA device, got {args.device!r}", field="device"
         )
-    max_batch = parse_int(args.max_batch, "--max-batch")
-    if not 1 <= max_batch <= MAX_BATCH:
-        raise InvalidInputError(f"--max-batch must be 1..{MAX_BATCH}, got {max_batch}")
+    max_batch = parse_max_batch(args.max_batch)
     base_dir = existing_dir(args.base_model, "--base-model")
     assert base_dir is not None
     from forgedit.engine import Engine
