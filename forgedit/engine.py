@@ -265,6 +265,7 @@ class Engine:
         ``CancelledError`` within one denoising step of ``cancel``. The base weights are
         restored bit-exactly on every exit.
         """
+        # 1. Check inputs: the edit model fits this base model, its variant has the strategies.
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         check_fits_base(edit_model, self.fingerprint, self.base.name)
@@ -275,16 +276,18 @@ class Engine:
         specs = list(sweep.images())
         done: list[EditedImage] = []
         started = time.perf_counter()
-        # Export or build on first use of this resolution, before any denoising loop.
+        # 2. Prepare the UNet backend: export or build on first use of this resolution,
+        # before any denoising loop.
         self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
         with (
             self._sampling_precision(precision or self.precision),
             self.weights.edit_model(edit_model.delta) as live,
         ):
-            # The text side is encoded with the edit model's text encoder (fine-tuned in
+            # 3. Encode the target prompts with the edit model's text encoder (fine-tuned in
             # dreambooth mode, the base one otherwise), the negative prompt included: the
             # edit model's text-encoder Δ is already written when the block is entered.
             text = self._encode_targets(sweep)
+            # 4. Per forgetting strategy: revert its blocks, then denoise in chunks.
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
                 unet = self.unet_predictor(edit_model.height, edit_model.width, max_batch)
