@@ -8,6 +8,7 @@ Subcommands:
                      summary.json (or sample from a saved edit model with --load-model)
     make-tiny-model  write the tiny deterministic test model (SD-1.x-shaped UNet + tiny BLIP)
     strategies       what each forgetting strategy reverts, in tensors and parameters
+    build-engine     build (or load) and check the TensorRT UNet engine ahead of time
 
 Contract of ``edit``:
 1. Every argument is checked before any model is loaded (lists parsed, the training and sweep
@@ -18,6 +19,10 @@ Contract of ``edit``:
    without a traceback. Ctrl-C cancels at the next training update or denoising step and
    exits with 130; the first Ctrl-C cancels cleanly, a second one aborts at once.
 4. Progress bars go to stderr; stdout carries only the result (``--json``: one JSON object).
+
+One concept per module: ``parser`` (the grammar), ``arguments`` (checks, before any model is
+loaded), ``edit`` (the run, as numbered steps), ``output`` (staged results, the report),
+``progress`` (bars), ``commands`` (the other subcommands), ``main`` (exit statuses).
 """
 
 from __future__ import annotations
