@@ -85,12 +85,12 @@ def run_preset(
     images: dict[str, list[Any]] = {}
     times: dict[str, list[float]] = {name: [] for name in engines}
     for engine in engines.values():  # warm: first refit, allocator, caches
-        engine.edit(edit_model, dataclasses.replace(sweep, steps=1), max_batch=n_images)
+        engine.sample(edit_model, dataclasses.replace(sweep, steps=1), max_batch=n_images)
     # Interleaved, best of the repeats: other load on a shared machine hits both alike.
     for _ in range(repeats):
         for name, engine in engines.items():
             t = time.perf_counter()
-            images[name] = engine.edit(edit_model, sweep, max_batch=n_images)
+            images[name] = engine.sample(edit_model, sweep, max_batch=n_images)
             times[name].append((time.perf_counter() - t) / sweep.num_images)
     for name, engine in engines.items():
         load_s, switch_s = _swap_costs(engine, edit_model, shape, resolve, variant_for_mode)

@@ -186,12 +186,13 @@ def quality(preset: str, mode: str, updates: int | None, steps: int, photo: Path
 
         def images(model: Any) -> dict[str, list[Any]]:
             return {
-                name: [np.asarray(e.image, dtype=np.int16) for e in engine.edit(model, s)]
+                name: [np.asarray(e.image, dtype=np.int16) for e in engine.sample(model, s)]
                 for name, s in sweeps.items()
             }
 
         reference = images(exact)
-        finetuned = {k: engine.weights.pristine(k) + v for k, v in exact.delta.items()}
+        # Sampling restores the base bit-exactly, so the live weights are θ_pre again here.
+        finetuned = {k: engine.weights.parameter(k).detach() + v for k, v in exact.delta.items()}
         numel = sum(v.numel() for v in exact.delta.values())
 
         def rms(errors: dict[str, torch.Tensor]) -> float:

@@ -100,7 +100,7 @@ def run_one(preset: str, precision: str, updates: int | None, photo: Path) -> di
 
     t = time.perf_counter()
     last[0] = t
-    engine.edit(edit_model, sweep, on_image=on_image, max_batch=n_images)
+    engine.sample(edit_model, sweep, on_image=on_image, max_batch=n_images)
     phases["sampling"] = time.perf_counter() - t
 
     return {

@@ -137,13 +137,13 @@ def main() -> None:
     )
     engine = default_engine_factory(settings, {"tiny": tiny / "stable-diffusion"})("tiny", "cpu")
     edit_model = registry.load(model_id)
-    engine.edit(edit_model, sweep)  # warm
+    engine.sample(edit_model, sweep)  # warm
     run_stream(stub.Sample, request)
     grpc_s, local_s = [], []
     for _ in range(args.repeats):
         grpc_s.append(run_stream(stub.Sample, request)[2])
         t = time.perf_counter()
-        images = engine.edit(edit_model, sweep)
+        images = engine.sample(edit_model, sweep)
         for image in images:
             image.png_bytes()  # the server encodes every image too
         local_s.append(time.perf_counter() - t)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -45,6 +45,40 @@ EMBEDDING_FILE = "embedding.safetensors"
 MANIFEST_FILE = "manifest.json"
 PAYLOAD_FILES = (DELTA_FILE, EMBEDDING_FILE)
 _HASH_CHUNK = 8 * 1024 * 1024
+
+
+class MadeOnBase(Protocol):
+    """Anything that records the base model it was fine-tuned on: an ``EditModel``, or a
+    registry record of one (whose payload need not be loaded to decide where it can run)."""
+
+    @property
+    def base_model_name(self) -> str: ...
+
+    @property
+    def base_model_fingerprint(self) -> str: ...
+
+
+def fits_base(edit_model: MadeOnBase, base_fingerprint: str) -> bool:
+    """Whether ``edit_model`` can be sampled on the base model with ``base_fingerprint``: the
+    one compatibility rule. An edit model is a Δ over exactly the weights it was fine-tuned
+    on, so only the same weights (the same fingerprint) take it; its resolution and variant
+    are its own and any base model of the same weights samples them."""
+    return edit_model.base_model_fingerprint == base_fingerprint
+
+
+def check_fits_base(
+    edit_model: MadeOnBase, base_fingerprint: str, base_name: str | None = None
+) -> None:
+    """Raise ``BaseModelMismatchError`` unless ``fits_base``, naming both base models."""
+    if fits_base(edit_model, base_fingerprint):
+        return
+    loaded = f"{base_name!r} " if base_name else ""
+    raise BaseModelMismatchError(
+        f"this edit model was fine-tuned on base model {edit_model.base_model_name!r} "
+        f"(fingerprint {edit_model.base_model_fingerprint[:12]}…), not on the loaded base "
+        f"model {loaded}(fingerprint {base_fingerprint[:12]}…); load it with the base model "
+        "it was made on"
+    )
 
 
 @dataclass
@@ -250,14 +284,9 @@ def load_edit_model(
     """
     manifest = verify_files(directory)
     base = manifest.get("base_model") or {}
-    fingerprint = str(base.get("fingerprint", ""))
-    if expected_base_fingerprint is not None and fingerprint != expected_base_fingerprint:
-        raise BaseModelMismatchError(
-            f"this edit model was fine-tuned on base model {base.get('name')!r} "
-            f"(fingerprint {fingerprint[:12]}…), not on the loaded base model "
-            f"(fingerprint {expected_base_fingerprint[:12]}…); load it with the base model it "
-            "was made on"
-        )
+    made_on = _ManifestBase(str(base.get("name", "")), str(base.get("fingerprint", "")))
+    if expected_base_fingerprint is not None:
+        check_fits_base(made_on, expected_base_fingerprint)
     try:
         payload = load_file(Path(directory) / DELTA_FILE)
         embedding = load_file(Path(directory) / EMBEDDING_FILE)["source_embedding"]
@@ -269,8 +298,8 @@ def load_edit_model(
         delta=decoded.tensors,
         delta_scales=decoded.scales,
         source_embedding=embedding,
-        base_model_name=str(base.get("name", "")),
-        base_model_fingerprint=fingerprint,
+        base_model_name=made_on.base_model_name,
+        base_model_fingerprint=made_on.base_model_fingerprint,
         source_prompt=str(manifest.get("source_prompt", "")),
         training=training,
         loss_curve=[float(x) for x in manifest.get("loss_curve", [])],
@@ -278,6 +307,14 @@ def load_edit_model(
         image_sha256=str(manifest.get("image_sha256", "")),
         created_at=float(manifest.get("created_at", 0.0)),
     )
+
+
+@dataclass(frozen=True)
+class _ManifestBase:
+    """The base model a manifest names, checked before its payload is read."""
+
+    base_model_name: str
+    base_model_fingerprint: str
 
 
 def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -299,18 +299,27 @@ def content_seed(
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image of a sweep, with everything needed to reproduce it."""
+    """One image of a sweep, with everything needed to reproduce it.
+
+    ``gamma`` is the interpolation's strength coefficient: γ of vector subtraction (vs), β of
+    vector projection (vp). One field for both keeps the sweep grid, the manifests and the
+    wire format (``gammas``) unchanged; ``strength_symbol`` says which one it is."""
 
     index: int
     prompt: str
     forget: str
     interpolation: Interpolation
-    gamma: float  # γ for vs, β for vp
+    gamma: float  # γ for vs, β for vp (``strength_symbol``)
     alpha: float  # vp's α; 0.0 for vs (unused there)
     seed: int
     guidance: float
     steps: int
     forget_degree: float
+
+    @property
+    def strength_symbol(self) -> str:
+        """What ``gamma`` holds, as the paper writes it: "γ" for vs, "β" for vp."""
+        return "β" if self.interpolation == "vp" else "γ"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

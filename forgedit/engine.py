@@ -4,12 +4,12 @@ batched edit sweeps over them.
     engine = Engine.load("models/stable-diffusion-v1-4", blip_dir="models/blip")
     source = engine.source_prompt(image, "A photo of a sitting dog.")
     edit_model = engine.finetune(image, source, TrainingConfig.for_mode("joint", seed=1))
-    images = engine.edit(edit_model, SweepConfig(prompts=("A photo of a sitting dog.",),
-                                                 forget=("encoderkv",), seeds=(1, 2)))
+    images = engine.sample(edit_model, SweepConfig(prompts=("A photo of a sitting dog.",),
+                                                   forget=("encoderkv",), seeds=(1, 2)))
 
 Training depends only on the image and its source prompt, never on the target prompt, so
 one edit model serves any number of edits. An edit model is a delta over the base model;
-``edit`` writes it into the resident UNet in place and restores the base bit-exactly after.
+``sample`` writes it into the resident UNet in place and restores the base bit-exactly after.
 Whatever just trained is sampled through the same delta path as an edit model loaded from
 disk, so both give identical images.
 
@@ -31,7 +31,7 @@ import torch
 
 from forgedit import delta as delta_format
 from forgedit import forgetting
-from forgedit.artifact import EditModel
+from forgedit.artifact import EditModel, MadeOnBase, check_fits_base, fits_base
 from forgedit.backends.base import BackendUnavailableError, NoisePredictor, Shape
 from forgedit.backends.select import (
     BackendChain,
@@ -41,9 +41,10 @@ from forgedit.backends.select import (
 )
 from forgedit.backends.torch_backend import TorchBackend
 from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig, check_prompt
-from forgedit.errors import BaseModelMismatchError, InvalidInputError, ModelDirectoryError
+from forgedit.errors import ModelDirectoryError
 from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
 from forgedit.interpolation import vector_projection, vector_subtraction
+from forgedit.requests import check_device
 from forgedit.sampling import decode, denoise, initial_latents
 from forgedit.text import encode_prompt
 from forgedit.training import finetune as run_finetune
@@ -141,6 +142,35 @@ class Engine:
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
         return cls(base, captioner, precision=precision, **backend)
 
+    # -- what a server needs to know --------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """The loaded base model's fingerprint: which edit models this engine takes."""
+        return self.base.fingerprint
+
+    @property
+    def base_model_name(self) -> str:
+        return self.base.name
+
+    @property
+    def native_height(self) -> int:
+        return self.base.native_height
+
+    @property
+    def native_width(self) -> int:
+        return self.base.native_width
+
+    @property
+    def can_caption(self) -> bool:
+        """Whether ``source_prompt`` works: a BLIP captioner is loaded."""
+        return self.captioner is not None
+
+    def accepts(self, edit_model: MadeOnBase) -> bool:
+        """Whether ``edit_model`` (or a registry record of one) can be sampled here
+        (``forgedit.artifact.fits_base``: the one compatibility rule)."""
+        return fits_base(edit_model, self.fingerprint)
+
     # -- 1. the source prompt ---------------------------------------------------------------
 
     def source_prompt(self, image: Image.Image, target_prompt: str) -> str:
@@ -212,9 +242,9 @@ class Engine:
             image_sha256=image_sha256,
         )
 
-    # -- 3. editing ---------------------------------------------------------------------------
+    # -- 3. sampling edits ----------------------------------------------------------------------
 
-    def edit(
+    def sample(
         self,
         edit_model: EditModel,
         sweep: SweepConfig,
@@ -235,9 +265,10 @@ class Engine:
         ``CancelledError`` within one denoising step of ``cancel``. The base weights are
         restored bit-exactly on every exit.
         """
+        # 1. Check inputs: the edit model fits this base model, its variant has the strategies.
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self._check_compatible(edit_model)
+        check_fits_base(edit_model, self.fingerprint, self.base.name)
         variant = forgetting.variant_for_mode(edit_model.training.mode)
         unet_names = self.weights.names("unet")
         reverted = {s: forgetting.resolve(s, variant, unet_names) for s in sweep.forget}
@@ -245,16 +276,18 @@ class Engine:
         specs = list(sweep.images())
         done: list[EditedImage] = []
         started = time.perf_counter()
-        # Export or build on first use of this resolution, before any denoising loop.
+        # 2. Prepare the UNet backend: export or build on first use of this resolution,
+        # before any denoising loop.
         self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
         with (
             self._sampling_precision(precision or self.precision),
             self.weights.edit_model(edit_model.delta) as live,
         ):
-            # The text side is encoded with the edit model's text encoder (fine-tuned in
+            # 3. Encode the target prompts with the edit model's text encoder (fine-tuned in
             # dreambooth mode, the base one otherwise), the negative prompt included: the
             # edit model's text-encoder Δ is already written when the block is entered.
             text = self._encode_targets(sweep)
+            # 4. Per forgetting strategy: revert its blocks, then denoise in chunks.
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
                 unet = self.unet_predictor(edit_model.height, edit_model.width, max_batch)
@@ -342,14 +375,6 @@ class Engine:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _check_compatible(self, edit_model: EditModel) -> None:
-        if edit_model.base_model_fingerprint != self.base.fingerprint:
-            raise BaseModelMismatchError(
-                f"this edit model was fine-tuned on base model {edit_model.base_model_name!r}, "
-                f"not on the loaded {self.base.name!r} (fingerprints differ); load it with the "
-                "base model it was made on"
-            )
-
     def _encode_targets(self, sweep: SweepConfig) -> dict[str, torch.Tensor]:
         base = self.base
         with torch.no_grad():
@@ -418,21 +443,6 @@ class Engine:
             cancel=cancel,
         )
         return to_pil(decode(base.vae, z, base.scaling_factor))
-
-
-def check_device(device: str) -> None:
-    """Refuse a device this machine does not have, naming the ones it has."""
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        kind = None
-    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if kind not in available:
-        raise InvalidInputError(
-            f"device {device!r} is not available on this machine; accepted here: "
-            f"{', '.join(available)}",
-            field="device",
-        )
 
 
 def _chunks(items: list[ImageSpec], size: int) -> Iterator[list[ImageSpec]]:

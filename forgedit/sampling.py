@@ -15,7 +15,6 @@ or alone, up to the ~1e-6 by which batched matmuls round differently.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,13 +103,3 @@ def decode(vae: Any, latents: torch.Tensor, scaling_factor: float) -> torch.Tens
     latents = 1 / scaling_factor * latents
     image = vae.decode(latents).sample
     return (image / 2 + 0.5).clamp(0, 1).cpu().float()
-
-
-class Stopwatch:
-    """Accumulates seconds per phase (reported as ``timings``)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def add(self, phase: str, started: float) -> None:
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started

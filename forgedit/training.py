@@ -73,81 +73,42 @@ def finetune(
     Raises ``CancelledError`` at the first update boundary after ``cancel`` is set.
     """
     device = next(unet.parameters()).device
-    fast_cuda = config.precision == "fast" and device.type == "cuda"
+
+    # 1. Encode the image once: z0, a sample of the VAE posterior from its own generator.
     scheduler = make_ddim_scheduler()
     z0 = encode_image(vae, pixels, config.vae_seed, scaling_factor)
-    generator = torch.Generator("cpu").manual_seed(config.seed)
 
-    unet_names = weights.names("unet")
-    trains_encoder = config.trains_text_encoder
-    trained_keys: list[str] = []
-    for stage in config.stages:
-        if stage.unet_lr is not None:
-            trained_keys += [
-                f"unet.{n}" for n in trained_parameter_names(unet_names, stage.unet_subset)
-            ]
-    if trains_encoder:
-        trained_keys += [f"text_encoder.{n}" for n in weights.names("text_encoder")]
-    trained_keys = list(dict.fromkeys(trained_keys))  # keep order, drop repeats
+    # 2. Say what trains, and keep pristine copies of it to restore and to take Δ against.
+    trained_keys = _trained_keys(config, weights)
     weights.begin_training(trained_keys)
 
+    # 3. The source embedding e: the text side's starting point.
     with torch.no_grad():
         source_embedding = encode_prompt(tokenizer, text_encoder, source_prompt).detach().clone()
-    embedding = torch.nn.Parameter(source_embedding, requires_grad=False)
-    source_ids = tokenize(tokenizer, source_prompt).to(device)
+    trainee = _Trainee(
+        unet=unet,
+        text_encoder=text_encoder,
+        scheduler=scheduler,
+        z0=z0,
+        embedding=torch.nn.Parameter(source_embedding, requires_grad=False),
+        source_ids=tokenize(tokenizer, source_prompt).to(device),
+        generator=torch.Generator("cpu").manual_seed(config.seed),
+        trains_encoder=config.trains_text_encoder,
+        autocast=config.precision == "fast" and device.type == "cuda",
+    )
 
+    # 4. The optimisation, stage by stage, until the schedule or the early stop ends it.
     loss_curve: list[float] = []
     stopped_early = False
     started = time.perf_counter()
-    total = config.total_updates
     unet.train()
     try:
         for stage in config.stages:
-            unet_params = (
-                [weights.parameter(k) for k in trained_keys if k.startswith("unet.")]
-                if stage.unet_lr is not None
-                else []
-            )
-            encoder_params = (
-                [weights.parameter(k) for k in trained_keys if k.startswith("text_encoder.")]
-                if trains_encoder and stage.text_lr is not None
-                else []
-            )
-            for p in (*unet.parameters(), *text_encoder.parameters()):
-                p.requires_grad_(False)
-            for p in (*unet_params, *encoder_params):
-                p.requires_grad_(True)
-            embedding.requires_grad_(stage.text_lr is not None and not trains_encoder)
-
-            groups: list[dict[str, Any]] = []
-            if unet_params:
-                groups.append({"params": unet_params, "lr": stage.unet_lr})
-            if encoder_params:
-                groups.append({"params": encoder_params, "lr": stage.text_lr})
-            if embedding.requires_grad:
-                groups.append({"params": [embedding], "lr": stage.text_lr})
-            optimizer = torch.optim.Adam(
-                groups,
-                betas=config.adam_betas,
-                eps=config.adam_eps,
-                **({"fused": True} if fast_cuda else {}),
-            )
-
+            optimizer = _stage_optimizer(trainee, stage, config, weights, trained_keys)
             for k in range(stage.updates):
                 if cancel is not None:
                     cancel.check()
-                loss = _loss(
-                    unet,
-                    text_encoder,
-                    scheduler,
-                    z0,
-                    embedding,
-                    source_ids,
-                    stage,
-                    generator,
-                    trains_encoder,
-                    fast_cuda,
-                )
+                loss = _loss(trainee, stage)
                 value = loss.item()
                 # Checked before the update, as the original: the triggering batch is not used.
                 if _early_stop(stage, k, value):
@@ -158,9 +119,10 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss_curve.append(value)
                 if on_progress is not None:
+                    elapsed = time.perf_counter() - started
                     on_progress(
                         TrainingProgress(
-                            stage.name, len(loss_curve), total, value, time.perf_counter() - started
+                            stage.name, len(loss_curve), config.total_updates, value, elapsed
                         )
                     )
             if stopped_early:
@@ -169,17 +131,92 @@ def finetune(
             cancel.check()
     finally:
         unet.eval()
-        for p in (*unet.parameters(), *text_encoder.parameters()):
-            p.requires_grad_(False)
-        embedding.requires_grad_(False)
+        trainee.freeze()
 
+    # 5. e_opt: the optimised embedding, or the fine-tuned encoder's E(source) in dreambooth.
     with torch.no_grad():
-        if trains_encoder:
+        if trainee.trains_encoder:
             final = encode_prompt(tokenizer, text_encoder, source_prompt)
         else:
-            final = embedding.detach()
+            final = trainee.embedding.detach()
     return TrainingResult(
         final.to("cpu", torch.float32).clone(), loss_curve, trained_keys, stopped_early
+    )
+
+
+@dataclass
+class _Trainee:
+    """What one fine-tune's updates read: the modules, the encoded image, the text side and
+    the one generator every update draws ε and t from."""
+
+    unet: Any
+    text_encoder: Any
+    scheduler: Any
+    z0: torch.Tensor
+    embedding: torch.nn.Parameter
+    source_ids: torch.Tensor
+    generator: torch.Generator
+    trains_encoder: bool
+    autocast: bool  # fast mode on CUDA: bf16 autocast and fused Adam
+
+    def freeze(self) -> None:
+        """Nothing requires a gradient (the state between stages and after training)."""
+        for p in (*self.unet.parameters(), *self.text_encoder.parameters()):
+            p.requires_grad_(False)
+        self.embedding.requires_grad_(False)
+
+
+def _trained_keys(config: TrainingConfig, weights: ResidentWeights) -> list[str]:
+    """Every tensor some stage trains, "unet.<name>" / "text_encoder.<name>", in parameter
+    order without repeats."""
+    unet_names = weights.names("unet")
+    keys: list[str] = []
+    for stage in config.stages:
+        if stage.unet_lr is not None:
+            keys += [f"unet.{n}" for n in trained_parameter_names(unet_names, stage.unet_subset)]
+    if config.trains_text_encoder:
+        keys += [f"text_encoder.{n}" for n in weights.names("text_encoder")]
+    return list(dict.fromkeys(keys))
+
+
+def _stage_optimizer(
+    trainee: _Trainee,
+    stage: Stage,
+    config: TrainingConfig,
+    weights: ResidentWeights,
+    trained_keys: list[str],
+) -> torch.optim.Adam:
+    """Unfreeze what ``stage`` trains (and only that) and give it a fresh Adam, one parameter
+    group per learning rate: the UNet subset, the text encoder, or the free embedding e."""
+    unet_params = (
+        [weights.parameter(k) for k in trained_keys if k.startswith("unet.")]
+        if stage.unet_lr is not None
+        else []
+    )
+    encoder_params = (
+        [weights.parameter(k) for k in trained_keys if k.startswith("text_encoder.")]
+        if trainee.trains_encoder and stage.text_lr is not None
+        else []
+    )
+    for p in (*trainee.unet.parameters(), *trainee.text_encoder.parameters()):
+        p.requires_grad_(False)
+    for p in (*unet_params, *encoder_params):
+        p.requires_grad_(True)
+    embedding = trainee.embedding
+    embedding.requires_grad_(stage.text_lr is not None and not trainee.trains_encoder)
+
+    groups: list[dict[str, Any]] = []
+    if unet_params:
+        groups.append({"params": unet_params, "lr": stage.unet_lr})
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": stage.text_lr})
+    if embedding.requires_grad:
+        groups.append({"params": [embedding], "lr": stage.text_lr})
+    return torch.optim.Adam(
+        groups,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        **({"fused": True} if trainee.autocast else {}),
     )
 
 
@@ -188,29 +225,20 @@ def _early_stop(stage: Stage, k: int, loss: float) -> bool:
     return es is not None and loss < es.threshold and k * stage.batch_size > es.min_samples
 
 
-def _loss(
-    unet: Any,
-    text_encoder: Any,
-    scheduler: Any,
-    z0: torch.Tensor,
-    embedding: torch.Tensor,
-    source_ids: torch.Tensor,
-    stage: Stage,
-    generator: torch.Generator,
-    trains_encoder: bool,
-    autocast: bool,
-) -> torch.Tensor:
+def _loss(t: _Trainee, stage: Stage) -> torch.Tensor:
+    """One batch's loss: the image latent repeated, noised at random timesteps, and the
+    UNet's noise prediction against the noise (the original's per-sample mean, then mean)."""
     bsz = stage.batch_size
-    device = z0.device
-    latents = z0.repeat(bsz, 1, 1, 1)
+    device = t.z0.device
+    latents = t.z0.repeat(bsz, 1, 1, 1)
     # ε first, then t, from the same generator: the original's draw order (spec §15.3).
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(NUM_TRAIN_TIMESTEPS, (bsz,), generator=generator).to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if trains_encoder:
-        conditioning = text_encoder(source_ids)[0].repeat(bsz, 1, 1)
+    noise = torch.randn(latents.shape, generator=t.generator).to(device)
+    timesteps = torch.randint(NUM_TRAIN_TIMESTEPS, (bsz,), generator=t.generator).to(device)
+    noisy = t.scheduler.add_noise(latents, noise, timesteps)
+    if t.trains_encoder:
+        conditioning = t.text_encoder(t.source_ids)[0].repeat(bsz, 1, 1)
     else:
-        conditioning = embedding.repeat(bsz, 1, 1)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        prediction = unet(noisy, timesteps, conditioning).sample
+        conditioning = t.embedding.repeat(bsz, 1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.autocast):
+        prediction = t.unet(noisy, timesteps, conditioning).sample
     return F.mse_loss(prediction.float(), noise, reduction="none").mean([1, 2, 3]).mean()

@@ -89,9 +89,6 @@ class ResidentWeights:
             if key.startswith(prefix)
         }
 
-    def pristine(self, key: str) -> torch.Tensor:
-        return self._pristine[key]
-
     def restore(self) -> None:
         """Write the pristine values back into every tensor that differs from them."""
         with torch.no_grad():

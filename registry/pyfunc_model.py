@@ -52,7 +52,7 @@ _SCALAR_FIELDS = ("interpolation", "forget_degree", "steps", "guidance")
 
 
 class ForgeditEditModel(PythonModel):
-    """Samples edits from one edit model with ``forgedit.engine.Engine.edit``."""
+    """Samples edits from one edit model with ``forgedit.engine.Engine.sample``."""
 
     def load_context(self, context: PythonModelContext) -> None:
         from forgedit.artifact import load_edit_model, read_manifest
@@ -94,7 +94,7 @@ class ForgeditEditModel(PythonModel):
                 prompts=(str(options.pop("prompt")),),
                 **_sweep_kwargs(options),
             )
-            for edited in self._engine.edit(self._edit_model, sweep):
+            for edited in self._engine.sample(self._edit_model, sweep):
                 spec = edited.spec
                 out.append(
                     {

@@ -61,7 +61,7 @@ class EngineLike(Protocol):
         cancel: CancelToken | None = None,
     ) -> EditModel: ...
 
-    def edit(
+    def sample(
         self,
         edit_model: EditModel,
         sweep: SweepConfig,

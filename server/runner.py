@@ -34,6 +34,7 @@ from typing import Any
 from forgedit.config import Precision, TrainingConfig
 from forgedit.events import SamplingProgress, TrainingProgress
 from forgedit.images import contact_sheet, encode_png
+from forgedit.requests import sheet_label
 from server._proto import forgedit_pb2 as pb
 from server.errors import UnservedBaseModelError
 from server.jobs import Job
@@ -310,7 +311,7 @@ class JobRunner:
             )
             self.metrics.images.labels(method=job.method).inc()
 
-        edited = engine.edit(
+        edited = engine.sample(
             edit_model,
             sweep,
             on_image=on_image,
@@ -343,7 +344,5 @@ def _contact_sheet_png(original: Any, edited: list[Any]) -> bytes:
     """The input beside (at most 64 of) the sampled edits, each labelled by its parameters."""
     results = []
     for e in edited[:CONTACT_SHEET_MAX_IMAGES]:
-        s = e.spec
-        label = f"{s.forget} γ={s.gamma:g}" + (f" α={s.alpha:g}" if s.interpolation == "vp" else "")
-        results.append((e.image, f"{label} seed={s.seed}"))
+        results.append((e.image, sheet_label(e.spec)))
     return encode_png(contact_sheet(original, results))

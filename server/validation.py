@@ -5,33 +5,37 @@ can run, or raise ``InvalidInputError`` whose ``field`` is the request field's p
 (``sweep.gammas``, ``training.width``, ``target_prompts``, ...) so the client gets one
 ``BadRequest`` field violation naming the problem and what is accepted.
 
+This module owns only what is the server's: its limits, the request's field paths and the
+decoding of protobuf enums. Configs, seeds and strategies are built by the rules the engine CLI
+shares (``forgedit.requests``), whose errors are re-raised with the request's field path.
+
 Order matters: cheap, bounded checks first (sizes and counts of every repeated field, lengths
 of strings, enum values, numeric ranges), then the engine's own config checks
-(``forgedit.config``), and only then the image is decoded, by ``forgedit.images.load_image``
-with the server's byte, pixel and format limits (it refuses a decompression bomb from the
-header, before decoding pixels).
+(``forgedit.requests``, ``forgedit.config``), and only then the image is decoded, by
+``forgedit.images.load_image`` with the server's byte, pixel and format limits (it refuses a
+decompression bomb from the header, before decoding pixels).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from forgedit.config import (
-    MAX_SEED,
-    SweepConfig,
-    TrainingConfig,
-    check_prompt,
-    check_resolution,
-    content_seed,
-    override_stages,
-)
+from forgedit.config import MAX_SEED, SweepConfig, TrainingConfig, check_prompt, check_resolution
 from forgedit.errors import InvalidInputError
+from forgedit.requests import (
+    TrainSeedFrom,
+    build_sweep_config,
+    build_training_config,
+    random_seed,
+    random_seeds,
+    stage_count,
+    training_with_seed,
+)
+from forgedit.requests import check_strategies as check_variant_strategies
 from registry.ids import validate_edit_model_id
 from server._proto import forgedit_pb2 as pb
 from server.ports import BaseModelInfo
@@ -140,7 +144,7 @@ class EditPlan:
     detach: bool
     # "given" (the request's seed), "content" (derived from the content once the source prompt
     # and base model are known: ``training_for``) or "random" (fresh_seed).
-    train_seed_from: str = "given"
+    train_seed_from: TrainSeedFrom = "given"
 
     @property
     def images_total(self) -> int:
@@ -151,16 +155,17 @@ class EditPlan:
         the same image + base model + source prompt + config train the same edit model, so
         the runner finds and reuses a stored one on any replica. A fresh fine-tune with a
         request id gets a seed salted with that id: random-looking, yet a retry of the same
-        request (after its job expired, or on another replica) gets the same one."""
-        if self.train_seed_from == "given":
-            return self.training
-        if self.train_seed_from == "random" and not self.request_id:
-            return self.training  # drawn at validation: nothing to keep a retry consistent
-        salt = self.request_id if self.train_seed_from == "random" else ""
-        seed = content_seed(
-            self.image.sha256, base_fingerprint, source_prompt, self.training, salt=salt
+        request (after its job expired, or on another replica) gets the same one
+        (``forgedit.requests.training_with_seed``). Without a request id a fresh seed was
+        drawn at validation: nothing to keep a retry consistent."""
+        return training_with_seed(
+            self.training,
+            self.train_seed_from,
+            image_sha256=self.image.sha256,
+            base_fingerprint=base_fingerprint,
+            source_prompt=source_prompt,
+            salt=self.request_id,
         )
-        return dataclasses.replace(self.training, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,7 @@ def validate_edit(
     sweep = _sweep_config(request.target_prompts, request.sweep, limits, training.mode)
     check_sampling_memory(sweep, training.height, training.width, limits)
     options = request.training
-    seed_from = (
+    seed_from: TrainSeedFrom = (
         "given" if options.HasField("seed") else ("random" if options.fresh_seed else "content")
     )
 
@@ -274,11 +279,7 @@ def validate_sample(
 
 def check_strategies(sweep: SweepConfig, mode: str) -> None:
     """Refuse a forgetting strategy the edit model's variant does not define."""
-    from forgedit.forgetting import check_strategy, variant_for_mode
-
-    variant = variant_for_mode(mode)
-    for name in sweep.forget:
-        _reraise(check_strategy, _SWEEP_FIELDS, name, variant)
+    _reraise(check_variant_strategies, _SWEEP_FIELDS, sweep.forget, mode)
 
 
 def check_batch_pixels(
@@ -359,15 +360,16 @@ def _training_config(
             + ", ".join(pb.TrainingMode.Name(m) for m in _MODES if m),
             field="training.mode",
         )
-    precision: str | None = default_precision
+    precision = default_precision
     if options.precision != pb.PRECISION_UNSPECIFIED:
-        precision = _PRECISIONS.get(options.precision)
-        if precision is None:
+        decoded = _PRECISIONS.get(options.precision)
+        if decoded is None:
             raise InvalidInputError(
                 f"unknown precision {options.precision}; accepted: PRECISION_FAITHFUL, "
                 "PRECISION_FAST",
                 field="training.precision",
             )
+        precision = decoded
     delta_format = limits.default_delta_format
     if options.delta_format != pb.DELTA_FORMAT_UNSPECIFIED:
         delta_format = DELTA_FORMATS.get(options.delta_format)
@@ -387,7 +389,7 @@ def _training_config(
                 f"training.{name} must be 1..{limits.max_training_updates}, got {value}",
                 field=f"training.{name}",
             )
-    stages = len(TrainingConfig.for_mode(mode).stages)  # type: ignore[arg-type]
+    stages = stage_count(mode)
     for name in ("stage2_updates", "stage2_batch_size"):
         if options.HasField(name) and stages < 2:
             raise InvalidInputError(
@@ -404,30 +406,24 @@ def _training_config(
     # Unset: a placeholder until the content seed is derived (EditPlan.training_for).
     seed = options.seed if options.HasField("seed") else 0
     if options.fresh_seed:
-        seed = secrets.randbelow(MAX_SEED + 1)
+        seed = random_seed()
     vae_seed = options.vae_seed if options.HasField("vae_seed") else 0
     for field, value in (("training.seed", seed), ("training.vae_seed", vae_seed)):
         if value > MAX_SEED:
             raise InvalidInputError(f"{field} must be in [0, 2^63-1], got {value}", field=field)
 
-    def build() -> TrainingConfig:
-        config = TrainingConfig.for_mode(
-            mode,  # type: ignore[arg-type]
+    try:
+        config = build_training_config(
+            mode,
             height=height,
             width=width,
             seed=seed,
             vae_seed=vae_seed,
             precision=precision,
             delta_format=delta_format,
-        )
-        return override_stages(
-            config,
             updates=_per_stage(options, "updates", "stage2_updates"),
             batch_sizes=_per_stage(options, "batch_size", "stage2_batch_size"),
         )
-
-    try:
-        config = build()
     except InvalidInputError as e:
         if e.field in ("updates", "batch_size") and options.HasField(f"stage2_{e.field}"):
             field = f"training.stage2_{e.field}"
@@ -508,7 +504,7 @@ def _sweep_config(
                 f"seed_count must be 1..{limits.max_sweep_values}, got {count}",
                 field="sweep.seed_count",
             )
-        seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(count))
+        seeds = random_seeds(count)
 
     kwargs: dict[str, object] = {
         "prompts": tuple(prompts),
@@ -527,14 +523,13 @@ def _sweep_config(
         kwargs["steps"] = options.steps
     if options.HasField("guidance"):
         kwargs["guidance"] = options.guidance
-    sweep: SweepConfig = _reraise(lambda: SweepConfig.for_mode(mode, **kwargs), _SWEEP_FIELDS)
+    sweep: SweepConfig = _reraise(lambda: build_sweep_config(mode, **kwargs), _SWEEP_FIELDS)
     if sweep.num_images > limits.max_sweep_images:
         raise InvalidInputError(
             f"the sweep has {sweep.num_images} images; at most {limits.max_sweep_images} are "
             "accepted (prompts × strategies × seeds × gammas × alphas)",
             field="sweep",
         )
-    check_strategies(sweep, mode)
     return sweep
 
 

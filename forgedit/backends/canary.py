@@ -3,7 +3,7 @@ eager torch, compared against a documented tolerance.
 
 Refittable TensorRT engines are known to drop fusions and, in some versions, bias terms after a
 refit; nothing in their API says so. The canary runs after an engine is built or loaded (base
-weights) and after the first refit of every edit-model load (each ``Engine.edit`` loads its edit
+weights) and after the first refit of every edit-model load (each ``Engine.sample`` loads its edit
 model afresh, so that is once per job: two UNet calls on two rows, small next to a sweep; later
 strategy switches of the same load are not re-checked). Outside the tolerance the backend is
 refused with ``BackendUnavailableError(reason="canary_failed")``, and the engine falls back to

@@ -45,6 +45,7 @@ from forgedit.backends.tensorrt_backend import (
     write_plan,
 )
 from forgedit.backends.torch_backend import TorchBackend
+from forgedit.cli.parser import build_parser
 from forgedit.config import SweepConfig, TrainingConfig
 from forgedit.engine import Engine
 from forgedit.errors import InvalidInputError
@@ -348,8 +349,8 @@ def test_images_match_torch_within_2_of_255(
 ) -> None:
     """The edit model just trained, every strategy of the sweep, vs and vp."""
     config = sweep(interpolation)
-    expected = torch_engine.edit(edit_models[0], config, max_batch=4)
-    got = ort_engine.edit(edit_models[0], config, max_batch=4)
+    expected = torch_engine.sample(edit_models[0], config, max_batch=4)
+    got = ort_engine.sample(edit_models[0], config, max_batch=4)
     assert ort_engine.sampling_backend == "onnxruntime"
     assert max_pixel_difference(got, expected) <= 2
 
@@ -361,11 +362,11 @@ def test_edit_models_from_disk_back_to_back_leave_no_stale_weights(
     a.save(tmp_path / "a")
     from_disk = load_edit_model(tmp_path / "a", expected_base_fingerprint=a.base_model_fingerprint)
     config = sweep("vs", forget=("encoderkv", "noencoder"), gammas=(1.0,))
-    expected_a = torch_engine.edit(from_disk, config, max_batch=4)
-    expected_b = torch_engine.edit(b, config, max_batch=4)
-    got_a = ort_engine.edit(from_disk, config, max_batch=4)
-    got_b = ort_engine.edit(b, config, max_batch=4)
-    again_a = ort_engine.edit(from_disk, config, max_batch=4)
+    expected_a = torch_engine.sample(from_disk, config, max_batch=4)
+    expected_b = torch_engine.sample(b, config, max_batch=4)
+    got_a = ort_engine.sample(from_disk, config, max_batch=4)
+    got_b = ort_engine.sample(b, config, max_batch=4)
+    again_a = ort_engine.sample(from_disk, config, max_batch=4)
     assert max_pixel_difference(got_a, expected_a) <= 2
     assert max_pixel_difference(got_b, expected_b) <= 2
     assert max_pixel_difference(again_a, got_a) == 0  # bit-identical: nothing of B left
@@ -411,13 +412,13 @@ def test_canary_passes_on_a_faithful_backend_and_fails_over_on_a_bad_refit(
     engine.backends.current.prepare(shape)  # the base binds correctly: passes
     assert engine.sampling_backend == "onnxruntime"
     config = sweep("vs", forget=("encoderkv",), gammas=(1.0,))
-    got = engine.edit(edit_models[0], config, max_batch=4)
+    got = engine.sample(edit_models[0], config, max_batch=4)
     # The first refit of the edit model dropped its biases; the canary caught it, the engine
     # moved on to torch before sampling anything, and said why.
     assert engine.sampling_backend == "torch"
     assert [(f.backend, f.reason) for f in seen] == [("onnxruntime", "canary_failed")]
     assert "relative error" in seen[0].message
-    assert max_pixel_difference(got, torch_engine.edit(edit_models[0], config, max_batch=4)) == 0
+    assert max_pixel_difference(got, torch_engine.sample(edit_models[0], config, max_batch=4)) == 0
 
 
 def test_chain_gives_up_only_after_the_last_backend(ort_engine: Engine) -> None:
@@ -475,7 +476,7 @@ def test_cli_onnxruntime_edits_match_torch(
 
 
 def test_cli_default_is_auto() -> None:
-    args = cli.build_parser().parse_args(["edit", "photo.png", "--prompt", "a"])
+    args = build_parser().parse_args(["edit", "photo.png", "--prompt", "a"])
     assert args.unet_backend == "auto" and args.engine_cache is None
 
 
@@ -528,4 +529,6 @@ def test_tensorrt_engine_matches_torch_after_refits(
     )
     config = sweep("vs", forget=("encoderkv", "noencoder"), gammas=(1.0,))
     for model in edit_models:
-        assert max_pixel_difference(engine.edit(model, config), reference.edit(model, config)) <= 8
+        assert (
+            max_pixel_difference(engine.sample(model, config), reference.sample(model, config)) <= 8
+        )

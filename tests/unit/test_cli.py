@@ -19,8 +19,13 @@ import pytest
 from PIL import Image
 
 from forgedit import cli
+from forgedit.cli.arguments import check_edit_args
+from forgedit.cli.output import StagedOutput
+from forgedit.cli.parser import build_parser
+from forgedit.cli.progress import Progress
 from forgedit.config import TrainingConfig, content_seed
 from forgedit.events import CancelToken
+from forgedit.requests import image_file_name, slug
 
 # The end-to-end settings: tiny model, 64x64, 4 DDIM steps, 2 updates of batch 2.
 FAST = ["--size", "64x64", "--steps", "4", "--updates", "2", "--batch-size", "2"]
@@ -282,26 +287,26 @@ def test_training_flags_conflict_with_load_model(capsys, tmp_path, photo, no_mod
 
 
 def test_file_names_are_safe_and_carry_the_parameters():
-    assert cli.image_file_name(7, "encoderattn+encoder1", "vs", 0.6, 0.0, 12) == (
+    assert image_file_name(7, "encoderattn+encoder1", "vs", 0.6, 0.0, 12) == (
         "007_encoderattn+encoder1_vs_g0.6_s12.png"
     )
-    assert cli.image_file_name(0, "decoderkv", "vp", 1.1, 0.8, 3, "a-photo") == (
+    assert image_file_name(0, "decoderkv", "vp", 1.1, 0.8, 3, "a-photo") == (
         "000_a-photo_decoderkv_vp_g1.1_a0.8_s3.png"
     )
-    assert cli.slug("A photo of a dog/../../etc & <b>!") == "a-photo-of-a-dog-etc-b"
-    assert len(cli.slug("word " * 50)) <= 32
-    assert cli.slug("¿¡!") == "prompt"
+    assert slug("A photo of a dog/../../etc & <b>!") == "a-photo-of-a-dog-etc-b"
+    assert len(slug("word " * 50)) <= 32
+    assert slug("¿¡!") == "prompt"
 
 
 def test_staged_output_commits_whole_or_leaves_nothing(tmp_path):
     out = tmp_path / "a" / "b"
-    staged = cli.StagedOutput(out)
+    staged = StagedOutput(out)
     staged.write("x.png", b"1")
     assert not (out / "x.png").exists()  # invisible until commit
     staged.abort()
     assert not (tmp_path / "a").exists()  # and the directories this run created are gone
 
-    staged = cli.StagedOutput(out)
+    staged = StagedOutput(out)
     staged.write("x.png", b"1")
     staged.write("summary.json", b"{}")
     staged.commit()
@@ -477,13 +482,13 @@ def test_cancel_during_training_leaves_nothing(
     capsys, tmp_path, tiny_model_dir, photo, monkeypatch
 ):
     token = CancelToken()
-    original = cli._Progress.training
+    original = Progress.training
 
     def cancel_on_first_update(self, p):  # as Ctrl-C would, from inside the run
         original(self, p)
         token.cancel("interrupted")
 
-    monkeypatch.setattr(cli._Progress, "training", cancel_on_first_update)
+    monkeypatch.setattr(Progress, "training", cancel_on_first_update)
     code, out, err = edit(
         capsys,
         photo,
@@ -510,14 +515,14 @@ def test_ctrl_c_during_sampling_leaves_nothing(
     capsys, tmp_path, tiny_model_dir, photo, monkeypatch
 ):
     previous = signal.getsignal(signal.SIGINT)
-    original = cli._Progress.sampling
+    original = Progress.sampling
 
     def ctrl_c_at_first_step(self, p):
         original(self, p)
         if p.step == 1 and p.images_done == 0:
             os.kill(os.getpid(), signal.SIGINT)  # the handler turns it into a cancel
 
-    monkeypatch.setattr(cli._Progress, "sampling", ctrl_c_at_first_step)
+    monkeypatch.setattr(Progress, "sampling", ctrl_c_at_first_step)
     code, _out, err = edit(
         capsys,
         photo,
@@ -600,7 +605,7 @@ def test_train_seed_random_asks_for_a_fresh_fine_tune(capsys, tmp_path, tiny_mod
 def test_two_stage_defaults_to_encoderattn_and_one_value_overrides_the_first_stage(
     capsys, tmp_path, tiny_model_dir, photo
 ):
-    args = cli.build_parser().parse_args(
+    args = build_parser().parse_args(
         [
             "edit",
             str(photo),
@@ -614,7 +619,7 @@ def test_two_stage_defaults_to_encoderattn_and_one_value_overrides_the_first_sta
             str(tmp_path / "o"),
         ]
     )
-    plan = cli.validate_edit(args)
+    plan = check_edit_args(args)
     assert plan.sweep.forget == ("encoderattn",)
     assert [s.updates for s in plan.config.stages] == [7, 1000]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,8 +77,8 @@ def test_same_seeds_give_identical_models_and_images(engine: Engine, photo, edit
     again = engine.finetune(photo, "A photo of a dog", quick())
     assert again.loss_curve == edit_model.loss_curve
     assert all(torch.equal(again.delta[k], v) for k, v in edit_model.delta.items())
-    first = engine.edit(edit_model, sweep())
-    second = engine.edit(again, sweep())
+    first = engine.sample(edit_model, sweep())
+    second = engine.sample(again, sweep())
     assert [e.png_bytes() for e in first] == [e.png_bytes() for e in second]
 
 
@@ -93,7 +94,7 @@ def test_training_touches_exactly_the_trained_subset(engine: Engine, edit_model)
 def test_base_is_restored_bit_exactly(engine: Engine, photo, edit_model) -> None:  # type: ignore[no-untyped-def]
     before = unet_state(engine)
     encoder_before = {k: v.clone() for k, v in engine.base.text_encoder.state_dict().items()}
-    engine.edit(edit_model, sweep(forget=("encoderkv", "decoderattn"), forget_degree=0.3))
+    engine.sample(edit_model, sweep(forget=("encoderkv", "decoderattn"), forget_degree=0.3))
     engine.finetune(photo, "A photo of a dog", quick("dreambooth", updates=1))
     after = unet_state(engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -103,8 +104,8 @@ def test_base_is_restored_bit_exactly(engine: Engine, photo, edit_model) -> None
 
 
 def test_batched_equals_unbatched(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
-    batched = pixels(engine.edit(edit_model, sweep(), max_batch=8))
-    single = pixels(engine.edit(edit_model, sweep(), max_batch=1))
+    batched = pixels(engine.sample(edit_model, sweep(), max_batch=8))
+    single = pixels(engine.sample(edit_model, sweep(), max_batch=1))
     # fp32 batched matmuls round differently by ~1e-6: at most one 8-bit level apart.
     assert max(int(np.abs(a - b).max()) for a, b in zip(batched, single, strict=True)) <= 1
 
@@ -116,21 +117,21 @@ def test_loaded_edit_model_gives_the_same_images(
 ) -> None:
     edit_model.save(tmp_path / "em")
     loaded = load_edit_model(tmp_path / "em", expected_base_fingerprint=engine.base.fingerprint)
-    assert [e.png_bytes() for e in engine.edit(loaded, sweep())] == [
-        e.png_bytes() for e in engine.edit(edit_model, sweep())
+    assert [e.png_bytes() for e in engine.sample(loaded, sweep())] == [
+        e.png_bytes() for e in engine.sample(edit_model, sweep())
     ]
 
 
 def test_strategies_change_the_images(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
     s = dict(seeds=(1,), gammas=(0.7,))
-    keep = pixels(engine.edit(edit_model, sweep(forget=("donotforget",), **s)))[0]
-    decoder = pixels(engine.edit(edit_model, sweep(forget=("decoderattn",), **s)))[0]
+    keep = pixels(engine.sample(edit_model, sweep(forget=("donotforget",), **s)))[0]
+    decoder = pixels(engine.sample(edit_model, sweep(forget=("decoderattn",), **s)))[0]
     assert np.abs(keep - decoder).max() > 0
 
 
 def test_vp_sweep_and_images_in_order(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
     seen: list[int] = []
-    result = engine.edit(
+    result = engine.sample(
         edit_model,
         sweep(
             interpolation="vp", gammas=(1.0,), alphas=(0.8, 1.1), forget=("encoderkv", "noencoder")
@@ -144,10 +145,25 @@ def test_vp_sweep_and_images_in_order(engine: Engine, edit_model) -> None:  # ty
 
 def test_unknown_strategy_and_other_base_are_refused(engine: Engine, edit_model) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(UnknownStrategyError, match="nodecoder"):
-        engine.edit(edit_model, sweep(forget=("nodecoder",)))  # DreamBooth-only strategy
+        engine.sample(edit_model, sweep(forget=("nodecoder",)))  # DreamBooth-only strategy
     alien = dataclasses.replace(edit_model, base_model_fingerprint="0" * 64)
     with pytest.raises(BaseModelMismatchError, match="fine-tuned on base model"):
-        engine.edit(alien, sweep())
+        engine.sample(alien, sweep())
+
+
+def test_engine_says_what_a_server_needs_without_its_internals(
+    engine: Engine, edit_model, tiny_model_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    assert engine.fingerprint == edit_model.base_model_fingerprint
+    assert engine.base_model_name == edit_model.base_model_name
+    assert (engine.native_height, engine.native_width) == (SIZE, SIZE)
+    assert engine.can_caption
+    assert not Engine(engine.base).can_caption  # no BLIP captioner loaded
+    # One rule decides where an edit model can run, for an edit model or a record of one.
+    assert engine.accepts(edit_model)
+    assert not engine.accepts(dataclasses.replace(edit_model, base_model_fingerprint="0" * 64))
+    record = SimpleNamespace(base_model_name="tiny", base_model_fingerprint=engine.fingerprint)
+    assert engine.accepts(record)
 
 
 @pytest.mark.parametrize("mode", ["two_stage", "dreambooth"])
@@ -158,10 +174,10 @@ def test_every_training_mode_runs(engine: Engine, photo, mode: str) -> None:  # 
     if mode == "dreambooth":
         assert any(k.startswith("text_encoder.") for k in model.delta)
         assert len([k for k in model.delta if k.startswith("unet.")]) == 686
-        images = engine.edit(model, sweep(forget=("nodecoder",), seeds=(1,)))
+        images = engine.sample(model, sweep(forget=("nodecoder",), seeds=(1,)))
     else:
         assert len(model.delta) == 518
-        images = engine.edit(model, sweep(forget=("encoderattn",), seeds=(1,)))
+        images = engine.sample(model, sweep(forget=("encoderattn",), seeds=(1,)))
     assert len(images) == 2
     after = unet_state(engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -196,7 +212,7 @@ def test_cancel_during_sampling_stops_within_one_step(engine: Engine, edit_model
 
     before = unet_state(engine)
     with pytest.raises(CancelledError):
-        engine.edit(edit_model, sweep(steps=20), on_progress=progress, cancel=token)
+        engine.sample(edit_model, sweep(steps=20), on_progress=progress, cancel=token)
     assert steps == [1, 2]
     assert all(torch.equal(before[k], v) for k, v in unet_state(engine).items())
 
@@ -206,8 +222,8 @@ def test_faithful_and_fast_differ_only_slightly(engine: Engine, photo, edit_mode
     assert fast.delta_format == "int8" and fast.delta_scales
     # Same draws, same data: the two runs differ only by Adam's eps and the Δ storage format.
     np.testing.assert_allclose(fast.loss_curve, edit_model.loss_curve, rtol=1e-3, atol=1e-4)
-    a = pixels(engine.edit(edit_model, sweep(seeds=(1,))))
-    b = pixels(engine.edit(fast, sweep(seeds=(1,))))
+    a = pixels(engine.sample(edit_model, sweep(seeds=(1,))))
+    b = pixels(engine.sample(fast, sweep(seeds=(1,))))
     assert max(int(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) <= 8
 
 
@@ -250,8 +266,8 @@ def test_stage_override_validation() -> None:
 
 
 def test_unavailable_device_is_refused_clearly() -> None:
-    from forgedit.engine import check_device
     from forgedit.errors import InvalidInputError
+    from forgedit.requests import check_device
 
     check_device("cpu")
     if not torch.cuda.is_available():
@@ -277,9 +293,9 @@ def test_compact_delta_formats_sample_within_one_level_of_fp32(
         {"forget": ("donotforget", "encoderattn"), "forget_degree": 0.5},
         {"interpolation": "vp", "gammas": (1.2,), "forget": ("decoderkv",), "forget_degree": 0.3},
     ):
-        exact = pixels(engine.edit(edit_model, sweep(**kw)))
-        ours = engine.edit(compact, sweep(**kw))
+        exact = pixels(engine.sample(edit_model, sweep(**kw)))
+        ours = engine.sample(compact, sweep(**kw))
         difference = max(int(np.abs(x - y).max()) for x, y in zip(exact, pixels(ours), strict=True))
         assert difference <= 1, (fmt, kw, difference)
-        again = engine.edit(reloaded, sweep(**kw))
+        again = engine.sample(reloaded, sweep(**kw))
         assert [e.png_bytes() for e in again] == [e.png_bytes() for e in ours]

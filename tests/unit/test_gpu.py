@@ -30,7 +30,7 @@ def _config(precision: str) -> TrainingConfig:
 
 def _images(engine: Engine, model) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     sweep = SweepConfig(prompts=("A photo of a sitting dog.",), seeds=(1, 2), steps=10)
-    return [np.asarray(e.image, dtype=np.int16) for e in engine.edit(model, sweep)]
+    return [np.asarray(e.image, dtype=np.int16) for e in engine.sample(model, sweep)]
 
 
 def test_cuda_faithful_matches_cpu(tiny_model_dir: Path, photos_dir: Path) -> None:
@@ -78,7 +78,7 @@ def test_the_requested_precision_is_the_sampling_precision(
     sweep = SweepConfig(prompts=("A photo of a sitting dog.",), seeds=(1, 2), steps=10)
 
     def images(**kw: object) -> list[bytes]:
-        return [e.png_bytes() for e in engine.edit(model, sweep, **kw)]  # type: ignore[arg-type]
+        return [e.png_bytes() for e in engine.sample(model, sweep, **kw)]  # type: ignore[arg-type]
 
     default = images()
     assert images(precision="faithful") == default

@@ -70,7 +70,7 @@ def test_pyfunc_loads_from_the_registry_and_samples_like_the_engine(
     for png in pngs:
         assert Image.open(io.BytesIO(png)).size == (64, 64)
 
-    direct = engine.edit(
+    direct = engine.sample(
         edit_model,
         SweepConfig(prompts=("a photo of blue noise",), gammas=(0.5, 0.9), steps=2, seeds=(3,)),
     )
@@ -92,7 +92,7 @@ def test_pyfunc_of_a_tiny_model_edit_model_loads_without_model_config(
     monkeypatch.setenv("FORGEDIT_HOME", str(tmp_path / "home"))  # nothing there yet
     model = mlflow.pyfunc.load_model(uri)
     out = model.predict("a photo of blue noise", params={"gammas": [0.5], "steps": 2, "seeds": [3]})
-    direct = engine.edit(
+    direct = engine.sample(
         edit_model,
         SweepConfig(prompts=("a photo of blue noise",), gammas=(0.5,), steps=2, seeds=(3,)),
     )
@@ -135,7 +135,7 @@ def test_pyfunc_takes_a_separate_vae_directory(
         uri, model_config={"base_model_dir": str(no_vae), "vae_dir": str(tmp_path / "vae")}
     )
     out = model.predict("a photo of blue noise", params={"gammas": [0.5], "steps": 2, "seeds": [3]})
-    direct = engine.edit(
+    direct = engine.sample(
         edit_model,
         SweepConfig(prompts=("a photo of blue noise",), gammas=(0.5,), steps=2, seeds=(3,)),
     )

@@ -17,7 +17,8 @@ from PIL import Image
 from pydantic import SecretStr, ValidationError
 
 import server.validation as validation
-from forgedit import cli
+from forgedit.cli.arguments import apply_stage_flags
+from forgedit.cli.parser import build_parser
 from forgedit.config import TrainingConfig, content_seed
 from forgedit.errors import BaseModelMismatchError, CancelledError, InvalidInputError
 from registry.errors import EditModelNotFoundError, RegistryUnavailableError
@@ -135,7 +136,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
     )
     stages = validate_edit(request, Limits(), BASES, "tiny").training.stages
     assert [(s.updates, s.batch_size) for s in stages] == [(5, 1), (7, 2)]
-    args = cli.build_parser().parse_args(
+    args = build_parser().parse_args(
         [
             "edit",
             "x.png",
@@ -150,7 +151,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
         ]
     )
     cli_config = TrainingConfig.for_mode("two_stage")
-    cli_config = cli._override_stages(cli_config, args.updates, args.batch_size)
+    cli_config = apply_stage_flags(cli_config, args.updates, args.batch_size)
     assert cli_config.stages == stages
     # One value is the first stage's in both.
     first = validate_edit(
@@ -160,7 +161,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
         "tiny",
     ).training.stages
     assert [s.updates for s in first] == [5, 1000]
-    assert cli._override_stages(TrainingConfig.for_mode("two_stage"), "5", None).stages == first
+    assert apply_stage_flags(TrainingConfig.for_mode("two_stage"), "5", None).stages == first
     for field in ("stage2_updates", "stage2_batch_size"):
         with pytest.raises(InvalidInputError) as e:
             validate_edit(_edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny")

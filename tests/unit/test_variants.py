@@ -87,7 +87,7 @@ def test_dreambooth_edits_match_an_independent_reference(
     edit_model = engine.finetune(photo, SOURCE, _dreambooth(updates=3, lr=1e-3))
     assert any(k.startswith("text_encoder.") for k in edit_model.delta)
     sweep = SweepConfig(prompts=(TARGET,), gammas=(0.8, 1.2), seeds=(5,), steps=8)
-    edited = [np.asarray(e.image, dtype=np.int16) for e in engine.edit(edit_model, sweep)]
+    edited = [np.asarray(e.image, dtype=np.int16) for e in engine.sample(edit_model, sweep)]
     reference = _reference_dreambooth_images(tiny_model_dir, edit_model.delta, sweep)
     worst = max(int(np.abs(a - b).max()) for a, b in zip(edited, reference, strict=True))
     assert worst <= 2, f"DreamBooth edits differ from the reference by up to {worst}/255"
