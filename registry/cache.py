@@ -21,22 +21,18 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
 from forgedit.artifact import EditModel
-from registry.fsutil import (
-    private_dir,
-    read_json,
-    remove_orphans,
-    remove_tree,
-    tree_bytes,
-    write_json_atomic,
-)
+from forgedit.durable import write_json_atomic
+from registry.fsutil import private_dir, read_json, remove_orphans, remove_tree, tree_bytes
 from registry.ids import is_edit_model_id
 from registry.locks import LockBusy, file_lock
+from registry.records import TAG_BASE_FINGERPRINT, TAG_MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +50,17 @@ CACHED_MODELS = Gauge(
     "Edit models held in the replica's cache, by tier",
     ["tier"],
 )
+
+
+def cache_origin(tags: Mapping[str, str], version: Any = None) -> dict[str, str]:
+    """What the registry vouched for, kept beside a cached copy (``origin.json``), from a
+    version's tags. The version number lets ``cached_info`` describe the copy while MLflow is
+    down."""
+    return {
+        "manifest_sha256": tags.get(TAG_MANIFEST, ""),
+        "base_model_fingerprint": tags.get(TAG_BASE_FINGERPRINT, ""),
+        "version": str(version or ""),
+    }
 
 
 class DiskCache:

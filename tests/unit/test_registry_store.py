@@ -494,7 +494,7 @@ def test_the_flusher_registers_when_mlflow_answers_again(replicas: Replicas) -> 
         time.sleep(0.05)
     assert reg.show(model_id).status == "registered"
     reg.close()
-    assert reg._flusher is None
+    assert reg._flusher._thread is None
 
 
 def test_find_existing_while_mlflow_is_down_says_none_unless_spooled(replicas: Replicas) -> None:
@@ -701,7 +701,7 @@ def test_a_fetch_racing_the_flusher_finds_the_model_in_the_cache(replicas: Repli
     real_remove = reg._spool.remove
 
     def remove_later(edit_model_id: str) -> None:
-        files_moved.set()  # _publish moved the files into the cache a moment ago
+        files_moved.set()  # the publisher moved the files into the cache a moment ago
         release.wait(30)
         real_remove(edit_model_id)
 
