@@ -35,6 +35,7 @@ from registry.lookups import BoundedLookups
 from registry.packaging import EDIT_MODEL_ARTIFACT_PATH
 from registry.publish import publish_lock
 from registry.records import (
+    TAG_PRINCIPAL,
     EditModelInfo,
     FetchedEditModel,
     Source,
@@ -169,6 +170,9 @@ class EditModelFetcher:
             tags = describe_manifest(read_manifest(path), edit_model_id, "", manifest_sha)
         except (OSError, EditModelError, KeyError, TypeError, ValueError):
             return None  # unreadable: the fetch path will discard and download it
+        # Who made it is a registry tag, not in the manifest: origin.json keeps it (copies
+        # cached before it did read as made by nobody, which only admins see).
+        tags[TAG_PRINCIPAL] = str(origin.get("principal") or "")
         version = str(origin.get("version") or "")
         return info_from_tags(
             tags,

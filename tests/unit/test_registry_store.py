@@ -772,6 +772,19 @@ def test_a_delete_refused_while_mlflow_is_down_keeps_the_cached_copy(replicas: R
     assert a.load(model_id).image_sha256 == random_edit_model(19).image_sha256
 
 
+def test_a_cached_copy_is_described_with_its_principal(replicas: Replicas) -> None:
+    """Who made an edit model is a registry tag, not in the manifest; the cached copy (the
+    registering replica's and a downloaded one) still says who, so that a service shows it to
+    that principal while MLflow is down."""
+    a, b = replicas("a"), replicas("b")
+    model_id = a.register(random_edit_model(20), principal="alice").edit_model_id
+    b.fetch(model_id)
+    for replica in (a, b):
+        info = replica.cached_info(model_id)
+        assert info is not None and info.status == "cached"
+        assert info.principal == "alice"
+
+
 def test_register_and_find_existing_do_not_wait_out_a_hung_mlflow(replicas: Replicas) -> None:
     reg = replicas("a", lookup_timeout_s=0.2)
     reg._backend.experiment_id()
