@@ -1,5 +1,5 @@
-"""What the registry says about an edit model: result types, and the MLflow tags that carry
-the same facts.
+"""What the registry says about an edit model: result types, the MLflow tags that carry the
+same facts, and the checks of what a caller may put into them (request id, principal, tags).
 
 Every fact the registry searches or lists by is a tag on the registered model *version*
 (``forgedit.*``), so listing and lookup need one search call and no run fetches. The run carries
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from forgedit.artifact import DELTA_FILE
 from forgedit.config import TrainingConfig
-from forgedit.errors import InvalidInputError
+from forgedit.errors import EditModelError, InvalidInputError
 from registry.errors import RegistryConflictError
 
 # Version and run tags. Keys contain dots, so filter strings quote them with backticks.
@@ -142,6 +142,28 @@ def dedupe_key(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def manifest_training(manifest: Mapping[str, Any]) -> TrainingConfig:
+    """The training config a manifest records; ``EditModelError`` if it is unreadable."""
+    try:
+        return TrainingConfig.from_dict(manifest["training"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EditModelError(
+            f"edit model manifest has an unreadable training config: {e}"
+        ) from None
+
+
+def dedupe_inputs(manifest: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """``dedupe_key``'s inputs as a manifest records them: (image sha256, base fingerprint,
+    training-config fingerprint, source prompt), without hashing any payload."""
+    base = manifest.get("base_model") or {}
+    return (
+        str(manifest.get("image_sha256", "")),
+        str(base.get("fingerprint", "")),
+        manifest_training(manifest).fingerprint(),
+        str(manifest.get("source_prompt", "")),
+    )
+
+
 def check_request_id(request_id: str) -> str:
     if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidInputError(
@@ -229,10 +251,8 @@ def describe_manifest(
 ) -> dict[str, str]:
     """The ``forgedit.*`` tags of an edit model, from its manifest."""
     base = manifest.get("base_model") or {}
-    training = TrainingConfig.from_dict(manifest["training"])
-    image = str(manifest.get("image_sha256", ""))
-    fingerprint = str(base.get("fingerprint", ""))
-    config_fp = training.fingerprint()
+    training = manifest_training(manifest)
+    image, fingerprint, config_fp, source_prompt = dedupe_inputs(manifest)
     size = sum(int(f["bytes"]) for f in manifest["files"].values())
     return {
         TAG_ID: edit_model_id,
@@ -243,12 +263,10 @@ def describe_manifest(
         TAG_BASE_FINGERPRINT: fingerprint,
         TAG_MODE: training.mode,
         TAG_CONFIG: config_fp,
-        TAG_DEDUPE: dedupe_key(
-            image, fingerprint, config_fp, str(manifest.get("source_prompt", ""))
-        ),
+        TAG_DEDUPE: dedupe_key(image, fingerprint, config_fp, source_prompt),
         TAG_MANIFEST: manifest_sha256,
         TAG_BYTES: str(size),
-        TAG_PROMPT: str(manifest.get("source_prompt", ""))[:1000],
+        TAG_PROMPT: source_prompt[:1000],
         TAG_CREATED: repr(float(manifest.get("created_at", 0.0))),
         TAG_WIDTH: str(int((manifest.get("resolution") or {}).get("width", 0))),
         TAG_HEIGHT: str(int((manifest.get("resolution") or {}).get("height", 0))),

@@ -34,8 +34,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from forgedit.artifact import MANIFEST_FILE, EditModel, read_manifest, sha256_file
-from forgedit.config import TrainingConfig
-from forgedit.errors import EditModelError, InvalidInputError
+from forgedit.errors import InvalidInputError
 from registry.backend import MlflowBackend
 from registry.cache import DiskCache, MemoryCache
 from registry.config import RegistryConfig
@@ -72,6 +71,7 @@ from registry.records import (
     check_same_request,
     check_sha256,
     check_user_tags,
+    dedupe_inputs,
     dedupe_key,
     describe_manifest,
     info_from_tags,
@@ -490,8 +490,8 @@ class EditModelRegistry:
 
 
 def _keys_of(edit_model: EditModel | str | os.PathLike[str]) -> tuple[str, str, str, str]:
-    """(image sha256, base fingerprint, training-config fingerprint, source prompt), without
-    hashing payload."""
+    """``dedupe_key``'s inputs of an edit model or an edit-model directory, without hashing
+    payload."""
     if isinstance(edit_model, EditModel):
         return (
             edit_model.image_sha256,
@@ -499,17 +499,4 @@ def _keys_of(edit_model: EditModel | str | os.PathLike[str]) -> tuple[str, str, 
             edit_model.training.fingerprint(),
             edit_model.source_prompt,
         )
-    manifest = read_manifest(edit_model)
-    try:
-        config_fp = TrainingConfig.from_dict(manifest["training"]).fingerprint()
-    except (KeyError, TypeError, ValueError) as e:
-        raise EditModelError(
-            f"edit model manifest has an unreadable training config: {e}"
-        ) from None
-    base = manifest.get("base_model") or {}
-    return (
-        str(manifest.get("image_sha256", "")),
-        str(base.get("fingerprint", "")),
-        config_fp,
-        str(manifest.get("source_prompt", "")),
-    )
+    return dedupe_inputs(read_manifest(edit_model))
