@@ -45,8 +45,9 @@ from registry.errors import (
     RegistryUnavailableError,
 )
 from registry.ids import is_edit_model_id, new_edit_model_id, validate_edit_model_id
+from registry.publish import FlushResult
 from registry.records import EditModelInfo, EditModelPage, FetchedEditModel, RegisteredEditModel
-from registry.store import EditModelRegistry, FlushResult
+from registry.store import EditModelRegistry
 
 __all__ = [
     "EditModelInfo",

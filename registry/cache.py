@@ -4,7 +4,8 @@ Disk (``DATA/cache``), bounded in bytes, least recently used first out::
 
     models/<edit-model-id>/edit_model/   a verified edit-model directory
     models/<edit-model-id>/origin.json   what the registry vouched for when it was downloaded
-                                         (manifest sha256, base-model fingerprint)
+                                         (manifest sha256, base-model fingerprint, version,
+                                         principal; ``cache_origin``)
     tmp/                                 downloads in progress (discarded at start-up)
     trash/                               copies being removed
 
@@ -21,22 +22,18 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
 from forgedit.artifact import EditModel
-from registry.fsutil import (
-    private_dir,
-    read_json,
-    remove_orphans,
-    remove_tree,
-    tree_bytes,
-    write_json_atomic,
-)
+from forgedit.durable import write_json_atomic
+from registry.fsutil import private_dir, read_json, remove_orphans, remove_tree, tree_bytes
 from registry.ids import is_edit_model_id
 from registry.locks import LockBusy, file_lock
+from registry.records import TAG_BASE_FINGERPRINT, TAG_MANIFEST, TAG_PRINCIPAL
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +51,18 @@ CACHED_MODELS = Gauge(
     "Edit models held in the replica's cache, by tier",
     ["tier"],
 )
+
+
+def cache_origin(tags: Mapping[str, str], version: Any = None) -> dict[str, str]:
+    """What the registry vouched for, kept beside a cached copy (``origin.json``), from a
+    version's tags. The version number and the principal (who may see it) let
+    ``cached_info`` describe the copy while MLflow is down; neither is in the manifest."""
+    return {
+        "manifest_sha256": tags.get(TAG_MANIFEST, ""),
+        "base_model_fingerprint": tags.get(TAG_BASE_FINGERPRINT, ""),
+        "version": str(version or ""),
+        "principal": tags.get(TAG_PRINCIPAL, ""),
+    }
 
 
 class DiskCache:

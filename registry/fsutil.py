@@ -1,4 +1,8 @@
-"""Small durable-filesystem helpers: atomic JSON, fsync of directories, streamed copies."""
+"""Directory helpers of the spool and the cache: per-process private directories, orphan
+clean-up, removal that no reader sees half-done, streamed copies.
+
+Atomic writes and fsyncs are not here: they live in ``forgedit.durable`` (one implementation
+for the whole project), which the spool and the cache import directly."""
 
 from __future__ import annotations
 
@@ -9,11 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-
-# The atomic-write primitives live in the engine (one implementation for the whole project).
-from forgedit.durable import fsync_dir as fsync_dir
-from forgedit.durable import fsync_tree as fsync_tree
-from forgedit.durable import write_json_atomic as write_json_atomic
 
 _COPY_CHUNK = 8 * 1024 * 1024
 

@@ -1,5 +1,5 @@
-"""What the registry says about an edit model: result types, and the MLflow tags that carry
-the same facts.
+"""What the registry says about an edit model: result types, the MLflow tags that carry the
+same facts, and the checks of what a caller may put into them (request id, principal, tags).
 
 Every fact the registry searches or lists by is a tag on the registered model *version*
 (``forgedit.*``), so listing and lookup need one search call and no run fetches. The run carries
@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from forgedit.artifact import DELTA_FILE
 from forgedit.config import TrainingConfig
-from forgedit.errors import InvalidInputError
+from forgedit.errors import EditModelError, InvalidInputError
+from registry.errors import RegistryConflictError
 
 # Version and run tags. Keys contain dots, so filter strings quote them with backticks.
 TAG_ID = "forgedit.edit_model_id"
@@ -53,6 +54,7 @@ _BASE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _PRINCIPAL = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 MAX_REQUEST_ID_CHARS = 256
 MAX_USER_TAGS = 20
+_USER_TAG_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 Source = Literal["memory", "spool", "cache", "download"]
 Status = Literal["registered", "spooled", "cached"]
@@ -140,6 +142,28 @@ def dedupe_key(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def manifest_training(manifest: Mapping[str, Any]) -> TrainingConfig:
+    """The training config a manifest records; ``EditModelError`` if it is unreadable."""
+    try:
+        return TrainingConfig.from_dict(manifest["training"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EditModelError(
+            f"edit model manifest has an unreadable training config: {e}"
+        ) from None
+
+
+def dedupe_inputs(manifest: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """``dedupe_key``'s inputs as a manifest records them: (image sha256, base fingerprint,
+    training-config fingerprint, source prompt), without hashing any payload."""
+    base = manifest.get("base_model") or {}
+    return (
+        str(manifest.get("image_sha256", "")),
+        str(base.get("fingerprint", "")),
+        manifest_training(manifest).fingerprint(),
+        str(manifest.get("source_prompt", "")),
+    )
+
+
 def check_request_id(request_id: str) -> str:
     if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidInputError(
@@ -180,15 +204,55 @@ def check_principal(value: str) -> str:
     return value
 
 
+def check_user_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """A caller's extra run tags: at most ``MAX_USER_TAGS``, keys of 1-64 letters, digits,
+    ``_ - .`` outside the ``forgedit.``/``mlflow.`` namespaces, values of at most 1000
+    characters. Raises ``InvalidInputError`` naming the first bad one."""
+    if len(tags) > MAX_USER_TAGS:
+        raise InvalidInputError(
+            f"at most {MAX_USER_TAGS} tags are accepted, got {len(tags)}", field="tags"
+        )
+    out = {}
+    for key, value in tags.items():
+        if (
+            not isinstance(key, str)
+            or not 1 <= len(key) <= 64
+            or not set(key) <= _USER_TAG_KEY
+            or key.startswith(("forgedit.", "mlflow."))
+        ):
+            raise InvalidInputError(
+                f"tag key {str(key)[:40]!r} is not accepted: use 1-64 letters, digits, '_', '-' "
+                "or '.', not starting with 'forgedit.' or 'mlflow.'",
+                field="tags",
+            )
+        if not isinstance(value, str) or len(value) > 1000:
+            raise InvalidInputError(
+                f"tag {key!r} must be text of at most 1000 characters", field="tags"
+            )
+        out[key] = value
+    return out
+
+
+def check_same_request(tags: Mapping[str, str], dkey: str, principal: str = "") -> None:
+    """The edit model ``tags`` describe, found by a request id, is the one this request
+    would register (same dedupe key, same principal); else ``RegistryConflictError``."""
+    if principal and tags.get(TAG_PRINCIPAL, "") != principal:
+        # Another principal's request: say nothing about its edit model.
+        raise RegistryConflictError("request id is already in use; use a new request id")
+    if tags.get(TAG_DEDUPE) != dkey:
+        raise RegistryConflictError(
+            f"request id was already used to register edit model {tags.get(TAG_ID)} from a "
+            "different image, base model or training config; use a new request id"
+        )
+
+
 def describe_manifest(
     manifest: Mapping[str, Any], edit_model_id: str, request_id: str, manifest_sha256: str
 ) -> dict[str, str]:
     """The ``forgedit.*`` tags of an edit model, from its manifest."""
     base = manifest.get("base_model") or {}
-    training = TrainingConfig.from_dict(manifest["training"])
-    image = str(manifest.get("image_sha256", ""))
-    fingerprint = str(base.get("fingerprint", ""))
-    config_fp = training.fingerprint()
+    training = manifest_training(manifest)
+    image, fingerprint, config_fp, source_prompt = dedupe_inputs(manifest)
     size = sum(int(f["bytes"]) for f in manifest["files"].values())
     return {
         TAG_ID: edit_model_id,
@@ -199,12 +263,10 @@ def describe_manifest(
         TAG_BASE_FINGERPRINT: fingerprint,
         TAG_MODE: training.mode,
         TAG_CONFIG: config_fp,
-        TAG_DEDUPE: dedupe_key(
-            image, fingerprint, config_fp, str(manifest.get("source_prompt", ""))
-        ),
+        TAG_DEDUPE: dedupe_key(image, fingerprint, config_fp, source_prompt),
         TAG_MANIFEST: manifest_sha256,
         TAG_BYTES: str(size),
-        TAG_PROMPT: str(manifest.get("source_prompt", ""))[:1000],
+        TAG_PROMPT: source_prompt[:1000],
         TAG_CREATED: repr(float(manifest.get("created_at", 0.0))),
         TAG_WIDTH: str(int((manifest.get("resolution") or {}).get("width", 0))),
         TAG_HEIGHT: str(int((manifest.get("resolution") or {}).get("height", 0))),
@@ -243,6 +305,18 @@ def info_from_tags(
         principal=tags.get(TAG_PRINCIPAL, ""),
         delta_format=tags.get(TAG_DELTA_FORMAT, ""),
         delta_bytes=int(num(TAG_DELTA_BYTES)),
+    )
+
+
+def registered(version: Any, deduped: bool = False) -> RegisteredEditModel:
+    """``register``'s result for an MLflow model version."""
+    return RegisteredEditModel(version.tags[TAG_ID], int(version.version), deduped=deduped)
+
+
+def version_info(version: Any) -> EditModelInfo:
+    """``show``'s description of an MLflow model version (from its tags alone)."""
+    return info_from_tags(
+        version.tags, status="registered", version=int(version.version), run_id=version.run_id
     )
 
 

@@ -30,16 +30,8 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from registry.fsutil import (
-    fsync_dir,
-    fsync_tree,
-    private_dir,
-    read_json,
-    remove_orphans,
-    remove_tree,
-    tree_bytes,
-    write_json_atomic,
-)
+from forgedit.durable import fsync_dir, fsync_tree, write_json_atomic
+from registry.fsutil import private_dir, read_json, remove_orphans, remove_tree, tree_bytes
 from registry.ids import is_edit_model_id
 from registry.records import TAG_DEDUPE, TAG_PRINCIPAL, TAG_REQUEST_KEY
 

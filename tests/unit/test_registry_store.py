@@ -494,7 +494,7 @@ def test_the_flusher_registers_when_mlflow_answers_again(replicas: Replicas) -> 
         time.sleep(0.05)
     assert reg.show(model_id).status == "registered"
     reg.close()
-    assert reg._flusher is None
+    assert reg._flusher._thread is None
 
 
 def test_find_existing_while_mlflow_is_down_says_none_unless_spooled(replicas: Replicas) -> None:
@@ -701,7 +701,7 @@ def test_a_fetch_racing_the_flusher_finds_the_model_in_the_cache(replicas: Repli
     real_remove = reg._spool.remove
 
     def remove_later(edit_model_id: str) -> None:
-        files_moved.set()  # _publish moved the files into the cache a moment ago
+        files_moved.set()  # the publisher moved the files into the cache a moment ago
         release.wait(30)
         real_remove(edit_model_id)
 
@@ -770,6 +770,19 @@ def test_a_delete_refused_while_mlflow_is_down_keeps_the_cached_copy(replicas: R
         a.delete(model_id)
     assert model_id in cached_ids(a)
     assert a.load(model_id).image_sha256 == random_edit_model(19).image_sha256
+
+
+def test_a_cached_copy_is_described_with_its_principal(replicas: Replicas) -> None:
+    """Who made an edit model is a registry tag, not in the manifest; the cached copy (the
+    registering replica's and a downloaded one) still says who, so that a service shows it to
+    that principal while MLflow is down."""
+    a, b = replicas("a"), replicas("b")
+    model_id = a.register(random_edit_model(20), principal="alice").edit_model_id
+    b.fetch(model_id)
+    for replica in (a, b):
+        info = replica.cached_info(model_id)
+        assert info is not None and info.status == "cached"
+        assert info.principal == "alice"
 
 
 def test_register_and_find_existing_do_not_wait_out_a_hung_mlflow(replicas: Replicas) -> None:
