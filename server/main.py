@@ -17,6 +17,7 @@ event), then are cancelled; the process exits 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -31,6 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
+from server.estimator import Estimator
 from server.interceptors import (
     DrainingInterceptor,
     MetricsInterceptor,
@@ -41,11 +43,11 @@ from server.interceptors import (
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ports import EngineFactory, EngineLike, RegistryLike
+from server.registry_client import RegistryCalls, RegistryClient
 from server.runner import JobRunner
-from server.scheduler import Estimator, Scheduler, SchedulerConfig
+from server.scheduler import Scheduler, SchedulerConfig
 from server.service import SERVICE_NAME, ForgeditServicer
 from server.settings import ServerSettings
-from server.store import EditModelStore, RegistryCalls
 from server.transport import server_credentials, server_options
 from server.validation import Limits
 
@@ -87,7 +89,7 @@ class ForgeditServer:
         self.health_server = health_server
         self.health_port = health_port
         self.streams = streams
-        self.store: EditModelStore | None = None  # set by create_server; closed on stop
+        self.registry_client: RegistryClient | None = None  # set by create_server; closed on stop
         self._stopped = threading.Event()
         self._watcher = threading.Thread(
             target=self._mark_ready, name="forgedit-ready", daemon=True
@@ -131,8 +133,8 @@ class ForgeditServer:
             self.health_server.stop(0).wait()
         self.scheduler.stop()
         self.metrics.close()
-        if self.store is not None:
-            self.store.close()
+        if self.registry_client is not None:
+            self.registry_client.close()
         if self._owned_registry is not None:
             self._owned_registry.close()
         log.info("stopped")
@@ -158,7 +160,7 @@ def create_server(
         registry = default_registry(settings)
     registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
 
-    store = EditModelStore(
+    registry_client = RegistryClient(
         registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
     )
     prior = settings.time_prior(time_prior_key(base_models, settings))
@@ -174,7 +176,7 @@ def create_server(
         ),
         engine_factory,
         JobRunner(
-            store,
+            registry_client,
             metrics,
             estimator,
             max_batch=settings.max_batch,
@@ -208,7 +210,7 @@ def create_server(
         maximum_concurrent_rpcs=settings.grpc_threads,
     )
     pb_grpc.add_ForgeditServiceServicer_to_server(
-        ForgeditServicer(settings, scheduler, store, authenticator), grpc_server
+        ForgeditServicer(settings, scheduler, registry_client, authenticator), grpc_server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -256,7 +258,7 @@ def create_server(
         health_port=health_port,
         streams=streams,
     )
-    server.store = store
+    server.registry_client = registry_client
     return server, port
 
 
@@ -358,14 +360,13 @@ def default_engine_factory(
 
     def build(name: str, device: str) -> EngineLike:
         from forgedit.caption import Captioner
-        from forgedit.engine import Engine
         from forgedit.models import load_base_model
 
         base = load_base_model(
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return Engine(
+        return served_engine(
             base,
             captioner,
             precision=settings.precision,
@@ -378,6 +379,45 @@ def default_engine_factory(
         )
 
     return build
+
+
+def served_engine(*args: Any, **kwargs: Any) -> EngineLike:
+    """A ``forgedit.engine.Engine(*args, **kwargs)`` as the server sees it."""
+    engine: EngineLike = _served_engine_class()(*args, **kwargs)
+    return engine
+
+
+@functools.cache
+def _served_engine_class() -> Any:
+    """``forgedit.engine.Engine`` with the members ``server.ports.EngineLike`` reads
+    (``fingerprint``, ``native_height``/``native_width``, ``can_caption``, ``accepts``), so
+    that no server module reaches into the engine's base model or captioner.
+
+    Transitional (issue 11): the engine is to expose these itself; once it does, this class
+    adds nothing and goes. Built on first use, as importing the engine imports torch."""
+    from forgedit.engine import Engine
+
+    class ServedEngine(Engine):
+        @property
+        def fingerprint(self) -> str:
+            return str(self.base.fingerprint)
+
+        @property
+        def native_height(self) -> int:
+            return int(self.base.native_height)
+
+        @property
+        def native_width(self) -> int:
+            return int(self.base.native_width)
+
+        @property
+        def can_caption(self) -> bool:
+            return self.captioner is not None
+
+        def accepts(self, edit_model: Any) -> None:
+            self._check_compatible(edit_model)
+
+    return ServedEngine
 
 
 def default_registry(settings: ServerSettings) -> RegistryLike:

@@ -20,10 +20,11 @@ from server.errors import (
     RequestConflictError,
     UnavailableError,
 )
+from server.estimator import Estimator
 from server.jobs import Job, JobState
 from server.metrics import Metrics
-from server.scheduler import Estimator, Scheduler, SchedulerConfig
-from server.validation import EditPlan, SamplePlan
+from server.scheduler import Scheduler, SchedulerConfig
+from server.validation import EditRequestPlan, SampleRequestPlan
 
 
 class GatedRunner:
@@ -48,8 +49,13 @@ class GatedRunner:
 
 
 def _engine(name: str, device: str) -> Any:
-    base = SimpleNamespace(name=name, fingerprint="f" * 64, native_height=64, native_width=64)
-    return SimpleNamespace(base=base, captioner=None, warmup=lambda: None)
+    return SimpleNamespace(
+        fingerprint="f" * 64,
+        native_height=64,
+        native_width=64,
+        can_caption=False,
+        warmup=lambda: None,
+    )
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
     plan: Any
     if kind == pb.JOB_KIND_EDIT:
         image: Any = SimpleNamespace(sha256="0" * 64)
-        plan = EditPlan(
+        plan = EditRequestPlan(
             request_id,
             image,
             b"",
@@ -91,7 +97,7 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
             False,
         )
     else:
-        plan = SamplePlan(request_id, "em_" + "a" * 26, sweep, False)
+        plan = SampleRequestPlan(request_id, "em_" + "a" * 26, sweep, False)
     return Job(
         job_id=f"job_{next(_counter)}",
         kind=kind,
