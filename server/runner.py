@@ -64,15 +64,12 @@ class JobRunner:
         registry: RegistryClient,
         metrics: Metrics,
         estimator: Estimator,
-        *,
-        max_batch: int = 8,
-        limits: Limits | None = None,
+        limits: Limits,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.estimator = estimator
-        self.max_batch = max_batch
-        self.limits = limits or Limits(sampling_batch=max_batch)
+        self.limits = limits  # the sampling batch and the device's pixel budget
 
     def __call__(self, job: Job, engines: Mapping[str, EngineLike]) -> None:
         if isinstance(job.plan, EditRequestPlan):
@@ -253,66 +250,20 @@ class JobRunner:
         """Sample the sweep in ``precision`` (None: the engine's, i.e. the server default),
         emitting progress and each image as it finishes; return the engine's
         ``EditedImage``s."""
-        started = time.perf_counter()
-        last = [started]
-        pending = [0]  # images of the batch that just finished, to split its time
-        first = [True]
-
-        def on_progress(p: SamplingProgress) -> None:
-            pending[0] = p.batch_images
-            job.emit(
-                sampling=pb.SamplingEvent(
-                    images_done=p.images_done,
-                    images_total=p.images_total,
-                    step=p.step,
-                    steps=p.steps,
-                    forget=p.forget,
-                )
+        stream = _SamplingStream(job, engine, self.metrics)
+        with self._phase(job, "sampling"):
+            edited = engine.edit(
+                edit_model,
+                sweep,
+                on_image=stream.on_image,
+                on_progress=stream.on_progress,
+                cancel=job.cancel,
+                # Batches that fit the device's pixel budget at this resolution.
+                max_batch=sampling_batch_size(
+                    edit_model.training.height, edit_model.training.width, self.limits
+                ),
+                precision=precision,
             )
-
-        def on_image(edited: Any) -> None:
-            now = time.perf_counter()
-            if pending[0]:
-                # The first image of a batch carries the batch's time, split over its images;
-                # the batch's other images observe nothing (one observation per image).
-                per_image = (now - last[0]) / pending[0]
-                for _ in range(pending[0]):
-                    self.metrics.sampling_image.labels(
-                        method=job.method, backend=engine.sampling_backend
-                    ).observe(per_image)
-                pending[0] = 0
-                last[0] = now
-            spec = edited.spec
-            png = edited.png_bytes()
-            if first[0]:
-                first[0] = False
-                self.metrics.time_to_first_image.labels(method=job.method).observe(
-                    time.monotonic() - job.created_monotonic
-                )
-            job.emit(
-                image=pb.ImageEvent(
-                    index=spec.index,
-                    png=png,
-                    width=edited.image.width,
-                    height=edited.image.height,
-                    params=wire.image_params(spec),
-                )
-            )
-            self.metrics.images.labels(method=job.method).inc()
-
-        edited = engine.edit(
-            edit_model,
-            sweep,
-            on_image=on_image,
-            on_progress=on_progress,
-            cancel=job.cancel,
-            # Batches that fit the device's pixel budget at this resolution.
-            max_batch=sampling_batch_size(
-                edit_model.training.height, edit_model.training.width, self.limits
-            ),
-            precision=precision,
-        )
-        job.timings.sampling = time.perf_counter() - started
         # A canary failure during the job may have moved the engine to the next backend.
         job.timings.sampling_backend = engine.sampling_backend
         self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)
@@ -332,6 +283,59 @@ class JobRunner:
                 train_seed=train_seed,
             )
         )
+
+
+class _SamplingStream:
+    """The job's events and per-image metrics while the engine samples: ``sampling`` after
+    every denoising step, ``image`` per finished image. A batch's images finish together, so
+    the first one carries the batch's time, split over its images (one observation each)."""
+
+    def __init__(self, job: Job, engine: EngineLike, metrics: Metrics) -> None:
+        self.job = job
+        self.engine = engine
+        self.metrics = metrics
+        self.last = time.perf_counter()
+        self.pending = 0  # images of the batch that just finished, to split its time
+        self.first = True
+
+    def on_progress(self, p: SamplingProgress) -> None:
+        self.pending = p.batch_images
+        self.job.emit(
+            sampling=pb.SamplingEvent(
+                images_done=p.images_done,
+                images_total=p.images_total,
+                step=p.step,
+                steps=p.steps,
+                forget=p.forget,
+            )
+        )
+
+    def on_image(self, edited: Any) -> None:
+        job = self.job
+        now = time.perf_counter()
+        if self.pending:
+            per_image = (now - self.last) / self.pending
+            for _ in range(self.pending):
+                self.metrics.sampling_image.labels(
+                    method=job.method, backend=self.engine.sampling_backend
+                ).observe(per_image)
+            self.pending = 0
+            self.last = now
+        spec = edited.spec
+        png = edited.png_bytes()
+        if self.first:
+            self.first = False
+            self.metrics.time_to_first_image.labels(method=job.method).observe(job.elapsed_s)
+        job.emit(
+            image=pb.ImageEvent(
+                index=spec.index,
+                png=png,
+                width=edited.image.width,
+                height=edited.image.height,
+                params=wire.image_params(spec),
+            )
+        )
+        self.metrics.images.labels(method=job.method).inc()
 
 
 def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> EngineLike:
