@@ -95,11 +95,11 @@ class BaseModelInfo:
     fingerprint: str
     height: int
     width: int
-    has_captioner: bool
+    can_caption: bool
 
 
 class RegistryLike(Protocol):
-    """The edit-model store (``registry.EditModelRegistry``). Every method may raise the
+    """The edit-model registry (``registry.EditModelRegistry``). Every method may raise the
     errors of ``registry.errors``; ids are validated by the registry before any I/O."""
 
     def start(self) -> None: ...

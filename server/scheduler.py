@@ -283,11 +283,6 @@ class Scheduler:
             time.sleep(0.02)
         return self.idle()
 
-    @property
-    def accepting(self) -> bool:
-        with self._lock:
-            return self._accepting
-
     def require_ready(self) -> None:
         """Raise ``UnavailableError`` unless new jobs are taken: every engine is warmed up and
         draining has not started. The one readiness rule; health and the RPCs ask here."""
@@ -339,7 +334,7 @@ class Scheduler:
                 fingerprint=engine.fingerprint,
                 height=engine.native_height,
                 width=engine.native_width,
-                has_captioner=engine.can_caption,
+                can_caption=engine.can_caption,
             )
             with self._lock:
                 self.base_models.setdefault(name, info)

@@ -206,7 +206,7 @@ def check_edit_request(
             f"unknown base model {_shown(name)}; this server serves: {', '.join(base_models)}",
             field="base_model",
         )
-    if source_prompt is None and not base.has_captioner:
+    if source_prompt is None and not base.can_caption:
         raise InvalidInputError(
             "source_prompt is required: this server has no BLIP captioner for base model "
             f"{base.name!r}",

@@ -404,7 +404,7 @@ def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.Mon
             training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE),
         ),
         Limits.from_settings(settings),
-        {name: BaseModelInfo(name, "f" * 64, 512, 512, has_captioner=True)},
+        {name: BaseModelInfo(name, "f" * 64, 512, 512, can_caption=True)},
         name,
     )
     assert plan.training.total_samples == 1400 and plan.sweep.num_images == 3

@@ -38,7 +38,7 @@ from server.settings import ServerSettings
 from server.transport import MIB, server_options
 from server.validation import Limits, check_edit_request, check_sample_request
 
-BASES = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, has_captioner=True)}
+BASES = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, can_caption=True)}
 
 
 def _png(size: tuple[int, int] = (32, 24)) -> bytes:
@@ -195,7 +195,7 @@ def test_cheap_checks_run_before_the_image_is_decoded(monkeypatch: pytest.Monkey
 
 
 def test_source_prompt_required_without_a_captioner() -> None:
-    bases = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, has_captioner=False)}
+    bases = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, can_caption=False)}
     with pytest.raises(InvalidInputError) as e:
         check_edit_request(_edit(), Limits(), bases, "tiny")
     assert e.value.field == "source_prompt"
