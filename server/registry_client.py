@@ -1,10 +1,10 @@
 """The server's view of the edit-model registry: the few calls it makes, bounded and filtered.
 
 ``RegistryClient`` wraps a ``registry.EditModelRegistry`` (or anything with the same methods,
-see ``server.ports.RegistryLike``): it bounds the calls made for a request, shows a principal
-only its own edit models, and refuses one of a base model this replica does not serve. Its
-records go on the wire through ``server.wire.edit_model_to_proto``. Errors pass through
-unchanged (``registry.errors``) and are mapped in ``server.errors``.
+see ``server.ports.RegistryLike``): it bounds the calls made for a request and shows a
+principal only its own edit models. Its records go on the wire through
+``server.wire.edit_model_to_proto``. Errors pass through unchanged (``registry.errors``) and
+are mapped in ``server.errors``.
 
 Registry calls made for a request (``show``, ``describe_for_sampling``, ``list``, ``delete``)
 run on a small bounded pool (``RegistryCalls``) and are waited for at most the registry timeout
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
@@ -33,8 +33,7 @@ from forgedit.config import TrainingConfig
 from forgedit.errors import ForgeditError
 from registry.errors import EditModelNotFoundError, RegistryUnavailableError
 from server.auth import Principal
-from server.errors import UnservedBaseModelError
-from server.ports import BaseModelInfo, RegistryLike
+from server.ports import RegistryLike
 
 if TYPE_CHECKING:
     from registry import EditModelInfo, EditModelPage, RegisteredEditModel
@@ -205,14 +204,3 @@ class RegistryClient:
 
     def close(self) -> None:
         self.calls.close()
-
-    @staticmethod
-    def check_served(info: EditModelInfo, base_models: Iterable[BaseModelInfo]) -> None:
-        """Raise ``UnservedBaseModelError`` unless ``info``'s base model is loaded here."""
-        served = list(base_models)
-        if not any(b.fingerprint == info.base_model_fingerprint for b in served):
-            raise UnservedBaseModelError(
-                f"edit model {info.edit_model_id} was fine-tuned on base model "
-                f"{info.base_model_name!r}, which this server does not serve; served: "
-                f"{', '.join(b.name for b in served)}"
-            )

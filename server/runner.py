@@ -340,7 +340,7 @@ class _SamplingStream:
 
 def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> EngineLike:
     """The engine of the edit model's base model. The service refuses an edit model of a base
-    model this replica does not serve before queueing (``RegistryClient.check_served``), so
+    model this replica does not serve before queueing (``Scheduler.require_served``), so
     a miss here is a bug, not a client mistake."""
     for engine in engines.values():
         if engine.fingerprint == edit_model.base_model_fingerprint:

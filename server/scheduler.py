@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from server._proto import forgedit_pb2 as pb
 from server.errors import (
@@ -41,6 +42,7 @@ from server.errors import (
     QueueFullError,
     RequestConflictError,
     UnavailableError,
+    UnservedBaseModelError,
     cancelled_status,
     to_rpc_status,
 )
@@ -49,6 +51,9 @@ from server.jobs import Job, JobState
 from server.logs import job_context
 from server.metrics import Metrics
 from server.ports import BaseModelInfo, EngineFactory, EngineLike
+
+if TYPE_CHECKING:
+    from registry import EditModelInfo
 
 log = logging.getLogger("server.scheduler")
 
@@ -288,6 +293,17 @@ class Scheduler:
         draining has not started. The one readiness rule; health and the RPCs ask here."""
         with self._lock:
             self._require_ready_locked()
+
+    def require_served(self, edit_model: EditModelInfo) -> None:
+        """Raise ``UnservedBaseModelError`` unless the edit model's base model is loaded here:
+        the one compatibility check, made before a job is queued."""
+        served = list(self.base_models.values())
+        if not any(b.fingerprint == edit_model.base_model_fingerprint for b in served):
+            raise UnservedBaseModelError(
+                f"edit model {edit_model.edit_model_id} was fine-tuned on base model "
+                f"{edit_model.base_model_name!r}, which this server does not serve; served: "
+                f"{', '.join(b.name for b in served)}"
+            )
 
     def _require_ready_locked(self) -> None:
         if not self._accepting:

@@ -151,7 +151,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         plan = check_sample_request(request, self.limits, training_mode_of)
         info = shown[0]
         check_sampling_memory(plan.sweep, int(info.height), int(info.width), self.limits)
-        self.registry.check_served(info, self.scheduler.base_models.values())
+        self.scheduler.require_served(info)
         job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request, principal)
         job = self._submit(job, context, detach=request.detach)
         for event in self._follow(job, context, owner=True):
