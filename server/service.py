@@ -41,7 +41,9 @@ from server.registry_client import RegistryClient
 from server.scheduler import Scheduler
 from server.settings import ServerSettings
 from server.validation import (
+    EditRequestPlan,
     Limits,
+    SampleRequestPlan,
     check_edit_request,
     check_sample_request,
     check_sampling_memory,
@@ -116,6 +118,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def Edit(
         self, request: pb.EditRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.EditResponse]:
+        # 1. Check inputs: cheap, bounded checks first, the image decoded last.
         self.scheduler.require_ready()
         plan = check_edit_request(
             request,
@@ -124,8 +127,10 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             self._default_base_model(),
             default_precision=self.settings.precision,
         )
+        # 2. Queue the job, or re-attach to the one its request id names.
         job = self._new_job(pb.JOB_KIND_EDIT, plan, request, self._principal(context))
         job = self._submit(job, context, detach=request.detach)
+        # 3. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
             yield pb.EditResponse(event=event)
 
@@ -133,11 +138,11 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def Sample(
         self, request: pb.SampleRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SampleResponse]:
+        # 1. Check inputs. The edit model must be known to this principal (its variant sets
+        # the sweep's defaults and strategy names); a copy cached here answers without MLflow,
+        # so sampling it survives a registry outage.
         self.scheduler.require_ready()
         principal = self._principal(context)
-        # Known to this principal (its variant sets the sweep's defaults and strategy names),
-        # and made on a base model served here? Refused before queueing. A copy cached here
-        # answers without MLflow, so sampling it survives a registry outage.
         shown: list[EditModelInfo] = []
 
         def training_mode_of(edit_model_id: str) -> str:
@@ -149,11 +154,15 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             return str(shown[0].training_mode or "joint")
 
         plan = check_sample_request(request, self.limits, training_mode_of)
+        # 2. Refuse, before queueing, what cannot run here: a resolution too large for the
+        # device, or an edit model of a base model this replica does not serve.
         info = shown[0]
         check_sampling_memory(plan.sweep, int(info.height), int(info.width), self.limits)
         self.scheduler.require_served(info)
+        # 3. Queue the job, or re-attach to the one its request id names.
         job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request, principal)
         job = self._submit(job, context, detach=request.detach)
+        # 4. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
             yield pb.SampleResponse(event=event)
 
@@ -249,7 +258,13 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             raise JobNotFoundError(repr(job.job_id[:80]))
         return job
 
-    def _new_job(self, kind: pb.JobKind, plan: Any, request: Any, principal: Principal) -> Job:
+    def _new_job(
+        self,
+        kind: pb.JobKind,
+        plan: EditRequestPlan | SampleRequestPlan,
+        request: pb.EditRequest | pb.SampleRequest,
+        principal: Principal,
+    ) -> Job:
         job = Job(
             job_id=new_job_id(),
             kind=kind,
