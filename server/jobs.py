@@ -196,23 +196,6 @@ class Job:
             return True
 
     def to_proto(self) -> pb.Job:
+        """The job as the wire's ``Job``: one consistent snapshot, taken under its lock."""
         with self._cond:
-            job = pb.Job(
-                job_id=self.job_id,
-                request_id=self.request_id,
-                kind=self.kind,
-                state=self.state.value,
-                queue_position=self.queue_position,
-                edit_model_id=self.edit_model_id,
-                last_sequence=self._sequence,
-                create_time=wire.timestamp(self.created_at),
-                principal=self.principal,
-            )
-            if self.started_at is not None:
-                job.start_time.CopyFrom(wire.timestamp(self.started_at))
-            if self.ended_at is not None:
-                job.end_time.CopyFrom(wire.timestamp(self.ended_at))
-            if self.error is not None:
-                job.error_code = self.error.status.code
-                job.error_message = self.error.status.message
-            return job
+            return wire.job_to_proto(self)

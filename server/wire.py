@@ -18,7 +18,7 @@ from server._proto import forgedit_pb2 as pb
 
 if TYPE_CHECKING:
     from forgedit.config import ImageSpec
-    from server.jobs import Timings
+    from server.jobs import Job, Timings
 
 E = TypeVar("E")  # one protobuf enum type
 
@@ -117,3 +117,26 @@ def phase_timings(timings: Timings) -> pb.PhaseTimings:
         sampling_backend=timings.sampling_backend,
         total_seconds=timings.total,
     )
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    """A job's state as the wire's ``Job`` (call ``Job.to_proto``, which holds its lock)."""
+    message = pb.Job(
+        job_id=job.job_id,
+        request_id=job.request_id,
+        kind=job.kind,
+        state=job.state.value,
+        queue_position=job.queue_position,
+        edit_model_id=job.edit_model_id,
+        last_sequence=job.last_sequence,
+        create_time=timestamp(job.created_at),
+        principal=job.principal,
+    )
+    if job.started_at is not None:
+        message.start_time.CopyFrom(timestamp(job.started_at))
+    if job.ended_at is not None:
+        message.end_time.CopyFrom(timestamp(job.ended_at))
+    if job.error is not None:
+        message.error_code = job.error.status.code
+        message.error_message = job.error.status.message
+    return message
