@@ -17,7 +17,6 @@ event), then are cancelled; the process exits 0.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
@@ -359,64 +358,80 @@ def default_engine_factory(
 
     def build(name: str, device: str) -> EngineLike:
         from forgedit.caption import Captioner
+        from forgedit.engine import Engine
         from forgedit.models import load_base_model
 
         base = load_base_model(
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return served_engine(
-            base,
-            captioner,
-            precision=settings.precision,
-            unet_backend=settings.unet_backend,
-            cache_dir=settings.data_dir / "engines",
-            max_batch=settings.max_batch,
-            on_backend_fallback=(
-                None if metrics is None else lambda f: metrics.count_fallback(f.backend, f.reason)
-            ),
+        return ServedEngine(
+            Engine(
+                base,
+                captioner,
+                precision=settings.precision,
+                unet_backend=settings.unet_backend,
+                cache_dir=settings.data_dir / "engines",
+                max_batch=settings.max_batch,
+                on_backend_fallback=(
+                    None
+                    if metrics is None
+                    else lambda f: metrics.count_fallback(f.backend, f.reason)
+                ),
+            )
         )
 
     return build
 
 
-def served_engine(*args: Any, **kwargs: Any) -> EngineLike:
-    """A ``forgedit.engine.Engine(*args, **kwargs)`` as the server sees it."""
-    engine: EngineLike = _served_engine_class()(*args, **kwargs)
-    return engine
+class ServedEngine:
+    """A ``forgedit.engine.Engine`` as ``server.ports.EngineLike``: it adds the members the
+    server reads (``fingerprint``, ``native_height``/``native_width``, ``can_caption``,
+    ``accepts``), so that no server module reaches into the engine's base model or captioner.
 
+    Transitional (issue 11): the engine is to expose these itself; once it does, this wrapper
+    adds nothing and goes. Other attributes are the engine's (tests inspect its base model)."""
 
-@functools.cache
-def _served_engine_class() -> Any:
-    """``forgedit.engine.Engine`` with the members ``server.ports.EngineLike`` reads
-    (``fingerprint``, ``native_height``/``native_width``, ``can_caption``, ``accepts``), so
-    that no server module reaches into the engine's base model or captioner.
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
 
-    Transitional (issue 11): the engine is to expose these itself; once it does, this class
-    adds nothing and goes. Built on first use, as importing the engine imports torch."""
-    from forgedit.engine import Engine
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
 
-    class ServedEngine(Engine):
-        @property
-        def fingerprint(self) -> str:
-            return str(self.base.fingerprint)
+    @property
+    def fingerprint(self) -> str:
+        return str(self.engine.base.fingerprint)
 
-        @property
-        def native_height(self) -> int:
-            return int(self.base.native_height)
+    @property
+    def native_height(self) -> int:
+        return int(self.engine.base.native_height)
 
-        @property
-        def native_width(self) -> int:
-            return int(self.base.native_width)
+    @property
+    def native_width(self) -> int:
+        return int(self.engine.base.native_width)
 
-        @property
-        def can_caption(self) -> bool:
-            return self.captioner is not None
+    @property
+    def can_caption(self) -> bool:
+        return self.engine.captioner is not None
 
-        def accepts(self, edit_model: Any) -> None:
-            self._check_compatible(edit_model)
+    def accepts(self, edit_model: Any) -> None:
+        self.engine._check_compatible(edit_model)
 
-    return ServedEngine
+    @property
+    def sampling_backend(self) -> str:
+        return str(self.engine.sampling_backend)
+
+    def source_prompt(self, image: Any, target_prompt: str) -> str:
+        return str(self.engine.source_prompt(image, target_prompt))
+
+    def finetune(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine.finetune(*args, **kwargs)
+
+    def edit(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine.edit(*args, **kwargs)
+
+    def warmup(self) -> None:
+        self.engine.warmup()
 
 
 def default_registry(settings: ServerSettings) -> RegistryLike:
