@@ -19,6 +19,7 @@ from server.errors import (
     QueueFullError,
     RequestConflictError,
     UnavailableError,
+    UnservedBaseModelError,
 )
 from server.estimator import Estimator
 from server.jobs import Job, JobState
@@ -146,6 +147,22 @@ def test_sampling_jobs_overtake_queued_training_jobs(scheduler: tuple) -> None:
     runner.gate(edit).set()
     assert edit.wait_finished(5) and edit.state is JobState.SUCCEEDED
     assert s.wait_idle(5)
+
+
+def test_an_edit_model_of_an_unserved_base_model_is_refused_before_queueing(
+    scheduler: tuple,
+) -> None:
+    s, _ = scheduler
+    served = SimpleNamespace(
+        edit_model_id="em_a", base_model_name="tiny", base_model_fingerprint="f" * 64
+    )
+    s.require_served(served)  # the fake engine's fingerprint: accepted
+    other = SimpleNamespace(
+        edit_model_id="em_b", base_model_name="sd15", base_model_fingerprint="e" * 64
+    )
+    with pytest.raises(UnservedBaseModelError, match="'sd15', which this server does not serve"):
+        s.require_served(other)
+    assert s.queue_depth() == 0
 
 
 def test_a_full_queue_refuses_with_a_retry_hint(scheduler: tuple) -> None:
