@@ -16,16 +16,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-
 from forgedit.events import CancelToken
+from server import wire
 from server._proto import forgedit_pb2 as pb
 from server.errors import MappedError
-from server.validation import EditPlan, SamplePlan
+from server.validation import EditRequestPlan, SampleRequestPlan
 
 
 class JobState(enum.Enum):
@@ -57,17 +55,6 @@ class Timings:
     total: float = 0.0
     sampling_backend: str = ""  # the UNet backend that sampled ("" before sampling)
 
-    def to_proto(self) -> pb.PhaseTimings:
-        return pb.PhaseTimings(
-            queue_wait_seconds=self.queue_wait,
-            captioning_seconds=self.captioning,
-            training_seconds=self.training,
-            registration_seconds=self.registration,
-            sampling_seconds=self.sampling,
-            sampling_backend=self.sampling_backend,
-            total_seconds=self.total,
-        )
-
 
 @dataclass
 class Job:
@@ -75,7 +62,7 @@ class Job:
 
     job_id: str
     kind: pb.JobKind  # pb.JOB_KIND_EDIT or pb.JOB_KIND_SAMPLE
-    plan: EditPlan | SamplePlan
+    plan: EditRequestPlan | SampleRequestPlan
     payload_digest: str  # identifies the request for idempotency checks
     estimated_s: float
     max_events: int
@@ -100,7 +87,6 @@ class Job:
     _bytes: int = 0
     _sequence: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
-    _on_finish: list[Callable[[Job], None]] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -115,6 +101,11 @@ class Job:
         return self.kind == pb.JOB_KIND_SAMPLE
 
     @property
+    def elapsed_s(self) -> float:
+        """Seconds since the job was created: its queue wait and its run so far."""
+        return time.monotonic() - self.created_monotonic
+
+    @property
     def last_sequence(self) -> int:
         with self._cond:
             return self._sequence
@@ -126,7 +117,7 @@ class Job:
         Oldest events are evicted beyond the count or byte bound."""
         with self._cond:
             self._sequence += 1
-            event = pb.Event(job_id=self.job_id, sequence=self._sequence, time=_now(), **kind)
+            event = pb.Event(job_id=self.job_id, sequence=self._sequence, time=wire.now(), **kind)
             size = event.ByteSize()
             self._events.append(event)
             self._bytes += size
@@ -161,7 +152,7 @@ class Job:
             return pb.Event(
                 job_id=self.job_id,
                 sequence=self._sequence,
-                time=_now(),
+                time=wire.now(),
                 heartbeat=pb.HeartbeatEvent(
                     state=self.state.value, queue_position=self.queue_position
                 ),
@@ -188,13 +179,6 @@ class Job:
             self.queue_position = 0
             self.ended_at = time.time()
             self._cond.notify_all()
-            callbacks = list(self._on_finish)
-        for callback in callbacks:
-            callback(self)
-
-    def on_finish(self, callback: Callable[[Job], None]) -> None:
-        with self._cond:
-            self._on_finish.append(callback)
 
     def wait_finished(self, timeout: float | None = None) -> bool:
         with self._cond:
@@ -212,33 +196,6 @@ class Job:
             return True
 
     def to_proto(self) -> pb.Job:
+        """The job as the wire's ``Job``: one consistent snapshot, taken under its lock."""
         with self._cond:
-            job = pb.Job(
-                job_id=self.job_id,
-                request_id=self.request_id,
-                kind=self.kind,
-                state=self.state.value,
-                queue_position=self.queue_position,
-                edit_model_id=self.edit_model_id,
-                last_sequence=self._sequence,
-                create_time=_ts(self.created_at),
-                principal=self.principal,
-            )
-            if self.started_at is not None:
-                job.start_time.CopyFrom(_ts(self.started_at))
-            if self.ended_at is not None:
-                job.end_time.CopyFrom(_ts(self.ended_at))
-            if self.error is not None:
-                job.error_code = self.error.status.code
-                job.error_message = self.error.status.message
-            return job
-
-
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    return _ts(time.time())
+            return wire.job_to_proto(self)

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
+from server.estimator import Estimator
 from server.interceptors import (
     DrainingInterceptor,
     MetricsInterceptor,
@@ -41,11 +42,11 @@ from server.interceptors import (
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ports import EngineFactory, EngineLike, RegistryLike
+from server.registry_client import RegistryCalls, RegistryClient
 from server.runner import JobRunner
-from server.scheduler import Estimator, Scheduler, SchedulerConfig
+from server.scheduler import Scheduler, SchedulerConfig
 from server.service import SERVICE_NAME, ForgeditServicer
 from server.settings import ServerSettings
-from server.store import EditModelStore, RegistryCalls
 from server.transport import server_credentials, server_options
 from server.validation import Limits
 
@@ -87,7 +88,7 @@ class ForgeditServer:
         self.health_server = health_server
         self.health_port = health_port
         self.streams = streams
-        self.store: EditModelStore | None = None  # set by create_server; closed on stop
+        self.registry_client: RegistryClient | None = None  # set by create_server; closed on stop
         self._stopped = threading.Event()
         self._watcher = threading.Thread(
             target=self._mark_ready, name="forgedit-ready", daemon=True
@@ -131,8 +132,8 @@ class ForgeditServer:
             self.health_server.stop(0).wait()
         self.scheduler.stop()
         self.metrics.close()
-        if self.store is not None:
-            self.store.close()
+        if self.registry_client is not None:
+            self.registry_client.close()
         if self._owned_registry is not None:
             self._owned_registry.close()
         log.info("stopped")
@@ -158,7 +159,7 @@ def create_server(
         registry = default_registry(settings)
     registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
 
-    store = EditModelStore(
+    registry_client = RegistryClient(
         registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
     )
     prior = settings.time_prior(time_prior_key(base_models, settings))
@@ -174,11 +175,10 @@ def create_server(
         ),
         engine_factory,
         JobRunner(
-            store,
+            registry_client,
             metrics,
             estimator,
-            max_batch=settings.max_batch,
-            limits=Limits.from_settings(settings),
+            Limits.from_settings(settings),
         ),
         estimator,
         metrics,
@@ -208,7 +208,7 @@ def create_server(
         maximum_concurrent_rpcs=settings.grpc_threads,
     )
     pb_grpc.add_ForgeditServiceServicer_to_server(
-        ForgeditServicer(settings, scheduler, store, authenticator), grpc_server
+        ForgeditServicer(settings, scheduler, registry_client, authenticator), grpc_server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -256,7 +256,7 @@ def create_server(
         health_port=health_port,
         streams=streams,
     )
-    server.store = store
+    server.registry_client = registry_client
     return server, port
 
 

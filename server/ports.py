@@ -15,33 +15,39 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from forgedit.artifact import EditModel
-    from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig
+    from forgedit.config import Precision, SweepConfig, TrainingConfig
     from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
+    from registry import EditModelInfo, EditModelPage, RegisteredEditModel
 
 
-class BaseModelLike(Protocol):
-    name: str
-    fingerprint: str
+class EngineLike(Protocol):
+    """One resident base model on one device; one job at a time (not thread-safe).
+
+    The server reads only what this interface exposes, never the engine's internals (its base
+    model's weights, its captioner)."""
 
     @property
-    def native_height(self) -> int: ...
+    def fingerprint(self) -> str:
+        """The weight fingerprint of the resident base model (what edit models record)."""
+        ...
+
+    @property
+    def native_height(self) -> int:
+        """The base model's native resolution: the default of a request that sets none."""
+        ...
 
     @property
     def native_width(self) -> int: ...
 
+    @property
+    def can_caption(self) -> bool:
+        """Whether a BLIP captioner is loaded (else requests must give a source prompt)."""
+        ...
 
-class EditedImageLike(Protocol):
-    spec: ImageSpec
-    image: Image.Image
-
-    def png_bytes(self) -> bytes: ...
-
-
-class EngineLike(Protocol):
-    """One resident base model on one device; one job at a time (not thread-safe)."""
-
-    base: Any  # BaseModelLike; Any because the engine's dataclass fields are not properties
-    captioner: Any  # None when no BLIP captioner is loaded
+    def accepts(self, edit_model: EditModel) -> bool:
+        """Whether ``edit_model`` was fine-tuned on this engine's base model (the engine's own
+        compatibility rule, ``forgedit.artifact.fits_base``)."""
+        ...
 
     @property
     def sampling_backend(self) -> str:
@@ -89,11 +95,11 @@ class BaseModelInfo:
     fingerprint: str
     height: int
     width: int
-    has_captioner: bool
+    can_caption: bool
 
 
 class RegistryLike(Protocol):
-    """The edit-model store (``registry.EditModelRegistry``). Every method may raise the
+    """The edit-model registry (``registry.EditModelRegistry``). Every method may raise the
     errors of ``registry.errors``; ids are validated by the registry before any I/O."""
 
     def start(self) -> None: ...
@@ -110,7 +116,7 @@ class RegistryLike(Protocol):
         tags: Any = None,
         dedupe: bool = True,
         principal: str = "",
-    ) -> Any: ...
+    ) -> RegisteredEditModel: ...
 
     def add_contact_sheet(self, edit_model_id: str, contact_sheet: bytes) -> None: ...
 
@@ -121,15 +127,15 @@ class RegistryLike(Protocol):
         config_fingerprint: str,
         source_prompt: str,
         principal: str | None = None,
-    ) -> Any: ...
+    ) -> EditModelInfo | None: ...
 
     def load(
         self, edit_model_id: str, *, expected_base_fingerprint: str | None = None
     ) -> EditModel: ...
 
-    def show(self, edit_model_id: str) -> Any: ...
+    def show(self, edit_model_id: str) -> EditModelInfo: ...
 
-    def cached_info(self, edit_model_id: str) -> Any: ...
+    def cached_info(self, edit_model_id: str) -> EditModelInfo | None: ...
 
     def list_models(
         self,
@@ -139,6 +145,6 @@ class RegistryLike(Protocol):
         page_size: int = 50,
         page_token: str | None = None,
         principal: str | None = None,
-    ) -> Any: ...
+    ) -> EditModelPage: ...
 
     def delete(self, edit_model_id: str) -> None: ...

@@ -1,20 +1,23 @@
 """What a device's worker does with one job, step by step, as events.
 
-Edit: 1. source prompt (BLIP caption, or the caller's) → ``captioned``; 2. fine-tune →
-``training`` after every update; 3. register → ``registered``; 4. sample the sweep →
-``sampling`` after every denoising step and ``image`` per finished image; 5. ``completed``
-with the timings of every phase.
+Edit (``JobRunner._edit``): 1. source prompt (BLIP caption, or the caller's) → ``captioned``;
+2. fine-tune → ``training`` after every update; 3. register → ``registered``; 4. sample the
+sweep → ``sampling`` after every denoising step and ``image`` per finished image; 5. attach a
+contact sheet to the edit model; 6. ``completed`` with the timings of every phase. Each step
+is one small helper (``_caption``, ``_finetune_or_reuse``, ``_register``, ``_sample``,
+``_complete``); ``_phase`` times a step once, for the job's timings and its histogram.
 
 An Edit whose fine-tune is stored already (same image bytes, base model, source prompt and
 training config, seed included) reuses it: ``registered(deduplicated=true)`` follows
 ``captioned`` and no training happens. The training seed defaults to a function of exactly
-those inputs (``EditPlan.training_for``), so by default the same image and settings reuse one
+those inputs (``EditRequestPlan.training_for``), so by default the same image and settings reuse one
 fine-tune, and a retried request finds the model its first attempt stored.
 
 The request's precision (or the server's default) applies to training and to sampling.
 
-Sample: load the edit model from the registry (its local cache first), pick the engine of its
-base model, then 4. and 5. as above.
+Sample (``JobRunner._sample_stored``): load the edit model from the registry (its local cache
+first), pick the engine of its base model (that this replica serves it was checked before
+queueing), then sample and complete as above.
 
 Errors propagate to the scheduler, which maps them to the job's final status. Cancellation is
 the engine's: it checks the job's ``CancelToken`` after every training update and denoising
@@ -26,27 +29,32 @@ reusable); one cancelled during training registers nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-from forgedit.config import Precision, TrainingConfig
+from forgedit.config import Precision, SweepConfig, TrainingConfig
 from forgedit.events import SamplingProgress, TrainingProgress
 from forgedit.images import contact_sheet, encode_png
 from forgedit.requests import sheet_label
+from server import wire
 from server._proto import forgedit_pb2 as pb
-from server.errors import UnservedBaseModelError
+from server.estimator import Estimator
 from server.jobs import Job
 from server.metrics import Metrics
 from server.ports import EngineLike
-from server.scheduler import Estimator
-from server.store import EditModelStore
-from server.validation import EditPlan, Limits, SamplePlan, sampling_batch_size
+from server.registry_client import RegistryClient
+from server.validation import EditRequestPlan, Limits, SampleRequestPlan, sampling_batch_size
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+    from forgedit.artifact import EditModel
+    from registry import EditModelInfo
 
 log = logging.getLogger("server.runner")
-
-_INTERPOLATION = {"vs": pb.INTERPOLATION_VS, "vp": pb.INTERPOLATION_VP}
 
 
 class JobRunner:
@@ -54,42 +62,91 @@ class JobRunner:
 
     def __init__(
         self,
-        store: EditModelStore,
+        registry: RegistryClient,
         metrics: Metrics,
         estimator: Estimator,
-        *,
-        max_batch: int = 8,
-        limits: Limits | None = None,
+        limits: Limits,
     ) -> None:
-        self.store = store
+        self.registry = registry
         self.metrics = metrics
         self.estimator = estimator
-        self.max_batch = max_batch
-        self.limits = limits or Limits(sampling_batch=max_batch)
+        self.limits = limits  # the sampling batch and the device's pixel budget
 
     def __call__(self, job: Job, engines: Mapping[str, EngineLike]) -> None:
-        started = time.perf_counter()
-        try:
-            if isinstance(job.plan, EditPlan):
-                self._edit(job, job.plan, engines)
-            else:
-                assert isinstance(job.plan, SamplePlan)
-                self._sample_stored(job, job.plan, engines)
-        finally:
-            job.timings.total = job.timings.queue_wait + time.perf_counter() - started
+        if isinstance(job.plan, EditRequestPlan):
+            self._edit(job, job.plan, engines)
+        else:
+            assert isinstance(job.plan, SampleRequestPlan)
+            self._sample_stored(job, job.plan, engines)
 
-    # -- Edit -------------------------------------------------------------------------------
+    # -- the two jobs -----------------------------------------------------------------------
 
-    def _edit(self, job: Job, plan: EditPlan, engines: Mapping[str, EngineLike]) -> None:
+    def _edit(self, job: Job, plan: EditRequestPlan, engines: Mapping[str, EngineLike]) -> None:
         engine = engines[plan.base_model]
-        image = plan.image.image
 
         # 1. The source prompt: training depends on it, never on the target prompt.
+        source_prompt = self._caption(job, plan, engine)
+        job.cancel.check()
+
+        # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (the
+        # default, content-derived seed makes that the rule for a repeated image).
+        training = plan.training_for(engine.fingerprint, source_prompt)
+        edit_model, existing = self._finetune_or_reuse(job, plan, engine, source_prompt, training)
+
+        # 3. Register a fresh fine-tune; a reused one is registered already.
+        if existing is None:
+            edit_model_id = self._register(job, plan, edit_model)
+        else:
+            edit_model_id = self._announce_reused(job, existing)
+        job.cancel.check()
+
+        # 4. Sample the sweep.
+        edited = self._sample(job, engine, edit_model, plan.sweep, training.precision)
+
+        # 5. The registry keeps a contact sheet of the sampled edits next to the model, for
+        # people browsing MLflow. Only a fresh fine-tune gets one: a reused model has its own.
+        if existing is None:
+            self.registry.add_contact_sheet(
+                edit_model_id, _contact_sheet_png(plan.image.image, edited)
+            )
+
+        # 6. Done.
+        self._complete(job, edit_model_id, plan.sweep, train_seed=training.seed)
+
+    def _sample_stored(
+        self, job: Job, plan: SampleRequestPlan, engines: Mapping[str, EngineLike]
+    ) -> None:
+        # 1. The stored edit model, and the engine of its base model (that this replica serves
+        # it was checked before the job was queued).
+        job.edit_model_id = plan.edit_model_id
+        edit_model = self.registry.load(plan.edit_model_id)
+        engine = _engine_for(edit_model, engines)
+        job.cancel.check()
+
+        # 2. Sample the sweep.
+        self._sample(job, engine, edit_model, plan.sweep)
+
+        # 3. Done.
+        self._complete(job, plan.edit_model_id, plan.sweep)
+
+    # -- the steps --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _phase(self, job: Job, name: str, histogram: Histogram | None = None) -> Iterator[None]:
+        """Time the block as phase ``name`` of the job's timings and, when given, in its
+        histogram: one measurement for both. A block that raises records nothing."""
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        setattr(job.timings, name, seconds)
+        if histogram is not None:
+            histogram.observe(seconds)
+
+    def _caption(self, job: Job, plan: EditRequestPlan, engine: EngineLike) -> str:
+        """The caller's source prompt, or BLIP's caption of the image; emits ``captioned``."""
         if plan.source_prompt is None:
-            t = time.perf_counter()
-            source_prompt = engine.source_prompt(image, plan.sweep.prompts[0])
-            job.timings.captioning = time.perf_counter() - t
-            self.metrics.captioning.observe(job.timings.captioning)
+            with self._phase(job, "captioning", self.metrics.captioning):
+                source_prompt = engine.source_prompt(plan.image.image, plan.sweep.prompts[0])
         else:
             source_prompt = plan.source_prompt
         job.emit(
@@ -97,21 +154,27 @@ class JobRunner:
                 source_prompt=source_prompt, from_caption=plan.source_prompt is None
             )
         )
-        job.cancel.check()
+        return source_prompt
 
-        # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (the
-        # default, content-derived seed makes that the rule for a repeated image).
-        training = plan.training_for(engine.base.fingerprint, source_prompt)
-        existing = self.store.find_trained(
-            plan.image.sha256,
-            engine.base.fingerprint,
-            source_prompt,
-            training,
-            job.principal,
+    def _finetune_or_reuse(
+        self,
+        job: Job,
+        plan: EditRequestPlan,
+        engine: EngineLike,
+        source_prompt: str,
+        training: TrainingConfig,
+    ) -> tuple[EditModel, EditModelInfo | None]:
+        """(edit model, the registry's record of it when it was stored already, else None).
+        A fresh fine-tune emits ``training`` after every update and feeds the estimator."""
+        existing = self.registry.find_trained(
+            plan.image.sha256, engine.fingerprint, source_prompt, training, job.principal
         )
         if existing is not None:
-            self._reuse(job, plan, engine, existing, training)
-            return
+            log.info(
+                "reusing edit model %s (same image, base model, source prompt and training config)",
+                existing.edit_model_id,
+            )
+            return self.registry.load(existing.edit_model_id), existing
 
         def on_training(p: TrainingProgress) -> None:
             job.emit(
@@ -120,33 +183,32 @@ class JobRunner:
                 )
             )
 
-        t = time.perf_counter()
-        edit_model = engine.finetune(
-            image,
-            source_prompt,
-            training,
-            image_sha256=plan.image.sha256,
-            on_progress=on_training,
-            cancel=job.cancel,
-        )
-        job.timings.training = time.perf_counter() - t
-        self.metrics.training.labels(base_model=plan.base_model).observe(job.timings.training)
+        histogram = self.metrics.training.labels(base_model=plan.base_model)
+        with self._phase(job, "training", histogram):
+            edit_model = engine.finetune(
+                plan.image.image,
+                source_prompt,
+                training,
+                image_sha256=plan.image.sha256,
+                on_progress=on_training,
+                cancel=job.cancel,
+            )
         updates = len(edit_model.loss_curve) or training.total_updates
         self.estimator.observe_training(training.samples_in(updates), job.timings.training)
         job.cancel.check()
+        return edit_model, None
 
-        # 3. Register it: upload and verify first, create the version last (the registry's
-        # contract), so nobody ever sees half a model. Not cancellable: it is short and a
-        # half-done registration is exactly what cancelling here could leave behind.
-        t = time.perf_counter()
-        registered = self.store.register(
-            edit_model,
-            request_id=plan.request_id,
-            image_bytes=plan.image_bytes,
-            principal=job.principal,
-        )
-        job.timings.registration = time.perf_counter() - t
-        self.metrics.registration.observe(job.timings.registration)
+    def _register(self, job: Job, plan: EditRequestPlan, edit_model: EditModel) -> str:
+        """Upload and verify first, create the version last (the registry's contract), so
+        nobody ever sees half a model; emits ``registered``. Not cancellable: it is short and
+        a half-done registration is exactly what cancelling here could leave behind."""
+        with self._phase(job, "registration", self.metrics.registration):
+            registered = self.registry.register(
+                edit_model,
+                request_id=plan.request_id,
+                image_bytes=plan.image_bytes,
+                principal=job.principal,
+            )
         job.edit_model_id = registered.edit_model_id
         job.emit(
             registered=pb.RegisteredEvent(
@@ -162,36 +224,11 @@ class JobRunner:
             registered.version,
             ", spooled" if registered.spooled else "",
         )
-        job.cancel.check()
+        return str(registered.edit_model_id)
 
-        # 4. and 5.
-        edited = self._sample(job, engine, edit_model, plan.sweep, training.precision)
-        # The registry keeps a contact sheet of the sampled edits next to the model, for
-        # people browsing MLflow. Only a fresh fine-tune gets one: a reused model has its own.
-        self.store.add_contact_sheet(registered.edit_model_id, _contact_sheet_png(image, edited))
-        job.emit(
-            completed=pb.CompletedEvent(
-                timings=self._final_timings(job),
-                edit_model_id=registered.edit_model_id,
-                images=plan.sweep.num_images,
-                train_seed=training.seed,
-            )
-        )
-
-    def _reuse(
-        self,
-        job: Job,
-        plan: EditPlan,
-        engine: EngineLike,
-        existing: Any,
-        training: TrainingConfig,
-    ) -> None:
-        """Steps 3-5 with a stored edit model instead of a new fine-tune."""
-        log.info(
-            "reusing edit model %s (same image, base model, source prompt and training config)",
-            existing.edit_model_id,
-        )
-        edit_model = self.store.load(existing.edit_model_id)
+    @staticmethod
+    def _announce_reused(job: Job, existing: EditModelInfo) -> str:
+        """Emit ``registered(deduplicated=true)`` for an edit model stored already."""
         job.edit_model_id = existing.edit_model_id
         job.emit(
             registered=pb.RegisteredEvent(
@@ -201,140 +238,118 @@ class JobRunner:
                 spooled=existing.status == "spooled",
             )
         )
-        job.cancel.check()
-        self._sample(job, engine, edit_model, plan.sweep, training.precision)
-        job.emit(
-            completed=pb.CompletedEvent(
-                timings=self._final_timings(job),
-                edit_model_id=existing.edit_model_id,
-                images=plan.sweep.num_images,
-                train_seed=training.seed,
-            )
-        )
-
-    # -- Sample -----------------------------------------------------------------------------
-
-    def _sample_stored(self, job: Job, plan: SamplePlan, engines: Mapping[str, EngineLike]) -> None:
-        job.edit_model_id = plan.edit_model_id
-        edit_model = self.store.load(plan.edit_model_id)
-        engine = next(
-            (
-                e
-                for e in engines.values()
-                if e.base.fingerprint == edit_model.base_model_fingerprint
-            ),
-            None,
-        )
-        if engine is None:
-            raise UnservedBaseModelError(
-                f"edit model {plan.edit_model_id} was fine-tuned on base model "
-                f"{edit_model.base_model_name!r}, which this server does not serve; "
-                f"served: {', '.join(engines)}"
-            )
-        job.cancel.check()
-        self._sample(job, engine, edit_model, plan.sweep)
-        job.emit(
-            completed=pb.CompletedEvent(
-                timings=self._final_timings(job),
-                edit_model_id=plan.edit_model_id,
-                images=plan.sweep.num_images,
-            )
-        )
-
-    # -- shared -----------------------------------------------------------------------------
+        return str(existing.edit_model_id)
 
     def _sample(
         self,
         job: Job,
         engine: EngineLike,
-        edit_model: Any,
-        sweep: Any,
+        edit_model: EditModel,
+        sweep: SweepConfig,
         precision: Precision | None = None,
     ) -> list[Any]:
         """Sample the sweep in ``precision`` (None: the engine's, i.e. the server default),
         emitting progress and each image as it finishes; return the engine's
         ``EditedImage``s."""
-        started = time.perf_counter()
-        last = [started]
-        pending = [0]  # images of the batch that just finished, to split its time
-        first = [True]
-
-        def on_progress(p: SamplingProgress) -> None:
-            pending[0] = p.batch_images
-            job.emit(
-                sampling=pb.SamplingEvent(
-                    images_done=p.images_done,
-                    images_total=p.images_total,
-                    step=p.step,
-                    steps=p.steps,
-                    forget=p.forget,
-                )
+        stream = _SamplingStream(job, engine, self.metrics)
+        with self._phase(job, "sampling"):
+            edited = engine.sample(
+                edit_model,
+                sweep,
+                on_image=stream.on_image,
+                on_progress=stream.on_progress,
+                cancel=job.cancel,
+                # Batches that fit the device's pixel budget at this resolution.
+                max_batch=sampling_batch_size(
+                    edit_model.training.height, edit_model.training.width, self.limits
+                ),
+                precision=precision,
             )
-
-        def on_image(edited: Any) -> None:
-            now = time.perf_counter()
-            if pending[0]:
-                # The first image of a batch carries the batch's time, split over its images;
-                # the batch's other images observe nothing (one observation per image).
-                per_image = (now - last[0]) / pending[0]
-                for _ in range(pending[0]):
-                    self.metrics.sampling_image.labels(
-                        method=job.method, backend=engine.sampling_backend
-                    ).observe(per_image)
-                pending[0] = 0
-                last[0] = now
-            spec = edited.spec
-            png = edited.png_bytes()
-            if first[0]:
-                first[0] = False
-                self.metrics.time_to_first_image.labels(method=job.method).observe(
-                    time.monotonic() - job.created_monotonic
-                )
-            job.emit(
-                image=pb.ImageEvent(
-                    index=spec.index,
-                    png=png,
-                    width=edited.image.width,
-                    height=edited.image.height,
-                    params=pb.ImageParams(
-                        prompt=spec.prompt,
-                        forget=spec.forget,
-                        interpolation=_INTERPOLATION[spec.interpolation],
-                        gamma=spec.gamma,
-                        alpha=spec.alpha,
-                        seed=spec.seed,
-                        guidance=spec.guidance,
-                        steps=spec.steps,
-                        forget_degree=spec.forget_degree,
-                    ),
-                )
-            )
-            self.metrics.images.labels(method=job.method).inc()
-
-        edited = engine.sample(
-            edit_model,
-            sweep,
-            on_image=on_image,
-            on_progress=on_progress,
-            cancel=job.cancel,
-            # Batches that fit the device's pixel budget at this resolution.
-            max_batch=sampling_batch_size(
-                edit_model.training.height, edit_model.training.width, self.limits
-            ),
-            precision=precision,
-        )
-        job.timings.sampling = time.perf_counter() - started
         # A canary failure during the job may have moved the engine to the next backend.
         job.timings.sampling_backend = engine.sampling_backend
         self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)
         return list(edited)
 
     @staticmethod
-    def _final_timings(job: Job) -> pb.PhaseTimings:
-        timings = job.timings.to_proto()
-        assert job.started_monotonic is not None
-        timings.total_seconds = time.monotonic() - job.created_monotonic
-        return timings
+    def _complete(job: Job, edit_model_id: str, sweep: SweepConfig, *, train_seed: int = 0) -> None:
+        """Emit ``completed`` with the timings of every phase; the job's total is its time
+        since it was created (queue wait included), computed here once. ``train_seed``: the
+        Edit's training seed (0, i.e. unset on the wire, for a Sample)."""
+        job.timings.total = job.elapsed_s
+        job.emit(
+            completed=pb.CompletedEvent(
+                timings=wire.phase_timings(job.timings),
+                edit_model_id=edit_model_id,
+                images=sweep.num_images,
+                train_seed=train_seed,
+            )
+        )
+
+
+class _SamplingStream:
+    """The job's events and per-image metrics while the engine samples: ``sampling`` after
+    every denoising step, ``image`` per finished image. A batch's images finish together, so
+    the first one carries the batch's time, split over its images (one observation each)."""
+
+    def __init__(self, job: Job, engine: EngineLike, metrics: Metrics) -> None:
+        self.job = job
+        self.engine = engine
+        self.metrics = metrics
+        self.last = time.perf_counter()
+        self.pending = 0  # images of the batch that just finished, to split its time
+        self.first = True
+
+    def on_progress(self, p: SamplingProgress) -> None:
+        self.pending = p.batch_images
+        self.job.emit(
+            sampling=pb.SamplingEvent(
+                images_done=p.images_done,
+                images_total=p.images_total,
+                step=p.step,
+                steps=p.steps,
+                forget=p.forget,
+            )
+        )
+
+    def on_image(self, edited: Any) -> None:
+        job = self.job
+        now = time.perf_counter()
+        if self.pending:
+            per_image = (now - self.last) / self.pending
+            for _ in range(self.pending):
+                self.metrics.sampling_image.labels(
+                    method=job.method, backend=self.engine.sampling_backend
+                ).observe(per_image)
+            self.pending = 0
+            self.last = now
+        spec = edited.spec
+        png = edited.png_bytes()
+        if self.first:
+            self.first = False
+            self.metrics.time_to_first_image.labels(method=job.method).observe(job.elapsed_s)
+        job.emit(
+            image=pb.ImageEvent(
+                index=spec.index,
+                png=png,
+                width=edited.image.width,
+                height=edited.image.height,
+                params=wire.image_params(spec),
+            )
+        )
+        self.metrics.images.labels(method=job.method).inc()
+
+
+def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> EngineLike:
+    """The engine of the edit model's base model. The service refuses an edit model of a base
+    model this replica does not serve before queueing (``Scheduler.require_served``), so
+    a miss here is a bug, not a client mistake."""
+    for engine in engines.values():
+        if engine.fingerprint == edit_model.base_model_fingerprint:
+            return engine
+    raise RuntimeError(
+        f"no engine for edit model base {edit_model.base_model_name!r}, which was checked "
+        "before queueing"
+    )
 
 
 CONTACT_SHEET_MAX_IMAGES = 64

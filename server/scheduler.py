@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from server._proto import forgedit_pb2 as pb
 from server.errors import (
@@ -41,56 +42,25 @@ from server.errors import (
     QueueFullError,
     RequestConflictError,
     UnavailableError,
+    UnservedBaseModelError,
     cancelled_status,
     to_rpc_status,
 )
+from server.estimator import Estimator
 from server.jobs import Job, JobState
 from server.logs import job_context
 from server.metrics import Metrics
 from server.ports import BaseModelInfo, EngineFactory, EngineLike
 
+if TYPE_CHECKING:
+    from registry import EditModelInfo
+
 log = logging.getLogger("server.scheduler")
 
 # The worker's work: run one job to completion on this device's engines. Raises on failure
 # (mapped to a status by the scheduler); returns normally on success.
-JobRunner = Callable[[Job, Mapping[str, EngineLike]], None]
-
-
-class Estimator:
-    """Run-time estimates from measured rates (exponential moving averages), starting from
-    priors (``settings.TimePrior``, per base-model size and device). Used for the up-front
-    deadline check, queue-full retry hints and AcceptedEvent.
-
-    Training is counted in samples (updates × batch size), not updates: a joint update (batch
-    10) costs about ten two_stage updates (batch 1), and one rate must serve both."""
-
-    def __init__(self, seconds_per_training_sample: float, seconds_per_image_step: float) -> None:
-        self._lock = threading.Lock()
-        self.seconds_per_training_sample = seconds_per_training_sample
-        self.seconds_per_image_step = seconds_per_image_step
-        self.fixed_overhead_s = 0.05
-
-    def observe_training(self, samples: int, seconds: float) -> None:
-        if samples > 0:
-            self._update("seconds_per_training_sample", seconds / samples)
-
-    def observe_sampling(self, image_steps: int, seconds: float) -> None:
-        if image_steps > 0:
-            self._update("seconds_per_image_step", seconds / image_steps)
-
-    def estimate(self, job: Job) -> float:
-        plan = job.plan
-        sweep = plan.sweep
-        image_steps = sweep.num_images * sweep.steps
-        seconds = self.fixed_overhead_s + image_steps * self.seconds_per_image_step
-        if job.kind == pb.JOB_KIND_EDIT:
-            samples = plan.training.total_samples  # type: ignore[union-attr]
-            seconds += samples * self.seconds_per_training_sample
-        return seconds
-
-    def _update(self, name: str, value: float) -> None:
-        with self._lock:
-            setattr(self, name, 0.7 * getattr(self, name) + 0.3 * value)
+# ``server.runner.JobRunner`` is the real one.
+RunJob = Callable[[Job, Mapping[str, EngineLike]], None]
 
 
 @dataclass(frozen=True)
@@ -110,7 +80,7 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         engine_factory: EngineFactory,
-        runner: JobRunner,
+        runner: RunJob,
         estimator: Estimator,
         metrics: Metrics,
     ) -> None:
@@ -205,12 +175,7 @@ class Scheduler:
                             "request; use a new request_id for new work"
                         )
                     return existing, False
-            if not self._accepting:
-                raise UnavailableError("the server is shutting down; retry on another replica")
-            if not self.ready.is_set():
-                raise UnavailableError(
-                    "the server is still loading its models; retry shortly", retry_after_s=2.0
-                )
+            self._require_ready_locked()
             if self.queue_depth_locked() >= self.config.queue_size:
                 raise QueueFullError(self.config.queue_size, self._queue_wait_locked())
             if remaining_s is not None:
@@ -323,10 +288,30 @@ class Scheduler:
             time.sleep(0.02)
         return self.idle()
 
-    @property
-    def accepting(self) -> bool:
+    def require_ready(self) -> None:
+        """Raise ``UnavailableError`` unless new jobs are taken: every engine is warmed up and
+        draining has not started. The one readiness rule; health and the RPCs ask here."""
         with self._lock:
-            return self._accepting
+            self._require_ready_locked()
+
+    def require_served(self, edit_model: EditModelInfo) -> None:
+        """Raise ``UnservedBaseModelError`` unless the edit model's base model is loaded here:
+        the one compatibility check, made before a job is queued."""
+        served = list(self.base_models.values())
+        if not any(b.fingerprint == edit_model.base_model_fingerprint for b in served):
+            raise UnservedBaseModelError(
+                f"edit model {edit_model.edit_model_id} was fine-tuned on base model "
+                f"{edit_model.base_model_name!r}, which this server does not serve; served: "
+                f"{', '.join(b.name for b in served)}"
+            )
+
+    def _require_ready_locked(self) -> None:
+        if not self._accepting:
+            raise UnavailableError("the server is shutting down; retry on another replica")
+        if not self.ready.is_set():
+            raise UnavailableError(
+                "the server is still loading its models; retry shortly", retry_after_s=2.0
+            )
 
     # -- the worker -------------------------------------------------------------------------
 
@@ -360,13 +345,12 @@ class Scheduler:
             started = time.perf_counter()
             engine = self._engine_factory(name, device)
             engine.warmup()
-            base = engine.base
             info = BaseModelInfo(
                 name=name,
-                fingerprint=base.fingerprint,
-                height=base.native_height,
-                width=base.native_width,
-                has_captioner=engine.captioner is not None,
+                fingerprint=engine.fingerprint,
+                height=engine.native_height,
+                width=engine.native_width,
+                can_caption=engine.can_caption,
             )
             with self._lock:
                 self.base_models.setdefault(name, info)
@@ -433,7 +417,7 @@ class Scheduler:
         self._overtakes = self._overtakes + 1 if self._training else 0
         return self._sampling.popleft()
 
-    def _queue_changed_locked(self, *, announce: bool = True, exclude: Job | None = None) -> None:
+    def _queue_changed_locked(self, *, exclude: Job | None = None) -> None:
         """Renumber queued jobs; emit ``queued`` to those whose position changed."""
         order = _planned_order(
             list(self._sampling),
@@ -445,7 +429,7 @@ class Scheduler:
             assert isinstance(job, Job)  # no refill_s: real jobs only
             if job.queue_position != position:
                 job.queue_position = position
-                if announce and job is not exclude:
+                if job is not exclude:
                     job.emit(queued=pb.QueuedEvent(position=position))
         self.metrics.queue_depth.set(self.queue_depth_locked())
         self.metrics.running_jobs.set(len(self._running))

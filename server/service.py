@@ -14,7 +14,7 @@ Contracts
   streams never cancel.
 - Every error goes through ``server.errors.to_rpc_status`` (one mapping, with details).
 - Registry calls made here are bounded by the registry timeout and the call's own deadline
-  (``server.store``); a Sample of an edit model cached on this replica needs no MLflow.
+  (``server.registry_client``); a Sample of an edit model cached on this replica needs no MLflow.
 """
 
 from __future__ import annotations
@@ -25,27 +25,33 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from forgedit.errors import InvalidInputError
+from registry.ids import validate_edit_model_id
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, Principal
-from server.errors import JobNotFoundError, UnavailableError, to_rpc_status
+from server.errors import JobNotFoundError, to_rpc_status
 from server.jobs import Job, new_job_id
 from server.logs import job_context
+from server.registry_client import RegistryClient
 from server.scheduler import Scheduler
 from server.settings import ServerSettings
-from server.store import EditModelStore, edit_model_to_proto
 from server.validation import (
+    EditRequestPlan,
     Limits,
+    SampleRequestPlan,
+    check_edit_request,
+    check_sample_request,
     check_sampling_memory,
-    validate_edit,
-    validate_edit_model_id_field,
-    validate_sample,
 )
+from server.wire import edit_model_to_proto
+
+if TYPE_CHECKING:
+    from registry import EditModelInfo
 
 log = logging.getLogger("server.service")
 
@@ -96,13 +102,13 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self,
         settings: ServerSettings,
         scheduler: Scheduler,
-        store: EditModelStore,
+        registry: RegistryClient,
         authenticator: Authenticator,
     ) -> None:
         self.settings = settings
         self.authenticator = authenticator
         self.scheduler = scheduler
-        self.store = store
+        self.registry = registry
         self.limits = Limits.from_settings(settings)
         self._owners_lock = threading.Lock()
 
@@ -112,16 +118,19 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def Edit(
         self, request: pb.EditRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.EditResponse]:
-        self._require_ready()
-        plan = validate_edit(
+        # 1. Check inputs: cheap, bounded checks first, the image decoded last.
+        self.scheduler.require_ready()
+        plan = check_edit_request(
             request,
             self.limits,
             self.scheduler.base_models,
             self._default_base_model(),
             default_precision=self.settings.precision,
         )
+        # 2. Queue the job, or re-attach to the one its request id names.
         job = self._new_job(pb.JOB_KIND_EDIT, plan, request, self._principal(context))
         job = self._submit(job, context, detach=request.detach)
+        # 3. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
             yield pb.EditResponse(event=event)
 
@@ -129,27 +138,31 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def Sample(
         self, request: pb.SampleRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SampleResponse]:
-        self._require_ready()
+        # 1. Check inputs. The edit model must be known to this principal (its variant sets
+        # the sweep's defaults and strategy names); a copy cached here answers without MLflow,
+        # so sampling it survives a registry outage.
+        self.scheduler.require_ready()
         principal = self._principal(context)
-        # Known to this principal (its variant sets the sweep's defaults and strategy names),
-        # and made on a base model served here? Refused before queueing. A copy cached here
-        # answers without MLflow, so sampling it survives a registry outage.
-        shown: list[Any] = []
+        shown: list[EditModelInfo] = []
 
         def training_mode_of(edit_model_id: str) -> str:
             shown.append(
-                self.store.describe_for_sampling(
+                self.registry.describe_for_sampling(
                     edit_model_id, principal, remaining_s=context.time_remaining()
                 )
             )
             return str(shown[0].training_mode or "joint")
 
-        plan = validate_sample(request, self.limits, training_mode_of)
+        plan = check_sample_request(request, self.limits, training_mode_of)
+        # 2. Refuse, before queueing, what cannot run here: a resolution too large for the
+        # device, or an edit model of a base model this replica does not serve.
         info = shown[0]
         check_sampling_memory(plan.sweep, int(info.height), int(info.width), self.limits)
-        self.store.check_served(info, self.scheduler.base_models.values())
+        self.scheduler.require_served(info)
+        # 3. Queue the job, or re-attach to the one its request id names.
         job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request, principal)
         job = self._submit(job, context, detach=request.detach)
+        # 4. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
             yield pb.SampleResponse(event=event)
 
@@ -191,10 +204,10 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def GetEditModel(
         self, request: pb.GetEditModelRequest, context: grpc.ServicerContext
     ) -> pb.GetEditModelResponse:
-        edit_model_id = validate_edit_model_id_field(request.edit_model_id)
+        edit_model_id = validate_edit_model_id(request.edit_model_id)
         return pb.GetEditModelResponse(
             edit_model=edit_model_to_proto(
-                self.store.show(
+                self.registry.show(
                     edit_model_id, self._principal(context), remaining_s=context.time_remaining()
                 )
             )
@@ -205,7 +218,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.ListEditModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListEditModelsResponse:
         page_size = min(request.page_size or 50, 1000)
-        page = self.store.list(
+        page = self.registry.list(
             base_model=request.base_model or None,
             image_sha256=request.image_sha256 or None,
             page_size=page_size,
@@ -222,22 +235,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def DeleteEditModel(
         self, request: pb.DeleteEditModelRequest, context: grpc.ServicerContext
     ) -> pb.DeleteEditModelResponse:
-        edit_model_id = validate_edit_model_id_field(request.edit_model_id)
-        self.store.delete(
+        edit_model_id = validate_edit_model_id(request.edit_model_id)
+        self.registry.delete(
             edit_model_id, self._principal(context), remaining_s=context.time_remaining()
         )
         log.info("edit model %s deleted", edit_model_id)
         return pb.DeleteEditModelResponse()
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _require_ready(self) -> None:
-        if not self.scheduler.accepting:
-            raise UnavailableError("the server is shutting down; retry on another replica")
-        if not self.scheduler.ready.is_set():
-            raise UnavailableError(
-                "the server is still loading its models; retry shortly", retry_after_s=2.0
-            )
 
     def _default_base_model(self) -> str:
         return self.scheduler.config.base_models[0]
@@ -253,7 +258,13 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             raise JobNotFoundError(repr(job.job_id[:80]))
         return job
 
-    def _new_job(self, kind: pb.JobKind, plan: Any, request: Any, principal: Principal) -> Job:
+    def _new_job(
+        self,
+        kind: pb.JobKind,
+        plan: EditRequestPlan | SampleRequestPlan,
+        request: pb.EditRequest | pb.SampleRequest,
+        principal: Principal,
+    ) -> Job:
         job = Job(
             job_id=new_job_id(),
             kind=kind,
@@ -269,20 +280,9 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         return job
 
     def _submit(self, job: Job, context: grpc.ServicerContext, *, detach: bool) -> Job:
-        """Queue the job (or find the one its request id already names) after the deadline
-        check. Returns the job to follow."""
-        if job.request_id:
-            try:
-                existing = self.scheduler.get_by_request(job.request_id)
-            except LookupError:
-                existing = None
-            if existing is not None:
-                attached, _ = self.scheduler.submit(job)  # same digest -> existing, else raises
-                if detach:
-                    attached.detach = True
-                with job_context(attached.job_id):
-                    log.info("request %r re-attached", job.request_id)
-                return attached
+        """Queue the job after the deadline check, or re-attach to the job its request id
+        already names (the scheduler's idempotency rule; no deadline check then: the job runs
+        already). Returns the job to follow."""
         submitted, is_new = self.scheduler.submit(job, remaining_s=context.time_remaining())
         with job_context(submitted.job_id):
             if is_new:
@@ -292,6 +292,10 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
                     submitted.queue_position,
                     submitted.estimated_s,
                 )
+            else:
+                if detach:
+                    submitted.detach = True
+                log.info("request %r re-attached", job.request_id)
         return submitted
 
     def _follow(

@@ -1,6 +1,6 @@
 """Request checks at the edge, before any decoding or model work.
 
-``validate_edit`` and ``validate_sample`` turn a request message into a plan the scheduler
+``check_edit_request`` and ``check_sample_request`` turn a request message into a plan the scheduler
 can run, or raise ``InvalidInputError`` whose ``field`` is the request field's path
 (``sweep.gammas``, ``training.width``, ``target_prompts``, ...) so the client gets one
 ``BadRequest`` field violation naming the problem and what is accepted.
@@ -37,6 +37,7 @@ from forgedit.requests import (
 )
 from forgedit.requests import check_strategies as check_variant_strategies
 from registry.ids import validate_edit_model_id
+from server import wire
 from server._proto import forgedit_pb2 as pb
 from server.ports import BaseModelInfo
 
@@ -46,24 +47,6 @@ if TYPE_CHECKING:
 
 REQUEST_ID_PATTERN = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 _STRATEGY_NAME = re.compile(r"\A[a-z0-9_+]{1,64}\Z")
-
-_MODES = {
-    pb.TRAINING_MODE_UNSPECIFIED: "joint",
-    pb.TRAINING_MODE_JOINT: "joint",
-    pb.TRAINING_MODE_TWO_STAGE: "two_stage",
-    pb.TRAINING_MODE_DREAMBOOTH: "dreambooth",
-}
-_INTERPOLATIONS = {
-    pb.INTERPOLATION_UNSPECIFIED: "vs",
-    pb.INTERPOLATION_VS: "vs",
-    pb.INTERPOLATION_VP: "vp",
-}
-_PRECISIONS = {pb.PRECISION_FAITHFUL: "faithful", pb.PRECISION_FAST: "fast"}
-DELTA_FORMATS = {
-    pb.DELTA_FORMAT_FP32: "fp32",
-    pb.DELTA_FORMAT_FP16: "fp16",
-    pb.DELTA_FORMAT_INT8: "int8",
-}
 
 # The engine's field names -> the request's field paths, for engine checks that we reuse.
 _SWEEP_FIELDS = {
@@ -131,7 +114,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class EditPlan:
+class EditRequestPlan:
     """A validated Edit request: everything the worker needs, nothing left to check."""
 
     request_id: str
@@ -169,7 +152,7 @@ class EditPlan:
 
 
 @dataclass(frozen=True)
-class SamplePlan:
+class SampleRequestPlan:
     """A validated Sample request."""
 
     request_id: str
@@ -192,13 +175,13 @@ def validate_request_id(request_id: str) -> str:
     return request_id
 
 
-def validate_edit(
+def check_edit_request(
     request: pb.EditRequest,
     limits: Limits,
     base_models: Mapping[str, BaseModelInfo],
     default_base_model: str,
     default_precision: str = "faithful",
-) -> EditPlan:
+) -> EditRequestPlan:
     """Check an Edit request and decode its image; raise ``InvalidInputError`` otherwise.
     ``default_precision`` (the server's FORGEDIT_PRECISION) applies when the request leaves
     precision unset; the plan's precision is used for training and sampling alike."""
@@ -228,7 +211,7 @@ def validate_edit(
             f"unknown base model {_shown(name)}; this server serves: {', '.join(base_models)}",
             field="base_model",
         )
-    if source_prompt is None and not base.has_captioner:
+    if source_prompt is None and not base.can_caption:
         raise InvalidInputError(
             "source_prompt is required: this server has no BLIP captioner for base model "
             f"{base.name!r}",
@@ -249,7 +232,7 @@ def validate_edit(
         formats=limits.image_formats,
     )
     image = load_image(bytes(request.image), limits=image_limits)
-    return EditPlan(
+    return EditRequestPlan(
         request_id,
         image,
         bytes(request.image),
@@ -262,9 +245,9 @@ def validate_edit(
     )
 
 
-def validate_sample(
+def check_sample_request(
     request: pb.SampleRequest, limits: Limits, training_mode_of: Callable[[str], str]
-) -> SamplePlan:
+) -> SampleRequestPlan:
     """Check a Sample request. The sweep's defaults and strategy names depend on the edit
     model's variant, so once the cheap checks pass ``training_mode_of(edit_model_id)`` is asked
     for its training mode (it raises for an unknown edit model)."""
@@ -274,7 +257,7 @@ def validate_sample(
     _check_sweep_options(request.sweep, limits)
     mode = training_mode_of(edit_model_id)
     sweep = _sweep_config(request.target_prompts, request.sweep, limits, mode)
-    return SamplePlan(request_id, edit_model_id, sweep, request.detach)
+    return SampleRequestPlan(request_id, edit_model_id, sweep, request.detach)
 
 
 def check_strategies(sweep: SweepConfig, mode: str) -> None:
@@ -308,10 +291,6 @@ def sampling_batch_size(height: int, width: int, limits: Limits) -> int:
     """Images per denoising batch: the server's ``sampling_batch``, fewer when larger batches
     would exceed ``max_batch_pixels`` at this resolution (at least one)."""
     return max(1, min(limits.sampling_batch, limits.max_batch_pixels // (height * width)))
-
-
-def validate_edit_model_id_field(value: str) -> str:
-    return validate_edit_model_id(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,16 +332,16 @@ def _check_count(values: Sequence[object], field: str, limits: Limits) -> None:
 def _training_config(
     options: pb.TrainingOptions, limits: Limits, base: BaseModelInfo, default_precision: str
 ) -> TrainingConfig:
-    mode = _MODES.get(options.mode)
+    mode = wire.TRAINING_MODES.get(options.mode)
     if mode is None:
         raise InvalidInputError(
             f"unknown training mode {options.mode}; accepted: "
-            + ", ".join(pb.TrainingMode.Name(m) for m in _MODES if m),
+            + ", ".join(pb.TrainingMode.Name(m) for m in wire.TRAINING_MODES if m),
             field="training.mode",
         )
     precision = default_precision
     if options.precision != pb.PRECISION_UNSPECIFIED:
-        decoded = _PRECISIONS.get(options.precision)
+        decoded = wire.PRECISIONS.get(options.precision)
         if decoded is None:
             raise InvalidInputError(
                 f"unknown precision {options.precision}; accepted: PRECISION_FAITHFUL, "
@@ -372,11 +351,11 @@ def _training_config(
         precision = decoded
     delta_format = limits.default_delta_format
     if options.delta_format != pb.DELTA_FORMAT_UNSPECIFIED:
-        delta_format = DELTA_FORMATS.get(options.delta_format)
+        delta_format = wire.DELTA_FORMATS.get(options.delta_format)
         if delta_format is None:
             raise InvalidInputError(
                 f"unknown delta format {options.delta_format}; accepted: "
-                + ", ".join(pb.DeltaFormat.Name(f) for f in DELTA_FORMATS),
+                + ", ".join(pb.DeltaFormat.Name(f) for f in wire.DELTA_FORMATS),
                 field="training.delta_format",
             )
     height = options.height if options.HasField("height") else base.height
@@ -403,7 +382,7 @@ def _training_config(
             "of them",
             field="training.fresh_seed",
         )
-    # Unset: a placeholder until the content seed is derived (EditPlan.training_for).
+    # Unset: a placeholder until the content seed is derived (EditRequestPlan.training_for).
     seed = options.seed if options.HasField("seed") else 0
     if options.fresh_seed:
         seed = random_seed()
@@ -473,7 +452,7 @@ def _sweep_config(
     prompts: Sequence[str], options: pb.SweepOptions, limits: Limits, mode: str
 ) -> SweepConfig:
     _check_sweep_options(options, limits)
-    interpolation = _INTERPOLATIONS.get(options.interpolation)
+    interpolation = wire.INTERPOLATIONS.get(options.interpolation)
     if interpolation is None:
         raise InvalidInputError(
             f"unknown interpolation {options.interpolation}; accepted: INTERPOLATION_VS, "

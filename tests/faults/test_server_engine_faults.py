@@ -30,8 +30,6 @@ class FlakyEngine:
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
-        self.base = engine.base
-        self.captioner = engine.captioner
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

@@ -37,8 +37,6 @@ class GatedEngine:
     def __init__(self, engine: Any, gate: threading.Event) -> None:
         self._engine = engine
         self._gate = gate
-        self.base = engine.base
-        self.captioner = engine.captioner
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

@@ -88,13 +88,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 class _Engine:
     """Enough of an engine for a server that only answers health and job lookups."""
 
-    def __init__(self) -> None:
-        from types import SimpleNamespace
-
-        self.base = SimpleNamespace(
-            name="tiny", fingerprint="f" * 64, native_height=64, native_width=64
-        )
-        self.captioner = None
+    fingerprint = "f" * 64
+    native_height = 64
+    native_width = 64
+    can_caption = False
 
     def warmup(self) -> None:
         pass

@@ -37,9 +37,9 @@ from server.ports import BaseModelInfo
 from server.service import _payload_digest
 from server.settings import ServerSettings
 from server.transport import MIB, server_options
-from server.validation import Limits, validate_edit, validate_sample
+from server.validation import Limits, check_edit_request, check_sample_request
 
-BASES = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, has_captioner=True)}
+BASES = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, can_caption=True)}
 
 
 def _png(size: tuple[int, int] = (32, 24)) -> bytes:
@@ -55,7 +55,7 @@ def _edit(**fields: object) -> pb.EditRequest:
 
 
 def test_a_valid_edit_becomes_a_complete_plan() -> None:
-    plan = validate_edit(
+    plan = check_edit_request(
         _edit(
             training=pb.TrainingOptions(updates=3, seed=5),
             sweep=pb.SweepOptions(seeds=[1, 2], gammas=[0.5]),
@@ -72,7 +72,7 @@ def test_a_valid_edit_becomes_a_complete_plan() -> None:
 
 
 def test_unset_sampling_seeds_are_drawn_and_the_training_seed_is_the_contents() -> None:
-    plan = validate_edit(_edit(sweep=pb.SweepOptions(seed_count=3)), Limits(), BASES, "tiny")
+    plan = check_edit_request(_edit(sweep=pb.SweepOptions(seed_count=3)), Limits(), BASES, "tiny")
     assert len(plan.sweep.seeds) == 3
     assert plan.train_seed_from == "content"
     training = plan.training_for("f" * 64, "A photo of a dog")
@@ -82,19 +82,19 @@ def test_unset_sampling_seeds_are_drawn_and_the_training_seed_is_the_contents() 
     assert 0 <= training.seed < 2**63
     # The same request, on any replica, at any time: the same seed. Anything training sees
     # changes it; the target prompt (never seen in training) does not.
-    again = validate_edit(_edit(target_prompts=["A dog."]), Limits(), BASES, "tiny")
+    again = check_edit_request(_edit(target_prompts=["A dog."]), Limits(), BASES, "tiny")
     assert again.training_for("f" * 64, "A photo of a dog").seed == training.seed
     assert again.training_for("f" * 64, "A photo of a cat").seed != training.seed
     assert again.training_for("e" * 64, "A photo of a dog").seed != training.seed
-    other = validate_edit(_edit(image=_png((33, 24))), Limits(), BASES, "tiny")
+    other = check_edit_request(_edit(image=_png((33, 24))), Limits(), BASES, "tiny")
     assert other.training_for("f" * 64, "A photo of a dog").seed != training.seed
 
 
 def test_fresh_seed_asks_for_a_new_fine_tune_that_a_retry_repeats() -> None:
-    content = validate_edit(_edit(), Limits(), BASES, "tiny").training_for("f" * 64, "a dog")
+    content = check_edit_request(_edit(), Limits(), BASES, "tiny").training_for("f" * 64, "a dog")
     fresh = pb.TrainingOptions(fresh_seed=True)
     seeds = {
-        validate_edit(_edit(training=fresh), Limits(), BASES, "tiny")
+        check_edit_request(_edit(training=fresh), Limits(), BASES, "tiny")
         .training_for("f" * 64, "a dog")
         .seed
         for _ in range(3)
@@ -102,23 +102,23 @@ def test_fresh_seed_asks_for_a_new_fine_tune_that_a_retry_repeats() -> None:
     assert len(seeds) == 3 and content.seed not in seeds  # no request id: random each time
     # With a request id, a retry (expired job, restart, other replica) gets the same seed.
     retried = [
-        validate_edit(_edit(training=fresh, request_id="r-1"), Limits(), BASES, "tiny")
+        check_edit_request(_edit(training=fresh, request_id="r-1"), Limits(), BASES, "tiny")
         .training_for("f" * 64, "a dog")
         .seed
         for _ in range(2)
     ]
     assert retried[0] == retried[1] != content.seed
     with pytest.raises(InvalidInputError) as e:
-        validate_edit(
+        check_edit_request(
             _edit(training=pb.TrainingOptions(fresh_seed=True, seed=3)), Limits(), BASES, "tiny"
         )
     assert e.value.field == "training.fresh_seed"
 
 
 def test_the_servers_precision_is_the_default_for_training_and_sampling() -> None:
-    plan = validate_edit(_edit(), Limits(), BASES, "tiny", default_precision="fast")
+    plan = check_edit_request(_edit(), Limits(), BASES, "tiny", default_precision="fast")
     assert plan.training.precision == "fast"
-    plan = validate_edit(
+    plan = check_edit_request(
         _edit(training=pb.TrainingOptions(precision=pb.PRECISION_FAITHFUL)),
         Limits(),
         BASES,
@@ -134,7 +134,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
             mode=pb.TRAINING_MODE_TWO_STAGE, updates=5, stage2_updates=7, stage2_batch_size=2
         )
     )
-    stages = validate_edit(request, Limits(), BASES, "tiny").training.stages
+    stages = check_edit_request(request, Limits(), BASES, "tiny").training.stages
     assert [(s.updates, s.batch_size) for s in stages] == [(5, 1), (7, 2)]
     args = build_parser().parse_args(
         [
@@ -154,7 +154,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
     cli_config = apply_stage_flags(cli_config, args.updates, args.batch_size)
     assert cli_config.stages == stages
     # One value is the first stage's in both.
-    first = validate_edit(
+    first = check_edit_request(
         _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, updates=5)),
         Limits(),
         BASES,
@@ -164,10 +164,12 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
     assert apply_stage_flags(TrainingConfig.for_mode("two_stage"), "5", None).stages == first
     for field in ("stage2_updates", "stage2_batch_size"):
         with pytest.raises(InvalidInputError) as e:
-            validate_edit(_edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny")
+            check_edit_request(
+                _edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny"
+            )
         assert e.value.field == f"training.{field}" and "joint training has 1 stage" in str(e.value)
     with pytest.raises(InvalidInputError) as e:
-        validate_edit(
+        check_edit_request(
             _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, stage2_updates=0)),
             Limits(),
             BASES,
@@ -189,16 +191,16 @@ def test_cheap_checks_run_before_the_image_is_decoded(monkeypatch: pytest.Monkey
         (_edit(training=pb.TrainingOptions(width=12)), "training.width"),
     ):
         with pytest.raises(InvalidInputError) as e:
-            validate_edit(request, Limits(), BASES, "tiny")
+            check_edit_request(request, Limits(), BASES, "tiny")
         assert e.value.field == field
 
 
 def test_source_prompt_required_without_a_captioner() -> None:
-    bases = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, has_captioner=False)}
+    bases = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, can_caption=False)}
     with pytest.raises(InvalidInputError) as e:
-        validate_edit(_edit(), Limits(), bases, "tiny")
+        check_edit_request(_edit(), Limits(), bases, "tiny")
     assert e.value.field == "source_prompt"
-    plan = validate_edit(_edit(source_prompt="A photo of a cat."), Limits(), bases, "tiny")
+    plan = check_edit_request(_edit(source_prompt="A photo of a cat."), Limits(), bases, "tiny")
     assert plan.source_prompt == "A photo of a cat."
 
 
@@ -206,7 +208,7 @@ def test_limits_come_from_settings() -> None:
     limits = Limits.from_settings(ServerSettings(max_steps=10, image_formats=["png"]))
     assert limits.max_steps == 10 and limits.image_formats == ("PNG",)
     with pytest.raises(InvalidInputError) as e:
-        validate_edit(_edit(sweep=pb.SweepOptions(steps=11)), limits, BASES, "tiny")
+        check_edit_request(_edit(sweep=pb.SweepOptions(steps=11)), limits, BASES, "tiny")
     assert "1..10" in str(e.value)
 
 
@@ -214,7 +216,9 @@ def test_delta_format_request_setting_and_precision_default() -> None:
     """The request's format wins; unset, the server setting; unset too, the precision's."""
 
     def stored(options: pb.TrainingOptions, limits: Limits) -> str | None:
-        return validate_edit(_edit(training=options), limits, BASES, "tiny").training.delta_format
+        return check_edit_request(
+            _edit(training=options), limits, BASES, "tiny"
+        ).training.delta_format
 
     assert stored(pb.TrainingOptions(), Limits()) == "fp32"
     assert stored(pb.TrainingOptions(precision=pb.PRECISION_FAST), Limits()) == "int8"
@@ -239,14 +243,14 @@ def test_sample_validation_checks_the_id_first() -> None:
         raise AssertionError("the registry was asked before the cheap checks")
 
     with pytest.raises(InvalidInputError) as e:
-        validate_sample(
+        check_sample_request(
             pb.SampleRequest(edit_model_id="../../etc/passwd", target_prompts=["x"]),
             Limits(),
             unasked,
         )
     assert e.value.field == "edit_model_id"
     with pytest.raises(InvalidInputError) as e:
-        validate_sample(
+        check_sample_request(
             pb.SampleRequest(
                 edit_model_id="em_" + "b" * 26,
                 target_prompts=["x"],
@@ -256,7 +260,7 @@ def test_sample_validation_checks_the_id_first() -> None:
             unasked,
         )
     assert e.value.field == "sweep.gammas"
-    plan = validate_sample(
+    plan = check_sample_request(
         pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"]),
         Limits(),
         _mode("joint"),
@@ -266,17 +270,17 @@ def test_sample_validation_checks_the_id_first() -> None:
 
 def test_sample_defaults_are_the_edit_models_variants() -> None:
     request = pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"])
-    two_stage = validate_sample(request, Limits(), _mode("two_stage")).sweep
+    two_stage = check_sample_request(request, Limits(), _mode("two_stage")).sweep
     assert two_stage.forget == ("encoderattn",)
     vp = pb.SampleRequest(
         edit_model_id="em_" + "b" * 26,
         target_prompts=["x"],
         sweep=pb.SweepOptions(interpolation=pb.INTERPOLATION_VP),
     )
-    dreambooth = validate_sample(vp, Limits(), _mode("dreambooth")).sweep
+    dreambooth = check_sample_request(vp, Limits(), _mode("dreambooth")).sweep
     assert dreambooth.gammas == (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
     assert dreambooth.alphas == (0.8, 0.9)
-    edit = validate_edit(
+    edit = check_edit_request(
         _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE)),
         Limits(),
         BASES,
@@ -291,13 +295,13 @@ def test_strategies_are_checked_against_the_variant() -> None:
         target_prompts=["x"],
         sweep=pb.SweepOptions(forget_strategies=["nodecoder"]),
     )
-    sweep = validate_sample(request, Limits(), _mode("dreambooth")).sweep
+    sweep = check_sample_request(request, Limits(), _mode("dreambooth")).sweep
     validation.check_strategies(sweep, "dreambooth")  # DreamBooth-Forgedit defines it
     with pytest.raises(InvalidInputError) as e:
         validation.check_strategies(sweep, "joint")
     assert e.value.field == "sweep.forget_strategies"
     with pytest.raises(InvalidInputError) as e:
-        validate_sample(request, Limits(), _mode("joint"))
+        check_sample_request(request, Limits(), _mode("joint"))
     assert e.value.field == "sweep.forget_strategies"
 
 
@@ -567,20 +571,20 @@ def test_an_edit_whose_batch_cannot_fit_a_device_is_refused_naming_the_limit() -
     # The issue's case: a valid 2048x2048 Edit with a training batch of 64.
     request = _edit(training=pb.TrainingOptions(height=2048, width=2048, batch_size=64))
     with pytest.raises(InvalidInputError) as refused:
-        validate_edit(request, Limits(), BASES, "tiny")
+        check_edit_request(request, Limits(), BASES, "tiny")
     assert refused.value.field == "training.batch_size"
     assert "FORGEDIT_MAX_BATCH_PIXELS" in str(refused.value) and "2048x2048" in str(refused.value)
     mapped = to_rpc_status(refused.value)
     assert mapped.code == grpc.StatusCode.INVALID_ARGUMENT
     # The limit is a setting: the same request fits a device given a larger budget.
     roomy = Limits(max_batch_pixels=2048 * 2048 * 64)
-    assert validate_edit(request, roomy, BASES, "tiny").training.stages[0].batch_size == 64
+    assert check_edit_request(request, roomy, BASES, "tiny").training.stages[0].batch_size == 64
 
 
 def test_forgedits_own_512_batch_of_10_fits_the_default_budget() -> None:
     request = _edit(training=pb.TrainingOptions(height=512, width=512, batch_size=10))
     settings = ServerSettings(_env_file=None)  # type: ignore[call-arg]
-    plan = validate_edit(request, Limits.from_settings(settings), BASES, "tiny")
+    plan = check_edit_request(request, Limits.from_settings(settings), BASES, "tiny")
     assert plan.training.stages[0].batch_size == 10
 
 
@@ -588,7 +592,7 @@ def test_sampling_batches_shrink_to_fit_the_budget_and_one_image_must_fit() -> N
     limits = Limits(max_batch_pixels=3 * 64 * 64, sampling_batch=8)
     assert validation.sampling_batch_size(64, 64, limits) == 3
     assert validation.sampling_batch_size(32, 32, limits) == 8
-    sweep = validate_sample(
+    sweep = check_sample_request(
         pb.SampleRequest(edit_model_id="em_" + "a" * 26, target_prompts=["a dog"]),
         limits,
         _mode("joint"),
@@ -599,7 +603,7 @@ def test_sampling_batches_shrink_to_fit_the_budget_and_one_image_must_fit() -> N
 
 
 def test_registry_calls_give_up_before_the_deadline_and_stay_bounded() -> None:
-    from server.store import RegistryCalls
+    from server.registry_client import RegistryCalls
 
     calls = RegistryCalls(threads=2, timeout_s=30.0)
     hung = threading.Event()

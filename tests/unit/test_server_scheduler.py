@@ -19,11 +19,13 @@ from server.errors import (
     QueueFullError,
     RequestConflictError,
     UnavailableError,
+    UnservedBaseModelError,
 )
+from server.estimator import Estimator
 from server.jobs import Job, JobState
 from server.metrics import Metrics
-from server.scheduler import Estimator, Scheduler, SchedulerConfig
-from server.validation import EditPlan, SamplePlan
+from server.scheduler import Scheduler, SchedulerConfig
+from server.validation import EditRequestPlan, SampleRequestPlan
 
 
 class GatedRunner:
@@ -48,8 +50,13 @@ class GatedRunner:
 
 
 def _engine(name: str, device: str) -> Any:
-    base = SimpleNamespace(name=name, fingerprint="f" * 64, native_height=64, native_width=64)
-    return SimpleNamespace(base=base, captioner=None, warmup=lambda: None)
+    return SimpleNamespace(
+        fingerprint="f" * 64,
+        native_height=64,
+        native_width=64,
+        can_caption=False,
+        warmup=lambda: None,
+    )
 
 
 @pytest.fixture
@@ -80,7 +87,7 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
     plan: Any
     if kind == pb.JOB_KIND_EDIT:
         image: Any = SimpleNamespace(sha256="0" * 64)
-        plan = EditPlan(
+        plan = EditRequestPlan(
             request_id,
             image,
             b"",
@@ -91,7 +98,7 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
             False,
         )
     else:
-        plan = SamplePlan(request_id, "em_" + "a" * 26, sweep, False)
+        plan = SampleRequestPlan(request_id, "em_" + "a" * 26, sweep, False)
     return Job(
         job_id=f"job_{next(_counter)}",
         kind=kind,
@@ -140,6 +147,22 @@ def test_sampling_jobs_overtake_queued_training_jobs(scheduler: tuple) -> None:
     runner.gate(edit).set()
     assert edit.wait_finished(5) and edit.state is JobState.SUCCEEDED
     assert s.wait_idle(5)
+
+
+def test_an_edit_model_of_an_unserved_base_model_is_refused_before_queueing(
+    scheduler: tuple,
+) -> None:
+    s, _ = scheduler
+    served = SimpleNamespace(
+        edit_model_id="em_a", base_model_name="tiny", base_model_fingerprint="f" * 64
+    )
+    s.require_served(served)  # the fake engine's fingerprint: accepted
+    other = SimpleNamespace(
+        edit_model_id="em_b", base_model_name="sd15", base_model_fingerprint="e" * 64
+    )
+    with pytest.raises(UnservedBaseModelError, match="'sd15', which this server does not serve"):
+        s.require_served(other)
+    assert s.queue_depth() == 0
 
 
 def test_a_full_queue_refuses_with_a_retry_hint(scheduler: tuple) -> None:

@@ -1,8 +1,10 @@
-"""The server's view of the edit-model registry: the few calls it makes, and their wire form.
+"""The server's view of the edit-model registry: the few calls it makes, bounded and filtered.
 
-``EditModelStore`` wraps a ``registry.EditModelRegistry`` (or anything with the same methods,
-see ``server.ports.RegistryLike``) and converts its records to ``forgedit.v1.EditModel``.
-Errors pass through unchanged (``registry.errors``) and are mapped in ``server.errors``.
+``RegistryClient`` wraps a ``registry.EditModelRegistry`` (or anything with the same methods,
+see ``server.ports.RegistryLike``): it bounds the calls made for a request and shows a
+principal only its own edit models. Its records go on the wire through
+``server.wire.edit_model_to_proto``. Errors pass through unchanged (``registry.errors``) and
+are mapped in ``server.errors``.
 
 Registry calls made for a request (``show``, ``describe_for_sampling``, ``list``, ``delete``)
 run on a small bounded pool (``RegistryCalls``) and are waited for at most the registry timeout
@@ -21,36 +23,27 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeVar
-
-from google.protobuf import timestamp_pb2
+from typing import TYPE_CHECKING, TypeVar
 
 from forgedit.artifact import EditModel
 from forgedit.config import TrainingConfig
 from forgedit.errors import ForgeditError
 from registry.errors import EditModelNotFoundError, RegistryUnavailableError
-from server._proto import forgedit_pb2 as pb
 from server.auth import Principal
-from server.errors import UnservedBaseModelError
-from server.ports import BaseModelInfo, RegistryLike
-from server.validation import DELTA_FORMATS
+from server.ports import RegistryLike
 
-log = logging.getLogger("server.store")
+if TYPE_CHECKING:
+    from registry import EditModelInfo, EditModelPage, RegisteredEditModel
+
+log = logging.getLogger("server.registry_client")
 T = TypeVar("T")
 
 # A call may use at most this share of the request's remaining deadline, so that the
 # UNAVAILABLE answer reaches the client before its deadline does.
 DEADLINE_SHARE = 0.8
-
-_DELTA_FORMATS = {name: number for number, name in DELTA_FORMATS.items()}
-_MODES = {
-    "joint": pb.TRAINING_MODE_JOINT,
-    "two_stage": pb.TRAINING_MODE_TWO_STAGE,
-    "dreambooth": pb.TRAINING_MODE_DREAMBOOTH,
-}
 
 
 class RegistryCalls:
@@ -95,7 +88,7 @@ class RegistryCalls:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class EditModelStore:
+class RegistryClient:
     """Register, load, describe, list and delete edit models through the registry."""
 
     def __init__(self, registry: RegistryLike, calls: RegistryCalls | None = None) -> None:
@@ -104,7 +97,7 @@ class EditModelStore:
 
     def register(
         self, edit_model: EditModel, *, request_id: str, image_bytes: bytes, principal: str
-    ) -> Any:
+    ) -> RegisteredEditModel:
         """Store a freshly trained edit model, recording the ``principal`` that made it;
         returns the registry's ``RegisteredEditModel`` (id, version, deduped, spooled). A retry
         with the same request id returns the first registration instead of creating a second
@@ -131,7 +124,7 @@ class EditModelStore:
         source_prompt: str,
         training: TrainingConfig,
         principal: str,
-    ) -> Any:
+    ) -> EditModelInfo | None:
         """The registry's record of an edit model already fine-tuned on the same image bytes,
         base model, source prompt and training config (seed included), or None. Training again
         would reproduce exactly that model, so it is reused instead (one fine-tune serves
@@ -147,7 +140,7 @@ class EditModelStore:
 
     def show(
         self, edit_model_id: str, principal: Principal, *, remaining_s: float | None = None
-    ) -> Any:
+    ) -> EditModelInfo:
         """Describe an edit model ``principal`` may see (bounded, see the module docstring);
         another principal's is ``EditModelNotFoundError`` exactly as if it did not exist."""
         info = self.calls.run(
@@ -159,7 +152,7 @@ class EditModelStore:
 
     def describe_for_sampling(
         self, edit_model_id: str, principal: Principal, *, remaining_s: float | None
-    ) -> Any:
+    ) -> EditModelInfo:
         """What a Sample needs to know before queueing (training mode, base model): from this
         replica's own verified copy when it has one, so that sampling a cached or spooled edit
         model never waits for, or fails with, MLflow; otherwise from the registry. Another
@@ -170,7 +163,7 @@ class EditModelStore:
         return self.show(edit_model_id, principal, remaining_s=remaining_s)
 
     @staticmethod
-    def _visible(info: Any, edit_model_id: str, principal: Principal) -> Any:
+    def _visible(info: EditModelInfo, edit_model_id: str, principal: Principal) -> EditModelInfo:
         if not principal.may_see(getattr(info, "principal", "")):
             raise EditModelNotFoundError(edit_model_id)
         return info
@@ -184,7 +177,7 @@ class EditModelStore:
         page_token: str | None,
         principal: Principal,
         remaining_s: float | None = None,
-    ) -> Any:
+    ) -> EditModelPage:
         """A page of the edit models ``principal`` may see (an admin's: everyone's)."""
         return self.calls.run(
             "list edit models",
@@ -211,38 +204,3 @@ class EditModelStore:
 
     def close(self) -> None:
         self.calls.close()
-
-    @staticmethod
-    def check_served(info: Any, base_models: Iterable[BaseModelInfo]) -> None:
-        """Raise ``UnservedBaseModelError`` unless ``info``'s base model is loaded here."""
-        served = list(base_models)
-        if not any(b.fingerprint == info.base_model_fingerprint for b in served):
-            raise UnservedBaseModelError(
-                f"edit model {info.edit_model_id} was fine-tuned on base model "
-                f"{info.base_model_name!r}, which this server does not serve; served: "
-                f"{', '.join(b.name for b in served)}"
-            )
-
-
-def edit_model_to_proto(info: Any) -> pb.EditModel:
-    """A registry ``EditModelInfo`` as the wire's ``EditModel``."""
-    created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(int(float(info.created_at) * 1e9))
-    return pb.EditModel(
-        edit_model_id=info.edit_model_id,
-        version=info.version or 0,
-        base_model=info.base_model_name,
-        base_fingerprint=info.base_model_fingerprint,
-        image_sha256=info.image_sha256,
-        source_prompt=info.source_prompt,
-        training_mode=_MODES.get(info.training_mode, pb.TRAINING_MODE_UNSPECIFIED),
-        create_time=created,
-        size_bytes=int(info.size_bytes),
-        width=int(info.width),
-        height=int(info.height),
-        train_seed=int(info.train_seed),
-        training_config_json=info.training_json,
-        principal=getattr(info, "principal", ""),
-        delta_format=_DELTA_FORMATS.get(info.delta_format, pb.DELTA_FORMAT_UNSPECIFIED),
-        delta_bytes=int(info.delta_bytes),
-    )

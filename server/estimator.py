@@ -1,0 +1,53 @@
+"""How long a job will take, before it runs: the deadline check, retry hints, AcceptedEvent.
+
+Estimates come from measured rates, kept as exponential moving averages that start from priors
+(``settings.TimePrior``, per base-model size and device); the job runner feeds every finished
+phase back (``observe_training``, ``observe_sampling``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from server._proto import forgedit_pb2 as pb
+
+if TYPE_CHECKING:
+    from server.jobs import Job
+
+
+class Estimator:
+    """Run-time estimates from measured rates (exponential moving averages), starting from
+    priors (``settings.TimePrior``, per base-model size and device). Used for the up-front
+    deadline check, queue-full retry hints and AcceptedEvent.
+
+    Training is counted in samples (updates × batch size), not updates: a joint update (batch
+    10) costs about ten two_stage updates (batch 1), and one rate must serve both."""
+
+    def __init__(self, seconds_per_training_sample: float, seconds_per_image_step: float) -> None:
+        self._lock = threading.Lock()
+        self.seconds_per_training_sample = seconds_per_training_sample
+        self.seconds_per_image_step = seconds_per_image_step
+        self.fixed_overhead_s = 0.05
+
+    def observe_training(self, samples: int, seconds: float) -> None:
+        if samples > 0:
+            self._update("seconds_per_training_sample", seconds / samples)
+
+    def observe_sampling(self, image_steps: int, seconds: float) -> None:
+        if image_steps > 0:
+            self._update("seconds_per_image_step", seconds / image_steps)
+
+    def estimate(self, job: Job) -> float:
+        plan = job.plan
+        sweep = plan.sweep
+        image_steps = sweep.num_images * sweep.steps
+        seconds = self.fixed_overhead_s + image_steps * self.seconds_per_image_step
+        if job.kind == pb.JOB_KIND_EDIT:
+            samples = plan.training.total_samples  # type: ignore[union-attr]
+            seconds += samples * self.seconds_per_training_sample
+        return seconds
+
+    def _update(self, name: str, value: float) -> None:
+        with self._lock:
+            setattr(self, name, 0.7 * getattr(self, name) + 0.3 * value)
