@@ -3,7 +3,7 @@
 Figures (BENCHMARKS.md):
 - ``first_event_ms``: from issuing a Sample call to receiving its first event (``accepted``).
 - ``sample_overhead``: the same sweep sampled through gRPC (client-side wall time of the whole
-  stream) and in-process (``Engine.edit`` on a second engine of the same base model in this
+  stream) and in-process (``Engine.sample`` on a second engine of the same base model in this
   process), alternating, medians; ``overhead_pct`` = grpc / in-process - 1.
 - ``concurrent``: 8 clients at once, each running ``--rounds`` Sample calls (and one Edit
   each): queue-wait (server-reported) and end-to-end (client-side) percentiles.

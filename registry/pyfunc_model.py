@@ -75,7 +75,7 @@ class ForgeditEditModel(PythonModel):
         )
         self._edit_model = load_edit_model(
             context.artifacts[ARTIFACT_KEY],
-            expected_base_fingerprint=self._engine.base.fingerprint,
+            expected_base_fingerprint=self._engine.fingerprint,
         )
 
     # No type hints on purpose: MLflow would derive an input schema from them and coerce the
