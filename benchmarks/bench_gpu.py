@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from photos import add_photo_arguments, chosen_photo
+
 REPO = Path(__file__).resolve().parent.parent
-PHOTO = REPO.parent / "shared" / "tedbench" / "originals" / "dog2_standing.png"
 PROMPT = "A photo of a sitting dog."
 BACKENDS = ("torch", "torch.compile", "tensorrt")
 
@@ -79,7 +80,9 @@ def write_sd1_model(root: Path, tiny: bool) -> Path:
     return sd
 
 
-def run_one(model_dir: str, precision: str, backend: str, device: str, size: int) -> dict:
+def run_one(
+    model_dir: str, precision: str, backend: str, device: str, size: int, photo: Path
+) -> dict:
     import torch
 
     from forgedit.config import SweepConfig, TrainingConfig
@@ -117,7 +120,8 @@ def run_one(model_dir: str, precision: str, backend: str, device: str, size: int
                 dataclasses.replace(s, updates=per_stage, batch_size=10) for s in config.stages
             ),
         )
-        edit_model = engine.finetune(load_image(PHOTO).image, PROMPT, config)
+        image = load_image(photo).image
+        edit_model = engine.finetune(image, PROMPT, config)
         # Warm-up: compile / first refit happen here, not in the timed sweep.
         t = time.perf_counter()
         engine.sample(edit_model, dataclasses.replace(sweep, steps=1, seeds=(0,)), max_batch=12)
@@ -128,7 +132,7 @@ def run_one(model_dir: str, precision: str, backend: str, device: str, size: int
             torch.cuda.synchronize()
         sampling_s = time.perf_counter() - t
         t = time.perf_counter()
-        engine.finetune(load_image(PHOTO).image, PROMPT, config)
+        engine.finetune(image, PROMPT, config)
         if cuda:
             torch.cuda.synchronize()
         training_s = time.perf_counter() - t
@@ -157,10 +161,12 @@ def main() -> None:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    add_photo_arguments(parser, tedbench_photo="dog2_standing.png")
     args = parser.parse_args()
+    photo = chosen_photo(parser, args)
     if args.one:
         model_dir, precision, backend, size = args.one
-        print(json.dumps(run_one(model_dir, precision, backend, args.device, int(size))))
+        print(json.dumps(run_one(model_dir, precision, backend, args.device, int(size), photo)))
         return
     import torch
 
@@ -170,7 +176,8 @@ def main() -> None:
         model_dir = write_sd1_model(Path(work) / "model", args.tiny)
         for precision in args.precisions.split(","):
             for backend in args.backends.split(","):
-                cmd = [sys.executable, __file__, "--device", args.device, "--one"]
+                cmd = [sys.executable, __file__, "--device", args.device, "--photo", str(photo)]
+                cmd += ["--one"]
                 cmd += [str(model_dir), precision, backend, str(size)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
