@@ -127,6 +127,44 @@ class UNetBackend(ABC):
         """Release sessions and engines."""
 
 
+class CompiledUNet(NoisePredictor, Protocol):
+    """One compiled UNet for one ``Shape`` (an ONNX Runtime session, a TensorRT engine): a
+    noise predictor that holds its own copy of the weights, brought up to date by ``sync``."""
+
+    loaded: LoadedWeights
+
+    def sync(self, weights: ResidentWeights) -> None: ...
+
+
+class CompiledBackend(UNetBackend):
+    """A backend that compiles the UNet once per ``Shape`` and keeps each compiled UNet in
+    sync with the live weights: subclasses say only how to ``_compile`` one."""
+
+    def __init__(self, unet: Any, weights: ResidentWeights) -> None:
+        super().__init__(unet, weights)
+        self._compiled: dict[Shape, CompiledUNet] = {}
+
+    @abstractmethod
+    def _compile(self, shape: Shape) -> CompiledUNet:
+        """Export, build or load the compiled UNet for ``shape`` (seconds, once)."""
+
+    def prepare(self, shape: Shape) -> None:
+        if shape not in self._compiled:
+            self._compiled[shape] = self._compile(shape)
+
+    def predictor(self, shape: Shape) -> NoisePredictor:
+        self.prepare(shape)
+        compiled = self._compiled[shape]
+        compiled.sync(self.weights)
+        return compiled
+
+    def last_plan(self, shape: Shape) -> tuple[str, ...]:
+        return self._compiled[shape].loaded.last_plan
+
+    def close(self) -> None:
+        self._compiled.clear()
+
+
 def example_inputs(unet: Any, shape: Shape, rows: int) -> tuple[torch.Tensor, ...]:
     """Fixed inputs (sample, timestep, text) for export and canaries: seeded noise of the
     UNet's own channel and text widths, at timestep 980 (the first DDIM step)."""

@@ -25,10 +25,9 @@ import torch
 
 from forgedit.backends.base import (
     BackendUnavailableError,
+    CompiledBackend,
     LoadedWeights,
-    NoisePredictor,
     Shape,
-    UNetBackend,
 )
 from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, export_unet
 from forgedit.weights import ResidentWeights
@@ -62,7 +61,7 @@ def providers_for(device: torch.device, available: list[str]) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend(UNetBackend):
+class OnnxRuntimeBackend(CompiledBackend):
     """ONNX Runtime sessions over the cached export, one per ``Shape``.
 
     ``threads``: intra-op threads per session (default: torch's, which tests and CI set to 1).
@@ -85,26 +84,12 @@ class OnnxRuntimeBackend(UNetBackend):
         self.fingerprint = fingerprint
         self.cache_dir = Path(cache_dir)
         self.threads = threads or torch.get_num_threads()
-        self._sessions: dict[Shape, _Session] = {}
         self.export_seconds = 0.0
 
-    def prepare(self, shape: Shape) -> None:
-        if shape not in self._sessions:
-            export = export_unet(self.unet, self.fingerprint, shape, self.cache_dir)
-            self.export_seconds += export.seconds
-            self._sessions[shape] = _Session(self._ort, export, self._providers, self)
-
-    def predictor(self, shape: Shape) -> NoisePredictor:
-        self.prepare(shape)
-        session = self._sessions[shape]
-        session.sync(self.weights)
-        return session
-
-    def last_plan(self, shape: Shape) -> tuple[str, ...]:
-        return self._sessions[shape].loaded.last_plan
-
-    def close(self) -> None:
-        self._sessions.clear()
+    def _compile(self, shape: Shape) -> _Session:
+        export = export_unet(self.unet, self.fingerprint, shape, self.cache_dir)
+        self.export_seconds += export.seconds
+        return _Session(self._ort, export, self._providers, self)
 
 
 class _Session:

@@ -37,10 +37,9 @@ import torch
 
 from forgedit.backends.base import (
     BackendUnavailableError,
+    CompiledBackend,
     LoadedWeights,
-    NoisePredictor,
     Shape,
-    UNetBackend,
 )
 from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, export_unet
 from forgedit.durable import write_bytes_atomic, write_json_atomic
@@ -129,7 +128,7 @@ def weights_as_initializers(graph_path: Path) -> bytes:
     return bytes(model.SerializeToString())
 
 
-class TensorRTBackend(UNetBackend):
+class TensorRTBackend(CompiledBackend):
     """Refittable TensorRT engines, one per ``Shape``, on a CUDA device."""
 
     name = "tensorrt"
@@ -151,11 +150,8 @@ class TensorRTBackend(UNetBackend):
         self.fingerprint = fingerprint
         self.cache_dir = Path(cache_dir)
         self.strip_weights = strip_weights
-        self._engines: dict[Shape, _Engine] = {}
 
-    def prepare(self, shape: Shape) -> None:
-        if shape in self._engines:
-            return
+    def _compile(self, shape: Shape) -> _Engine:
         export = export_unet(self.unet, self.fingerprint, shape, self.cache_dir / "onnx")
         identity = plan_identity(
             torch.cuda.get_device_name(self.device),
@@ -179,19 +175,7 @@ class TensorRTBackend(UNetBackend):
         engine = _Engine(self, plan, export.name_map, shape)
         if self.strip_weights:  # the plan holds no weights: refit them all from the base
             engine.refit({n: p.detach() for n, p in self.unet.named_parameters()}, self.weights)
-        self._engines[shape] = engine
-
-    def predictor(self, shape: Shape) -> NoisePredictor:
-        self.prepare(shape)
-        engine = self._engines[shape]
-        engine.sync(self.weights)
         return engine
-
-    def last_plan(self, shape: Shape) -> tuple[str, ...]:
-        return self._engines[shape].loaded.last_plan
-
-    def close(self) -> None:
-        self._engines.clear()
 
     # -- building -------------------------------------------------------------------------
 

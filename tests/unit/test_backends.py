@@ -380,7 +380,7 @@ class _DropsBiasesOnRefit(OnnxRuntimeBackend):
 
     def predictor(self, shape: Shape) -> Any:
         predictor = super().predictor(shape)
-        session = self._sessions[shape]
+        session = self._compiled[shape]
         for name in session.loaded.last_plan:
             if name.endswith(".bias"):
                 session._bound[session._name_map[name]][0][:] = 0.0
