@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from forgedit.config import MAX_SEED, SweepConfig, TrainingConfig, check_prompt, check_resolution
+from forgedit.config import SweepConfig, TrainingConfig, check_prompt, check_resolution
 from forgedit.errors import InvalidInputError
 from forgedit.requests import (
     TrainSeedFrom,
@@ -387,9 +387,6 @@ def _training_config(
     if options.fresh_seed:
         seed = random_seed()
     vae_seed = options.vae_seed if options.HasField("vae_seed") else 0
-    for field, value in (("training.seed", seed), ("training.vae_seed", vae_seed)):
-        if value > MAX_SEED:
-            raise InvalidInputError(f"{field} must be in [0, 2^63-1], got {value}", field=field)
 
     try:
         config = build_training_config(
