@@ -6,7 +6,6 @@ The killed process is a real ``python -m server.main`` configured through the en
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -36,13 +35,10 @@ def _ready(channel: grpc.Channel) -> bool:
 
 @contextmanager
 def _server(tmp: Path, tiny_model_dir: Path, port: int, name: str) -> Iterator[subprocess.Popen]:
-    env = support.subprocess_env(
-        FORGEDIT_BASE_MODELS=json.dumps({"tiny": str(tiny_model_dir / "stable-diffusion")}),
-        FORGEDIT_BLIP_DIR=str(tiny_model_dir / "blip"),
-        FORGEDIT_DATA_DIR=str(tmp / "data"),
-        FORGEDIT_GRPC_PORT=str(port),
-        FORGEDIT_METRICS_PORT="none",
-        FORGEDIT_AUTH_TOKENS=json.dumps([support.TOKEN]),
+    env = support.server_process_env(
+        tmp / "data",
+        tiny_model_dir,
+        port,
         FORGEDIT_LOG_FORMAT="text",
         TMPDIR=str(tmp / "process-tmp"),
     )

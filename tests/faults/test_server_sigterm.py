@@ -36,14 +36,10 @@ def _health(channel: grpc.Channel, service: str) -> int | None:
 
 def test_sigterm_drains_running_jobs_and_exits_zero(tmp_path: Path, tiny_model_dir: Path) -> None:
     port = support.free_port()
-    env = support.subprocess_env(
-        FORGEDIT_BASE_MODELS=json.dumps({"tiny": str(tiny_model_dir / "stable-diffusion")}),
-        FORGEDIT_BLIP_DIR=str(tiny_model_dir / "blip"),
-        FORGEDIT_DATA_DIR=str(tmp_path / "data"),
-        FORGEDIT_GRPC_PORT=str(port),
-        FORGEDIT_METRICS_PORT="none",
-        FORGEDIT_HEALTH_PORT="0",
-        FORGEDIT_AUTH_TOKENS=json.dumps([support.TOKEN]),
+    env = support.server_process_env(
+        tmp_path / "data",
+        tiny_model_dir,
+        port,
         FORGEDIT_GRACE_PERIOD_S="120",
         FORGEDIT_HEARTBEAT_INTERVAL_S="1",
         FORGEDIT_LOG_FORMAT="json",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import struct
 import tempfile
@@ -345,3 +346,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def server_process_env(data_dir: Path, tiny_model_dir: Path, port: int, **extra: str) -> dict:
+    """The environment of a real ``python -m server.main`` process on the tiny model: its data
+    directory, the gRPC port, no metrics port, an ephemeral health port, the tests' token;
+    ``extra`` adds or overrides ``FORGEDIT_*`` settings."""
+    return subprocess_env(
+        FORGEDIT_BASE_MODELS=json.dumps({"tiny": str(tiny_model_dir / "stable-diffusion")}),
+        FORGEDIT_BLIP_DIR=str(tiny_model_dir / "blip"),
+        FORGEDIT_DATA_DIR=str(data_dir),
+        FORGEDIT_GRPC_PORT=str(port),
+        FORGEDIT_METRICS_PORT="none",
+        FORGEDIT_HEALTH_PORT="0",
+        FORGEDIT_AUTH_TOKENS=json.dumps([TOKEN]),
+        **extra,
+    )
