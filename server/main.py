@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from forgedit.zoo import builtin_base_model
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
 from server.estimator import Estimator
@@ -52,7 +53,6 @@ from server.validation import Limits
 
 log = logging.getLogger("server.main")
 
-TINY_MODEL_NAME = "tiny"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 HEALTH_PORT_REFLECTION_STREAMS = 2
 
@@ -315,13 +315,12 @@ def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> No
 
 
 def resolve_base_models(settings: ServerSettings) -> dict[str, Path]:
-    """Name -> directory of every served base model; the tiny model when none is set."""
+    """Name -> directory of every served base model; the default built-in (``forgedit.zoo``)
+    when none is set."""
     if settings.base_models:
         return dict(settings.base_models)
-    from forgedit.tiny import ensure_tiny_model
-
-    root = ensure_tiny_model(settings.data_dir / "tiny-model")
-    return {TINY_MODEL_NAME: root / "stable-diffusion"}
+    builtin = builtin_base_model(home=settings.data_dir)
+    return {builtin.name: builtin.stable_diffusion}
 
 
 def model_size(base_model_dir: Path) -> str:
@@ -354,7 +353,7 @@ def default_engine_factory(
     ``metrics``."""
     blip_dir = settings.blip_dir
     if blip_dir is None and not settings.base_models:
-        blip_dir = base_models[TINY_MODEL_NAME].parent / "blip"
+        blip_dir = builtin_base_model(home=settings.data_dir).blip
 
     def build(name: str, device: str) -> EngineLike:
         from forgedit.caption import Captioner

@@ -81,7 +81,7 @@ def run_build_engine(args: argparse.Namespace, stdout: TextIO) -> None:
 
 
 def run_make_tiny_model(args: argparse.Namespace, stdout: TextIO) -> None:
-    from forgedit.tiny import make_tiny_model
+    from forgedit.zoo.tiny import make_tiny_model
 
     path = Path(args.directory)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

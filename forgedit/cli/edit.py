@@ -185,11 +185,11 @@ def _load_engine(command: EditCommand) -> tuple[Engine, str]:
 
     blip_dir: Path | None
     if command.base_model is None:
-        from forgedit.tiny import BLIP_SUBDIR, SD_SUBDIR, ensure_tiny_model
+        from forgedit.zoo import builtin_base_model
 
-        root = ensure_tiny_model()
-        base_dir, label = root / SD_SUBDIR, "tiny"
-        blip_dir = command.blip or root / BLIP_SUBDIR
+        builtin = builtin_base_model()
+        base_dir, label = builtin.stable_diffusion, builtin.name
+        blip_dir = command.blip or builtin.blip
     else:
         base_dir, label = command.base_model, os.fspath(command.base_model)
         blip_dir = command.blip

@@ -54,13 +54,13 @@ def photo(tmp_path: Path) -> Path:
 def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Validation must fail before any model is loaded or the tiny model is built."""
     import forgedit.engine
-    import forgedit.tiny
+    import forgedit.zoo.tiny
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before the arguments were validated")
 
     monkeypatch.setattr(forgedit.engine.Engine, "load", refuse)
-    monkeypatch.setattr(forgedit.tiny, "ensure_tiny_model", refuse)
+    monkeypatch.setattr(forgedit.zoo.tiny, "ensure_tiny_model", refuse)
     yield
 
 

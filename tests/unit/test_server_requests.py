@@ -497,7 +497,7 @@ def test_time_priors_per_model_size_and_device(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from forgedit.config import default_stages
-    from forgedit.tiny import sd1_unet_config
+    from forgedit.zoo.tiny import sd1_unet_config
     from server.main import time_prior_key
 
     tiny = {"tiny": tiny_model_dir / "stable-diffusion"}
