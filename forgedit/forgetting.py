@@ -93,15 +93,17 @@ def variant_for_mode(mode: str) -> Variant:
     return "dreambooth" if mode == "dreambooth" else "vanilla"
 
 
-def check_strategy(name: str, variant: Variant) -> None:
-    """Raise ``UnknownStrategyError`` naming the accepted strategies of ``variant``.
+def check_strategy(name: str, variant: Variant, field: str = "forget") -> None:
+    """Raise ``UnknownStrategyError`` naming the accepted strategies of ``variant`` (its
+    ``field``: what the caller calls the strategy list).
 
     The original silently forgets nothing for an unknown name; a typo there costs a whole
     sweep, so we refuse it instead (a deliberate divergence)."""
     if name not in STRATEGIES[variant]:
         raise UnknownStrategyError(
             f"unknown forgetting strategy {name!r} for {variant} Forgedit; accepted: "
-            f"{', '.join(STRATEGIES[variant])}"
+            f"{', '.join(STRATEGIES[variant])}",
+            field=field,
         )
 
 

@@ -23,7 +23,7 @@ from forgedit.events import CancelToken
 from server import wire
 from server._proto import forgedit_pb2 as pb
 from server.errors import MappedError
-from server.validation import EditRequestPlan, SampleRequestPlan
+from server.plans import EditRequestPlan, SampleRequestPlan
 
 
 class JobState(enum.Enum):
@@ -58,15 +58,18 @@ class Timings:
 
 @dataclass
 class Job:
-    """One unit of scheduled work. Create with ``Job.create``; the scheduler drives it."""
+    """One unit of scheduled work: the service creates it from a plan, the scheduler drives
+    it, the runner runs it."""
 
-    job_id: str
     kind: pb.JobKind  # pb.JOB_KIND_EDIT or pb.JOB_KIND_SAMPLE
     plan: EditRequestPlan | SampleRequestPlan
     payload_digest: str  # identifies the request for idempotency checks
-    estimated_s: float
-    max_events: int
+    max_events: int  # the replay buffer's bounds (FORGEDIT_REPLAY_MAX_EVENTS, _BYTES)
     max_bytes: int
+    job_id: str = field(default_factory=lambda: new_job_id())
+    # The run time in seconds the scheduler estimates at submission (None until then; a test
+    # may set its own).
+    estimated_s: float | None = None
     detach: bool = False
     principal: str = ""  # who submitted it (server.auth.Principal.name)
     state: JobState = JobState.QUEUED
@@ -91,6 +94,11 @@ class Job:
     @property
     def request_id(self) -> str:
         return self.plan.request_id
+
+    @property
+    def estimate(self) -> float:
+        """``estimated_s``, 0.0 before the scheduler made it."""
+        return self.estimated_s or 0.0
 
     @property
     def method(self) -> str:

@@ -37,16 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 from forgedit.config import Precision, SweepConfig, TrainingConfig
 from forgedit.events import SamplingProgress, TrainingProgress
-from forgedit.images import contact_sheet, encode_png
-from forgedit.requests import sheet_label
+from forgedit.images import contact_sheet, encode_png, sheet_label
 from server import wire
 from server._proto import forgedit_pb2 as pb
 from server.estimator import Estimator
 from server.jobs import Job
 from server.metrics import Metrics
+from server.plans import EditRequestPlan, SampleRequestPlan
 from server.ports import EngineLike
 from server.registry_client import RegistryClient
-from server.validation import EditRequestPlan, Limits, SampleRequestPlan, sampling_batch_size
+from server.validation import Limits, sampling_batch_size
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -352,12 +352,7 @@ def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> Eng
     )
 
 
-CONTACT_SHEET_MAX_IMAGES = 64
-
-
 def _contact_sheet_png(original: Any, edited: list[Any]) -> bytes:
-    """The input beside (at most 64 of) the sampled edits, each labelled by its parameters."""
-    results = []
-    for e in edited[:CONTACT_SHEET_MAX_IMAGES]:
-        results.append((e.image, sheet_label(e.spec)))
-    return encode_png(contact_sheet(original, results))
+    """The input beside the sampled edits (as many as a sheet shows), each labelled by its
+    parameters."""
+    return encode_png(contact_sheet(original, [(e.image, sheet_label(e.spec)) for e in edited]))

@@ -164,6 +164,8 @@ class Scheduler:
         ``remaining_s`` (the call's time left) is shorter than the job's estimated run time
         plus its estimated wait in the queue.
         """
+        if job.estimated_s is None:
+            job.estimated_s = self.estimator.estimate(job)
         with self._lock:
             self._expire_locked()
             if job.request_id:
@@ -196,7 +198,7 @@ class Scheduler:
                     job_id=job.job_id,
                     queue_position=max(0, job.queue_position - idle_workers),
                     images_total=job.plan.images_total,
-                    estimated_seconds=job.estimated_s,
+                    estimated_seconds=job.estimate,
                 )
             )
             self._lock.notify_all()
@@ -215,15 +217,15 @@ class Scheduler:
             refill_s=self._sampling_load_locked(),
             until=job,
         )
-        wait = sum(j.estimated_s if isinstance(j, Job) else j for j in ahead)
+        wait = sum(j.estimate if isinstance(j, Job) else j for j in ahead)
         wait += sum(self._remaining(j) for j in self._running.values())
-        return wait / max(1, len(self.config.devices)) + job.estimated_s
+        return wait / max(1, len(self.config.devices)) + job.estimate
 
     def _sampling_load_locked(self) -> float | None:
         """Mean estimate of the sampling jobs queued or running now (None: no sampling load).
         While there is sampling load, more sampling jobs are assumed to keep arriving."""
         jobs = [*self._sampling, *(j for j in self._running.values() if j.is_sampling)]
-        return sum(j.estimated_s for j in jobs) / len(jobs) if jobs else None
+        return sum(j.estimate for j in jobs) / len(jobs) if jobs else None
 
     def cancel(self, job_id: str, reason: str) -> Job:
         """Cancel a job by id (see the module docstring). Raises ``JobNotFoundError``."""
@@ -442,8 +444,8 @@ class Scheduler:
     @staticmethod
     def _remaining(job: Job) -> float:
         if job.started_monotonic is None:
-            return job.estimated_s
-        return max(0.0, job.estimated_s - (time.monotonic() - job.started_monotonic))
+            return job.estimate
+        return max(0.0, job.estimate - (time.monotonic() - job.started_monotonic))
 
     def _retain_locked(self, job: Job) -> None:
         self._finished[job.job_id] = job

@@ -1,54 +1,162 @@
 """Every conversion between the wire (``forgedit.v1`` protobuf) and the domain, in one place.
 
-Requests come in as protobuf enums and leave the edge as the engine's plain names
-(``"joint"``, ``"vp"``, ``"int8"``); results go out the other way. The tables below are the
-only place that pairs the two, so a new enum value is added once. Decoding tables map an
-UNSPECIFIED value to the engine's default where the request may leave it unset; a value that
-is not in a table is the caller's to refuse (``server.validation`` names the field).
+In: ``edit_call`` and ``sample_call`` decode a request message once, into the engine's typed
+options (``forgedit.options``, named as the proto names its fields) and the call's own fields
+(``server.plans``). Enums become the engine's names (``"joint"``, ``"vp"``, ``"int8"``), an
+unset optional field becomes ``None``, UNSPECIFIED means unset; an enum number that is not in a
+table is refused here, naming the field and the accepted values. After this, nothing reads the
+request message but ``payload_digest``.
+
+Out: the messages the server sends (``edit_model_to_proto``, ``job_to_proto``, image params,
+timings). The tables below are the only place that pairs an enum with the engine's name, so a
+new enum value is added once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from forgedit.config import DeltaFormat, Interpolation, Precision, TrainingMode
+from forgedit.errors import InvalidInputError
+from forgedit.options import EditOptions, SampleOptions, SweepOptions, TrainingOptions
 from server._proto import forgedit_pb2 as pb
+from server.plans import EditCall, SampleCall
 
 if TYPE_CHECKING:
     from forgedit.config import ImageSpec
     from server.jobs import Job, Timings
 
 E = TypeVar("E")  # one protobuf enum type
+N = TypeVar("N", bound=str)  # the engine's names for one enum
 
 # -- wire -> domain (request decoding) ------------------------------------------------------
 
-TRAINING_MODES = {
-    pb.TRAINING_MODE_UNSPECIFIED: "joint",
+TRAINING_MODES: dict[pb.TrainingMode, TrainingMode] = {
     pb.TRAINING_MODE_JOINT: "joint",
     pb.TRAINING_MODE_TWO_STAGE: "two_stage",
     pb.TRAINING_MODE_DREAMBOOTH: "dreambooth",
 }
-INTERPOLATIONS = {
-    pb.INTERPOLATION_UNSPECIFIED: "vs",
+INTERPOLATIONS: dict[pb.Interpolation, Interpolation] = {
     pb.INTERPOLATION_VS: "vs",
     pb.INTERPOLATION_VP: "vp",
 }
-# UNSPECIFIED is absent on purpose: it means "the server's default", decided by the caller.
-PRECISIONS = {pb.PRECISION_FAITHFUL: "faithful", pb.PRECISION_FAST: "fast"}
-DELTA_FORMATS = {
+PRECISIONS: dict[pb.Precision, Precision] = {
+    pb.PRECISION_FAITHFUL: "faithful",
+    pb.PRECISION_FAST: "fast",
+}
+DELTA_FORMATS: dict[pb.DeltaFormat, DeltaFormat] = {
     pb.DELTA_FORMAT_FP32: "fp32",
     pb.DELTA_FORMAT_FP16: "fp16",
     pb.DELTA_FORMAT_INT8: "int8",
 }
 
+
+def edit_call(request: pb.EditRequest) -> EditCall:
+    """An ``EditRequest`` as the call it asks for."""
+    return EditCall(
+        request_id=request.request_id,
+        detach=request.detach,
+        base_model=request.base_model,
+        image=bytes(request.image),
+        options=EditOptions(
+            target_prompts=tuple(request.target_prompts),
+            source_prompt=request.source_prompt if request.HasField("source_prompt") else None,
+            training=training_options(request.training),
+            sweep=sweep_options(request.sweep),
+        ),
+    )
+
+
+def sample_call(request: pb.SampleRequest) -> SampleCall:
+    """A ``SampleRequest`` as the call it asks for."""
+    return SampleCall(
+        request_id=request.request_id,
+        detach=request.detach,
+        edit_model_id=request.edit_model_id,
+        options=SampleOptions(
+            target_prompts=tuple(request.target_prompts), sweep=sweep_options(request.sweep)
+        ),
+    )
+
+
+def training_options(message: pb.TrainingOptions) -> TrainingOptions:
+    def optional(name: str) -> int | None:
+        return int(getattr(message, name)) if message.HasField(name) else None
+
+    return TrainingOptions(
+        mode=_decode(TRAINING_MODES, message.mode, "training.mode", pb.TrainingMode),
+        seed=optional("seed"),
+        vae_seed=optional("vae_seed"),
+        width=optional("width"),
+        height=optional("height"),
+        precision=_decode(PRECISIONS, message.precision, "training.precision", pb.Precision),
+        updates=optional("updates"),
+        batch_size=optional("batch_size"),
+        stage2_updates=optional("stage2_updates"),
+        stage2_batch_size=optional("stage2_batch_size"),
+        fresh_seed=message.fresh_seed,
+        delta_format=_decode(
+            DELTA_FORMATS, message.delta_format, "training.delta_format", pb.DeltaFormat
+        ),
+    )
+
+
+def sweep_options(message: pb.SweepOptions) -> SweepOptions:
+    return SweepOptions(
+        interpolation=_decode(
+            INTERPOLATIONS, message.interpolation, "sweep.interpolation", pb.Interpolation
+        ),
+        gammas=tuple(message.gammas),
+        alphas=tuple(message.alphas),
+        forget_strategies=tuple(message.forget_strategies),
+        forget_degree=message.forget_degree if message.HasField("forget_degree") else None,
+        seeds=tuple(message.seeds),
+        seed_count=message.seed_count if message.HasField("seed_count") else None,
+        steps=message.steps if message.HasField("steps") else None,
+        guidance=message.guidance if message.HasField("guidance") else None,
+    )
+
+
+def _decode(table: Mapping[E, N], number: E, field: str, enum: EnumTypeWrapper) -> N | None:
+    """The engine's name of an enum value; None for 0 (UNSPECIFIED: unset). A number outside
+    the table is refused naming the accepted values, e.g. "unknown delta format 7; accepted:
+    DELTA_FORMAT_FP32, DELTA_FORMAT_FP16, DELTA_FORMAT_INT8"."""
+    if number == 0:
+        return None
+    name = table.get(number)
+    if name is None:
+        what = re.sub(r"(?<!^)(?=[A-Z])", " ", enum.DESCRIPTOR.name).lower()  # "delta format"
+        raise InvalidInputError(
+            f"unknown {what} {number}; accepted: " + ", ".join(map(enum.Name, table)),
+            field=field,
+        )
+    return name
+
+
+def payload_digest(kind: int, request: pb.EditRequest | pb.SampleRequest, principal: str) -> str:
+    """Identity of a request for idempotency: everything but request_id and detach, and who
+    sent it (another principal's request id is a conflict, never its job)."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    copy.ClearField("detach")
+    blob = copy.SerializeToString(deterministic=True)
+    who = principal.encode("utf-8") + b"\0"
+    return hashlib.sha256(bytes([kind]) + who + blob).hexdigest()
+
+
 # -- domain -> wire (responses) -------------------------------------------------------------
 
 
-def _inverse(table: dict[E, str]) -> dict[str, E]:
-    """The encoding table of a decoding one; a name decoded from UNSPECIFIED and from its own
-    value encodes as its own value (the last one in the table wins)."""
+def _inverse(table: Mapping[E, str]) -> dict[str, E]:
+    """The encoding table of a decoding one."""
     return {name: number for number, name in table.items()}
 
 

@@ -25,7 +25,7 @@ from forgedit.cli.parser import build_parser
 from forgedit.cli.progress import Progress
 from forgedit.config import TrainingConfig, content_seed
 from forgedit.events import CancelToken
-from forgedit.requests import image_file_name, slug
+from forgedit.images import image_file_name, slug
 
 # The end-to-end settings: tiny model, 64x64, 4 DDIM steps, 2 updates of batch 2.
 FAST = ["--size", "64x64", "--steps", "4", "--updates", "2", "--batch-size", "2"]

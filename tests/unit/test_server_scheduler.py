@@ -24,8 +24,8 @@ from server.errors import (
 from server.estimator import Estimator
 from server.jobs import Job, JobState
 from server.metrics import Metrics
+from server.plans import EditRequestPlan, SampleRequestPlan
 from server.scheduler import Scheduler, SchedulerConfig
-from server.validation import EditRequestPlan, SampleRequestPlan
 
 
 class GatedRunner:
