@@ -6,7 +6,8 @@ own cursor; a reader that falls behind a full buffer loses the oldest events and
 the sequence numbers. Images make events large, so the buffer is bounded by count and bytes.
 
 Thread safety: the worker thread appends events and changes state; RPC threads read and wait.
-Everything mutable is guarded by one condition variable per job.
+Everything mutable is guarded by one condition variable per job. The events themselves are
+built by ``server.wire``; a job only numbers them and keeps them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from forgedit.events import CancelToken
+from forgedit.events import CancelToken, PhaseTimer
 from server import wire
 from server._proto import forgedit_pb2 as pb
 from server.errors import MappedError
@@ -44,19 +44,6 @@ def new_job_id() -> str:
 
 
 @dataclass
-class Timings:
-    """Wall-clock seconds per phase (CompletedEvent.timings)."""
-
-    queue_wait: float = 0.0
-    captioning: float = 0.0
-    training: float = 0.0
-    registration: float = 0.0
-    sampling: float = 0.0
-    total: float = 0.0
-    sampling_backend: str = ""  # the UNet backend that sampled ("" before sampling)
-
-
-@dataclass
 class Job:
     """One unit of scheduled work: the service creates it from a plan, the scheduler drives
     it, the runner runs it."""
@@ -77,7 +64,9 @@ class Job:
     edit_model_id: str = ""
     error: MappedError | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
-    timings: Timings = field(default_factory=Timings)
+    # Seconds per phase: queue_wait, captioning, training, registration, sampling, total.
+    timings: PhaseTimer = field(default_factory=PhaseTimer)
+    sampling_backend: str = ""  # the UNet backend that sampled ("" before sampling)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     ended_at: float | None = None
@@ -120,12 +109,12 @@ class Job:
 
     # -- events -----------------------------------------------------------------------------
 
-    def emit(self, **kind: Any) -> pb.Event:
-        """Append one event (e.g. ``emit(training=pb.TrainingEvent(...))``) and wake readers.
-        Oldest events are evicted beyond the count or byte bound."""
+    def emit(self, kind: wire.EventKind) -> pb.Event:
+        """Append one event (e.g. ``emit(wire.training(progress))``) and wake readers. Oldest
+        events are evicted beyond the count or byte bound."""
         with self._cond:
             self._sequence += 1
-            event = pb.Event(job_id=self.job_id, sequence=self._sequence, time=wire.now(), **kind)
+            event = wire.event(self.job_id, self._sequence, kind)
             size = event.ByteSize()
             self._events.append(event)
             self._bytes += size
@@ -157,13 +146,8 @@ class Job:
     def heartbeat(self) -> pb.Event:
         """A heartbeat for one stream: not buffered, carries the latest sequence number."""
         with self._cond:
-            return pb.Event(
-                job_id=self.job_id,
-                sequence=self._sequence,
-                time=wire.now(),
-                heartbeat=pb.HeartbeatEvent(
-                    state=self.state.value, queue_position=self.queue_position
-                ),
+            return wire.heartbeat(
+                self.job_id, self._sequence, self.state.value, self.queue_position
             )
 
     # -- state ------------------------------------------------------------------------------
@@ -206,4 +190,17 @@ class Job:
     def to_proto(self) -> pb.Job:
         """The job as the wire's ``Job``: one consistent snapshot, taken under its lock."""
         with self._cond:
-            return wire.job_to_proto(self)
+            return wire.job_message(
+                job_id=self.job_id,
+                request_id=self.request_id,
+                kind=self.kind,
+                state=self.state.value,
+                queue_position=self.queue_position,
+                edit_model_id=self.edit_model_id,
+                last_sequence=self._sequence,
+                principal=self.principal,
+                created_at=self.created_at,
+                started_at=self.started_at,
+                ended_at=self.ended_at,
+                error=self.error,
+            )

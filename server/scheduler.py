@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server._proto import forgedit_pb2 as pb
+from server import wire
 from server.errors import (
     DeadlineTooShortError,
     JobNotFoundError,
@@ -193,14 +193,8 @@ class Scheduler:
             self._queue_changed_locked(exclude=job)
             # A job that an idle worker takes at once is "starting now" (0), not first in line.
             idle_workers = len(self.config.devices) - len(self._running)
-            job.emit(
-                accepted=pb.AcceptedEvent(
-                    job_id=job.job_id,
-                    queue_position=max(0, job.queue_position - idle_workers),
-                    images_total=job.plan.images_total,
-                    estimated_seconds=job.estimate,
-                )
-            )
+            position = max(0, job.queue_position - idle_workers)
+            job.emit(wire.accepted(job.job_id, position, job.plan.images_total, job.estimate))
             self._lock.notify_all()
             return job, True
 
@@ -380,9 +374,10 @@ class Scheduler:
 
     def _run(self, job: Job, engines: Mapping[str, EngineLike]) -> None:
         assert job.started_monotonic is not None
-        job.timings.queue_wait = job.started_monotonic - job.created_monotonic
-        self.metrics.queue_wait.labels(method=job.method).observe(job.timings.queue_wait)
-        log.info("job started (%s) after %.3f s in the queue", job.method, job.timings.queue_wait)
+        queue_wait = job.started_monotonic - job.created_monotonic
+        job.timings.record("queue_wait", queue_wait)
+        self.metrics.queue_wait.labels(method=job.method).observe(queue_wait)
+        log.info("job started (%s) after %.3f s in the queue", job.method, queue_wait)
         try:
             self._runner(job, engines)
         except BaseException as exc:  # every way a job can fail ends its stream, never the worker
@@ -395,7 +390,7 @@ class Scheduler:
             log.info("job ended %s: %s", state.name, mapped.status.message)
             job.finish(state, mapped)
         else:
-            log.info("job succeeded in %.3f s", job.timings.total)
+            log.info("job succeeded in %.3f s", job.timings.seconds("total"))
             job.finish(JobState.SUCCEEDED)
         finally:
             with self._lock:
@@ -432,7 +427,7 @@ class Scheduler:
             if job.queue_position != position:
                 job.queue_position = position
                 if job is not exclude:
-                    job.emit(queued=pb.QueuedEvent(position=position))
+                    job.emit(wire.queued(position))
         self.metrics.queue_depth.set(self.queue_depth_locked())
         self.metrics.running_jobs.set(len(self._running))
 

@@ -7,9 +7,12 @@ unset optional field becomes ``None``, UNSPECIFIED means unset; an enum number t
 table is refused here, naming the field and the accepted values. After this, nothing reads the
 request message but ``payload_digest``.
 
-Out: the messages the server sends (``edit_model_to_proto``, ``job_to_proto``, image params,
-timings). The tables below are the only place that pairs an enum with the engine's name, so a
-new enum value is added once.
+Out: every message the server sends that is not a bare RPC envelope: each event of a job's
+stream (``event`` wraps the kinds: ``accepted``, ``queued``, ``captioned``, ``training``,
+``registered``, ``sampling``, ``image``, ``completed``; and ``heartbeat``) and the resources
+(``job_message``, ``edit_model_to_proto``). The runner, the scheduler and the job call these
+and build no protobuf themselves. The tables below are the only place that pairs an enum with
+the engine's name, so a new enum value is added once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 import re
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
@@ -31,7 +34,10 @@ from server.plans import EditCall, SampleCall
 
 if TYPE_CHECKING:
     from forgedit.config import ImageSpec
-    from server.jobs import Job, Timings
+    from forgedit.engine import EditedImage
+    from forgedit.events import PhaseTimer, SamplingProgress, TrainingProgress
+    from registry import EditModelInfo
+    from server.errors import MappedError
 
 E = TypeVar("E")  # one protobuf enum type
 N = TypeVar("N", bound=str)  # the engine's names for one enum
@@ -152,7 +158,144 @@ def payload_digest(kind: int, request: pb.EditRequest | pb.SampleRequest, princi
     return hashlib.sha256(bytes([kind]) + who + blob).hexdigest()
 
 
-# -- domain -> wire (responses) -------------------------------------------------------------
+# -- domain -> wire: the events of a job's stream -----------------------------------------------
+
+# One of an ``Event``'s kinds (its oneof ``kind``), as the builders below return them.
+EventKind = (
+    pb.AcceptedEvent
+    | pb.QueuedEvent
+    | pb.CaptionedEvent
+    | pb.TrainingEvent
+    | pb.RegisteredEvent
+    | pb.SamplingEvent
+    | pb.ImageEvent
+    | pb.CompletedEvent
+)
+_KIND_FIELD = {
+    field.message_type.full_name: field.name
+    for field in pb.Event.DESCRIPTOR.oneofs_by_name["kind"].fields
+}
+
+
+def event(job_id: str, sequence: int, kind: EventKind) -> pb.Event:
+    """The ``Event`` envelope of one kind: the job, its sequence number, the time now."""
+    field = _KIND_FIELD[kind.DESCRIPTOR.full_name]
+    return pb.Event(job_id=job_id, sequence=sequence, time=now(), **{field: kind})
+
+
+def heartbeat(job_id: str, sequence: int, state: pb.JobState, queue_position: int) -> pb.Event:
+    """A stream's heartbeat: not buffered, it carries the job's latest sequence number."""
+    return pb.Event(
+        job_id=job_id,
+        sequence=sequence,
+        time=now(),
+        heartbeat=pb.HeartbeatEvent(state=state, queue_position=queue_position),
+    )
+
+
+def accepted(
+    job_id: str, queue_position: int, images_total: int, estimated_s: float
+) -> pb.AcceptedEvent:
+    return pb.AcceptedEvent(
+        job_id=job_id,
+        queue_position=queue_position,
+        images_total=images_total,
+        estimated_seconds=estimated_s,
+    )
+
+
+def queued(position: int) -> pb.QueuedEvent:
+    return pb.QueuedEvent(position=position)
+
+
+def captioned(source_prompt: str, *, from_caption: bool) -> pb.CaptionedEvent:
+    return pb.CaptionedEvent(source_prompt=source_prompt, from_caption=from_caption)
+
+
+def training(progress: TrainingProgress) -> pb.TrainingEvent:
+    return pb.TrainingEvent(
+        update=progress.update,
+        total=progress.total,
+        loss=progress.loss,
+        eta_seconds=progress.eta_s,
+        stage=progress.stage,
+    )
+
+
+def registered(
+    edit_model_id: str, version: int | None, *, deduplicated: bool, spooled: bool
+) -> pb.RegisteredEvent:
+    return pb.RegisteredEvent(
+        edit_model_id=edit_model_id,
+        version=version or 0,
+        deduplicated=deduplicated,
+        spooled=spooled,
+    )
+
+
+def sampling(progress: SamplingProgress) -> pb.SamplingEvent:
+    return pb.SamplingEvent(
+        images_done=progress.images_done,
+        images_total=progress.images_total,
+        step=progress.step,
+        steps=progress.steps,
+        forget=progress.forget,
+    )
+
+
+def image(edited: EditedImage) -> pb.ImageEvent:
+    """One finished image: its PNG and the parameters it was made with."""
+    return pb.ImageEvent(
+        index=edited.spec.index,
+        png=edited.png_bytes(),
+        width=edited.image.width,
+        height=edited.image.height,
+        params=image_params(edited.spec),
+    )
+
+
+def completed(
+    timings: PhaseTimer,
+    *,
+    sampling_backend: str,
+    edit_model_id: str,
+    images: int,
+    train_seed: int = 0,
+) -> pb.CompletedEvent:
+    """The last event: the job's seconds per phase (``PhaseTimer`` names: queue_wait,
+    captioning, training, registration, sampling, total; 0 for a phase it did not have)."""
+    return pb.CompletedEvent(
+        timings=pb.PhaseTimings(
+            queue_wait_seconds=timings.seconds("queue_wait"),
+            captioning_seconds=timings.seconds("captioning"),
+            training_seconds=timings.seconds("training"),
+            registration_seconds=timings.seconds("registration"),
+            sampling_seconds=timings.seconds("sampling"),
+            sampling_backend=sampling_backend,
+            total_seconds=timings.seconds("total"),
+        ),
+        edit_model_id=edit_model_id,
+        images=images,
+        train_seed=train_seed,
+    )
+
+
+def image_params(spec: ImageSpec) -> pb.ImageParams:
+    """The parameters one sampled image was made with, as sent in its ``ImageEvent``."""
+    return pb.ImageParams(
+        prompt=spec.prompt,
+        forget=spec.forget,
+        interpolation=INTERPOLATION_NUMBERS[spec.interpolation],
+        gamma=spec.gamma,
+        alpha=spec.alpha,
+        seed=spec.seed,
+        guidance=spec.guidance,
+        steps=spec.steps,
+        forget_degree=spec.forget_degree,
+    )
+
+
+# -- domain -> wire: resources ------------------------------------------------------------------
 
 
 def _inverse(table: Mapping[E, str]) -> dict[str, E]:
@@ -176,7 +319,7 @@ def now() -> timestamp_pb2.Timestamp:
     return timestamp(time.time())
 
 
-def edit_model_to_proto(info: Any) -> pb.EditModel:
+def edit_model_to_proto(info: EditModelInfo) -> pb.EditModel:
     """A registry ``EditModelInfo`` as the wire's ``EditModel``; a training mode or delta
     format this server does not know is sent as UNSPECIFIED rather than refused."""
     return pb.EditModel(
@@ -193,58 +336,45 @@ def edit_model_to_proto(info: Any) -> pb.EditModel:
         height=int(info.height),
         train_seed=int(info.train_seed),
         training_config_json=info.training_json,
-        principal=getattr(info, "principal", ""),
+        principal=info.principal,
         delta_format=DELTA_FORMAT_NUMBERS.get(info.delta_format, pb.DELTA_FORMAT_UNSPECIFIED),
         delta_bytes=int(info.delta_bytes),
     )
 
 
-def image_params(spec: ImageSpec) -> pb.ImageParams:
-    """The parameters one sampled image was made with, as sent in its ``ImageEvent``."""
-    return pb.ImageParams(
-        prompt=spec.prompt,
-        forget=spec.forget,
-        interpolation=INTERPOLATION_NUMBERS[spec.interpolation],
-        gamma=spec.gamma,
-        alpha=spec.alpha,
-        seed=spec.seed,
-        guidance=spec.guidance,
-        steps=spec.steps,
-        forget_degree=spec.forget_degree,
-    )
-
-
-def phase_timings(timings: Timings) -> pb.PhaseTimings:
-    """A job's per-phase wall-clock seconds as the ``CompletedEvent``'s ``PhaseTimings``."""
-    return pb.PhaseTimings(
-        queue_wait_seconds=timings.queue_wait,
-        captioning_seconds=timings.captioning,
-        training_seconds=timings.training,
-        registration_seconds=timings.registration,
-        sampling_seconds=timings.sampling,
-        sampling_backend=timings.sampling_backend,
-        total_seconds=timings.total,
-    )
-
-
-def job_to_proto(job: Job) -> pb.Job:
-    """A job's state as the wire's ``Job`` (call ``Job.to_proto``, which holds its lock)."""
+def job_message(
+    *,
+    job_id: str,
+    request_id: str,
+    kind: pb.JobKind,
+    state: pb.JobState,
+    queue_position: int,
+    edit_model_id: str,
+    last_sequence: int,
+    principal: str,
+    created_at: float,
+    started_at: float | None,
+    ended_at: float | None,
+    error: MappedError | None,
+) -> pb.Job:
+    """A job's state as the wire's ``Job`` (``server.jobs.Job.to_proto`` passes one
+    consistent snapshot, taken under the job's lock). Times are Unix seconds."""
     message = pb.Job(
-        job_id=job.job_id,
-        request_id=job.request_id,
-        kind=job.kind,
-        state=job.state.value,
-        queue_position=job.queue_position,
-        edit_model_id=job.edit_model_id,
-        last_sequence=job.last_sequence,
-        create_time=timestamp(job.created_at),
-        principal=job.principal,
+        job_id=job_id,
+        request_id=request_id,
+        kind=kind,
+        state=state,
+        queue_position=queue_position,
+        edit_model_id=edit_model_id,
+        last_sequence=last_sequence,
+        create_time=timestamp(created_at),
+        principal=principal,
     )
-    if job.started_at is not None:
-        message.start_time.CopyFrom(timestamp(job.started_at))
-    if job.ended_at is not None:
-        message.end_time.CopyFrom(timestamp(job.ended_at))
-    if job.error is not None:
-        message.error_code = job.error.status.code
-        message.error_message = job.error.status.message
+    if started_at is not None:
+        message.start_time.CopyFrom(timestamp(started_at))
+    if ended_at is not None:
+        message.end_time.CopyFrom(timestamp(ended_at))
+    if error is not None:
+        message.error_code = error.status.code
+        message.error_message = error.status.message
     return message

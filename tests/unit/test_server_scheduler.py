@@ -46,7 +46,7 @@ class GatedRunner:
         gate = self.gate(job)
         while not gate.wait(0.01):
             job.cancel.check()
-        job.emit(completed=pb.CompletedEvent())
+        job.emit(pb.CompletedEvent())
 
 
 def _engine(name: str, device: str) -> Any:
@@ -239,7 +239,7 @@ def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
     job = _job()
     job.max_events = 3
     for i in range(5):
-        job.emit(training=pb.TrainingEvent(update=i + 1, total=5))
+        job.emit(pb.TrainingEvent(update=i + 1, total=5))
     events, finished = job.read(0, timeout=0)
     assert [e.sequence for e in events] == [3, 4, 5] and not finished  # a visible gap
     assert [e.sequence for e in job.read(4, timeout=0)[0]] == [5]
@@ -247,7 +247,7 @@ def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
     assert beat.sequence == 5 and beat.WhichOneof("kind") == "heartbeat"
     assert job.last_sequence == 5  # heartbeats are not buffered
     job.max_bytes = 1  # one large event always stays, so a reader never gets nothing
-    job.emit(image=pb.ImageEvent(png=b"x" * 1000))
+    job.emit(pb.ImageEvent(png=b"x" * 1000))
     assert [e.sequence for e in job.read(0, timeout=0)[0]] == [6]
 
 
