@@ -6,9 +6,9 @@ In pipeline order (the first is outermost; see ``server.main``):
 ends, whatever way it ends: OK, an error status, a refusal by the interceptors inside it, or the
 client going away (CANCELLED).
 
-``DrainingInterceptor``: once draining starts, new calls other than health checks end
-UNAVAILABLE at once (calls already running continue), so a load balancer retries them on
-another replica.
+``DrainingInterceptor``: once draining starts (``server.lifecycle``), new calls other than
+health checks end UNAVAILABLE at once (calls already running continue), so a load balancer
+retries them on another replica.
 
 ``server.auth.BearerTokenInterceptor`` (when tokens are configured): UNAUTHENTICATED before the
 payload is read.
@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError
 from forgedit.errors import InvalidInputError
 from server.auth import Authenticator, refusing_handler
 from server.errors import StreamLimitError, UnavailableError, to_rpc_status
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 
 log = logging.getLogger("server.interceptors")
@@ -72,22 +73,17 @@ def wrap_behavior(
 
 
 class DrainingInterceptor(grpc.ServerInterceptor):
-    def __init__(self) -> None:
-        self._draining = threading.Event()
+    """New calls end UNAVAILABLE once the lifecycle is draining (it decides; this asks)."""
 
-    def start_draining(self) -> None:
-        self._draining.set()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining.is_set()
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not self.draining or method.startswith(_HEALTH):
+        if handler is None or not self.lifecycle.draining or method.startswith(_HEALTH):
             return handler
         return refusing_handler(
             handler, UnavailableError("the server is shutting down; retry on another replica")

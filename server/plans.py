@@ -17,7 +17,7 @@ client gets one ``BadRequest`` field violation naming the problem and what is ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from forgedit.config import DeltaFormat, Precision, SweepConfig, TrainingConfig
@@ -27,7 +27,7 @@ from forgedit.options import EditOptions, SampleOptions
 from forgedit.requests import TrainSeedFrom, build_edit, build_sweep, training_with_seed
 from registry.ids import validate_edit_model_id
 from server import validation
-from server.ports import BaseModelInfo
+from server.catalog import ServedModels
 from server.validation import Limits
 
 # -- calls: a request, decoded ------------------------------------------------------------------
@@ -121,11 +121,7 @@ RequestPlan = EditRequestPlan | SampleRequestPlan
 
 
 def edit_plan(
-    call: EditCall,
-    limits: Limits,
-    base_models: Mapping[str, BaseModelInfo],
-    default_base_model: str,
-    defaults: Defaults = Defaults(),
+    call: EditCall, limits: Limits, served: ServedModels, defaults: Defaults = Defaults()
 ) -> EditRequestPlan:
     """Check an Edit call and decode its image (see the module docstring for the order);
     raise ``InvalidInputError`` naming the field otherwise."""
@@ -136,7 +132,7 @@ def edit_plan(
     validation.check_prompts(options.target_prompts, limits)
     if options.source_prompt is not None:
         validation.check_text(options.source_prompt, "source_prompt", limits)
-    base = _base_model(call.base_model or default_base_model, base_models)
+    base = served.resolve(call.base_model)
     if options.source_prompt is None and not base.can_caption:
         raise InvalidInputError(
             "source_prompt is required: this server has no BLIP captioner for base model "
@@ -188,14 +184,3 @@ def sample_plan(
     mode = training_mode_of(edit_model_id)
     sweep = build_sweep(call.options.sweep, call.options.target_prompts, mode, limits.bounds())
     return SampleRequestPlan(call.request_id, edit_model_id, sweep, call.detach)
-
-
-def _base_model(name: str, base_models: Mapping[str, BaseModelInfo]) -> BaseModelInfo:
-    base = base_models.get(name)
-    if base is None:
-        raise InvalidInputError(
-            f"unknown base model {validation.shown(name)}; this server serves: "
-            f"{', '.join(base_models)}",
-            field="base_model",
-        )
-    return base

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
-    from forgedit.artifact import EditModel
+    from forgedit.artifact import EditModel, MadeOnBase
     from forgedit.config import Precision, SweepConfig, TrainingConfig
     from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
     from registry import EditModelInfo, EditModelPage, RegisteredEditModel
@@ -44,9 +44,11 @@ class EngineLike(Protocol):
         """Whether a BLIP captioner is loaded (else requests must give a source prompt)."""
         ...
 
-    def accepts(self, edit_model: EditModel) -> bool:
-        """Whether ``edit_model`` was fine-tuned on this engine's base model (the engine's own
-        compatibility rule, ``forgedit.artifact.fits_base``)."""
+    def accepts(self, edit_model: MadeOnBase) -> bool:
+        """Whether ``edit_model`` (or the registry's record of one) was fine-tuned on this
+        engine's base model: the engine's own compatibility rule,
+        ``forgedit.artifact.fits_base``, which the runner asks when it picks an engine and the
+        served-models catalog applies before queueing (``server.catalog``)."""
         ...
 
     @property

@@ -319,11 +319,12 @@ class _SamplingStream:
 
 
 def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> EngineLike:
-    """The engine of the edit model's base model. The service refuses an edit model of a base
-    model this replica does not serve before queueing (``Scheduler.require_served``), so
-    a miss here is a bug, not a client mistake."""
+    """The engine that accepts the edit model (the engine's own rule). The service refuses an
+    edit model of a base model this replica does not serve before queueing
+    (``ServedModels.require_served``, by the same rule), so a miss here is a bug, not a
+    client mistake."""
     for engine in engines.values():
-        if engine.fingerprint == edit_model.base_model_fingerprint:
+        if engine.accepts(edit_model):
             return engine
     raise RuntimeError(
         f"no engine for edit model base {edit_model.base_model_name!r}, which was checked "

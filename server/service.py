@@ -101,6 +101,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self.settings = settings
         self.authenticator = authenticator
         self.scheduler = scheduler
+        self.lifecycle = scheduler.lifecycle
         self.registry = registry
         self.limits = Limits.from_settings(settings)
         self.defaults = Defaults(settings.precision, settings.delta_format)
@@ -113,18 +114,12 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.EditRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.EditResponse]:
         # 1. Decode the request, once.
-        self.scheduler.require_ready()
+        self.lifecycle.require_ready()
         principal = self._principal(context)
         call = wire.edit_call(request)
         digest = wire.payload_digest(pb.JOB_KIND_EDIT, request, principal.name)
         # 2. Check it: cheap, bounded checks first, the image decoded last.
-        plan = edit_plan(
-            call,
-            self.limits,
-            self.scheduler.base_models,
-            self._default_base_model(),
-            self.defaults,
-        )
+        plan = edit_plan(call, self.limits, self.scheduler.catalog, self.defaults)
         # 3. Queue the job, or re-attach to the one its request id names.
         job = Job(
             pb.JOB_KIND_EDIT,
@@ -145,7 +140,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self, request: pb.SampleRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SampleResponse]:
         # 1. Decode the request, once.
-        self.scheduler.require_ready()
+        self.lifecycle.require_ready()
         principal = self._principal(context)
         call = wire.sample_call(request)
         digest = wire.payload_digest(pb.JOB_KIND_SAMPLE, request, principal.name)
@@ -167,7 +162,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         # device, or an edit model of a base model this replica does not serve.
         info = shown[0]
         check_sampling_memory(int(info.height), int(info.width), self.limits)
-        self.scheduler.require_served(info)
+        self.scheduler.catalog.require_served(info)
         # 4. Queue the job, or re-attach to the one its request id names.
         job = Job(
             pb.JOB_KIND_SAMPLE,
@@ -260,9 +255,6 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         return pb.DeleteEditModelResponse()
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _default_base_model(self) -> str:
-        return self.scheduler.config.base_models[0]
 
     def _principal(self, context: grpc.ServicerContext) -> Principal:
         return self.authenticator.principal_of(context)

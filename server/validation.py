@@ -20,6 +20,7 @@ from forgedit.errors import InvalidInputError
 from forgedit.images import ImageLimits
 from forgedit.options import SweepOptions, TrainingOptions
 from forgedit.requests import Bounds, check_batch_pixels
+from server.errors import shown
 
 if TYPE_CHECKING:
     from server.settings import ServerSettings
@@ -187,9 +188,3 @@ def sampling_batch_size(height: int, width: int, limits: Limits) -> int:
     """Images per denoising batch: the server's ``sampling_batch``, fewer when larger batches
     would exceed ``max_batch_pixels`` at this resolution (at least one)."""
     return max(1, min(limits.sampling_batch, limits.max_batch_pixels // (height * width)))
-
-
-def shown(value: str) -> str:
-    """A short, printable rendering of a client string for an error message."""
-    text = "".join(c if c.isprintable() else "?" for c in value[:40])
-    return repr(text) + ("…" if len(value) > 40 else "")

@@ -377,6 +377,7 @@ def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.Mon
     from PIL import Image
 
     from server._proto import forgedit_pb2 as pb
+    from server.catalog import ServedModels
     from server.estimator import Estimator
     from server.main import time_prior_key
     from server.plans import edit_plan
@@ -408,8 +409,7 @@ def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.Mon
             )
         ),
         Limits.from_settings(settings),
-        {name: BaseModelInfo(name, "f" * 64, 512, 512, can_caption=True)},
-        name,
+        ServedModels.of(BaseModelInfo(name, "f" * 64, 512, 512, can_caption=True)),
     )
     assert plan.training.total_samples == 1400 and plan.sweep.num_images == 3
     job = SimpleNamespace(kind=pb.JOB_KIND_EDIT, plan=plan)

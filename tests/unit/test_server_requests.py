@@ -32,6 +32,7 @@ from server.auth import (
     TokenEntry,
     token_entries,
 )
+from server.catalog import ServedModels
 from server.errors import QueueFullError, StreamLimitError, UnauthenticatedError, to_rpc_status
 from server.interceptors import LogBudget, MalformedRequest, StreamLimiter, tolerant_deserializer
 from server.plans import Defaults, EditRequestPlan, SampleRequestPlan, edit_plan, sample_plan
@@ -59,9 +60,11 @@ def plan_edit(
     default_precision: str = "faithful",
     delta_format: str | None = None,
 ) -> EditRequestPlan:
-    """An Edit request decoded as the service decodes it (``wire``), then planned."""
+    """An Edit request decoded as the service decodes it (``wire``), then planned against
+    the served base models ``bases`` (``default`` first)."""
+    served = ServedModels.of(bases[default], *(b for n, b in bases.items() if n != default))
     defaults = Defaults(default_precision, delta_format)  # type: ignore[arg-type]
-    return edit_plan(edit_call(request), limits, bases, default, defaults)
+    return edit_plan(edit_call(request), limits, served, defaults)
 
 
 def plan_sample(request: pb.SampleRequest, limits: Limits, mode_of: Any) -> SampleRequestPlan:
