@@ -7,15 +7,16 @@ injected (a slow step, a failing registry). Nothing here imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from forgedit.artifact import EditModel, MadeOnBase
     from forgedit.config import Precision, SweepConfig, TrainingConfig
+    from forgedit.engine import EditedImage
     from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
     from registry import EditModelInfo, EditModelPage, RegisteredEditModel
 
@@ -74,12 +75,12 @@ class EngineLike(Protocol):
         edit_model: EditModel,
         sweep: SweepConfig,
         *,
-        on_image: Callable[[Any], None] | None = None,
+        on_image: Callable[[EditedImage], None] | None = None,
         on_progress: SamplingCallback | None = None,
         cancel: CancelToken | None = None,
         max_batch: int = 8,
         precision: Precision | None = None,
-    ) -> Sequence[Any]: ...
+    ) -> list[EditedImage]: ...
 
     def warmup(self) -> None: ...
 
@@ -115,7 +116,7 @@ class RegistryLike(Protocol):
         request_id: str = "",
         input_image: bytes | None = None,
         contact_sheet: bytes | None = None,
-        tags: Any = None,
+        tags: Mapping[str, str] | None = None,
         dedupe: bool = True,
         principal: str = "",
     ) -> RegisteredEditModel: ...

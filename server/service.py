@@ -52,6 +52,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ForgeditService"].full_name
 T = TypeVar("T")
 
 
+# The wrappers serve every method alike, whatever its request message: ``request: Any``.
+
+
 def _unary(method: Callable[..., T]) -> Callable[..., T]:
     """Map any exception of a unary method to its status (``abort_with_status``)."""
 

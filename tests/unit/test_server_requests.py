@@ -586,6 +586,17 @@ def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
     bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
     assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
     assert "UTF-8" in bad.problem
+    # A repeated text field is found too; a nested one is named by its message only.
+    prompts = pb.EditRequest.DESCRIPTOR.fields_by_name["target_prompts"].number
+    ok = pb.EditRequest(target_prompts=["fine"]).SerializeToString()
+    bad = parse(ok + bytes([prompts << 3 | 2, 1, 0xFF]))
+    assert isinstance(bad, MalformedRequest) and bad.field == "target_prompts"
+    sweep = pb.EditRequest.DESCRIPTOR.fields_by_name["sweep"].number
+    strategies = pb.SweepOptions.DESCRIPTOR.fields_by_name["forget_strategies"].number
+    nested = bytes([strategies << 3 | 2, 1, 0xFF])
+    bad = parse(bytes([sweep << 3 | 2, len(nested)]) + nested)
+    assert isinstance(bad, MalformedRequest) and bad.field == "request"
+    assert "a text field of forgedit.v1.EditRequest is not valid UTF-8" in bad.problem
 
 
 def test_an_edit_whose_batch_cannot_fit_a_device_is_refused_naming_the_limit() -> None:
