@@ -80,6 +80,10 @@ class Job:
     _sequence: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
+    def __post_init__(self) -> None:
+        # Detached from the start when its request asked; a re-attaching request may detach it.
+        self.detach = self.detach or self.plan.detach
+
     @property
     def request_id(self) -> str:
         return self.plan.request_id

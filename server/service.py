@@ -108,6 +108,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self.registry = registry
         self.limits = Limits.from_settings(settings)
         self.defaults = Defaults(settings.precision, settings.delta_format)
+        self.replay = (settings.replay_max_events, settings.replay_max_bytes)  # per job
         self._owners_lock = threading.Lock()
 
     # -- jobs that stream -------------------------------------------------------------------
@@ -124,15 +125,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         # 2. Check it: cheap, bounded checks first, the image decoded last.
         plan = edit_plan(call, self.limits, self.scheduler.catalog, self.defaults)
         # 3. Queue the job, or re-attach to the one its request id names.
-        job = Job(
-            pb.JOB_KIND_EDIT,
-            plan,
-            digest,
-            self.settings.replay_max_events,
-            self.settings.replay_max_bytes,
-            principal=principal.name,
-            detach=plan.detach,
-        )
+        job = Job(pb.JOB_KIND_EDIT, plan, digest, *self.replay, principal=principal.name)
         job = self._submit(job, context)
         # 4. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
@@ -167,15 +160,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         check_sampling_memory(int(info.height), int(info.width), self.limits)
         self.scheduler.catalog.require_served(info)
         # 4. Queue the job, or re-attach to the one its request id names.
-        job = Job(
-            pb.JOB_KIND_SAMPLE,
-            plan,
-            digest,
-            self.settings.replay_max_events,
-            self.settings.replay_max_bytes,
-            principal=principal.name,
-            detach=plan.detach,
-        )
+        job = Job(pb.JOB_KIND_SAMPLE, plan, digest, *self.replay, principal=principal.name)
         job = self._submit(job, context)
         # 5. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
