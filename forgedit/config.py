@@ -12,10 +12,11 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from forgedit.durable import JsonObject
 from forgedit.errors import InvalidInputError
 
 TrainingMode = Literal["joint", "two_stage", "dreambooth"]
@@ -169,7 +170,8 @@ class TrainingConfig:
 
     @classmethod
     def for_mode(cls, mode: TrainingMode = "joint", **overrides: Any) -> TrainingConfig:
-        """The original's settings for ``mode``, with top-level fields overridden."""
+        """The original's settings for ``mode``, with top-level fields overridden (Any: the
+        fields' types differ; construction checks every one)."""
         stages = overrides.pop("stages", None) or default_stages(mode)
         return cls(mode=mode, stages=tuple(stages), **overrides)
 
@@ -210,11 +212,11 @@ class TrainingConfig:
         round differently."""
         return GRAD_SCALER_INIT_SCALE if self.precision == "faithful" else 1.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
+    def from_dict(cls, data: JsonObject) -> TrainingConfig:
         data = dict(data)
         stages = []
         for s in data.pop("stages"):
@@ -258,7 +260,7 @@ def override_stages(
             )
         for i, value in enumerate(values):
             if value is not None:
-                change: dict[str, Any] = {name: value}
+                change: JsonObject = {name: value}
                 stages[i] = dataclasses.replace(stages[i], **change)
     return dataclasses.replace(config, stages=tuple(stages))
 
@@ -317,7 +319,7 @@ class ImageSpec:
         """What ``gamma`` holds, as the paper writes it: "γ" for vs, "β" for vp."""
         return "β" if self.interpolation == "vp" else "γ"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)
 
 
@@ -360,7 +362,8 @@ class SweepConfig:
     @classmethod
     def for_mode(cls, mode: str, **given: Any) -> SweepConfig:
         """A sweep over an edit model trained in ``mode``: the variant's defaults
-        (``default_sweep``) for whatever ``given`` leaves out."""
+        (``default_sweep``) for whatever ``given`` leaves out (Any: the fields' types differ;
+        construction checks every one)."""
         return cls(**{**dataclasses.asdict(default_sweep(mode)), **given})
 
     @property
@@ -399,7 +402,7 @@ class SweepConfig:
                             )
                             index += 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)
 
 

@@ -25,11 +25,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from forgedit.durable import JsonObject
 from forgedit.errors import StrategyResolutionError, UnknownStrategyError
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 Variant = Literal["vanilla", "dreambooth"]
 VARIANTS: tuple[Variant, ...] = ("vanilla", "dreambooth")
@@ -175,7 +179,7 @@ def strategy_counts(unet: torch.nn.Module | None = None) -> dict[str, dict[str, 
 
 # SD 1.x's UNet config (CompVis/stable-diffusion-v1-4 unet/config.json, the fields that shape
 # the parameters).
-SD1_UNET_CONFIG: dict[str, Any] = {
+SD1_UNET_CONFIG: JsonObject = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
@@ -190,9 +194,9 @@ SD1_UNET_CONFIG: dict[str, Any] = {
 
 
 @cache
-def sd1_meta_unet() -> Any:
+def sd1_meta_unet() -> UNet2DConditionModel:
     """An SD 1.x-config ``UNet2DConditionModel`` on the meta device: names and shapes only."""
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     with torch.device("meta"):
         return UNet2DConditionModel(**SD1_UNET_CONFIG)

@@ -28,6 +28,7 @@ from forgedit.config import (
     TrainingConfig,
     TrainingMode,
 )
+from forgedit.durable import JsonObject
 from forgedit.errors import EditModelError, InvalidInputError, ModelDirectoryError
 from forgedit.images import LoadedImage, load_image
 from forgedit.options import EditOptions, SweepOptions, TrainingOptions
@@ -242,10 +243,10 @@ def default_engine_cache() -> Path:
     return Path(cache).expanduser() / "forgedit" / "engines"
 
 
-def _manifest_training(manifest: dict[str, object]) -> TrainingConfig:
+def _manifest_training(manifest: JsonObject) -> TrainingConfig:
     """The training config a loaded edit model's manifest records."""
     try:
-        return TrainingConfig.from_dict(manifest["training"])  # type: ignore[arg-type]
+        return TrainingConfig.from_dict(manifest["training"])
     except (TypeError, ValueError, KeyError) as e:
         raise EditModelError(f"edit model manifest has a malformed training config: {e}") from None
 
@@ -266,7 +267,7 @@ def _check_model_directories(
 
 def _check_load_model(
     args: argparse.Namespace, directory: Path, training: TrainingOptions
-) -> dict[str, object]:
+) -> JsonObject:
     from forgedit.artifact import read_manifest
 
     for flag, value in (

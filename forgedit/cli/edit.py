@@ -10,11 +10,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from forgedit.cli.arguments import EditCommand
 from forgedit.cli.output import CONTACT_SHEET, SUMMARY, StagedOutput, display_path
 from forgedit.cli.progress import Progress
+from forgedit.durable import JsonObject
 from forgedit.events import CancelToken, PhaseTimer
 from forgedit.images import (
     CONTACT_SHEET_MAX_IMAGES,
@@ -42,7 +43,7 @@ class SweepOutput:
     command: EditCommand
     output: StagedOutput
     progress: Progress
-    files: list[dict[str, Any]] = field(default_factory=list)
+    files: list[JsonObject] = field(default_factory=list)
     tiles: list[tuple[Image.Image, str]] = field(default_factory=list)
 
     @property
@@ -68,7 +69,7 @@ class SweepOutput:
         self.progress.image_done(len(self.files), self.command.sweep.num_images)
 
 
-def run_edit(command: EditCommand, cancel: CancelToken, stderr: TextIO) -> dict[str, Any]:
+def run_edit(command: EditCommand, cancel: CancelToken, stderr: TextIO) -> JsonObject:
     """Load the models, get the source prompt, fine-tune (or load the edit model), sample the
     sweep and write the results. Returns the summary. Raises ``ForgeditError`` on bad input,
     ``CancelledError`` when ``cancel`` fires; on any failure --out is left as it was."""
@@ -122,7 +123,7 @@ def _summary(
     edit_model: EditModel,
     edit_model_dir: str | None,
     images: SweepOutput,
-) -> dict[str, Any]:
+) -> JsonObject:
     """``summary.json`` (and ``--json``'s output), less the timings."""
     config = edit_model.training
     return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import textwrap
-from typing import Any
+from typing import NoReturn
 
 from forgedit.backends.names import BACKEND_CHOICES
 from forgedit.config import DELTA_FORMATS, INTERPOLATIONS, MAX_BATCH, PRECISIONS, TRAINING_MODES
@@ -60,7 +60,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse would print usage and sys.exit(2)
+    def error(self, message: str) -> NoReturn:  # argparse would print usage and sys.exit(2)
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -127,7 +127,7 @@ def _wrap_list(title: str, items: str) -> str:
     )
 
 
-def _add_edit(sub: Any) -> None:
+def _add_edit(sub: argparse._SubParsersAction[_Parser]) -> None:
     vanilla = ", ".join(STRATEGIES["vanilla"])
     dreambooth = ", ".join(STRATEGIES["dreambooth"])
     edit = sub.add_parser(
