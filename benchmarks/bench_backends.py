@@ -49,7 +49,7 @@ def run_preset(
     from forgedit.engine import Engine
     from forgedit.forgetting import resolve, variant_for_mode
     from forgedit.images import load_image
-    from forgedit.tiny import make_tiny_model
+    from forgedit.zoo.tiny import make_tiny_model
 
     widths, size, n_images, steps = PRESETS[preset]
     work = Path(tempfile.mkdtemp(prefix="forgedit-bench-backends-"))

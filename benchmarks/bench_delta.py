@@ -136,7 +136,7 @@ def quality(preset: str, mode: str, updates: int | None, steps: int, photo: Path
     from forgedit.config import SweepConfig, TrainingConfig
     from forgedit.engine import Engine
     from forgedit.images import load_image
-    from forgedit.tiny import make_tiny_model
+    from forgedit.zoo.tiny import make_tiny_model
 
     torch.set_num_threads(1)
     widths, size, _, _ = PRESETS[preset]

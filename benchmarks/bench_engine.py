@@ -49,7 +49,7 @@ def run_one(preset: str, precision: str, updates: int | None, photo: Path) -> di
     from forgedit.config import SweepConfig, TrainingConfig
     from forgedit.engine import Engine
     from forgedit.images import load_image
-    from forgedit.tiny import make_tiny_model
+    from forgedit.zoo.tiny import make_tiny_model
 
     widths, size, n_images, steps = PRESETS[preset]
     phases: dict[str, float] = {}

@@ -36,7 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from forgedit.tiny import ensure_tiny_model  # noqa: E402
+from forgedit.zoo.tiny import ensure_tiny_model  # noqa: E402
 from server._proto import forgedit_pb2 as pb  # noqa: E402
 from server._proto import forgedit_pb2_grpc as pb_grpc  # noqa: E402
 from server.transport import client_options  # noqa: E402

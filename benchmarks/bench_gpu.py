@@ -45,7 +45,7 @@ def write_sd1_model(root: Path, tiny: bool) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from forgedit.tiny import make_tiny_model, sd1_unet_config
+    from forgedit.zoo.tiny import make_tiny_model, sd1_unet_config
 
     make_tiny_model(root)
     sd = root / "stable-diffusion"

@@ -79,7 +79,7 @@ def main() -> None:
     photo_path = chosen_photo(parser, args)
     torch.set_num_threads(1)
 
-    from forgedit.tiny import ensure_tiny_model
+    from forgedit.zoo.tiny import ensure_tiny_model
     from registry import EditModelRegistry, RegistryConfig
     from server.main import create_server, default_engine_factory
     from server.settings import ServerSettings

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from forgedit import delta as delta_format
 from forgedit.config import DeltaFormat, TrainingConfig, legacy_delta_format
-from forgedit.durable import fsync_dir, fsync_file
+from forgedit.durable import JsonObject, fsync_dir, fsync_file
 from forgedit.errors import BaseModelMismatchError, EditModelError
 
 FORMAT = "forgedit.edit-model"
@@ -131,7 +131,7 @@ class EditModel:
         file_hashes: Mapping[str, str],
         file_sizes: Mapping[str, int],
         payload: Mapping[str, torch.Tensor] | None = None,
-    ) -> dict[str, Any]:
+    ) -> JsonObject:
         stored = self.payload() if payload is None else payload
         return {
             "format": FORMAT,
@@ -212,7 +212,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(directory: str | os.PathLike[str]) -> JsonObject:
     """Read and structurally check ``manifest.json`` (no payload hashing)."""
     path = Path(directory) / MANIFEST_FILE
     try:
@@ -239,7 +239,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def stored_delta_format(manifest: Mapping[str, Any]) -> DeltaFormat:
+def stored_delta_format(manifest: JsonObject) -> DeltaFormat:
     """The delta format a manifest declares (its training config's ``delta_format``; what
     the precision implied for artifacts from before the field). Raises ``EditModelError`` for
     a format this engine does not read."""
@@ -250,7 +250,7 @@ def stored_delta_format(manifest: Mapping[str, Any]) -> DeltaFormat:
     return delta_format.check_stored_format(training.get("delta_format", legacy))
 
 
-def verify_files(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def verify_files(directory: str | os.PathLike[str]) -> JsonObject:
     """Check every payload file against the manifest's sha256 and size; return the manifest.
 
     Raises ``EditModelError`` naming the first file that is missing or differs.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +27,7 @@ from forgedit.models import (
 
 if TYPE_CHECKING:
     from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
 
 PHOTO_PREFIX = "A photo of "
 # The original calls generate() with no arguments; under transformers 4.38 that meant greedy
@@ -52,7 +53,12 @@ class Captioner:
     same caption on the same machine. Not thread-safe (one caption at a time).
     """
 
-    def __init__(self, processor: Any, model: Any, device: torch.device) -> None:
+    def __init__(
+        self,
+        processor: BlipProcessor,
+        model: BlipForConditionalGeneration,
+        device: torch.device,
+    ) -> None:
         self.processor = processor
         self.model = model
         self.device = device
@@ -76,7 +82,7 @@ class Captioner:
         try:
             with quiet_loading():
                 processor = BlipProcessor.from_pretrained(root, local_files_only=True)
-                model: Any = BlipForConditionalGeneration.from_pretrained(
+                model = BlipForConditionalGeneration.from_pretrained(
                     root,
                     local_files_only=True,
                     use_safetensors=True,
@@ -88,7 +94,8 @@ class Captioner:
             raise ModelDirectoryError(
                 f"could not load the BLIP captioner from {shown!r}: {type(err).__name__}: {detail}"
             ) from err
-        model.to(dev)
+        module: torch.nn.Module = model  # (transformers types ``to`` as if unbound)
+        module.to(dev)
         model.eval()
         model.requires_grad_(False)
         return cls(processor, model, dev)
@@ -99,7 +106,12 @@ class Captioner:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         inputs = self.processor(images=rgb, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **GENERATION)
+            out = self.model.generate(
+                **inputs,
+                do_sample=GENERATION["do_sample"],
+                num_beams=GENERATION["num_beams"],
+                max_length=GENERATION["max_length"],
+            )
         return str(self.processor.decode(out[0], skip_special_tokens=True)).strip()
 
 

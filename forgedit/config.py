@@ -12,10 +12,11 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from forgedit.durable import JsonObject
 from forgedit.errors import InvalidInputError
 
 TrainingMode = Literal["joint", "two_stage", "dreambooth"]
@@ -40,6 +41,10 @@ MAX_SWEEP_IMAGES = 4096
 MAX_RESOLUTION = 2048
 MAX_UPDATES = 100_000
 MAX_BATCH = 64
+# A sweep's defaults where the variants agree (``default_sweep`` has the rest).
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_FORGET_DEGREE = 0.0
 
 # The Adam eps the original effectively ran with on a GPU: accelerate's GradScaler multiplied
 # the loss by 65536 and the gradients were never unscaled (spec §3.4).
@@ -73,16 +78,8 @@ class Stage:
     early_stop: EarlyStop | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.updates <= MAX_UPDATES:
-            raise InvalidInputError(
-                f"stage {self.name!r}: updates must be 1..{MAX_UPDATES}, got {self.updates}",
-                field="updates",
-            )
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise InvalidInputError(
-                f"stage {self.name!r}: batch size must be 1..{MAX_BATCH}, got {self.batch_size}",
-                field="batch_size",
-            )
+        check_updates(self.updates, stage=self.name)
+        check_batch_size(self.batch_size, stage=self.name)
         for name, lr in (("unet_lr", self.unet_lr), ("text_lr", self.text_lr)):
             if lr is not None and not (math.isfinite(lr) and 0 < lr < 1):
                 raise InvalidInputError(
@@ -159,12 +156,12 @@ class TrainingConfig:
     delta_format: DeltaFormat | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, TRAINING_MODES)
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("mode", self.mode, TRAINING_MODES)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.delta_format is None:
             object.__setattr__(self, "delta_format", default_delta_format(self.precision))
         else:
-            _check_choice("delta format", self.delta_format, DELTA_FORMATS, "delta_format")
+            check_choice("delta format", self.delta_format, DELTA_FORMATS, "delta_format")
         check_resolution(self.height, self.width)
         for name, seed in (("seed", self.seed), ("vae_seed", self.vae_seed)):
             check_seed(seed, name)
@@ -173,7 +170,8 @@ class TrainingConfig:
 
     @classmethod
     def for_mode(cls, mode: TrainingMode = "joint", **overrides: Any) -> TrainingConfig:
-        """The original's settings for ``mode``, with top-level fields overridden."""
+        """The original's settings for ``mode``, with top-level fields overridden (Any: the
+        fields' types differ; construction checks every one)."""
         stages = overrides.pop("stages", None) or default_stages(mode)
         return cls(mode=mode, stages=tuple(stages), **overrides)
 
@@ -214,11 +212,11 @@ class TrainingConfig:
         round differently."""
         return GRAD_SCALER_INIT_SCALE if self.precision == "faithful" else 1.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
+    def from_dict(cls, data: JsonObject) -> TrainingConfig:
         data = dict(data)
         stages = []
         for s in data.pop("stages"):
@@ -262,7 +260,7 @@ def override_stages(
             )
         for i, value in enumerate(values):
             if value is not None:
-                change: dict[str, Any] = {name: value}
+                change: JsonObject = {name: value}
                 stages[i] = dataclasses.replace(stages[i], **change)
     return dataclasses.replace(config, stages=tuple(stages))
 
@@ -321,7 +319,7 @@ class ImageSpec:
         """What ``gamma`` holds, as the paper writes it: "γ" for vs, "β" for vp."""
         return "β" if self.interpolation == "vp" else "γ"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)
 
 
@@ -339,52 +337,34 @@ class SweepConfig:
     gammas: tuple[float, ...] = (0.5, 0.6, 0.7)
     alphas: tuple[float, ...] = (0.8, 0.9, 1.1)
     forget: tuple[str, ...] = ("donotforget",)
-    forget_degree: float = 0.0
+    forget_degree: float = DEFAULT_FORGET_DEGREE
     seeds: tuple[int, ...] = (0,)
-    steps: int = 50
-    guidance: float = 7.5
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
 
     def __post_init__(self) -> None:
-        if not self.prompts:
-            raise InvalidInputError("at least one target prompt is required", field="prompt")
-        for p in self.prompts:
-            check_prompt(p)
-        _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
-        _check_values("gammas", self.gammas, GAMMA_RANGE)
+        check_prompts(self.prompts)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        check_values("gammas", self.gammas, GAMMA_RANGE)
         if self.interpolation == "vp":
-            _check_values("alphas", self.alphas, ALPHA_RANGE)
+            check_values("alphas", self.alphas, ALPHA_RANGE)
         if not self.forget:
             raise InvalidInputError("at least one forgetting strategy is required", field="forget")
-        if not (math.isfinite(self.forget_degree) and 0.0 <= self.forget_degree <= 1.0):
-            raise InvalidInputError(
-                f"forget degree must be in [0, 1], got {self.forget_degree}", field="forget_degree"
-            )
+        check_forget_degree(self.forget_degree)
         if not self.seeds:
             raise InvalidInputError("at least one seed is required", field="seeds")
         for s in self.seeds:
             check_seed(s, "seeds")
-        if not 1 <= self.steps <= MAX_DDIM_STEPS:
-            raise InvalidInputError(
-                f"steps must be 1..{MAX_DDIM_STEPS}, got {self.steps}", field="steps"
-            )
-        lo, hi = GUIDANCE_RANGE
-        if not (math.isfinite(self.guidance) and lo <= self.guidance <= hi):
-            raise InvalidInputError(
-                f"guidance must be a finite number in [{lo}, {hi}], got {self.guidance}",
-                field="guidance",
-            )
-        if self.num_images > MAX_SWEEP_IMAGES:
-            raise InvalidInputError(
-                f"the sweep has {self.num_images} images; at most {MAX_SWEEP_IMAGES} are accepted "
-                "(prompts × strategies × seeds × gammas × alphas)",
-                field="sweep",
-            )
+        check_steps(self.steps)
+        check_guidance(self.guidance)
+        check_sweep_size(self.num_images)
 
     @classmethod
     def for_mode(cls, mode: str, **given: Any) -> SweepConfig:
         """A sweep over an edit model trained in ``mode``: the variant's defaults
-        (``default_sweep``) for whatever ``given`` leaves out."""
-        return cls(**{**default_sweep(mode), **given})
+        (``default_sweep``) for whatever ``given`` leaves out (Any: the fields' types differ;
+        construction checks every one)."""
+        return cls(**{**dataclasses.asdict(default_sweep(mode)), **given})
 
     @property
     def effective_alphas(self) -> tuple[float, ...]:
@@ -422,11 +402,20 @@ class SweepConfig:
                             )
                             index += 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)
 
 
-def default_sweep(mode: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class VariantSweep:
+    """What a variant's sweep defaults to, where the variants differ."""
+
+    gammas: tuple[float, ...]
+    alphas: tuple[float, ...]
+    forget: tuple[str, ...]
+
+
+def default_sweep(mode: str) -> VariantSweep:
     """The sweep each variant's original driver runs, where it differs from ``SweepConfig``'s
     field defaults (vanilla's): γ/β, vp's α and the forgetting strategy.
 
@@ -436,11 +425,11 @@ def default_sweep(mode: str) -> dict[str, Any]:
     * ``dreambooth``: DD's ``i in range(8, 17)``, i.e. γ/β 0.8-1.6, and vp α 0.8/0.9; DD's
       ``freeze_list = ['orig']``, i.e. no forgetting.
     """
-    _check_choice("mode", mode, TRAINING_MODES)
+    check_choice("mode", mode, TRAINING_MODES)
     if mode == "dreambooth":
-        return {"gammas": gamma_grid(8, 17), "alphas": (0.8, 0.9), "forget": ("donotforget",)}
+        return VariantSweep(gamma_grid(8, 17), (0.8, 0.9), ("donotforget",))
     forget = ("encoderattn",) if mode == "two_stage" else ("donotforget",)
-    return {"gammas": (0.5, 0.6, 0.7), "alphas": (0.8, 0.9, 1.1), "forget": forget}
+    return VariantSweep((0.5, 0.6, 0.7), (0.8, 0.9, 1.1), forget)
 
 
 def gamma_grid(start: int, end: int) -> tuple[float, ...]:
@@ -449,13 +438,29 @@ def gamma_grid(start: int, end: int) -> tuple[float, ...]:
     return tuple(i / 10 for i in range(start, end))
 
 
-def check_resolution(height: int, width: int) -> None:
+# -- the checks -------------------------------------------------------------------------------
+# One function per rule. The configs call them on construction with their own names; the
+# request builder (``forgedit.requests``) calls them first with the request's field path as the
+# name (``sweep.steps``), so the error names what the caller sent and its ``field`` is that path.
+
+
+def valid_side(side: int) -> bool:
+    """An image side the engine works at: a multiple of 8 in 8..``MAX_RESOLUTION``."""
+    return (
+        isinstance(side, int)
+        and not isinstance(side, bool)
+        and 0 < side <= MAX_RESOLUTION
+        and side % 8 == 0
+    )
+
+
+def check_resolution(height: int, width: int, field: str = "size") -> None:
     for v in (height, width):
-        if not isinstance(v, int) or v <= 0 or v % 8 or v > MAX_RESOLUTION:
+        if not valid_side(v):
             raise InvalidInputError(
                 f"size must be WIDTHxHEIGHT with each side a multiple of 8 between 8 and "
                 f"{MAX_RESOLUTION}, got {width}x{height}",
-                field="size",
+                field=field,
             )
 
 
@@ -467,34 +472,94 @@ def check_seed(seed: int, name: str = "seed") -> None:
 
 
 def check_prompt(prompt: str, name: str = "prompt") -> None:
+    field = name
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidInputError(f"{name} must be non-empty text", field=name)
+        raise InvalidInputError(f"{name} must be non-empty text", field=field)
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidInputError(
             f"{name} is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted",
-            field=name,
+            field=field,
         )
     bad = [c for c in prompt if (ord(c) < 32 and c not in "\t") or ord(c) == 127]
     if bad:
         raise InvalidInputError(
             f"{name} contains control characters (e.g. {bad[0]!r}); use printable text",
-            field=name,
+            field=field,
         )
 
 
-def _check_choice(name: str, value: str, accepted: Sequence[str], field: str | None = None) -> None:
+def check_prompts(prompts: Sequence[str], name: str = "prompt") -> None:
+    """At least one target prompt, each as ``check_prompt`` wants it."""
+    if not prompts:
+        raise InvalidInputError("at least one target prompt is required", field=name)
+    for p in prompts:
+        check_prompt(p, name)
+
+
+def check_updates(value: int, name: str = "updates", *, stage: str | None = None) -> None:
+    """One stage's optimiser updates: 1..``MAX_UPDATES``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_UPDATES:
+        raise InvalidInputError(
+            f"{_of_stage(stage)}{name} must be 1..{MAX_UPDATES}, got {value!r}", field=name
+        )
+
+
+def check_batch_size(value: int, field: str = "batch_size", *, stage: str | None = None) -> None:
+    """One stage's batch size: 1..``MAX_BATCH``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH:
+        raise InvalidInputError(
+            f"{_of_stage(stage)}batch size must be 1..{MAX_BATCH}, got {value!r}", field=field
+        )
+
+
+def check_steps(steps: int, name: str = "steps") -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DDIM_STEPS:
+        raise InvalidInputError(f"{name} must be 1..{MAX_DDIM_STEPS}, got {steps!r}", field=name)
+
+
+def check_guidance(guidance: float, name: str = "guidance") -> None:
+    lo, hi = GUIDANCE_RANGE
+    if not (_is_number(guidance) and math.isfinite(guidance) and lo <= guidance <= hi):
+        raise InvalidInputError(
+            f"{name} must be a finite number in [{lo}, {hi}], got {guidance!r}", field=name
+        )
+
+
+def check_forget_degree(degree: float, field: str = "forget_degree") -> None:
+    if not (_is_number(degree) and math.isfinite(degree) and 0.0 <= degree <= 1.0):
+        raise InvalidInputError(f"forget degree must be in [0, 1], got {degree!r}", field=field)
+
+
+def check_sweep_size(num_images: int, field: str = "sweep", limit: int = MAX_SWEEP_IMAGES) -> None:
+    if num_images > limit:
+        raise InvalidInputError(
+            f"the sweep has {num_images} images; at most {limit} are accepted "
+            "(prompts × strategies × seeds × gammas × alphas)",
+            field=field,
+        )
+
+
+def check_choice(name: str, value: str, accepted: Sequence[str], field: str | None = None) -> None:
     if value not in accepted:
         raise InvalidInputError(
             f"unknown {name} {value!r}; accepted: {', '.join(accepted)}", field=field or name
         )
 
 
-def _check_values(name: str, values: Sequence[float], bounds: tuple[float, float]) -> None:
+def check_values(name: str, values: Sequence[float], bounds: tuple[float, float]) -> None:
     lo, hi = bounds
     if not values:
         raise InvalidInputError(f"{name} must list at least one value", field=name)
     for v in values:
-        if not (isinstance(v, int | float) and math.isfinite(v) and lo <= v <= hi):
+        if not (_is_number(v) and math.isfinite(v) and lo <= v <= hi):
             raise InvalidInputError(
                 f"{name} values must be finite numbers in [{lo}, {hi}], got {v!r}", field=name
             )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _of_stage(stage: str | None) -> str:
+    return f"stage {stage!r}: " if stage else ""

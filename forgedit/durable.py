@@ -14,6 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# A JSON object as ``json.loads`` gives it (a manifest, a config.json, a summary). Its values
+# are any JSON type: each reader checks the ones it uses. (Any, because a recursive JSON type
+# would make every reader cast what it has just checked.)
+JsonObject = dict[str, Any]
+
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` to ``path`` atomically; the temporary file is removed on any failure."""
@@ -32,7 +37,7 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+def write_json_atomic(path: str | os.PathLike[str], data: object) -> Path:
     """``data`` as indented, key-sorted JSON, written atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -117,8 +117,8 @@ class Engine:
             # and the default delta format (int8).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-            unet: Any = base.unet
-            unet.to(memory_format=torch.channels_last)
+            unet: torch.nn.Module = base.unet  # (diffusers types ``to`` as if unbound)
+            unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (stubs)
 
     @classmethod
     def load(
@@ -129,18 +129,30 @@ class Engine:
         vae_dir: str | Path | None = None,
         device: str = "cpu",
         precision: Precision = "faithful",
-        **backend: Any,
+        unet_backend: str = "torch",
+        cache_dir: str | Path | None = None,
+        max_batch: int = 8,
+        on_backend_fallback: FallbackCallback | None = None,
+        torch_compile: bool = False,
     ) -> Engine:
-        """Load a base model (and optionally a BLIP captioner) from local directories.
-        ``backend``: the UNet backend keywords of ``Engine`` (``unet_backend``, ``cache_dir``,
-        ``max_batch``, ``on_backend_fallback``, ``torch_compile``)."""
+        """Load a base model (and optionally a BLIP captioner) from local directories; the
+        other keywords are ``Engine``'s."""
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
 
         check_device(device)
         base = load_base_model(base_model_dir, device=device, vae_directory=vae_dir)
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return cls(base, captioner, precision=precision, **backend)
+        return cls(
+            base,
+            captioner,
+            precision=precision,
+            unet_backend=unet_backend,
+            cache_dir=cache_dir,
+            max_batch=max_batch,
+            on_backend_fallback=on_backend_fallback,
+            torch_compile=torch_compile,
+        )
 
     # -- what a server needs to know --------------------------------------------------------
 

@@ -34,8 +34,8 @@ class InvalidImageError(InvalidInputError):
 class UnknownStrategyError(InvalidInputError):
     """A forgetting strategy name that the chosen variant does not define."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, field="forget")
+    def __init__(self, message: str, *, field: str = "forget") -> None:
+        super().__init__(message, field=field)
 
 
 class ModelDirectoryError(ForgeditError):

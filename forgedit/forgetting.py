@@ -25,11 +25,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from forgedit.durable import JsonObject
 from forgedit.errors import StrategyResolutionError, UnknownStrategyError
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 Variant = Literal["vanilla", "dreambooth"]
 VARIANTS: tuple[Variant, ...] = ("vanilla", "dreambooth")
@@ -93,15 +97,17 @@ def variant_for_mode(mode: str) -> Variant:
     return "dreambooth" if mode == "dreambooth" else "vanilla"
 
 
-def check_strategy(name: str, variant: Variant) -> None:
-    """Raise ``UnknownStrategyError`` naming the accepted strategies of ``variant``.
+def check_strategy(name: str, variant: Variant, field: str = "forget") -> None:
+    """Raise ``UnknownStrategyError`` naming the accepted strategies of ``variant`` (its
+    ``field``: what the caller calls the strategy list).
 
     The original silently forgets nothing for an unknown name; a typo there costs a whole
     sweep, so we refuse it instead (a deliberate divergence)."""
     if name not in STRATEGIES[variant]:
         raise UnknownStrategyError(
             f"unknown forgetting strategy {name!r} for {variant} Forgedit; accepted: "
-            f"{', '.join(STRATEGIES[variant])}"
+            f"{', '.join(STRATEGIES[variant])}",
+            field=field,
         )
 
 
@@ -173,7 +179,7 @@ def strategy_counts(unet: torch.nn.Module | None = None) -> dict[str, dict[str, 
 
 # SD 1.x's UNet config (CompVis/stable-diffusion-v1-4 unet/config.json, the fields that shape
 # the parameters).
-SD1_UNET_CONFIG: dict[str, Any] = {
+SD1_UNET_CONFIG: JsonObject = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
@@ -188,9 +194,9 @@ SD1_UNET_CONFIG: dict[str, Any] = {
 
 
 @cache
-def sd1_meta_unet() -> Any:
+def sd1_meta_unet() -> UNet2DConditionModel:
     """An SD 1.x-config ``UNet2DConditionModel`` on the meta device: names and shapes only."""
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     with torch.device("meta"):
         return UNet2DConditionModel(**SD1_UNET_CONFIG)

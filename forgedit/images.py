@@ -1,5 +1,6 @@
 """Images in and out: safe decoding of untrusted input, the original's preprocessing, the
-original's float → uint8 conversion, deterministic PNG bytes, atomic files and a contact sheet.
+original's float → uint8 conversion, deterministic PNG bytes, atomic files, a contact sheet,
+and what an image is called (its contact-sheet label and its file name).
 
 Decoding is the one place where bytes from outside meet a C parser, so ``load_image`` checks,
 in this order and before any pixel is decoded: that there are bytes at all, that there are not
@@ -14,6 +15,7 @@ import hashlib
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
-from forgedit.config import check_resolution
+from forgedit.config import ImageSpec, check_resolution
 from forgedit.durable import write_bytes_atomic
 from forgedit.errors import InvalidImageError
 
@@ -289,6 +291,8 @@ def write_png_atomic(image: Image.Image, path: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------------------------
 # Contact sheet
 
+# At most this many results go on one sheet: beyond it a sheet stops being readable at a glance.
+CONTACT_SHEET_MAX_IMAGES = 64
 MIN_TILE = 160  # small tiles (a tiny model's 64x64) are upscaled to at least this, NEAREST
 _PAD = 8
 _FONT_SIZES = (14, 12, 11, 10, 9)
@@ -305,12 +309,14 @@ def contact_sheet(
     """The input beside every result in one grid, each tile labelled underneath.
 
     The first tile is ``original`` labelled "input"; then ``results`` in order, each a
-    (image, label) pair such as "encoderkv γ=0.6 seed=1". Tiles share one cell size: the
+    (image, label) pair such as "encoderkv γ=0.6 seed=1" (``sheet_label``), the first
+    ``CONTACT_SHEET_MAX_IMAGES`` of them. Tiles share one cell size: the
     largest result's size, enlarged by a whole factor with NEAREST (crisp pixels) up to at
     least ``MIN_TILE`` px; the input is fitted into the cell keeping its aspect. Labels wrap
     at spaces, and shrink or break inside words when a word is too wide. ``columns`` defaults
     to a near-square grid. Returns an RGB image.
     """
+    results = results[:CONTACT_SHEET_MAX_IMAGES]
     tiles = [(original, "input"), *results]
     cell_w, cell_h = _cell_size([im for im, _ in results] or [original])
     ncols = columns or math.ceil(math.sqrt(len(tiles)))
@@ -426,3 +432,52 @@ def _break(
         else:
             current += ch
     return [*pieces, current] if current else pieces
+
+
+# --------------------------------------------------------------------------------------------
+# What an image is called
+
+
+def sheet_label(spec: ImageSpec, with_prompt: bool = False) -> str:
+    """A contact-sheet tile's label: strategy, the interpolation's coefficients and seed, e.g.
+    ``encoderkv γ=0.6 seed=3`` (vs) or ``encoderkv β=1.1 α=0.9 seed=3`` (vp); with the
+    prompt's slug in front when a sweep has several prompts."""
+    coefficients = f"{spec.strength_symbol}={spec.gamma:g}"
+    if spec.interpolation == "vp":
+        coefficients += f" α={spec.alpha:g}"
+    label = f"{spec.forget} {coefficients} seed={spec.seed}"
+    return f"{slug(spec.prompt, 24)} {label}" if with_prompt else label
+
+
+def image_file_name(
+    index: int,
+    forget: str,
+    interpolation: str,
+    gamma: float,
+    alpha: float,
+    seed: int,
+    prompt_slug: str | None = None,
+) -> str:
+    """``{index:03d}[_{prompt}]_{forget}_{interp}_g{gamma}[_a{alpha}]_s{seed}.png``: safe on
+    every file system, sortable, and every number printed as typed (0.6, not 0.6000000001).
+    ``g`` is γ for vs and β for vp; α appears only for vp (vs ignores it)."""
+    parts = [f"{index:03d}"]
+    if prompt_slug:
+        parts.append(prompt_slug)
+    parts += [_safe(forget), interpolation, f"g{gamma:g}"]
+    if interpolation == "vp":
+        parts.append(f"a{alpha:g}")
+    parts.append(f"s{seed}")
+    return "_".join(parts) + ".png"
+
+
+def slug(text: str, max_chars: int = 32) -> str:
+    """Lower-case ASCII words joined by '-', at most ``max_chars``: 'A photo of a dog.' →
+    'a-photo-of-a-dog'."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    out = "-".join(words)[:max_chars].strip("-")
+    return out or "prompt"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", name)

@@ -21,14 +21,15 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from forgedit.artifact import sha256_file
+from forgedit.durable import JsonObject
 from forgedit.errors import ModelDirectoryError
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+T = TypeVar("T")
 
 SD1_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD1_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -120,12 +123,13 @@ def load_base_model(
     fingerprint = layout.fingerprint()
     dev = torch.device(device)
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    unet = layout.unet.load(UNet2DConditionModel, diffusers=True)
-    vae = layout.vae.load(AutoencoderKL, diffusers=True)
-    text_encoder = layout.text_encoder.load(CLIPTextModel, diffusers=False)
+    unet = layout.unet.load(UNet2DConditionModel.from_pretrained, diffusers=True)
+    vae = layout.vae.load(AutoencoderKL.from_pretrained, diffusers=True)
+    text_encoder = layout.text_encoder.load(CLIPTextModel.from_pretrained, diffusers=False)
     tokenizer = _load(
         layout.tokenizer_shown,
         lambda: CLIPTokenizer.from_pretrained(layout.tokenizer_dir, local_files_only=True),
@@ -146,7 +150,8 @@ def load_base_model(
     # Some snapshots leave model_max_length unset (a huge sentinel): pad to the encoder's 77.
     tokenizer.model_max_length = min(tokenizer.model_max_length, SD1_TEXT_LENGTH)
 
-    for module in (unet, vae, text_encoder):
+    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder)
+    for module in modules:
         # from_pretrained already gave fp32 (fp16 variants are upcast on load); move only.
         module.to(dev)
         module.eval()
@@ -210,7 +215,7 @@ def find_safetensors(
     return None
 
 
-def read_json(path: Path, shown: str) -> dict[str, Any]:
+def read_json(path: Path, shown: str) -> JsonObject:
     """Read a JSON object, or raise ``ModelDirectoryError`` naming ``shown``."""
     try:
         data = json.loads(path.read_text("utf-8"))
@@ -266,18 +271,19 @@ class ComponentFiles:
     directory: Path
     shown: str
     weights: WeightFiles
-    config: dict[str, Any]
+    config: JsonObject
 
-    def load(self, cls: Any, *, diffusers: bool) -> Any:
+    def load(self, from_pretrained: Callable[..., T], *, diffusers: bool) -> T:
+        """``from_pretrained`` (a diffusers or transformers model class's) on this folder."""
         # diffusers and transformers name the dtype argument differently. diffusers materialises
         # a checkpoint twice unless it may load straight into empty modules, which needs
         # accelerate (a pinned dependency); transformers 5 always does.
-        options: dict[str, Any] = {"torch_dtype" if diffusers else "dtype": torch.float32}
+        options: dict[str, object] = {"torch_dtype" if diffusers else "dtype": torch.float32}
         if diffusers:
             options["low_cpu_mem_usage"] = True
         return _load(
             self.shown,
-            lambda: cls.from_pretrained(
+            lambda: from_pretrained(
                 self.directory,
                 local_files_only=True,
                 use_safetensors=True,
@@ -452,9 +458,9 @@ def _check_not_other_kind(root: Path, shown: str) -> None:
 def _structure_problems(
     root: Path,
     shown: str,
-    unet: dict[str, Any],
-    vae: dict[str, Any],
-    text: dict[str, Any],
+    unet: JsonObject,
+    vae: JsonObject,
+    text: JsonObject,
 ) -> list[str]:
     """Read the component configs and say what the model is, if not SD 1.x-shaped."""
     problems: list[str] = []
@@ -524,7 +530,7 @@ def _structure_problems(
     return problems
 
 
-def _load(shown: str, build: Any, directory: Path | None = None) -> Any:
+def _load(shown: str, build: Callable[[], T], directory: Path | None = None) -> T:
     """Run a ``from_pretrained`` call; turn any failure into a ``ModelDirectoryError`` whose
     message shows paths as the caller gave them."""
     try:

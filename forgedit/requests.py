@@ -1,32 +1,66 @@
-"""Building an edit request from plain values: the one owner of every request rule that the
-engine CLI (``forgedit.cli``) and the server (``server.validation``) share.
+"""The one builder of what a request asks for: typed options (``forgedit.options``) in, the
+engine's configs and seeds out. The engine CLI (``forgedit.cli``) and the server
+(``server.plans``) both call it, so the same options mean the same edit on both.
 
-Both front ends parse their own syntax (flags, protobuf fields) and check their own limits,
-then call these builders with plain Python values:
+* ``build_edit``: both of the below for an edit, after its source prompt's checks;
+* ``build_training``: the variant's schedule with the per-stage overrides, the size, the
+  precision and delta format, and where the training seed comes from (``TrainSeedFrom``);
+* ``build_sweep``: the variant's sweep defaults, its forgetting strategies, the
+  interpolation's coefficients (α only for vp) and the sampling seeds (drawn when unset);
+* ``training_with_seed``: the final training seed once the content is known;
+* ``check_device``/``default_device``: a device this machine has.
 
-* ``build_training_config``: the variant's defaults, per-stage overrides, the delta format;
-* ``build_sweep_config``: the variant's sweep defaults and its forgetting strategies;
-* seeds: where the training seed comes from (``TrainSeedFrom``), random draws below one bound
-  (``random_seed``), and the final training seed once the content is known
-  (``training_with_seed``);
-* ``check_device``/``default_device``: a device this machine has;
-* what an image is called: ``sheet_label`` on a contact sheet (γ for vs, β for vp) and
-  ``image_file_name`` on disk.
-
-Errors are ``InvalidInputError`` whose ``field`` is the engine's field name; each front end
-maps it to its own spelling (a flag, a request field path).
+Each rule is a check of ``forgedit.config`` (or ``forgedit.forgetting``), called here with the
+option's path as the error's ``field``: an ``InvalidInputError`` from this module already names
+the request field (``sweep.gammas``, ``training.stage2_updates``, ``target_prompts``). The
+configs run the same checks again on construction, for callers that build them directly.
+What a front end adds is only its own: its syntax (flags, protobuf enums) and its limits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import secrets
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from dataclasses import dataclass
+from typing import Literal
 
-from forgedit.config import SweepConfig, TrainingConfig, TrainingMode, content_seed, override_stages
+from forgedit.config import (
+    ALPHA_RANGE,
+    DEFAULT_FORGET_DEGREE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DELTA_FORMATS,
+    GAMMA_RANGE,
+    INTERPOLATIONS,
+    MAX_SWEEP_IMAGES,
+    PRECISIONS,
+    TRAINING_MODES,
+    DeltaFormat,
+    Precision,
+    SweepConfig,
+    TrainingConfig,
+    TrainingMode,
+    check_batch_size,
+    check_choice,
+    check_forget_degree,
+    check_guidance,
+    check_prompt,
+    check_prompts,
+    check_resolution,
+    check_seed,
+    check_steps,
+    check_sweep_size,
+    check_updates,
+    check_values,
+    content_seed,
+    default_stages,
+    default_sweep,
+    override_stages,
+    valid_side,
+)
 from forgedit.errors import InvalidInputError
+from forgedit.options import EditOptions, SweepOptions, TrainingOptions
 
 # Random seeds are drawn below this bound: large enough never to repeat by chance in practice,
 # short enough to retype from a summary or a log.
@@ -48,54 +82,194 @@ def random_seeds(count: int) -> tuple[int, ...]:
     return tuple(random_seed() for _ in range(count))
 
 
-def build_training_config(
-    mode: str,
+# -- how much a request may ask for --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How much work one request may ask for, beyond what each value may be (the checks of
+    ``forgedit.config``). The defaults bound nothing the engine does not; a service passes its
+    own, from its settings (``server.validation.Limits.bounds``)."""
+
+    max_total_updates: int | None = None  # optimiser updates of all stages together
+    max_sweep_images: int = MAX_SWEEP_IMAGES
+    # Activation memory grows with width × height × batch: the largest batch a device takes
+    # (training's largest stage batch, and one image when sampling), None: unbounded; and the
+    # setting that raises it, named in the error.
+    max_batch_pixels: int | None = None
+    batch_pixels_setting: str = "max_batch_pixels"
+
+
+def check_batch_pixels(
+    height: int, width: int, batch: int, bounds: Bounds, *, what: str, field: str
+) -> None:
+    """Refuse work whose largest batch cannot fit the device: a valid-looking 2048² batch of
+    64 is refused up front instead of failing in the allocator minutes later."""
+    pixels = height * width * batch
+    if bounds.max_batch_pixels is not None and pixels > bounds.max_batch_pixels:
+        raise InvalidInputError(
+            f"{what} at {width}x{height} with batch {batch} needs {pixels:,} pixels per batch; "
+            f"at most {bounds.max_batch_pixels:,} are accepted (width × height × batch, "
+            f"{bounds.batch_pixels_setting}); lower the resolution or the batch size",
+            field=field,
+        )
+
+
+# -- an edit ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditConfigs:
+    """What an edit runs: its fine-tune and its sweep. The training seed is final unless
+    ``train_seed_from`` is "content" (``training_with_seed`` makes it final)."""
+
+    source_prompt: str | None  # None: caption the image
+    training: TrainingConfig
+    train_seed_from: TrainSeedFrom
+    sweep: SweepConfig
+
+
+def build_edit(
+    options: EditOptions,
     *,
-    height: int,
-    width: int,
-    seed: int = 0,
-    vae_seed: int = 0,
-    precision: str = "faithful",
-    delta_format: str | None = None,
-    updates: Sequence[int | None] = (),
-    batch_sizes: Sequence[int | None] = (),
-) -> TrainingConfig:
-    """The variant's training config (``TrainingConfig.for_mode``) with the request's values.
-    ``updates``/``batch_sizes`` override the schedule stage by stage (``override_stages``: a
-    single value means the first stage); ``delta_format=None`` is the precision's default.
-    The configs validate every value."""
-    config = TrainingConfig.for_mode(
-        cast(TrainingMode, mode),
+    native_height: int,
+    native_width: int,
+    precision: Precision = "faithful",
+    delta_format: DeltaFormat | None = None,
+    bounds: Bounds = Bounds(),
+) -> EditConfigs:
+    """``build_training`` and then ``build_sweep`` (with the training's variant), after the
+    caller's source prompt, if any, passed the prompt checks; and one image at the training's
+    resolution must fit a sampling batch (``bounds``)."""
+    if options.source_prompt is not None:
+        check_prompt(options.source_prompt, "source_prompt")
+    training, seed_from = build_training(
+        options.training,
+        native_height=native_height,
+        native_width=native_width,
+        precision=precision,
+        delta_format=delta_format,
+        bounds=bounds,
+    )
+    sweep = build_sweep(options.sweep, options.target_prompts, training.mode, bounds)
+    check_batch_pixels(training.height, training.width, 1, bounds, what="sampling", field="sweep")
+    return EditConfigs(options.source_prompt, training, seed_from, sweep)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def build_training(
+    options: TrainingOptions,
+    *,
+    native_height: int,
+    native_width: int,
+    precision: Precision = "faithful",
+    delta_format: DeltaFormat | None = None,
+    bounds: Bounds = Bounds(),
+) -> tuple[TrainingConfig, TrainSeedFrom]:
+    """The fine-tune's config, and where its seed comes from.
+
+    Unset options take the variant's schedule (``default_stages``), the base model's native
+    size, and the front end's ``precision`` and ``delta_format`` (None: the precision's
+    default). ``updates``/``batch_size`` override the first stage, ``stage2_*`` two_stage's
+    second. The seed is the given one, a fresh draw (``fresh_seed``), or, unset, a placeholder
+    0 until the content seed is known (``training_with_seed``)."""
+    # 1. The variant, the numerics and how Δ is stored.
+    mode: TrainingMode = options.mode or "joint"
+    check_choice("training mode", mode, TRAINING_MODES, "training.mode")
+    precision = options.precision or precision
+    check_choice("precision", precision, PRECISIONS, "training.precision")
+    delta_format = options.delta_format or delta_format
+    if delta_format is not None:
+        check_choice("delta format", delta_format, DELTA_FORMATS, "training.delta_format")
+
+    # 2. The working resolution.
+    height = options.height if options.height is not None else native_height
+    width = options.width if options.width is not None else native_width
+    check_resolution(height, width, "training.height" if valid_side(width) else "training.width")
+
+    # 3. The seeds.
+    seed, seed_from = _training_seed(options)
+    vae_seed = options.vae_seed if options.vae_seed is not None else 0
+    check_seed(vae_seed, "training.vae_seed")
+
+    # 4. The schedule: the variant's stages with the per-stage overrides.
+    stages = default_stages(mode)
+    updates = _per_stage(options.updates, options.stage2_updates, "updates", mode, len(stages))
+    batch_sizes = _per_stage(
+        options.batch_size, options.stage2_batch_size, "batch_size", mode, len(stages)
+    )
+    for value, field in zip(updates, ("training.updates", "training.stage2_updates"), strict=False):
+        if value is not None:
+            check_updates(value, field)
+    for value, field in zip(
+        batch_sizes, ("training.batch_size", "training.stage2_batch_size"), strict=False
+    ):
+        if value is not None:
+            check_batch_size(value, field)
+
+    config = TrainingConfig(
+        mode=mode,
         height=height,
         width=width,
         seed=seed,
         vae_seed=vae_seed,
         precision=precision,
+        stages=stages,
         delta_format=delta_format,
     )
-    return override_stages(config, updates=updates, batch_sizes=batch_sizes)
+    config = override_stages(config, updates=updates, batch_sizes=batch_sizes)
+
+    # 5. The work it asks for, within ``bounds``.
+    largest_batch = max(stage.batch_size for stage in config.stages)
+    check_batch_pixels(
+        height, width, largest_batch, bounds, what="training", field="training.batch_size"
+    )
+    if bounds.max_total_updates is not None and config.total_updates > bounds.max_total_updates:
+        raise InvalidInputError(
+            f"training would run {config.total_updates} updates; at most "
+            f"{bounds.max_total_updates} are accepted",
+            field="training.updates",
+        )
+    return config, seed_from
 
 
-def stage_count(mode: str) -> int:
-    """How many optimisation stages ``mode`` trains (two_stage: 2, the others: 1)."""
-    return len(TrainingConfig.for_mode(cast(TrainingMode, mode)).stages)
+def stage_names(mode: TrainingMode) -> tuple[str, ...]:
+    """The optimisation stages ``mode`` trains, in order (two_stage: embedding, unet)."""
+    return tuple(stage.name for stage in default_stages(mode))
 
 
-def build_sweep_config(mode: str, **given: Any) -> SweepConfig:
-    """A sweep over an edit model trained in ``mode``: the variant's defaults for whatever
-    ``given`` leaves out (``SweepConfig.for_mode``). The given forgetting strategies are
-    checked against the variant first (``UnknownStrategyError`` names the ones it defines)."""
-    check_strategies(given.get("forget", ()), mode)  # the variant's defaults are its own
-    return SweepConfig.for_mode(mode, **given)
+def _training_seed(options: TrainingOptions) -> tuple[int, TrainSeedFrom]:
+    if options.seed is not None and options.fresh_seed:
+        raise InvalidInputError(
+            "training.fresh_seed asks for a random seed, but training.seed gives one; set one "
+            "of them",
+            field="training.fresh_seed",
+        )
+    if options.seed is not None:
+        check_seed(options.seed, "training.seed")
+        return options.seed, "given"
+    if options.fresh_seed:
+        return random_seed(), "random"
+    return 0, "content"  # a placeholder until the content is known (``training_with_seed``)
 
 
-def check_strategies(names: Sequence[str], mode: str) -> None:
-    """Refuse a forgetting strategy the variant of ``mode`` does not define."""
-    from forgedit.forgetting import check_strategy, variant_for_mode
-
-    variant = variant_for_mode(mode)
-    for name in names:
-        check_strategy(name, variant)
+def _per_stage(
+    first: int | None, second: int | None, name: str, mode: str, stages: int
+) -> list[int | None]:
+    """[first, second] as ``override_stages`` takes them, trailing unset values dropped; a
+    second-stage value for a one-stage mode is refused naming its field."""
+    if second is not None and stages < 2:
+        raise InvalidInputError(
+            f"training.stage2_{name} applies to the second (UNet) stage of two_stage training; "
+            f"{mode} training has {stages} stage (set training.{name} for it)",
+            field=f"training.stage2_{name}",
+        )
+    values = [first, second]
+    while values and values[-1] is None:
+        values.pop()
+    return values
 
 
 def training_with_seed(
@@ -125,6 +299,89 @@ def training_with_seed(
     return dataclasses.replace(config, seed=seed)
 
 
+# -- the sweep --------------------------------------------------------------------------------
+
+
+def build_sweep(
+    options: SweepOptions, target_prompts: Sequence[str], mode: str, bounds: Bounds = Bounds()
+) -> SweepConfig:
+    """The sweep over an edit model trained in ``mode``: unset options take the variant's
+    defaults (``default_sweep``) and the original's (50 DDIM steps, guidance 7.5, no partial
+    forgetting); unset seeds are ``seed_count`` (default 1) fresh random ones.
+
+    α applies to vp only: alphas with vs are refused (vs has no α), not ignored."""
+    # 1. What to edit toward.
+    check_prompts(target_prompts, "target_prompts")
+    variant = default_sweep(mode)
+
+    # 2. The interpolation and its coefficients.
+    interpolation = options.interpolation or "vs"
+    check_choice("interpolation", interpolation, INTERPOLATIONS, "sweep.interpolation")
+    if options.gammas:
+        check_values("sweep.gammas", options.gammas, GAMMA_RANGE)
+    if options.alphas:
+        if interpolation != "vp":
+            raise InvalidInputError(
+                "sweep.alphas applies only to sweep.interpolation vp (vs ignores α)",
+                field="sweep.alphas",
+            )
+        check_values("sweep.alphas", options.alphas, ALPHA_RANGE)
+
+    # 3. Forgetting: the variant's strategies, and how far reverted tensors go back.
+    check_strategies(options.forget_strategies, mode)
+    forget_degree = options.forget_degree
+    if forget_degree is None:
+        forget_degree = DEFAULT_FORGET_DEGREE
+    check_forget_degree(forget_degree, "sweep.forget_degree")
+
+    # 4. Seeds, and the denoising loop.
+    seeds = _sweep_seeds(options)
+    steps = options.steps if options.steps is not None else DEFAULT_STEPS
+    check_steps(steps, "sweep.steps")
+    guidance = options.guidance if options.guidance is not None else DEFAULT_GUIDANCE
+    check_guidance(guidance, "sweep.guidance")
+
+    # 5. The grid, at most ``bounds.max_sweep_images`` (the config checks the engine's bound).
+    sweep = SweepConfig(
+        prompts=tuple(target_prompts),
+        interpolation=interpolation,
+        gammas=options.gammas or variant.gammas,
+        alphas=options.alphas or variant.alphas,
+        forget=options.forget_strategies or variant.forget,
+        forget_degree=forget_degree,
+        seeds=seeds,
+        steps=steps,
+        guidance=guidance,
+    )
+    check_sweep_size(sweep.num_images, limit=bounds.max_sweep_images)
+    return sweep
+
+
+def check_strategies(names: Sequence[str], mode: str) -> None:
+    """Refuse a forgetting strategy the variant of ``mode`` does not define."""
+    from forgedit.forgetting import check_strategy, variant_for_mode
+
+    variant = variant_for_mode(mode)
+    for name in names:
+        check_strategy(name, variant, field="sweep.forget_strategies")
+
+
+def _sweep_seeds(options: SweepOptions) -> tuple[int, ...]:
+    for seed in options.seeds:
+        check_seed(seed, "sweep.seeds")
+    if options.seeds:
+        return options.seeds
+    count = options.seed_count if options.seed_count is not None else 1
+    if not 1 <= count <= MAX_SWEEP_IMAGES:
+        raise InvalidInputError(
+            f"seed_count must be 1..{MAX_SWEEP_IMAGES}, got {count}", field="sweep.seed_count"
+        )
+    return random_seeds(count)
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
 def default_device() -> str:
     """CUDA when this machine has it, else the CPU."""
     import torch
@@ -149,48 +406,3 @@ def check_device(value: str) -> str:
             field="device",
         )
     return str(torch.device(value))
-
-
-def sheet_label(spec: Any, with_prompt: bool = False) -> str:
-    """A contact-sheet tile's label: strategy, the interpolation's coefficients and seed, e.g.
-    ``encoderkv γ=0.6 seed=3`` (vs) or ``encoderkv β=1.1 α=0.9 seed=3`` (vp); with the
-    prompt's slug in front when a sweep has several prompts."""
-    coefficients = f"{spec.strength_symbol}={spec.gamma:g}"
-    if spec.interpolation == "vp":
-        coefficients += f" α={spec.alpha:g}"
-    label = f"{spec.forget} {coefficients} seed={spec.seed}"
-    return f"{slug(spec.prompt, 24)} {label}" if with_prompt else label
-
-
-def image_file_name(
-    index: int,
-    forget: str,
-    interpolation: str,
-    gamma: float,
-    alpha: float,
-    seed: int,
-    prompt_slug: str | None = None,
-) -> str:
-    """``{index:03d}[_{prompt}]_{forget}_{interp}_g{gamma}[_a{alpha}]_s{seed}.png``: safe on
-    every file system, sortable, and every number printed as typed (0.6, not 0.6000000001).
-    ``g`` is γ for vs and β for vp; α appears only for vp (vs ignores it)."""
-    parts = [f"{index:03d}"]
-    if prompt_slug:
-        parts.append(prompt_slug)
-    parts += [_safe(forget), interpolation, f"g{gamma:g}"]
-    if interpolation == "vp":
-        parts.append(f"a{alpha:g}")
-    parts.append(f"s{seed}")
-    return "_".join(parts) + ".png"
-
-
-def slug(text: str, max_chars: int = 32) -> str:
-    """Lower-case ASCII words joined by '-', at most ``max_chars``: 'A photo of a dog.' →
-    'a-photo-of-a-dog'."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    out = "-".join(words)[:max_chars].strip("-")
-    return out or "prompt"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]", "-", name)

@@ -16,19 +16,23 @@ or alone, up to the ~1e-6 by which batched matmuls round differently.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from forgedit.backends.base import NoisePredictor
 from forgedit.events import CancelToken
 
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
 StepCallback = Callable[[int, int], None]  # (step, steps), 1-based
 
 
-def make_ddim_scheduler() -> Any:
+def make_ddim_scheduler() -> DDIMScheduler:
     """The original's DDIM, exactly (spec §3.3). Also supplies ``add_noise`` for training."""
-    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -90,14 +94,14 @@ def denoise(
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
+        latents = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]  # prev
         if on_step is not None:
             on_step(i + 1, steps)
     return latents
 
 
 @torch.no_grad()
-def decode(vae: Any, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """Latents → images in [0, 1], [B, 3, H, W] on the CPU. ``1 / s * z``, not ``z / s``: the
     original's form, which rounds differently by one ulp (spec §15.6)."""
     latents = 1 / scaling_factor * latents

@@ -6,12 +6,15 @@ after the final LayerNorm; never the pooled output or ``hidden_states[-2]`` (spe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-def tokenize(tokenizer: Any, prompt: str) -> torch.Tensor:
+
+def tokenize(tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(
         prompt,
         padding="max_length",
@@ -21,7 +24,9 @@ def tokenize(tokenizer: Any, prompt: str) -> torch.Tensor:
     ).input_ids
 
 
-def encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str) -> torch.Tensor:
+def encode_prompt(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str
+) -> torch.Tensor:
     """[1, 77, D] for one prompt. Prompts are encoded one at a time, as the original does:
     batching several prompts through the encoder rounds differently (~1e-7)."""
     device = next(text_encoder.parameters()).device

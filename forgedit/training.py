@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,12 @@ from forgedit.forgetting import trained_parameter_names
 from forgedit.sampling import make_ddim_scheduler
 from forgedit.text import encode_prompt, tokenize
 from forgedit.weights import ResidentWeights
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -43,7 +49,9 @@ class TrainingResult:
 
 
 @torch.no_grad()
-def encode_image(vae: Any, pixels: torch.Tensor, seed: int, scaling_factor: float) -> torch.Tensor:
+def encode_image(
+    vae: AutoencoderKL, pixels: torch.Tensor, seed: int, scaling_factor: float
+) -> torch.Tensor:
     """z0 = scaling_factor · a *sample* of the VAE posterior, drawn from its own CPU generator
     (seed 0 by default, as the original)."""
     device = next(vae.parameters()).device
@@ -54,10 +62,10 @@ def encode_image(vae: Any, pixels: torch.Tensor, seed: int, scaling_factor: floa
 
 def finetune(
     *,
-    unet: Any,
-    vae: Any,
-    text_encoder: Any,
-    tokenizer: Any,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
     weights: ResidentWeights,
     pixels: torch.Tensor,
     source_prompt: str,
@@ -149,9 +157,9 @@ class _Trainee:
     """What one fine-tune's updates read: the modules, the encoded image, the text side and
     the one generator every update draws ε and t from."""
 
-    unet: Any
-    text_encoder: Any
-    scheduler: Any
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    scheduler: DDIMScheduler
     z0: torch.Tensor
     embedding: torch.nn.Parameter
     source_ids: torch.Tensor
@@ -205,7 +213,7 @@ def _stage_optimizer(
     embedding = trainee.embedding
     embedding.requires_grad_(stage.text_lr is not None and not trainee.trains_encoder)
 
-    groups: list[dict[str, Any]] = []
+    groups: list[dict[str, object]] = []
     if unet_params:
         groups.append({"params": unet_params, "lr": stage.unet_lr})
     if encoder_params:
@@ -234,7 +242,7 @@ def _loss(t: _Trainee, stage: Stage) -> torch.Tensor:
     # ε first, then t, from the same generator: the original's draw order (spec §15.3).
     noise = torch.randn(latents.shape, generator=t.generator).to(device)
     timesteps = torch.randint(NUM_TRAIN_TIMESTEPS, (bsz,), generator=t.generator).to(device)
-    noisy = t.scheduler.add_noise(latents, noise, timesteps)
+    noisy = t.scheduler.add_noise(latents, noise, timesteps)  # type: ignore[arg-type]  # (stubs: IntTensor)
     if t.trains_encoder:
         conditioning = t.text_encoder(t.source_ids)[0].repeat(bsz, 1, 1)
     else:

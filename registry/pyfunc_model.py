@@ -18,8 +18,9 @@ Loading::
 ``base_model_dir``  the diffusers SD-1.x directory the edit model was fine-tuned on
                     (``FORGEDIT_BASE_MODEL_DIR``). Its fingerprint must match the edit
                     model's, or loading fails with ``BaseModelMismatchError``. Unset: only an
-                    edit model made on the embedded tiny model loads (the tiny model is
-                    deterministic, so it is re-made); any other names this setting.
+                    edit model made on a built-in base model (``forgedit.zoo``, e.g. the
+                    tiny model) loads (a generated built-in is deterministic, so it is
+                    re-made); any other names this setting.
 ``vae_dir``         a separate VAE directory for a base model shipped without one (Realistic
                     Vision "noVAE"), as the engine CLI's ``--vae`` (``FORGEDIT_VAE_DIR``).
 ``device``          ``FORGEDIT_DEVICE``, default ``cpu``.
@@ -62,7 +63,7 @@ class ForgeditEditModel(PythonModel):
         base_dir = config.get("base_model_dir") or os.environ.get("FORGEDIT_BASE_MODEL_DIR")
         vae_dir = config.get("vae_dir") or os.environ.get("FORGEDIT_VAE_DIR") or None
         if not base_dir:
-            base_dir = _tiny_base_model_for(read_manifest(context.artifacts[ARTIFACT_KEY]))
+            base_dir = _builtin_base_model_for(read_manifest(context.artifacts[ARTIFACT_KEY]))
         device = config.get("device") or os.environ.get("FORGEDIT_DEVICE", "cpu")
         precision = config.get("precision") or os.environ.get("FORGEDIT_PRECISION", "faithful")
         if precision not in ("faithful", "fast"):
@@ -114,22 +115,25 @@ class ForgeditEditModel(PythonModel):
         return pd.DataFrame(out)
 
 
-def _tiny_base_model_for(manifest: Mapping[str, Any]) -> str:
-    """The embedded tiny model's directory (re-made if absent: it is deterministic) when the
-    edit model was made on it; otherwise raise naming the setting that gives a base model."""
+def _builtin_base_model_for(manifest: Mapping[str, Any]) -> str:
+    """The directory of the built-in base model (``forgedit.zoo``; written if absent: it is
+    deterministic) the edit model was made on; otherwise raise naming the setting that gives
+    a base model."""
     from forgedit.errors import ModelDirectoryError
     from forgedit.models import check_base_model_directory
-    from forgedit.tiny import SD_SUBDIR, ensure_tiny_model
+    from forgedit.zoo import builtin_base_model, builtin_names
 
     base = manifest.get("base_model") or {}
-    tiny = ensure_tiny_model() / SD_SUBDIR
-    if base.get("fingerprint") == check_base_model_directory(tiny).fingerprint():
-        return os.fspath(tiny)
+    for name in builtin_names():
+        directory = builtin_base_model(name).stable_diffusion
+        if base.get("fingerprint") == check_base_model_directory(directory).fingerprint():
+            return os.fspath(directory)
     raise ModelDirectoryError(
         f"this edit model was fine-tuned on base model {base.get('name', '?')!r}: pass "
         "model_config={'base_model_dir': DIR} to mlflow.pyfunc.load_model or set "
         "FORGEDIT_BASE_MODEL_DIR to that SD-1.x directory (and vae_dir / FORGEDIT_VAE_DIR if "
-        "it has no VAE); only the embedded tiny model is found without it"
+        f"it has no VAE); only the built-in base models ({', '.join(builtin_names())}) are "
+        "found without it"
     )
 
 

@@ -51,7 +51,8 @@ EXEMPT_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-Metadata = Sequence[tuple[str, Any]] | None
+# gRPC metadata: text values, and bytes ones under keys ending in -bin.
+Metadata = Sequence[tuple[str, str | bytes]] | None
 
 
 class TokenEntry(BaseModel):
@@ -179,6 +180,7 @@ def refusing_handler(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.R
     deserializer. The response shape follows ``handler``'s, so the client sees a normal end."""
     status = to_rpc_status(error).grpc_status()
 
+    # Any: it stands in for every method's behaviour, whatever its messages.
     def refuse(_requests: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(status)
 

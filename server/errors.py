@@ -126,6 +126,12 @@ class StreamLimitError(ServiceError):
         self.limit = limit
 
 
+def shown(value: str) -> str:
+    """A short, printable rendering of a client string for an error message."""
+    text = "".join(c if c.isprintable() else "?" for c in value[:40])
+    return repr(text) + ("…" if len(value) > 40 else "")
+
+
 @dataclass(frozen=True)
 class MappedError:
     """An exception as the client sees it, plus a bounded label for metrics."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from server._proto import forgedit_pb2 as pb
+from server.plans import EditRequestPlan
 
 if TYPE_CHECKING:
     from server.jobs import Job
@@ -43,9 +43,8 @@ class Estimator:
         sweep = plan.sweep
         image_steps = sweep.num_images * sweep.steps
         seconds = self.fixed_overhead_s + image_steps * self.seconds_per_image_step
-        if job.kind == pb.JOB_KIND_EDIT:
-            samples = plan.training.total_samples  # type: ignore[union-attr]
-            seconds += samples * self.seconds_per_training_sample
+        if isinstance(plan, EditRequestPlan):
+            seconds += plan.training.total_samples * self.seconds_per_training_sample
         return seconds
 
     def _update(self, name: str, value: float) -> None:

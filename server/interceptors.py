@@ -6,9 +6,9 @@ In pipeline order (the first is outermost; see ``server.main``):
 ends, whatever way it ends: OK, an error status, a refusal by the interceptors inside it, or the
 client going away (CANCELLED).
 
-``DrainingInterceptor``: once draining starts, new calls other than health checks end
-UNAVAILABLE at once (calls already running continue), so a load balancer retries them on
-another replica.
+``DrainingInterceptor``: once draining starts (``server.lifecycle``), new calls other than
+health checks end UNAVAILABLE at once (calls already running continue), so a load balancer
+retries them on another replica.
 
 ``server.auth.BearerTokenInterceptor`` (when tokens are configured): UNAUTHENTICATED before the
 payload is read.
@@ -36,25 +36,32 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from forgedit.errors import InvalidInputError
 from server.auth import Authenticator, refusing_handler
 from server.errors import StreamLimitError, UnavailableError, to_rpc_status
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 
 log = logging.getLogger("server.interceptors")
 
 _HEALTH = "/grpc.health.v1.Health/"
 
+# A handler's behaviour and deserializer take and return any method's messages (and
+# streams of them): the interceptors here wrap every method alike, so Any is the honest type.
 Behavior = Callable[..., Any]
+Deserializer = Callable[[bytes], Any]
 Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
+_LENGTH_DELIMITED = 2  # the wire type of strings, bytes and messages
 
 
 def wrap_behavior(
     handler: grpc.RpcMethodHandler,
     around: Callable[[Behavior], Behavior],
-    request_deserializer: Callable[[bytes], Any] | None = None,
+    request_deserializer: Deserializer | None = None,
 ) -> grpc.RpcMethodHandler:
     """``handler`` with its behaviour replaced by ``around(behaviour)``, same shape; and with
     ``request_deserializer`` instead of its own when given."""
@@ -72,22 +79,17 @@ def wrap_behavior(
 
 
 class DrainingInterceptor(grpc.ServerInterceptor):
-    def __init__(self) -> None:
-        self._draining = threading.Event()
+    """New calls end UNAVAILABLE once the lifecycle is draining (it decides; this asks)."""
 
-    def start_draining(self) -> None:
-        self._draining.set()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining.is_set()
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not self.draining or method.startswith(_HEALTH):
+        if handler is None or not self.lifecycle.draining or method.startswith(_HEALTH):
             return handler
         return refusing_handler(
             handler, UnavailableError("the server is shutting down; retry on another replica")
@@ -242,79 +244,58 @@ class MalformedRequest:
         self.field = field
 
 
-def tolerant_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """``deserializer`` that returns a ``MalformedRequest`` instead of raising."""
-    message_type = getattr(deserializer, "__self__", None)
-    type_name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
+def tolerant_deserializer(deserializer: Deserializer) -> Deserializer:
+    """``deserializer`` that returns a ``MalformedRequest`` instead of raising. Protobuf does
+    all the parsing: the request type's own ``FromString``, and on a UTF-8 error a second
+    parse of the same bytes as an ``Empty`` (every field then unknown, kept as raw bytes) to
+    find which top-level text field it was."""
+    # A generated FromString is bound to its message class: that names the type.
+    message_type: type[Message] | None = getattr(deserializer, "__self__", None)
+    type_name = message_type.DESCRIPTOR.full_name if message_type is not None else "request"
 
-    def parse(data: bytes) -> Any:
+    def parse(data: bytes) -> object:
         try:
             return deserializer(data)
         except DecodeError as exc:
-            bad_text = _first_bad_utf8_field(message_type, data) if "UTF-8" in str(exc) else None
-            if bad_text is not None:
+            if "UTF-8" not in str(exc):
                 return MalformedRequest(
-                    f"field {bad_text!r} of {type_name} is not valid UTF-8; text fields "
-                    "(prompts, ids) must be UTF-8",
-                    bad_text,
-                )
-            if "UTF-8" in str(exc):
-                return MalformedRequest(
-                    f"a text field of {type_name} is not valid UTF-8; text fields (prompts, "
-                    "ids) must be UTF-8",
+                    f"the request is not a valid {type_name} protobuf message ({len(data)} "
+                    "bytes that do not parse); send a serialized forgedit.v1 request",
                     "request",
                 )
+            field = _first_bad_utf8_field(message_type, data) if message_type else None
+            if field is not None:
+                return MalformedRequest(
+                    f"field {field!r} of {type_name} is not valid UTF-8; text fields "
+                    "(prompts, ids) must be UTF-8",
+                    field,
+                )
             return MalformedRequest(
-                f"the request is not a valid {type_name} protobuf message ({len(data)} bytes "
-                "that do not parse); send a serialized forgedit.v1 request",
+                f"a text field of {type_name} is not valid UTF-8; text fields (prompts, "
+                "ids) must be UTF-8",
                 "request",
             )
 
     return parse
 
 
-def _first_bad_utf8_field(message_type: Any, data: bytes) -> str | None:
-    """Name of the first top-level string field whose bytes are not UTF-8, or None (a nested
-    one, or a wire format too broken to walk)."""
-    descriptor = getattr(message_type, "DESCRIPTOR", None)
-    if descriptor is None:
-        return None
-    strings = {f.number: f.name for f in descriptor.fields if f.type == f.TYPE_STRING}
-    pos = 0
+def _first_bad_utf8_field(message_type: type[Message], data: bytes) -> str | None:
+    """Name of the first top-level string field of ``message_type`` whose bytes in ``data``
+    are not UTF-8, or None (a nested one). Parsed as an ``Empty``, every field of ``data`` is
+    an unknown field that protobuf keeps as raw bytes, unchecked."""
+    strings = {f.number: f.name for f in message_type.DESCRIPTOR.fields if f.type == f.TYPE_STRING}
+    raw = empty_pb2.Empty()
     try:
-        while pos < len(data):
-            key, pos = _varint(data, pos)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0:
-                _, pos = _varint(data, pos)
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            elif wire_type == 2:
-                length, pos = _varint(data, pos)
-                value, pos = data[pos : pos + length], pos + length
-                if number in strings:
-                    try:
-                        value.decode("utf-8")
-                    except UnicodeDecodeError:
-                        return strings[number]
-            else:
-                return None
-    except IndexError:
+        raw.ParseFromString(data)
+    except DecodeError:
         return None
+    for field in UnknownFieldSet(raw):
+        if field.field_number in strings and field.wire_type == _LENGTH_DELIMITED:
+            try:
+                bytes(field.data).decode("utf-8")
+            except UnicodeDecodeError:
+                return strings[field.field_number]
     return None
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
 
 
 class RequestDecodingInterceptor(grpc.ServerInterceptor):

@@ -6,7 +6,8 @@ own cursor; a reader that falls behind a full buffer loses the oldest events and
 the sequence numbers. Images make events large, so the buffer is bounded by count and bytes.
 
 Thread safety: the worker thread appends events and changes state; RPC threads read and wait.
-Everything mutable is guarded by one condition variable per job.
+Everything mutable is guarded by one condition variable per job. The events themselves are
+built by ``server.wire``; a job only numbers them and keeps them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from forgedit.events import CancelToken
+from forgedit.events import CancelToken, PhaseTimer
 from server import wire
 from server._proto import forgedit_pb2 as pb
 from server.errors import MappedError
-from server.validation import EditRequestPlan, SampleRequestPlan
+from server.plans import EditRequestPlan, SampleRequestPlan
 
 
 class JobState(enum.Enum):
@@ -44,29 +44,19 @@ def new_job_id() -> str:
 
 
 @dataclass
-class Timings:
-    """Wall-clock seconds per phase (CompletedEvent.timings)."""
-
-    queue_wait: float = 0.0
-    captioning: float = 0.0
-    training: float = 0.0
-    registration: float = 0.0
-    sampling: float = 0.0
-    total: float = 0.0
-    sampling_backend: str = ""  # the UNet backend that sampled ("" before sampling)
-
-
-@dataclass
 class Job:
-    """One unit of scheduled work. Create with ``Job.create``; the scheduler drives it."""
+    """One unit of scheduled work: the service creates it from a plan, the scheduler drives
+    it, the runner runs it."""
 
-    job_id: str
     kind: pb.JobKind  # pb.JOB_KIND_EDIT or pb.JOB_KIND_SAMPLE
     plan: EditRequestPlan | SampleRequestPlan
     payload_digest: str  # identifies the request for idempotency checks
-    estimated_s: float
-    max_events: int
+    max_events: int  # the replay buffer's bounds (FORGEDIT_REPLAY_MAX_EVENTS, _BYTES)
     max_bytes: int
+    job_id: str = field(default_factory=lambda: new_job_id())
+    # The run time in seconds the scheduler estimates at submission (None until then; a test
+    # may set its own).
+    estimated_s: float | None = None
     detach: bool = False
     principal: str = ""  # who submitted it (server.auth.Principal.name)
     state: JobState = JobState.QUEUED
@@ -74,7 +64,9 @@ class Job:
     edit_model_id: str = ""
     error: MappedError | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
-    timings: Timings = field(default_factory=Timings)
+    # Seconds per phase: queue_wait, captioning, training, registration, sampling, total.
+    timings: PhaseTimer = field(default_factory=PhaseTimer)
+    sampling_backend: str = ""  # the UNet backend that sampled ("" before sampling)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     ended_at: float | None = None
@@ -88,9 +80,18 @@ class Job:
     _sequence: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
+    def __post_init__(self) -> None:
+        # Detached from the start when its request asked; a re-attaching request may detach it.
+        self.detach = self.detach or self.plan.detach
+
     @property
     def request_id(self) -> str:
         return self.plan.request_id
+
+    @property
+    def estimate(self) -> float:
+        """``estimated_s``, 0.0 before the scheduler made it."""
+        return self.estimated_s or 0.0
 
     @property
     def method(self) -> str:
@@ -112,12 +113,12 @@ class Job:
 
     # -- events -----------------------------------------------------------------------------
 
-    def emit(self, **kind: Any) -> pb.Event:
-        """Append one event (e.g. ``emit(training=pb.TrainingEvent(...))``) and wake readers.
-        Oldest events are evicted beyond the count or byte bound."""
+    def emit(self, kind: wire.EventKind) -> pb.Event:
+        """Append one event (e.g. ``emit(wire.training(progress))``) and wake readers. Oldest
+        events are evicted beyond the count or byte bound."""
         with self._cond:
             self._sequence += 1
-            event = pb.Event(job_id=self.job_id, sequence=self._sequence, time=wire.now(), **kind)
+            event = wire.event(self.job_id, self._sequence, kind)
             size = event.ByteSize()
             self._events.append(event)
             self._bytes += size
@@ -149,13 +150,8 @@ class Job:
     def heartbeat(self) -> pb.Event:
         """A heartbeat for one stream: not buffered, carries the latest sequence number."""
         with self._cond:
-            return pb.Event(
-                job_id=self.job_id,
-                sequence=self._sequence,
-                time=wire.now(),
-                heartbeat=pb.HeartbeatEvent(
-                    state=self.state.value, queue_position=self.queue_position
-                ),
+            return wire.heartbeat(
+                self.job_id, self._sequence, self.state.value, self.queue_position
             )
 
     # -- state ------------------------------------------------------------------------------
@@ -198,4 +194,17 @@ class Job:
     def to_proto(self) -> pb.Job:
         """The job as the wire's ``Job``: one consistent snapshot, taken under its lock."""
         with self._cond:
-            return wire.job_to_proto(self)
+            return wire.job_message(
+                job_id=self.job_id,
+                request_id=self.request_id,
+                kind=self.kind,
+                state=self.state.value,
+                queue_position=self.queue_position,
+                edit_model_id=self.edit_model_id,
+                last_sequence=self._sequence,
+                principal=self.principal,
+                created_at=self.created_at,
+                started_at=self.started_at,
+                ended_at=self.ended_at,
+                error=self.error,
+            )

@@ -2,7 +2,8 @@
 
 ``create_server(settings, engine_factory=..., registry=...)`` is the factory tests use (with
 ``grpc_port=0``): it starts listening at once (liveness is SERVING), loads and warms up the
-engines in the device workers, and flips readiness to SERVING when they are ready.
+engines in the device workers, and the lifecycle flips readiness to SERVING when they are
+ready (``server.lifecycle``: health follows every change of state as it happens).
 
 Health (``grpc.health.v1``), on the gRPC port and on the probes' own ``FORGEDIT_HEALTH_PORT``
 (its own server and threads, so it answers whatever application calls do)
@@ -22,13 +23,15 @@ import signal
 import sys
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from forgedit.zoo import builtin_base_model
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
 from server.estimator import Estimator
@@ -39,6 +42,7 @@ from server.interceptors import (
     StreamLimiter,
     StreamLimitInterceptor,
 )
+from server.lifecycle import Lifecycle
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ports import EngineFactory, EngineLike, RegistryLike
@@ -52,62 +56,71 @@ from server.validation import Limits
 
 log = logging.getLogger("server.main")
 
-TINY_MODEL_NAME = "tiny"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 HEALTH_PORT_REFLECTION_STREAMS = 2
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What serves the requests: whether it does (lifecycle), the devices' work, and what
+    it reports to and stores in."""
+
+    lifecycle: Lifecycle
+    scheduler: Scheduler
+    registry: RegistryClient
+    metrics: Metrics
+    streams: StreamLimiter
+    owned_registry: RegistryLike | None  # made by create_server, so closed on stop
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Where the server answers: the gRPC port, the probes' port, the metrics port."""
+
+    grpc_server: grpc.Server
+    port: int
+    health_server: grpc.Server | None
+    health_port: int | None
+    metrics_port: int | None
+
+
 class ForgeditServer:
-    """A running server: the gRPC server, its scheduler, health and metrics."""
+    """A running server (``create_server`` builds one): drain it, or stop it."""
 
-    def __init__(
-        self,
-        settings: ServerSettings,
-        grpc_server: grpc.Server,
-        port: int,
-        scheduler: Scheduler,
-        health_servicer: health.HealthServicer,
-        draining: DrainingInterceptor,
-        metrics: Metrics,
-        metrics_port: int | None,
-        owned_registry: RegistryLike | None = None,
-        *,
-        health_server: grpc.Server | None = None,
-        health_port: int | None = None,
-        streams: StreamLimiter | None = None,
-    ) -> None:
+    def __init__(self, settings: ServerSettings, serving: Serving, listeners: Listeners) -> None:
         self.settings = settings
-        self.grpc_server = grpc_server
-        self.port = port
-        self.scheduler = scheduler
-        self.health = health_servicer
-        self.draining = draining
-        self.metrics = metrics
-        self.metrics_port = metrics_port
-        self._owned_registry = owned_registry
-        self.health_server = health_server
-        self.health_port = health_port
-        self.streams = streams
-        self.registry_client: RegistryClient | None = None  # set by create_server; closed on stop
+        self.serving = serving
+        self.listeners = listeners
         self._stopped = threading.Event()
-        self._watcher = threading.Thread(
-            target=self._mark_ready, name="forgedit-ready", daemon=True
-        )
-        self._watcher.start()
 
-    def _mark_ready(self) -> None:
-        while not self._stopped.is_set():
-            if self.scheduler.ready.wait(0.2):
-                if not self.draining.draining:
-                    self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-                    log.info("ready: serving %s", ", ".join(self.scheduler.config.base_models))
-                return
-            if self.scheduler.startup_error is not None:
-                return
+    # What tests and tools look at.
+    @property
+    def port(self) -> int:
+        return self.listeners.port
+
+    @property
+    def health_port(self) -> int | None:
+        return self.listeners.health_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.listeners.metrics_port
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.serving.lifecycle
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.serving.scheduler
+
+    @property
+    def streams(self) -> StreamLimiter:
+        return self.serving.streams
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the engines are warmed up (readiness SERVING)."""
-        return self.scheduler.ready.wait(timeout)
+        return self.lifecycle.wait_ready(timeout)
 
     def drain(self, grace_s: float | None = None) -> None:
         """Graceful shutdown (see the module docstring). Safe to call more than once."""
@@ -115,8 +128,7 @@ class ForgeditServer:
             return
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         log.info("draining: readiness NOT_SERVING; running jobs have %.0f s", grace)
-        self.draining.start_draining()
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.lifecycle.start_draining()
         self.scheduler.drain(grace)
         self.stop(grace=5.0)
 
@@ -125,17 +137,15 @@ class ForgeditServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.draining.start_draining()
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
+        self.lifecycle.stop()
+        self.listeners.grpc_server.stop(grace).wait()
+        if self.listeners.health_server is not None:
+            self.listeners.health_server.stop(0).wait()
         self.scheduler.stop()
-        self.metrics.close()
-        if self.registry_client is not None:
-            self.registry_client.close()
-        if self._owned_registry is not None:
-            self._owned_registry.close()
+        self.serving.metrics.close()
+        self.serving.registry.close()
+        if self.serving.owned_registry is not None:
+            self.serving.owned_registry.close()
         log.info("stopped")
 
 
@@ -150,56 +160,44 @@ def create_server(
     ``engine_factory(base_model_name, device)`` and ``registry`` default to the real engine on
     the configured base models and the MLflow registry of the settings.
     """
+    # 1. What it serves: the base models, their engines, the registry of edit models.
     base_models = resolve_base_models(settings)
     metrics = Metrics()
     if engine_factory is None:
         engine_factory = default_engine_factory(settings, base_models, metrics)
-    owns_registry = registry is None
-    if registry is None:
-        registry = default_registry(settings)
+    owned_registry = default_registry(settings) if registry is None else None
+    registry = registry or owned_registry
+    assert registry is not None
     registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
-
     registry_client = RegistryClient(
         registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
     )
+
+    # 2. Whether it serves, and the health that says so (liveness now, readiness later).
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    lifecycle = Lifecycle(health_servicer)
+
+    # 3. The devices' work: the scheduler, and what a worker does with a job.
     prior = settings.time_prior(time_prior_key(base_models, settings))
     estimator = Estimator(prior.training_sample_s, prior.image_step_s)
+    runner = JobRunner(registry_client, metrics, estimator, Limits.from_settings(settings))
     scheduler = Scheduler(
-        SchedulerConfig(
-            devices=tuple(settings.devices),
-            base_models=tuple(base_models),
-            queue_size=settings.queue_size,
-            retention_s=settings.job_retention_s,
-            max_retained=settings.max_retained_jobs,
-            max_training_overtakes=settings.max_training_overtakes,
-        ),
+        scheduler_config(settings, base_models),
         engine_factory,
-        JobRunner(
-            registry_client,
-            metrics,
-            estimator,
-            Limits.from_settings(settings),
-        ),
+        runner,
         estimator,
         metrics,
+        lifecycle,
     )
 
-    draining = DrainingInterceptor()
+    # 4. The front door and the gRPC server behind it: the service, health and reflection.
     authenticator = Authenticator(settings.auth_tokens)
-    prefix = f"/{SERVICE_NAME}/"
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics, prefix), draining]
-    if authenticator.enabled:
-        interceptors.append(BearerTokenInterceptor(authenticator))
     streams = StreamLimiter(settings.max_streams, settings.max_streams_per_client)
-    interceptors += [
-        StreamLimitInterceptor(streams, authenticator, prefix),
-        RequestDecodingInterceptor(prefix),
-    ]
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_threads, thread_name_prefix="forgedit-rpc"
         ),
-        interceptors=interceptors,
+        interceptors=front_door(lifecycle, metrics, authenticator, streams),
         options=server_options(
             settings.max_message_bytes,
             settings.max_connection_age_s,
@@ -207,33 +205,21 @@ def create_server(
         ),
         maximum_concurrent_rpcs=settings.grpc_threads,
     )
-    pb_grpc.add_ForgeditServiceServicer_to_server(
-        ForgeditServicer(settings, scheduler, registry_client, authenticator), grpc_server
-    )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    servicer = ForgeditServicer(settings, scheduler, registry_client, authenticator)
+    pb_grpc.add_ForgeditServiceServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     enable_reflection((SERVICE_NAME, health.SERVICE_NAME), grpc_server)
-    health_server, health_port = start_health_server(settings, health_servicer)
 
-    address = f"{settings.host}:{settings.grpc_port}"
-    if settings.tls:
-        assert settings.tls_cert_file is not None and settings.tls_key_file is not None
-        port = grpc_server.add_secure_port(
-            address,
-            server_credentials(
-                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-            ),
-        )
-    else:
-        port = grpc_server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"could not listen on port {settings.grpc_port}")
+    # 5. The ports: gRPC (TLS when configured), the probes' own, metrics.
+    port = bind(grpc_server, settings)
+    health_server, health_port = start_health_server(settings, health_servicer)
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+
+    # 6. Start: answer calls, and load the engines (readiness follows the lifecycle).
     grpc_server.start()
+    lifecycle.start()
     scheduler.start()
     log.info(
         "listening on port %d (%s), health on %s, metrics on %s",
@@ -244,20 +230,59 @@ def create_server(
     )
     server = ForgeditServer(
         settings,
-        grpc_server,
-        port,
-        scheduler,
-        health_servicer,
-        draining,
-        metrics,
-        metrics_port,
-        registry if owns_registry else None,
-        health_server=health_server,
-        health_port=health_port,
-        streams=streams,
+        Serving(lifecycle, scheduler, registry_client, metrics, streams, owned_registry),
+        Listeners(grpc_server, port, health_server, health_port, metrics_port),
     )
-    server.registry_client = registry_client
     return server, port
+
+
+def scheduler_config(settings: ServerSettings, base_models: dict[str, Path]) -> SchedulerConfig:
+    return SchedulerConfig(
+        devices=tuple(settings.devices),
+        base_models=tuple(base_models),
+        queue_size=settings.queue_size,
+        retention_s=settings.job_retention_s,
+        max_retained=settings.max_retained_jobs,
+        max_training_overtakes=settings.max_training_overtakes,
+    )
+
+
+def front_door(
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    authenticator: Authenticator,
+    streams: StreamLimiter,
+) -> list[grpc.ServerInterceptor]:
+    """The interceptors, outermost first (``server.interceptors`` says what each does)."""
+    prefix = f"/{SERVICE_NAME}/"
+    interceptors: list[grpc.ServerInterceptor] = [
+        MetricsInterceptor(metrics, prefix),
+        DrainingInterceptor(lifecycle),
+    ]
+    if authenticator.enabled:
+        interceptors.append(BearerTokenInterceptor(authenticator))
+    interceptors += [
+        StreamLimitInterceptor(streams, authenticator, prefix),
+        RequestDecodingInterceptor(prefix),
+    ]
+    return interceptors
+
+
+def bind(grpc_server: grpc.Server, settings: ServerSettings) -> int:
+    """Listen on ``FORGEDIT_HOST:FORGEDIT_GRPC_PORT`` (TLS when a certificate is set); the
+    port bound (port 0: a free one)."""
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls:
+        assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+        credentials = server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+        port = grpc_server.add_secure_port(address, credentials)
+    else:
+        port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not listen on port {settings.grpc_port}")
+    return port
 
 
 def start_health_server(
@@ -315,13 +340,12 @@ def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> No
 
 
 def resolve_base_models(settings: ServerSettings) -> dict[str, Path]:
-    """Name -> directory of every served base model; the tiny model when none is set."""
+    """Name -> directory of every served base model; the default built-in (``forgedit.zoo``)
+    when none is set."""
     if settings.base_models:
         return dict(settings.base_models)
-    from forgedit.tiny import ensure_tiny_model
-
-    root = ensure_tiny_model(settings.data_dir / "tiny-model")
-    return {TINY_MODEL_NAME: root / "stable-diffusion"}
+    builtin = builtin_base_model(home=settings.data_dir)
+    return {builtin.name: builtin.stable_diffusion}
 
 
 def model_size(base_model_dir: Path) -> str:
@@ -354,7 +378,7 @@ def default_engine_factory(
     ``metrics``."""
     blip_dir = settings.blip_dir
     if blip_dir is None and not settings.base_models:
-        blip_dir = base_models[TINY_MODEL_NAME].parent / "blip"
+        blip_dir = builtin_base_model(home=settings.data_dir).blip
 
     def build(name: str, device: str) -> EngineLike:
         from forgedit.caption import Captioner
@@ -392,7 +416,8 @@ def default_registry(settings: ServerSettings) -> RegistryLike:
 
 
 def main() -> int:
-    """Run until SIGTERM/SIGINT, then drain and exit 0. Configuration: environment only."""
+    """Run until SIGTERM/SIGINT, then drain and exit 0; exit 1 at once when a device cannot
+    load its models. Configuration: environment only."""
     settings = ServerSettings()
     configure_logging(settings.log_format, settings.log_level)
     try:
@@ -402,17 +427,18 @@ def main() -> int:
         return 1
     stop = threading.Event()
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(0.5):
-        if server.scheduler.startup_error is not None:
-            log.error("a device could not load its models; exiting")
-            server.stop()
-            return 1
+    server.lifecycle.on_failure(lambda _error: stop.set())
+    stop.wait()  # a signal's handler runs (and sets it) while this waits
+    if server.lifecycle.startup_error is not None:
+        log.error("a device could not load its models; exiting")
+        server.stop()
+        return 1
     server.drain()
     return 0
 

@@ -7,15 +7,16 @@ injected (a slow step, a failing registry). Nothing here imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from forgedit.artifact import EditModel
+    from forgedit.artifact import EditModel, MadeOnBase
     from forgedit.config import Precision, SweepConfig, TrainingConfig
+    from forgedit.engine import EditedImage
     from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
     from registry import EditModelInfo, EditModelPage, RegisteredEditModel
 
@@ -44,9 +45,11 @@ class EngineLike(Protocol):
         """Whether a BLIP captioner is loaded (else requests must give a source prompt)."""
         ...
 
-    def accepts(self, edit_model: EditModel) -> bool:
-        """Whether ``edit_model`` was fine-tuned on this engine's base model (the engine's own
-        compatibility rule, ``forgedit.artifact.fits_base``)."""
+    def accepts(self, edit_model: MadeOnBase) -> bool:
+        """Whether ``edit_model`` (or the registry's record of one) was fine-tuned on this
+        engine's base model: the engine's own compatibility rule,
+        ``forgedit.artifact.fits_base``, which the runner asks when it picks an engine and the
+        served-models catalog applies before queueing (``server.catalog``)."""
         ...
 
     @property
@@ -72,12 +75,12 @@ class EngineLike(Protocol):
         edit_model: EditModel,
         sweep: SweepConfig,
         *,
-        on_image: Callable[[Any], None] | None = None,
+        on_image: Callable[[EditedImage], None] | None = None,
         on_progress: SamplingCallback | None = None,
         cancel: CancelToken | None = None,
         max_batch: int = 8,
         precision: Precision | None = None,
-    ) -> Sequence[Any]: ...
+    ) -> list[EditedImage]: ...
 
     def warmup(self) -> None: ...
 
@@ -113,7 +116,7 @@ class RegistryLike(Protocol):
         request_id: str = "",
         input_image: bytes | None = None,
         contact_sheet: bytes | None = None,
-        tags: Any = None,
+        tags: Mapping[str, str] | None = None,
         dedupe: bool = True,
         principal: str = "",
     ) -> RegisteredEditModel: ...

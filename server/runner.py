@@ -5,7 +5,8 @@ Edit (``JobRunner._edit``): 1. source prompt (BLIP caption, or the caller's) →
 sweep → ``sampling`` after every denoising step and ``image`` per finished image; 5. attach a
 contact sheet to the edit model; 6. ``completed`` with the timings of every phase. Each step
 is one small helper (``_caption``, ``_finetune_or_reuse``, ``_register``, ``_sample``,
-``_complete``); ``_phase`` times a step once, for the job's timings and its histogram.
+``_complete``); ``_phase`` times a step once (the job's ``PhaseTimer``) for its timings and
+its histogram. Every event is built by ``server.wire``; the runner says which and when.
 
 An Edit whose fine-tune is stored already (same image bytes, base model, source prompt and
 training config, seed included) reuses it: ``registered(deduplicated=true)`` follows
@@ -16,8 +17,8 @@ fine-tune, and a retried request finds the model its first attempt stored.
 The request's precision (or the server's default) applies to training and to sampling.
 
 Sample (``JobRunner._sample_stored``): load the edit model from the registry (its local cache
-first), pick the engine of its base model (that this replica serves it was checked before
-queueing), then sample and complete as above.
+first), pick the engine of its base model (the engine's own rule, ``EngineLike.accepts``; that this
+replica serves it was checked before queueing), then sample and complete as above.
 
 Errors propagate to the scheduler, which maps them to the job's final status. Cancellation is
 the engine's: it checks the job's ``CancelToken`` after every training update and denoising
@@ -33,25 +34,26 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from forgedit.config import Precision, SweepConfig, TrainingConfig
 from forgedit.events import SamplingProgress, TrainingProgress
-from forgedit.images import contact_sheet, encode_png
-from forgedit.requests import sheet_label
+from forgedit.images import contact_sheet, encode_png, sheet_label
 from server import wire
-from server._proto import forgedit_pb2 as pb
 from server.estimator import Estimator
 from server.jobs import Job
 from server.metrics import Metrics
+from server.plans import EditRequestPlan, SampleRequestPlan
 from server.ports import EngineLike
 from server.registry_client import RegistryClient
-from server.validation import EditRequestPlan, Limits, SampleRequestPlan, sampling_batch_size
+from server.validation import Limits, sampling_batch_size
 
 if TYPE_CHECKING:
+    from PIL import Image
     from prometheus_client import Histogram
 
     from forgedit.artifact import EditModel
+    from forgedit.engine import EditedImage
     from registry import EditModelInfo
 
 log = logging.getLogger("server.runner")
@@ -135,12 +137,10 @@ class JobRunner:
     def _phase(self, job: Job, name: str, histogram: Histogram | None = None) -> Iterator[None]:
         """Time the block as phase ``name`` of the job's timings and, when given, in its
         histogram: one measurement for both. A block that raises records nothing."""
-        started = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - started
-        setattr(job.timings, name, seconds)
+        with job.timings.phase(name):
+            yield
         if histogram is not None:
-            histogram.observe(seconds)
+            histogram.observe(job.timings.seconds(name))
 
     def _caption(self, job: Job, plan: EditRequestPlan, engine: EngineLike) -> str:
         """The caller's source prompt, or BLIP's caption of the image; emits ``captioned``."""
@@ -149,11 +149,7 @@ class JobRunner:
                 source_prompt = engine.source_prompt(plan.image.image, plan.sweep.prompts[0])
         else:
             source_prompt = plan.source_prompt
-        job.emit(
-            captioned=pb.CaptionedEvent(
-                source_prompt=source_prompt, from_caption=plan.source_prompt is None
-            )
-        )
+        job.emit(wire.captioned(source_prompt, from_caption=plan.source_prompt is None))
         return source_prompt
 
     def _finetune_or_reuse(
@@ -176,12 +172,8 @@ class JobRunner:
             )
             return self.registry.load(existing.edit_model_id), existing
 
-        def on_training(p: TrainingProgress) -> None:
-            job.emit(
-                training=pb.TrainingEvent(
-                    update=p.update, total=p.total, loss=p.loss, eta_seconds=p.eta_s, stage=p.stage
-                )
-            )
+        def on_training(progress: TrainingProgress) -> None:
+            job.emit(wire.training(progress))
 
         histogram = self.metrics.training.labels(base_model=plan.base_model)
         with self._phase(job, "training", histogram):
@@ -194,7 +186,9 @@ class JobRunner:
                 cancel=job.cancel,
             )
         updates = len(edit_model.loss_curve) or training.total_updates
-        self.estimator.observe_training(training.samples_in(updates), job.timings.training)
+        self.estimator.observe_training(
+            training.samples_in(updates), job.timings.seconds("training")
+        )
         job.cancel.check()
         return edit_model, None
 
@@ -211,9 +205,9 @@ class JobRunner:
             )
         job.edit_model_id = registered.edit_model_id
         job.emit(
-            registered=pb.RegisteredEvent(
-                edit_model_id=registered.edit_model_id,
-                version=registered.version or 0,
+            wire.registered(
+                registered.edit_model_id,
+                registered.version,
                 deduplicated=registered.deduped,
                 spooled=registered.spooled,
             )
@@ -231,9 +225,9 @@ class JobRunner:
         """Emit ``registered(deduplicated=true)`` for an edit model stored already."""
         job.edit_model_id = existing.edit_model_id
         job.emit(
-            registered=pb.RegisteredEvent(
-                edit_model_id=existing.edit_model_id,
-                version=existing.version or 0,
+            wire.registered(
+                existing.edit_model_id,
+                existing.version,
                 deduplicated=True,
                 spooled=existing.status == "spooled",
             )
@@ -247,7 +241,7 @@ class JobRunner:
         edit_model: EditModel,
         sweep: SweepConfig,
         precision: Precision | None = None,
-    ) -> list[Any]:
+    ) -> list[EditedImage]:
         """Sample the sweep in ``precision`` (None: the engine's, i.e. the server default),
         emitting progress and each image as it finishes; return the engine's
         ``EditedImage``s."""
@@ -266,8 +260,10 @@ class JobRunner:
                 precision=precision,
             )
         # A canary failure during the job may have moved the engine to the next backend.
-        job.timings.sampling_backend = engine.sampling_backend
-        self.estimator.observe_sampling(sweep.num_images * sweep.steps, job.timings.sampling)
+        job.sampling_backend = engine.sampling_backend
+        self.estimator.observe_sampling(
+            sweep.num_images * sweep.steps, job.timings.seconds("sampling")
+        )
         return list(edited)
 
     @staticmethod
@@ -275,10 +271,11 @@ class JobRunner:
         """Emit ``completed`` with the timings of every phase; the job's total is its time
         since it was created (queue wait included), computed here once. ``train_seed``: the
         Edit's training seed (0, i.e. unset on the wire, for a Sample)."""
-        job.timings.total = job.elapsed_s
+        job.timings.record("total", job.elapsed_s)
         job.emit(
-            completed=pb.CompletedEvent(
-                timings=wire.phase_timings(job.timings),
+            wire.completed(
+                job.timings,
+                sampling_backend=job.sampling_backend,
                 edit_model_id=edit_model_id,
                 images=sweep.num_images,
                 train_seed=train_seed,
@@ -299,19 +296,11 @@ class _SamplingStream:
         self.pending = 0  # images of the batch that just finished, to split its time
         self.first = True
 
-    def on_progress(self, p: SamplingProgress) -> None:
-        self.pending = p.batch_images
-        self.job.emit(
-            sampling=pb.SamplingEvent(
-                images_done=p.images_done,
-                images_total=p.images_total,
-                step=p.step,
-                steps=p.steps,
-                forget=p.forget,
-            )
-        )
+    def on_progress(self, progress: SamplingProgress) -> None:
+        self.pending = progress.batch_images
+        self.job.emit(wire.sampling(progress))
 
-    def on_image(self, edited: Any) -> None:
+    def on_image(self, edited: EditedImage) -> None:
         job = self.job
         now = time.perf_counter()
         if self.pending:
@@ -322,29 +311,20 @@ class _SamplingStream:
                 ).observe(per_image)
             self.pending = 0
             self.last = now
-        spec = edited.spec
-        png = edited.png_bytes()
         if self.first:
             self.first = False
             self.metrics.time_to_first_image.labels(method=job.method).observe(job.elapsed_s)
-        job.emit(
-            image=pb.ImageEvent(
-                index=spec.index,
-                png=png,
-                width=edited.image.width,
-                height=edited.image.height,
-                params=wire.image_params(spec),
-            )
-        )
+        job.emit(wire.image(edited))
         self.metrics.images.labels(method=job.method).inc()
 
 
 def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> EngineLike:
-    """The engine of the edit model's base model. The service refuses an edit model of a base
-    model this replica does not serve before queueing (``Scheduler.require_served``), so
-    a miss here is a bug, not a client mistake."""
+    """The engine that accepts the edit model (the engine's own rule). The service refuses an
+    edit model of a base model this replica does not serve before queueing
+    (``ServedModels.require_served``, by the same rule), so a miss here is a bug, not a
+    client mistake."""
     for engine in engines.values():
-        if engine.fingerprint == edit_model.base_model_fingerprint:
+        if engine.accepts(edit_model):
             return engine
     raise RuntimeError(
         f"no engine for edit model base {edit_model.base_model_name!r}, which was checked "
@@ -352,12 +332,7 @@ def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> Eng
     )
 
 
-CONTACT_SHEET_MAX_IMAGES = 64
-
-
-def _contact_sheet_png(original: Any, edited: list[Any]) -> bytes:
-    """The input beside (at most 64 of) the sampled edits, each labelled by its parameters."""
-    results = []
-    for e in edited[:CONTACT_SHEET_MAX_IMAGES]:
-        results.append((e.image, sheet_label(e.spec)))
-    return encode_png(contact_sheet(original, results))
+def _contact_sheet_png(original: Image.Image, edited: list[EditedImage]) -> bytes:
+    """The input beside the sampled edits (as many as a sheet shows), each labelled by its
+    parameters."""
+    return encode_png(contact_sheet(original, [(e.image, sheet_label(e.spec)) for e in edited]))

@@ -5,8 +5,8 @@ job's events as they come, a heartbeat after every ``heartbeat_interval_s`` of s
 ends with the job's final status (OK after ``completed``, or the mapped error).
 
 Contracts
-- Validation happens here, before the job exists (``server.validation``): a bad request never
-  reaches the queue or the device.
+- A request is decoded once (``server.wire``) and checked before the job exists
+  (``server.plans``): a bad request never reaches the queue or the device.
 - A deadline shorter than the job's estimate (its queue wait included) is refused up front with
   DEADLINE_EXCEEDED rather than failing after minutes of device time.
 - Client disconnect: when the last submitting stream of a job goes away before the job ends and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -31,24 +30,18 @@ import grpc
 
 from forgedit.errors import InvalidInputError
 from registry.ids import validate_edit_model_id
+from server import wire
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, Principal
 from server.errors import JobNotFoundError, to_rpc_status
-from server.jobs import Job, new_job_id
+from server.jobs import Job
 from server.logs import job_context
+from server.plans import Defaults, edit_plan, sample_plan
 from server.registry_client import RegistryClient
 from server.scheduler import Scheduler
 from server.settings import ServerSettings
-from server.validation import (
-    EditRequestPlan,
-    Limits,
-    SampleRequestPlan,
-    check_edit_request,
-    check_sample_request,
-    check_sampling_memory,
-)
-from server.wire import edit_model_to_proto
+from server.validation import Limits, check_sampling_memory
 
 if TYPE_CHECKING:
     from registry import EditModelInfo
@@ -57,6 +50,9 @@ log = logging.getLogger("server.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ForgeditService"].full_name
 T = TypeVar("T")
+
+
+# The wrappers serve every method alike, whatever its request message: ``request: Any``.
 
 
 def _unary(method: Callable[..., T]) -> Callable[..., T]:
@@ -108,8 +104,11 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self.settings = settings
         self.authenticator = authenticator
         self.scheduler = scheduler
+        self.lifecycle = scheduler.lifecycle
         self.registry = registry
         self.limits = Limits.from_settings(settings)
+        self.defaults = Defaults(settings.precision, settings.delta_format)
+        self.replay = (settings.replay_max_events, settings.replay_max_bytes)  # per job
         self._owners_lock = threading.Lock()
 
     # -- jobs that stream -------------------------------------------------------------------
@@ -118,19 +117,17 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def Edit(
         self, request: pb.EditRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.EditResponse]:
-        # 1. Check inputs: cheap, bounded checks first, the image decoded last.
-        self.scheduler.require_ready()
-        plan = check_edit_request(
-            request,
-            self.limits,
-            self.scheduler.base_models,
-            self._default_base_model(),
-            default_precision=self.settings.precision,
-        )
-        # 2. Queue the job, or re-attach to the one its request id names.
-        job = self._new_job(pb.JOB_KIND_EDIT, plan, request, self._principal(context))
-        job = self._submit(job, context, detach=request.detach)
-        # 3. Stream its events until it ends.
+        # 1. Decode the request, once.
+        self.lifecycle.require_ready()
+        principal = self._principal(context)
+        call = wire.edit_call(request)
+        digest = wire.payload_digest(pb.JOB_KIND_EDIT, request, principal.name)
+        # 2. Check it: cheap, bounded checks first, the image decoded last.
+        plan = edit_plan(call, self.limits, self.scheduler.catalog, self.defaults)
+        # 3. Queue the job, or re-attach to the one its request id names.
+        job = Job(pb.JOB_KIND_EDIT, plan, digest, *self.replay, principal=principal.name)
+        job = self._submit(job, context)
+        # 4. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
             yield pb.EditResponse(event=event)
 
@@ -138,11 +135,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def Sample(
         self, request: pb.SampleRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SampleResponse]:
-        # 1. Check inputs. The edit model must be known to this principal (its variant sets
-        # the sweep's defaults and strategy names); a copy cached here answers without MLflow,
-        # so sampling it survives a registry outage.
-        self.scheduler.require_ready()
+        # 1. Decode the request, once.
+        self.lifecycle.require_ready()
         principal = self._principal(context)
+        call = wire.sample_call(request)
+        digest = wire.payload_digest(pb.JOB_KIND_SAMPLE, request, principal.name)
+        # 2. Check it. The edit model must be known to this principal (its variant sets the
+        # sweep's defaults and strategy names); a copy cached here answers without MLflow, so
+        # sampling it survives a registry outage.
         shown: list[EditModelInfo] = []
 
         def training_mode_of(edit_model_id: str) -> str:
@@ -153,16 +153,16 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             )
             return str(shown[0].training_mode or "joint")
 
-        plan = check_sample_request(request, self.limits, training_mode_of)
-        # 2. Refuse, before queueing, what cannot run here: a resolution too large for the
+        plan = sample_plan(call, self.limits, training_mode_of)
+        # 3. Refuse, before queueing, what cannot run here: a resolution too large for the
         # device, or an edit model of a base model this replica does not serve.
         info = shown[0]
-        check_sampling_memory(plan.sweep, int(info.height), int(info.width), self.limits)
-        self.scheduler.require_served(info)
-        # 3. Queue the job, or re-attach to the one its request id names.
-        job = self._new_job(pb.JOB_KIND_SAMPLE, plan, request, principal)
-        job = self._submit(job, context, detach=request.detach)
-        # 4. Stream its events until it ends.
+        check_sampling_memory(int(info.height), int(info.width), self.limits)
+        self.scheduler.catalog.require_served(info)
+        # 4. Queue the job, or re-attach to the one its request id names.
+        job = Job(pb.JOB_KIND_SAMPLE, plan, digest, *self.replay, principal=principal.name)
+        job = self._submit(job, context)
+        # 5. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
             yield pb.SampleResponse(event=event)
 
@@ -206,7 +206,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     ) -> pb.GetEditModelResponse:
         edit_model_id = validate_edit_model_id(request.edit_model_id)
         return pb.GetEditModelResponse(
-            edit_model=edit_model_to_proto(
+            edit_model=wire.edit_model_to_proto(
                 self.registry.show(
                     edit_model_id, self._principal(context), remaining_s=context.time_remaining()
                 )
@@ -227,7 +227,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             remaining_s=context.time_remaining(),
         )
         return pb.ListEditModelsResponse(
-            edit_models=[edit_model_to_proto(info) for info in page.items],
+            edit_models=[wire.edit_model_to_proto(info) for info in page.items],
             next_page_token=page.next_page_token or "",
         )
 
@@ -244,9 +244,6 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _default_base_model(self) -> str:
-        return self.scheduler.config.base_models[0]
-
     def _principal(self, context: grpc.ServicerContext) -> Principal:
         return self.authenticator.principal_of(context)
 
@@ -258,28 +255,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             raise JobNotFoundError(repr(job.job_id[:80]))
         return job
 
-    def _new_job(
-        self,
-        kind: pb.JobKind,
-        plan: EditRequestPlan | SampleRequestPlan,
-        request: pb.EditRequest | pb.SampleRequest,
-        principal: Principal,
-    ) -> Job:
-        job = Job(
-            job_id=new_job_id(),
-            kind=kind,
-            plan=plan,
-            principal=principal.name,
-            payload_digest=_payload_digest(kind, request, principal.name),
-            estimated_s=0.0,
-            max_events=self.settings.replay_max_events,
-            max_bytes=self.settings.replay_max_bytes,
-            detach=request.detach,
-        )
-        job.estimated_s = self.scheduler.estimator.estimate(job)
-        return job
-
-    def _submit(self, job: Job, context: grpc.ServicerContext, *, detach: bool) -> Job:
+    def _submit(self, job: Job, context: grpc.ServicerContext) -> Job:
         """Queue the job after the deadline check, or re-attach to the job its request id
         already names (the scheduler's idempotency rule; no deadline check then: the job runs
         already). Returns the job to follow."""
@@ -290,10 +266,10 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
                     "%s job accepted at queue position %d (estimate %.1f s)",
                     submitted.method,
                     submitted.queue_position,
-                    submitted.estimated_s,
+                    submitted.estimate,
                 )
             else:
-                if detach:
+                if job.detach:
                     submitted.detach = True
                 log.info("request %r re-attached", job.request_id)
         return submitted
@@ -332,15 +308,3 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
                 log.info("the client disconnected; cancelling the job")
             with contextlib.suppress(LookupError):
                 self.scheduler.cancel(job.job_id, "client disconnected")
-
-
-def _payload_digest(kind: int, request: Any, principal: str = "") -> str:
-    """Identity of a request for idempotency: everything but request_id and detach, and who
-    sent it (another principal's request id is a conflict, never its job)."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    copy.ClearField("detach")
-    blob = copy.SerializeToString(deterministic=True)
-    who = principal.encode("utf-8") + b"\0"
-    return hashlib.sha256(bytes([kind]) + who + blob).hexdigest()

@@ -7,7 +7,7 @@ Lists and maps are JSON, e.g. ``FORGEDIT_BASE_MODELS='{"sd15": "/models/sd15"}'`
 ``MLFLOW_TRACKING_URI`` is honoured when ``FORGEDIT_MLFLOW_TRACKING_URI`` is unset.
 
 With no configuration at all the server runs the embedded default: the tiny deterministic
-model (written on first use by ``forgedit.tiny.ensure_tiny_model``), MLflow on a local SQLite
+model (written on first use by ``forgedit.zoo``), MLflow on a local SQLite
 file under the data directory, loopback only, no token.
 
 ``ServerSettings()`` is built once in ``main()`` and passed down; nothing else reads the

@@ -55,7 +55,7 @@ def photos_dir() -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A deterministic tiny SD-1.x-shaped pipeline + tiny BLIP, written once per session in
     the real on-disk formats (``DIR/stable-diffusion``, ``DIR/blip``)."""
-    from forgedit.tiny import make_tiny_model
+    from forgedit.zoo.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(root / "model")

@@ -19,11 +19,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from forgedit.weights import ResidentWeights, WeightState
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 
 class BackendUnavailableError(RuntimeError):
@@ -80,7 +83,7 @@ class LoadedWeights:
         self.state: dict[str, WeightState] = dict(state)
         self.last_plan: tuple[str, ...] = ()
 
-    def sync(self, weights: ResidentWeights, apply: Any) -> tuple[str, ...]:
+    def sync(self, weights: ResidentWeights, apply: ApplyWeights) -> tuple[str, ...]:
         """Send the changed tensors to ``apply(tensors, new_edit_model=...)``; returns their
         names (also kept as ``last_plan``, for tests and logs)."""
         live = weights.state("unet")
@@ -94,6 +97,12 @@ class LoadedWeights:
         return self.last_plan
 
 
+class ApplyWeights(Protocol):
+    """Write changed tensors into a backend (``LoadedWeights.sync``)."""
+
+    def __call__(self, tensors: dict[str, torch.Tensor], *, new_edit_model: bool) -> None: ...
+
+
 class UNetBackend(ABC):
     """One way of running the sampling UNet of one resident base model.
 
@@ -101,7 +110,7 @@ class UNetBackend(ABC):
 
     name: str
 
-    def __init__(self, unet: Any, weights: ResidentWeights) -> None:
+    def __init__(self, unet: UNet2DConditionModel, weights: ResidentWeights) -> None:
         self.unet = unet
         self.weights = weights
 
@@ -140,7 +149,7 @@ class CompiledBackend(UNetBackend):
     """A backend that compiles the UNet once per ``Shape`` and keeps each compiled UNet in
     sync with the live weights: subclasses say only how to ``_compile`` one."""
 
-    def __init__(self, unet: Any, weights: ResidentWeights) -> None:
+    def __init__(self, unet: UNet2DConditionModel, weights: ResidentWeights) -> None:
         super().__init__(unet, weights)
         self._compiled: dict[Shape, CompiledUNet] = {}
 
@@ -165,7 +174,7 @@ class CompiledBackend(UNetBackend):
         self._compiled.clear()
 
 
-def example_inputs(unet: Any, shape: Shape, rows: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(unet: UNet2DConditionModel, shape: Shape, rows: int) -> tuple[torch.Tensor, ...]:
     """Fixed inputs (sample, timestep, text) for export and canaries: seeded noise of the
     UNet's own channel and text widths, at timestep 980 (the first DDIM step)."""
     generator = torch.Generator("cpu").manual_seed(0)

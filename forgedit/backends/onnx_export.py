@@ -27,13 +27,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from forgedit.artifact import sha256_file
 from forgedit.backends.base import Shape, example_inputs
-from forgedit.durable import fsync_tree, write_json_atomic
+from forgedit.durable import JsonObject, fsync_tree, write_json_atomic
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 log = logging.getLogger("forgedit.backends")
 
@@ -55,14 +58,14 @@ class OnnxExport:
 
     path: Path
     name_map: dict[str, str]
-    manifest: dict[str, Any]
+    manifest: JsonObject
     seconds: float  # export time, 0.0 when it came from the cache
 
 
 class _UNetGraph(torch.nn.Module):
     """The UNet as a plain (sample, timestep, text) → ε function, for the exporter."""
 
-    def __init__(self, unet: Any) -> None:
+    def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
         self.unet = unet
 
@@ -72,7 +75,7 @@ class _UNetGraph(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
 
-def expected_manifest(fingerprint: str, shape: Shape) -> dict[str, Any]:
+def expected_manifest(fingerprint: str, shape: Shape) -> JsonObject:
     """Every field a cached export must match (the name map and file hash come on top)."""
     import onnx
 
@@ -89,13 +92,15 @@ def expected_manifest(fingerprint: str, shape: Shape) -> dict[str, Any]:
     }
 
 
-def cache_key(expected: dict[str, Any]) -> str:
+def cache_key(expected: JsonObject) -> str:
     """A short, filesystem-safe hash of what an export depends on."""
     text = json.dumps(expected, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
-def export_unet(unet: Any, fingerprint: str, shape: Shape, cache_dir: Path) -> OnnxExport:
+def export_unet(
+    unet: UNet2DConditionModel, fingerprint: str, shape: Shape, cache_dir: Path
+) -> OnnxExport:
     """The cached export for (``fingerprint``, ``shape``), exporting it if the cache has no
     entry that matches. ``unet`` must hold the *base* weights' shapes (values are only the
     graph's defaults; the backends bind the live ones). Raises ``ExportError``."""
@@ -131,7 +136,9 @@ def export_unet(unet: Any, fingerprint: str, shape: Shape, cache_dir: Path) -> O
     return OnnxExport(entry / GRAPH_FILE, name_map, manifest, seconds)
 
 
-def check_name_map(unet: Any, graph_inputs: dict[str, tuple[int | str, ...]]) -> dict[str, str]:
+def check_name_map(
+    unet: UNet2DConditionModel, graph_inputs: dict[str, tuple[int | str, ...]]
+) -> dict[str, str]:
     """Torch parameter name → ONNX input name, checked complete and one-to-one, shapes equal.
 
     The graph's weight inputs are the wrapper's ``unet.<name>``; anything else (a renamed,
@@ -157,7 +164,7 @@ def check_name_map(unet: Any, graph_inputs: dict[str, tuple[int | str, ...]]) ->
     return name_map
 
 
-def _export(unet: Any, shape: Shape, path: Path) -> None:
+def _export(unet: UNet2DConditionModel, shape: Shape, path: Path) -> None:
     sample, timestep, text = example_inputs(unet, shape, rows=2)
     dynamic = {"sample": {0: "batch"}, "encoder_hidden_states": {0: "batch"}, OUTPUT: {0: "batch"}}
     # The tracer warns about shape checks in diffusers' blocks becoming constants: true and
@@ -190,7 +197,7 @@ def _graph_inputs(path: Path) -> dict[str, tuple[int | str, ...]]:
     return inputs
 
 
-def _load_entry(entry: Path, expected: dict[str, Any], unet: Any) -> OnnxExport | None:
+def _load_entry(entry: Path, expected: JsonObject, unet: UNet2DConditionModel) -> OnnxExport | None:
     """The cached entry if its manifest matches ``expected`` and its graph its hash."""
     manifest_path, graph = entry / MANIFEST_FILE, entry / GRAPH_FILE
     if not manifest_path.is_file() or not graph.is_file():

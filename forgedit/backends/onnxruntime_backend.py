@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,10 +33,14 @@ from forgedit.backends.base import (
 from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, export_unet
 from forgedit.weights import ResidentWeights
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from onnxruntime import OrtValue
+
 log = logging.getLogger("forgedit.backends")
 
 
-def import_onnxruntime() -> Any:
+def import_onnxruntime() -> ModuleType:
     """``onnxruntime``, or ``BackendUnavailableError`` saying it is not installed."""
     try:
         import onnxruntime
@@ -71,7 +76,7 @@ class OnnxRuntimeBackend(CompiledBackend):
 
     def __init__(
         self,
-        unet: Any,
+        unet: UNet2DConditionModel,
         weights: ResidentWeights,
         *,
         fingerprint: str,
@@ -96,7 +101,7 @@ class _Session:
     """One ``InferenceSession`` with its weight bindings and the state they hold."""
 
     def __init__(
-        self, ort: Any, export: OnnxExport, providers: list[str], backend: OnnxRuntimeBackend
+        self, ort: ModuleType, export: OnnxExport, providers: list[str], backend: OnnxRuntimeBackend
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = backend.threads
@@ -110,7 +115,7 @@ class _Session:
         self._name_map = export.name_map
         self._binding = self._session.io_binding()
         # name -> (array, OrtValue): the arrays must outlive their bindings.
-        self._bound: dict[str, tuple[np.ndarray, Any]] = {}
+        self._bound: dict[str, tuple[np.ndarray, OrtValue]] = {}
         self.loaded = LoadedWeights(backend.weights.state("unet"))
         params = {n: p.detach() for n, p in backend.unet.named_parameters()}
         self._apply(params, new_edit_model=True)

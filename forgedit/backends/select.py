@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +22,9 @@ from forgedit.backends.base import BackendUnavailableError, UNetBackend
 from forgedit.backends.names import BACKEND_CHOICES
 from forgedit.errors import InvalidInputError
 from forgedit.weights import ResidentWeights
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 log = logging.getLogger("forgedit.backends")
 
@@ -71,7 +74,7 @@ def chain_for(requested: str, device: torch.device) -> list[str]:
 
 
 def build_backend(
-    name: str, unet: Any, weights: ResidentWeights, config: BackendConfig
+    name: str, unet: UNet2DConditionModel, weights: ResidentWeights, config: BackendConfig
 ) -> UNetBackend:
     """One backend by name; ``BackendUnavailableError`` if it cannot run here. Accelerated
     backends need ``config.cache_dir``. TensorRT comes wrapped in its canary."""
@@ -109,7 +112,7 @@ class BackendChain:
 
     def __init__(
         self,
-        unet: Any,
+        unet: UNet2DConditionModel,
         weights: ResidentWeights,
         config: BackendConfig,
         *,

@@ -30,7 +30,8 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,8 +43,11 @@ from forgedit.backends.base import (
     Shape,
 )
 from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, export_unet
-from forgedit.durable import write_bytes_atomic, write_json_atomic
+from forgedit.durable import JsonObject, write_bytes_atomic, write_json_atomic
 from forgedit.weights import ResidentWeights
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 log = logging.getLogger("forgedit.backends")
 
@@ -51,7 +55,7 @@ PLAN_FILE = "unet.plan"
 PLAN_MANIFEST = "plan.json"
 
 
-def import_tensorrt() -> Any:
+def import_tensorrt() -> ModuleType:
     """``tensorrt``, or ``BackendUnavailableError`` saying it is not installed."""
     try:
         import tensorrt
@@ -66,7 +70,7 @@ def import_tensorrt() -> Any:
 
 def plan_identity(
     gpu_name: str, trt_version: str, fingerprint: str, shape: Shape, strip_weights: bool
-) -> dict[str, Any]:
+) -> JsonObject:
     """Everything a cached plan depends on; its hash is the cache key."""
     return {
         "gpu": gpu_name,
@@ -82,11 +86,11 @@ def plan_identity(
     }
 
 
-def plan_key(identity: Mapping[str, Any]) -> str:
+def plan_key(identity: JsonObject) -> str:
     return hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()[:24]
 
 
-def read_cached_plan(entry: Path, identity: Mapping[str, Any]) -> bytes | None:
+def read_cached_plan(entry: Path, identity: JsonObject) -> bytes | None:
     """The cached plan of ``entry`` if its manifest is exactly ``identity`` and the plan's
     sha256 is the one recorded; else None (rebuild, never trust)."""
     try:
@@ -103,7 +107,7 @@ def read_cached_plan(entry: Path, identity: Mapping[str, Any]) -> bytes | None:
     return plan
 
 
-def write_plan(entry: Path, identity: Mapping[str, Any], plan: bytes) -> None:
+def write_plan(entry: Path, identity: JsonObject, plan: bytes) -> None:
     """Store a plan and its manifest (identity + the plan's sha256), each atomically; the
     manifest last, so a crash in between leaves an entry that ``read_cached_plan`` rejects."""
     entry.mkdir(parents=True, exist_ok=True)
@@ -135,7 +139,7 @@ class TensorRTBackend(CompiledBackend):
 
     def __init__(
         self,
-        unet: Any,
+        unet: UNet2DConditionModel,
         weights: ResidentWeights,
         *,
         fingerprint: str,

@@ -6,12 +6,15 @@ nothing: the edit model is already there.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from forgedit.backends.base import NoisePredictor, Shape, UNetBackend
 from forgedit.weights import ResidentWeights
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 
 class TorchBackend(UNetBackend):
@@ -22,7 +25,7 @@ class TorchBackend(UNetBackend):
 
     def __init__(
         self,
-        unet: Any,
+        unet: UNet2DConditionModel,
         weights: ResidentWeights,
         *,
         compile: bool = False,
@@ -30,7 +33,8 @@ class TorchBackend(UNetBackend):
     ) -> None:
         super().__init__(unet, weights)
         self.autocast_dtype = autocast_dtype
-        self._module: Any = torch.compile(unet) if compile else unet
+        # torch.compile wraps a module in a module (OptimizedModule); its stubs say Callable.
+        self._module = cast(torch.nn.Module, torch.compile(unet)) if compile else unet
 
     def prepare(self, shape: Shape) -> None:
         """Nothing to build (``torch.compile`` compiles on the first call)."""
@@ -40,7 +44,9 @@ class TorchBackend(UNetBackend):
 
 
 class _TorchPredictor:
-    def __init__(self, module: Any, device: torch.device, autocast_dtype: torch.dtype | None):
+    def __init__(
+        self, module: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None
+    ):
         self._module = module
         self._device = device
         self._autocast = autocast_dtype

@@ -11,8 +11,9 @@ Subcommands:
     build-engine     build (or load) and check the TensorRT UNet engine ahead of time
 
 Contract of ``edit``:
-1. Every argument is checked before any model is loaded (lists parsed, the training and sweep
-   configs built, the image decoded under limits, --out and --save-model checked).
+1. Every argument is checked before any model is loaded (the flags read into the request
+   options the server's requests also become, the training and sweep configs built from them
+   by ``forgedit.requests``, the image decoded under limits, --out and --save-model checked).
 2. Results are staged in a hidden directory inside --out and moved into place only when the
    whole sweep has been written: --out never holds half a run.
 3. Bad input of any kind prints ONE line ``error: <message>`` on stderr and exits with 2,
@@ -20,9 +21,10 @@ Contract of ``edit``:
    exits with 130; the first Ctrl-C cancels cleanly, a second one aborts at once.
 4. Progress bars go to stderr; stdout carries only the result (``--json``: one JSON object).
 
-One concept per module: ``parser`` (the grammar), ``arguments`` (checks, before any model is
-loaded), ``edit`` (the run, as numbered steps), ``output`` (staged results, the report),
-``progress`` (bars), ``commands`` (the other subcommands), ``main`` (exit statuses).
+One concept per module: ``parser`` (the grammar, and which flag sets which option),
+``arguments`` (flags into options and configs, before any model is loaded), ``edit`` (the run,
+as numbered steps), ``output`` (staged results, the report), ``progress`` (bars), ``commands``
+(the other subcommands), ``main`` (exit statuses).
 """
 
 from __future__ import annotations

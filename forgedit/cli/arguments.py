@@ -1,35 +1,44 @@
-"""Checking ``edit``'s arguments before any model is loaded: flags parsed into plain values,
-the training and sweep configs built by ``forgedit.requests`` (the rules the server shares),
-the image decoded under limits, --out and --save-model checked (``check_edit_args``)."""
+"""Checking ``edit``'s arguments before any model is loaded: the flags read into the engine's
+typed options (``forgedit.options``, the gRPC request's names), the configs built from them by
+``forgedit.requests`` (the one builder the server calls too), the image decoded under limits,
+--out and --save-model checked (``check_edit_args``).
+
+This module owns only the command line's syntax (lists, sizes, ``--train-seed random``, one
+value per training stage); every rule about the values is the builder's, whose errors name the
+option, spelled as a flag by ``forgedit.cli.parser.in_flags`` when reported.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Literal, TypeVar, cast
 
 from forgedit.config import (
     MAX_BATCH,
+    DeltaFormat,
+    Interpolation,
+    Precision,
     SweepConfig,
     TrainingConfig,
-    check_prompt,
-    override_stages,
+    TrainingMode,
 )
+from forgedit.durable import JsonObject
 from forgedit.errors import EditModelError, InvalidInputError, ModelDirectoryError
 from forgedit.images import LoadedImage, load_image
+from forgedit.options import EditOptions, SweepOptions, TrainingOptions
 from forgedit.requests import (
     TrainSeedFrom,
-    build_sweep_config,
-    build_training_config,
+    build_edit,
+    build_sweep,
     check_device,
     default_device,
-    random_seed,
+    stage_names,
 )
 
 T = TypeVar("T")
@@ -42,9 +51,8 @@ class EditCommand:
 
     image_arg: str
     image: LoadedImage
-    prompts: tuple[str, ...]
-    source_prompt: str | None
-    base_model: Path | None  # None: the tiny model
+    options: EditOptions  # what the flags ask for, as the server's request would
+    base_model: Path | None  # None: the default built-in (``forgedit.zoo``)
     vae: Path | None
     blip: Path | None
     load_model: Path | None
@@ -53,7 +61,7 @@ class EditCommand:
     size_given: bool
     sweep: SweepConfig
     device: str
-    precision: str
+    precision: Precision
     max_batch: int
     unet_backend: str
     engine_cache: Path
@@ -61,8 +69,20 @@ class EditCommand:
     json: bool
     # Where the training seed comes from (``forgedit.requests.TrainSeedFrom``), or "edit
     # model" with --load-model (no training).
-    train_seed_from: str
-    random_seeds: bool
+    train_seed_from: TrainSeedFrom | Literal["edit model"]
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return self.options.target_prompts
+
+    @property
+    def source_prompt(self) -> str | None:
+        return self.options.source_prompt
+
+    @property
+    def random_seeds(self) -> bool:
+        """Whether the sampling seeds were drawn at random (no --seeds)."""
+        return not self.options.sweep.seeds
 
 
 def check_edit_args(args: argparse.Namespace) -> EditCommand:
@@ -71,38 +91,47 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
     Loads no model. Reads at most the image (under ``ImageLimits``) and, with --load-model,
     the edit model's manifest.
     """
-    # 1. Prompts and model directories (their layout, not their weights).
-    prompts = tuple(args.prompt)
-    for p in prompts:
-        check_prompt(p, "--prompt")
-    if args.source_prompt is not None:
-        check_prompt(args.source_prompt, "--source-prompt")
+    # 1. The options, read from the flags (their syntax only), and the model directories
+    # (their layout, not their weights).
+    options = edit_options(args)
     base_model = existing_dir(args.base_model, "--base-model")
     vae = existing_dir(args.vae, "--vae")
     blip = existing_dir(args.blip, "--blip")
     load_model = existing_dir(args.load_model, "--load-model")
     if vae is not None and base_model is None:
         raise InvalidInputError(
-            "--vae needs --base-model (the tiny model has its own VAE)", field="vae"
+            "--vae needs --base-model (the built-in model has its own VAE)", field="vae"
         )
     _check_model_directories(args, base_model, vae, blip)
 
-    # 2. Device, precision and the training config (or the loaded edit model's).
-    size = parse_size(args.size) if args.size is not None else None
+    # 2. Device and precision; the training config (or the loaded edit model's) and the
+    # sweep, built by the rules the server shares (``forgedit.requests``).
     device = parse_device(args.device)
-    precision = args.precision or ("fast" if device.startswith("cuda") else "faithful")
-    manifest: dict[str, Any] | None = None
+    precision: Precision = options.training.precision or (
+        "fast" if device.startswith("cuda") else "faithful"
+    )
+    train_seed_from: TrainSeedFrom | Literal["edit model"]
     if load_model is not None:
-        manifest = _check_load_model(args, load_model, size)
+        manifest = _check_load_model(args, load_model, options.training)
         config = _manifest_training(manifest)
+        sweep = build_sweep(options.sweep, options.target_prompts, config.mode)
         train_seed_from = "edit model"
+        trained_on = manifest.get("image_sha256")
     else:
-        config, train_seed_from = _training_config(args, base_model, blip, size, precision)
+        if base_model is not None and blip is None and options.source_prompt is None:
+            raise InvalidInputError(
+                "with --base-model, pass --blip DIR (a BLIP captioning model) or "
+                "--source-prompt TEXT describing the image; the source prompt cannot be guessed",
+                field="blip",
+            )
+        # The native size is known only after loading: 512x512 stands in until then.
+        edit = build_edit(options, native_height=512, native_width=512, precision=precision)
+        config, sweep, train_seed_from = edit.training, edit.sweep, edit.train_seed_from
+        if args.save_model is not None:
+            _check_new_model_dir(args.save_model)
+        trained_on = None
 
-    # 3. The sweep, with the variant's defaults and forgetting strategies.
-    sweep, random_seeds = _sweep_config(args, prompts, config.mode)
-
-    # 4. Batching and where the results go.
+    # 3. Batching and where the results go.
     max_batch = parse_max_batch(args.max_batch)
     out = _check_out_dir(args.out)
     if args.save_model is not None:
@@ -114,9 +143,9 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
                 field="save_model",
             )
 
-    # 5. Only now, with every cheap check passed, decode the image.
+    # 4. Only now, with every cheap check passed, decode the image.
     image = load_image(args.image)
-    if manifest is not None and manifest.get("image_sha256") not in ("", None, image.sha256):
+    if trained_on not in ("", None, image.sha256):
         print(
             f"warning: {args.image!r} is not the image this edit model was trained on; it is "
             "used only as the contact sheet's input tile",
@@ -125,15 +154,14 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
     return EditCommand(
         image_arg=args.image,
         image=image,
-        prompts=prompts,
-        source_prompt=args.source_prompt,
+        options=options,
         base_model=base_model,
         vae=vae,
         blip=blip,
         load_model=load_model,
         save_model=Path(args.save_model) if args.save_model is not None else None,
         config=config,
-        size_given=size is not None or load_model is not None,
+        size_given=options.training.width is not None or load_model is not None,
         sweep=sweep,
         device=device,
         precision=precision,
@@ -145,8 +173,49 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         out=out,
         json=args.json,
         train_seed_from=train_seed_from,
-        random_seeds=random_seeds,
     )
+
+
+def edit_options(args: argparse.Namespace) -> EditOptions:
+    """What ``edit``'s flags ask for, as the engine's options: lists split, numbers parsed,
+    ``--size WxH`` as width and height, ``--train-seed random`` as a fresh seed, and
+    ``--updates``/``--batch-size`` one value per training stage. Values are not judged here
+    (``forgedit.requests`` does), except that a list cannot have more values than stages."""
+    width, height = parse_size(args.size) if args.size is not None else (None, None)
+    mode = cast(TrainingMode | None, args.mode)
+    updates = _per_stage(args.updates, "--updates", mode)
+    batch_sizes = _per_stage(args.batch_size, "--batch-size", mode)
+    seed: int | None = None
+    fresh_seed = False
+    if args.train_seed is not None:
+        if args.train_seed.strip().lower() == "random":
+            fresh_seed = True
+        else:
+            seed = parse_int(args.train_seed, "--train-seed")
+    training = TrainingOptions(
+        mode=mode,
+        seed=seed,
+        width=width,
+        height=height,
+        precision=cast(Precision | None, args.precision),
+        updates=updates[0],
+        batch_size=batch_sizes[0],
+        stage2_updates=updates[1],
+        stage2_batch_size=batch_sizes[1],
+        fresh_seed=fresh_seed,
+        delta_format=cast(DeltaFormat | None, args.delta_format),
+    )
+    sweep = SweepOptions(
+        interpolation=cast(Interpolation, args.interpolation),
+        gammas=_floats(args.gammas, "--gammas"),
+        alphas=_floats(args.alphas, "--alphas"),
+        forget_strategies=tuple(parse_list(args.forget, "--forget", str)) if args.forget else (),
+        forget_degree=parse_float(args.forget_degree, "--forget-degree"),
+        seeds=tuple(parse_list(args.seeds, "--seeds", int)) if args.seeds is not None else (),
+        steps=parse_int(args.steps, "--steps"),
+        guidance=parse_float(args.guidance, "--guidance"),
+    )
+    return EditOptions(tuple(args.prompt), args.source_prompt, training, sweep)
 
 
 def parse_device(value: str | None) -> str:
@@ -166,7 +235,7 @@ def parse_max_batch(text: str) -> int:
 
 def default_engine_cache() -> Path:
     """``$FORGEDIT_HOME/engines`` if set, else ``${XDG_CACHE_HOME:-~/.cache}/forgedit/engines``
-    (the tiny model's convention, with cache rather than data)."""
+    (the built-in models' convention, with cache rather than data)."""
     home = os.environ.get("FORGEDIT_HOME")
     if home:
         return Path(home) / "engines"
@@ -174,80 +243,12 @@ def default_engine_cache() -> Path:
     return Path(cache).expanduser() / "forgedit" / "engines"
 
 
-def _manifest_training(manifest: dict[str, Any]) -> TrainingConfig:
+def _manifest_training(manifest: JsonObject) -> TrainingConfig:
     """The training config a loaded edit model's manifest records."""
     try:
         return TrainingConfig.from_dict(manifest["training"])
     except (TypeError, ValueError, KeyError) as e:
         raise EditModelError(f"edit model manifest has a malformed training config: {e}") from None
-
-
-def _training_config(
-    args: argparse.Namespace,
-    base_model: Path | None,
-    blip: Path | None,
-    size: tuple[int, int] | None,
-    precision: str,
-) -> tuple[TrainingConfig, TrainSeedFrom]:
-    """The fine-tune's config from --mode, --size, --train-seed, --delta-format, --updates and
-    --batch-size, and where its seed comes from."""
-    if base_model is not None and blip is None and args.source_prompt is None:
-        raise InvalidInputError(
-            "with --base-model, pass --blip DIR (a BLIP captioning model) or --source-prompt "
-            "TEXT describing the image; the source prompt cannot be guessed",
-            field="blip",
-        )
-    mode = args.mode or "joint"
-    seed_from = _train_seed_from(args.train_seed)
-    # A content seed is known only once the base model and source prompt are (after loading
-    # and captioning): 0 stands in until then (``forgedit.requests.training_with_seed``).
-    if seed_from == "given":
-        train_seed = parse_int(args.train_seed, "--train-seed")
-    else:
-        train_seed = random_seed() if seed_from == "random" else 0
-    width, height = size or (512, 512)  # provisional: the native size is known after load
-    config = build_training_config(
-        mode,
-        height=height,
-        width=width,
-        seed=train_seed,
-        precision=precision,
-        delta_format=args.delta_format,
-    )
-    config = apply_stage_flags(config, args.updates, args.batch_size)
-    if args.save_model is not None:
-        _check_new_model_dir(args.save_model)
-    return config, seed_from
-
-
-def _sweep_config(
-    args: argparse.Namespace, prompts: tuple[str, ...], mode: str
-) -> tuple[SweepConfig, bool]:
-    """The sweep from --interpolation, --gammas, --alphas, --forget, --forget-degree, --seeds,
-    --steps and --guidance, and whether its seeds were drawn at random."""
-    interpolation = args.interpolation
-    if args.alphas is not None and interpolation != "vp":
-        raise InvalidInputError(
-            "--alphas applies only to --interpolation vp (vs ignores α)", field="alphas"
-        )
-    random_seeds = args.seeds is None
-    given: dict[str, Any] = {
-        "prompts": prompts,
-        "interpolation": interpolation,
-        "forget_degree": parse_float(args.forget_degree, "--forget-degree"),
-        "seeds": (
-            (random_seed(),) if random_seeds else tuple(parse_list(args.seeds, "--seeds", int))
-        ),
-        "steps": parse_int(args.steps, "--steps"),
-        "guidance": parse_float(args.guidance, "--guidance"),
-    }
-    if args.forget is not None:
-        given["forget"] = tuple(parse_list(args.forget, "--forget", str))
-    if args.gammas is not None:
-        given["gammas"] = tuple(parse_list(args.gammas, "--gammas", float))
-    if args.alphas is not None:
-        given["alphas"] = tuple(parse_list(args.alphas, "--alphas", float))
-    return build_sweep_config(mode, **given), random_seeds
 
 
 def _check_model_directories(
@@ -265,8 +266,8 @@ def _check_model_directories(
 
 
 def _check_load_model(
-    args: argparse.Namespace, directory: Path, size: tuple[int, int] | None
-) -> dict[str, Any]:
+    args: argparse.Namespace, directory: Path, training: TrainingOptions
+) -> JsonObject:
     from forgedit.artifact import read_manifest
 
     for flag, value in (
@@ -285,50 +286,42 @@ def _check_load_model(
             )
     manifest = read_manifest(directory)
     try:
-        training = manifest["training"]
-        mode, height, width = training["mode"], training["height"], training["width"]
+        recorded = manifest["training"]
+        mode, height, width = recorded["mode"], recorded["height"], recorded["width"]
     except (KeyError, TypeError):
         raise EditModelError("edit model manifest has no training config") from None
-    if args.mode is not None and args.mode != mode:
+    if training.mode is not None and training.mode != mode:
         raise InvalidInputError(
-            f"--mode {args.mode} differs from the edit model's training mode {mode}; omit --mode "
-            "with --load-model",
+            f"--mode {training.mode} differs from the edit model's training mode {mode}; omit "
+            "--mode with --load-model",
             field="mode",
         )
-    if size is not None and size != (width, height):
+    if training.width is not None and (training.width, training.height) != (width, height):
         raise InvalidInputError(
-            f"--size {size[0]}x{size[1]} differs from the edit model's resolution "
-            f"{width}x{height}; an edit model samples at the size it was trained at",
+            f"--size {training.width}x{training.height} differs from the edit model's "
+            f"resolution {width}x{height}; an edit model samples at the size it was trained at",
             field="size",
         )
     return manifest
 
 
-def apply_stage_flags(
-    config: TrainingConfig, updates: str | None, batch_size: str | None
-) -> TrainingConfig:
-    """Apply --updates / --batch-size with ``override_stages`` (the rule the server's
-    ``updates``/``stage2_updates`` follow): the i-th value is stage i's, so one value replaces
-    the first stage's (two_stage has two)."""
-    return override_stages(
-        config,
-        updates=_per_stage(updates, "--updates", config),
-        batch_sizes=_per_stage(batch_size, "--batch-size", config),
-    )
-
-
-def _per_stage(text: str | None, flag: str, config: TrainingConfig) -> list[int | None]:
-    """One flag's comma-separated values, refused (naming the flag) if there are more values
-    than ``config`` has stages."""
+def _per_stage(text: str | None, flag: str, mode: TrainingMode | None) -> tuple[int | None, ...]:
+    """One per-stage flag (--updates, --batch-size) as (first stage, second stage): one value
+    is the first stage's, a list gives each stage's, so a list may not be longer than the
+    training mode has stages (two_stage: 2)."""
     values: list[int | None] = list(parse_list(text, flag, int)) if text is not None else []
-    stages = config.stages
+    stages = stage_names(mode or "joint")
     if len(values) > len(stages):
         raise InvalidInputError(
             f"{flag} takes one value (for the first stage) or one per stage "
-            f"({len(stages)}: {', '.join(s.name for s in stages)}), got {len(values)}",
+            f"({len(stages)}: {', '.join(stages)}), got {len(values)}",
             field=flag.lstrip("-").replace("-", "_"),
         )
-    return values
+    return (*values, None, None)[:2]
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...]:
+    return tuple(parse_list(text, flag, float)) if text is not None else ()
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
@@ -363,13 +356,8 @@ def parse_int(text: str, flag: str) -> int:
 
 
 def parse_float(text: str, flag: str) -> float:
-    value = _convert(text.strip(), flag, float)
-    if not math.isfinite(value):
-        raise InvalidInputError(
-            f"{flag} must be a finite number, got {text!r}",
-            field=flag.lstrip("-").replace("-", "_"),
-        )
-    return value
+    """A number as typed; its range (finite included) is the builder's to judge."""
+    return _convert(text.strip(), flag, float)
 
 
 def _convert(text: str, flag: str, kind: Callable[[str], T]) -> T:
@@ -380,14 +368,6 @@ def _convert(text: str, flag: str, kind: Callable[[str], T]) -> T:
         raise InvalidInputError(
             f"{flag} takes {what}, got {text!r}", field=flag.lstrip("-").replace("-", "_")
         ) from None
-
-
-def _train_seed_from(value: str | None) -> TrainSeedFrom:
-    """Where --train-seed comes from: unset → derived from the content, 'random' → a fresh
-    random fine-tune, a number → given."""
-    if value is None:
-        return "content"
-    return "random" if value.strip().lower() == "random" else "given"
 
 
 def existing_dir(value: str | None, flag: str) -> Path | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from forgedit.cli.arguments import (
     default_engine_cache,
@@ -17,11 +17,14 @@ from forgedit.cli.arguments import (
 from forgedit.cli.edit import warn_fallback
 from forgedit.errors import ForgeditError, InvalidInputError
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
 
 def run_strategies(args: argparse.Namespace, stdout: TextIO) -> None:
     from forgedit.forgetting import strategy_counts
 
-    unet: Any = None
+    unet: UNet2DConditionModel | None = None
     if args.base_model is not None:
         from forgedit.models import load_base_model
 
@@ -81,7 +84,7 @@ def run_build_engine(args: argparse.Namespace, stdout: TextIO) -> None:
 
 
 def run_make_tiny_model(args: argparse.Namespace, stdout: TextIO) -> None:
-    from forgedit.tiny import make_tiny_model
+    from forgedit.zoo.tiny import make_tiny_model
 
     path = Path(args.directory)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

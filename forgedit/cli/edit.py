@@ -3,24 +3,29 @@ write the results, as numbered steps over small helpers."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, TextIO
 
 from forgedit.cli.arguments import EditCommand
 from forgedit.cli.output import CONTACT_SHEET, SUMMARY, StagedOutput, display_path
 from forgedit.cli.progress import Progress
-from forgedit.config import Precision
-from forgedit.events import CancelToken
-from forgedit.images import contact_sheet, encode_png
-from forgedit.requests import image_file_name, sheet_label, slug, training_with_seed
+from forgedit.durable import JsonObject
+from forgedit.events import CancelToken, PhaseTimer
+from forgedit.images import (
+    CONTACT_SHEET_MAX_IMAGES,
+    contact_sheet,
+    encode_png,
+    image_file_name,
+    sheet_label,
+    slug,
+)
+from forgedit.requests import training_with_seed
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,33 +34,16 @@ if TYPE_CHECKING:
     from forgedit.backends.select import Fallback
     from forgedit.engine import EditedImage, Engine
 
-CONTACT_SHEET_MAX_IMAGES = 64  # beyond this a sheet stops being "readable at a glance"
-
-
-@dataclass
-class PhaseTimer:
-    """Seconds per phase of one run (the summary's ``timings``), rounded to 0.1 ms."""
-
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
-
 
 @dataclass
 class SweepOutput:
     """Where the sampled images go as they arrive: a PNG each in the staged output, their
-    summary entries, and (at most ``CONTACT_SHEET_MAX_IMAGES``) contact-sheet tiles."""
+    summary entries, and the contact sheet's tiles (no more than it shows)."""
 
     command: EditCommand
     output: StagedOutput
     progress: Progress
-    files: list[dict[str, Any]] = field(default_factory=list)
+    files: list[JsonObject] = field(default_factory=list)
     tiles: list[tuple[Image.Image, str]] = field(default_factory=list)
 
     @property
@@ -81,7 +69,7 @@ class SweepOutput:
         self.progress.image_done(len(self.files), self.command.sweep.num_images)
 
 
-def run_edit(command: EditCommand, cancel: CancelToken, stderr: TextIO) -> dict[str, Any]:
+def run_edit(command: EditCommand, cancel: CancelToken, stderr: TextIO) -> JsonObject:
     """Load the models, get the source prompt, fine-tune (or load the edit model), sample the
     sweep and write the results. Returns the summary. Raises ``ForgeditError`` on bad input,
     ``CancelledError`` when ``cancel`` fires; on any failure --out is left as it was."""
@@ -116,9 +104,9 @@ def run_edit(command: EditCommand, cancel: CancelToken, stderr: TextIO) -> dict[
         with timer.phase("contact_sheet"):
             sheet = contact_sheet(command.image.image, images.tiles)
             output.write(CONTACT_SHEET, encode_png(sheet))
-        timer.timings["total"] = round(time.perf_counter() - started, 4)
+        timer.record("total", time.perf_counter() - started)
         summary = _summary(command, engine, base_dir_label, edit_model, edit_model_dir, images)
-        summary["timings"] = timer.timings
+        summary["timings"] = {name: round(s, 4) for name, s in timer.timings.items()}
         output.write(SUMMARY, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
         output.commit()
         return summary
@@ -135,7 +123,7 @@ def _summary(
     edit_model: EditModel,
     edit_model_dir: str | None,
     images: SweepOutput,
-) -> dict[str, Any]:
+) -> JsonObject:
     """``summary.json`` (and ``--json``'s output), less the timings."""
     config = edit_model.training
     return {
@@ -185,11 +173,11 @@ def _load_engine(command: EditCommand) -> tuple[Engine, str]:
 
     blip_dir: Path | None
     if command.base_model is None:
-        from forgedit.tiny import BLIP_SUBDIR, SD_SUBDIR, ensure_tiny_model
+        from forgedit.zoo import builtin_base_model
 
-        root = ensure_tiny_model()
-        base_dir, label = root / SD_SUBDIR, "tiny"
-        blip_dir = command.blip or root / BLIP_SUBDIR
+        builtin = builtin_base_model()
+        base_dir, label = builtin.stable_diffusion, builtin.name
+        blip_dir = command.blip or builtin.blip
     else:
         base_dir, label = command.base_model, os.fspath(command.base_model)
         blip_dir = command.blip
@@ -199,7 +187,7 @@ def _load_engine(command: EditCommand) -> tuple[Engine, str]:
         blip_dir=blip_dir if needs_caption else None,
         vae_dir=command.vae,
         device=command.device,
-        precision=cast(Precision, command.precision),
+        precision=command.precision,
         unet_backend=command.unet_backend,
         cache_dir=command.engine_cache,
         max_batch=command.max_batch,

@@ -15,7 +15,7 @@ from forgedit.cli.arguments import check_edit_args
 from forgedit.cli.commands import run_build_engine, run_make_tiny_model, run_strategies
 from forgedit.cli.edit import one_line, run_edit
 from forgedit.cli.output import print_human
-from forgedit.cli.parser import UsageError, build_parser
+from forgedit.cli.parser import UsageError, build_parser, in_flags
 from forgedit.errors import CancelledError, ForgeditError
 from forgedit.events import CancelToken
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None, *, cancel: CancelToken | None = None
         print("error: interrupted; nothing was written to the output directory", file=stderr)
         return EXIT_INTERRUPTED
     except (ForgeditError, UsageError) as e:
-        print(f"error: {one_line(str(e))}", file=stderr)
+        print(f"error: {one_line(in_flags(str(e)))}", file=stderr)
         return EXIT_USAGE
     except OSError as e:  # disk full, permissions changed mid-run, ...: no paths in the message
         print(

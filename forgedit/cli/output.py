@@ -8,9 +8,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from forgedit.durable import fsync_dir, write_bytes_atomic
+from forgedit.durable import JsonObject, fsync_dir, write_bytes_atomic
 
 CONTACT_SHEET = "contact_sheet.png"
 SUMMARY = "summary.json"
@@ -59,7 +59,7 @@ def display_path(out: Path, name: str) -> str:
     return os.fspath(out / name)
 
 
-def print_human(summary: dict[str, Any], stream: TextIO) -> None:
+def print_human(summary: JsonObject, stream: TextIO) -> None:
     """The summary for a person reading a terminal (``--json`` prints it whole)."""
     print(f"source prompt: {summary['source_prompt']}", file=stream)
     print(

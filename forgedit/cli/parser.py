@@ -1,13 +1,16 @@
-"""The command line's grammar: subcommands, flags and their help (``build_parser``).
+"""The command line's grammar: subcommands, flags and their help (``build_parser``), and
+which flag sets which request option (``FLAGS``, ``in_flags``).
 
-Parsing only splits and names the arguments; ``forgedit.cli.arguments`` checks them.
+Parsing only splits and names the arguments; ``forgedit.cli.arguments`` reads them into the
+engine's options, and ``forgedit.requests`` judges those.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
-from typing import Any
+from typing import NoReturn
 
 from forgedit.backends.names import BACKEND_CHOICES
 from forgedit.config import DELTA_FORMATS, INTERPOLATIONS, MAX_BATCH, PRECISIONS, TRAINING_MODES
@@ -15,13 +18,49 @@ from forgedit.forgetting import STRATEGIES
 
 PROG = "python -m forgedit"
 
+# The request options (``forgedit.options``, named by their path, as the builder's errors name
+# them) and the ``edit`` flag that sets each. The one place the two spellings meet.
+FLAGS = {
+    "target_prompts": "--prompt",
+    "source_prompt": "--source-prompt",
+    "training.mode": "--mode",
+    "training.seed": "--train-seed",
+    "training.fresh_seed": "--train-seed random",
+    "training.width": "--size",
+    "training.height": "--size",
+    "training.precision": "--precision",
+    "training.updates": "--updates",
+    "training.stage2_updates": "--updates",
+    "training.batch_size": "--batch-size",
+    "training.stage2_batch_size": "--batch-size",
+    "training.delta_format": "--delta-format",
+    "sweep.interpolation": "--interpolation",
+    "sweep.gammas": "--gammas",
+    "sweep.alphas": "--alphas",
+    "sweep.forget_strategies": "--forget",
+    "sweep.forget_degree": "--forget-degree",
+    "sweep.seeds": "--seeds",
+    "sweep.steps": "--steps",
+    "sweep.guidance": "--guidance",
+}
+# Options with no flag: the CLI keeps their defaults (VAE seed 0; one random sampling seed).
+UNFLAGGED = frozenset({"training.vae_seed", "sweep.seed_count"})
+_OPTION = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, FLAGS)) + r")(?!\w|\.\w)")
+
+
+def in_flags(message: str) -> str:
+    """An error message of the request builder with every option path spelled as its flag:
+    "sweep.alphas applies only to sweep.interpolation vp" → "--alphas applies only to
+    --interpolation vp"."""
+    return _OPTION.sub(lambda m: FLAGS[m.group(1)], message)
+
 
 class UsageError(Exception):
     """argparse's complaint, reported like every other bad input."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse would print usage and sys.exit(2)
+    def error(self, message: str) -> NoReturn:  # argparse would print usage and sys.exit(2)
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -88,7 +127,7 @@ def _wrap_list(title: str, items: str) -> str:
     )
 
 
-def _add_edit(sub: Any) -> None:
+def _add_edit(sub: argparse._SubParsersAction[_Parser]) -> None:
     vanilla = ", ".join(STRATEGIES["vanilla"])
     dreambooth = ", ".join(STRATEGIES["dreambooth"])
     edit = sub.add_parser(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from forgedit.events import SamplingProgress, TrainingProgress
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class Progress:
@@ -13,8 +16,8 @@ class Progress:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self._train: Any = None
-        self._sample: Any = None
+        self._train: tqdm[None] | None = None
+        self._sample: tqdm[None] | None = None
 
     def training(self, p: TrainingProgress) -> None:
         from tqdm import tqdm

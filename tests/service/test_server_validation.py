@@ -141,6 +141,18 @@ def test_ten_thousand_gammas(harness: Harness, photo: bytes) -> None:
     )
 
 
+def test_alphas_with_vs_are_refused_as_the_engine_cli_refuses_them(
+    harness: Harness, photo: bytes
+) -> None:
+    """One rule for the CLI and the server (forgedit.requests.build_sweep): vs has no α."""
+    _expect_invalid(
+        harness,
+        edit_request(photo, sweep={"alphas": [0.9]}),
+        "sweep.alphas",
+        "applies only to sweep.interpolation vp",
+    )
+
+
 def test_sweep_too_large(harness: Harness, photo: bytes) -> None:
     sweep = {"gammas": [0.1 * i for i in range(10)], "seeds": list(range(30))}
     _expect_invalid(harness, edit_request(photo, sweep=sweep), "sweep", "300 images")

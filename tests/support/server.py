@@ -129,7 +129,7 @@ def running_server(
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=client_options())
     try:
         if not server.wait_ready(120):
-            raise RuntimeError(f"the server did not become ready: {server.scheduler.startup_error}")
+            raise RuntimeError(f"the server did not become ready: {server.lifecycle.startup_error}")
         yield Harness(
             server,
             port,

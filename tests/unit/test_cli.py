@@ -25,7 +25,7 @@ from forgedit.cli.parser import build_parser
 from forgedit.cli.progress import Progress
 from forgedit.config import TrainingConfig, content_seed
 from forgedit.events import CancelToken
-from forgedit.requests import image_file_name, slug
+from forgedit.images import image_file_name, slug
 
 # The end-to-end settings: tiny model, 64x64, 4 DDIM steps, 2 updates of batch 2.
 FAST = ["--size", "64x64", "--steps", "4", "--updates", "2", "--batch-size", "2"]
@@ -54,13 +54,13 @@ def photo(tmp_path: Path) -> Path:
 def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Validation must fail before any model is loaded or the tiny model is built."""
     import forgedit.engine
-    import forgedit.tiny
+    import forgedit.zoo.tiny
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before the arguments were validated")
 
     monkeypatch.setattr(forgedit.engine.Engine, "load", refuse)
-    monkeypatch.setattr(forgedit.tiny, "ensure_tiny_model", refuse)
+    monkeypatch.setattr(forgedit.zoo.tiny, "ensure_tiny_model", refuse)
     yield
 
 

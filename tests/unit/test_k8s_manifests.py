@@ -377,10 +377,13 @@ def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.Mon
     from PIL import Image
 
     from server._proto import forgedit_pb2 as pb
+    from server.catalog import ServedModels
     from server.estimator import Estimator
     from server.main import time_prior_key
+    from server.plans import edit_plan
     from server.ports import BaseModelInfo
-    from server.validation import Limits, check_edit_request
+    from server.validation import Limits
+    from server.wire import edit_call
 
     config = find(kustomize(BUILDS["a100"]), "ConfigMap", "forgedit-server-config")["data"]
     for key in list(__import__("os").environ):
@@ -397,15 +400,16 @@ def test_the_a100_overlay_admits_a_default_two_stage_job(monkeypatch: pytest.Mon
     png = io.BytesIO()
     Image.new("RGB", (64, 64)).save(png, "PNG")
     name = next(iter(settings.base_models))
-    plan = check_edit_request(
-        pb.EditRequest(
-            image=png.getvalue(),
-            target_prompts=["A photo of a sitting dog."],
-            training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE),
+    plan = edit_plan(
+        edit_call(
+            pb.EditRequest(
+                image=png.getvalue(),
+                target_prompts=["A photo of a sitting dog."],
+                training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE),
+            )
         ),
         Limits.from_settings(settings),
-        {name: BaseModelInfo(name, "f" * 64, 512, 512, can_caption=True)},
-        name,
+        ServedModels.of(BaseModelInfo(name, "f" * 64, 512, 512, can_caption=True)),
     )
     assert plan.training.total_samples == 1400 and plan.sweep.num_images == 3
     job = SimpleNamespace(kind=pb.JOB_KIND_EDIT, plan=plan)

@@ -1,50 +1,122 @@
-"""Building a request from plain values (``forgedit.requests``): the rules the engine CLI and
-the server share, so the same values mean the same edit on both."""
+"""Building a request from typed options (``forgedit.requests``): the rules the engine CLI and
+the server share, so the same options mean the same edit on both, and every error names the
+option by its request field path."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from forgedit.config import SweepConfig, TrainingConfig, content_seed
 from forgedit.errors import InvalidInputError, UnknownStrategyError
+from forgedit.images import sheet_label
+from forgedit.options import EditOptions, SweepOptions, TrainingOptions
 from forgedit.requests import (
     RANDOM_SEED_BOUND,
-    build_sweep_config,
-    build_training_config,
+    build_edit,
+    build_sweep,
+    build_training,
     check_device,
     default_device,
     random_seeds,
-    sheet_label,
-    stage_count,
+    stage_names,
     training_with_seed,
 )
 
+NATIVE = {"native_height": 64, "native_width": 64}
+
 
 def test_training_config_takes_the_variants_defaults_and_per_stage_overrides() -> None:
-    config = build_training_config(
-        "two_stage", height=64, width=64, seed=3, updates=[5, None], batch_sizes=[None, 2]
+    config, seed_from = build_training(
+        TrainingOptions(mode="two_stage", seed=3, updates=5, stage2_batch_size=2), **NATIVE
     )
     assert [(s.updates, s.batch_size) for s in config.stages] == [(5, 1), (1000, 2)]
-    assert config.seed == 3 and config.delta_format == "fp32"
-    assert build_training_config("joint", height=64, width=64, precision="fast").delta_format == (
-        "int8"
-    )
-    assert stage_count("two_stage") == 2 and stage_count("dreambooth") == 1
+    assert config.seed == 3 and seed_from == "given" and config.delta_format == "fp32"
+    assert (config.height, config.width) == (64, 64)  # the native size
+    fast, _ = build_training(TrainingOptions(), precision="fast", **NATIVE)
+    assert fast.delta_format == "int8"
+    assert stage_names("two_stage") == ("embedding", "unet")
+    assert stage_names("dreambooth") == ("dreambooth",)
     with pytest.raises(InvalidInputError) as e:
-        build_training_config("joint", height=64, width=64, updates=[1, 2])
-    assert e.value.field == "updates"
+        build_training(TrainingOptions(updates=1, stage2_updates=2), **NATIVE)
+    assert e.value.field == "training.stage2_updates"
+    assert "joint training has 1 stage" in str(e.value)
+
+
+def test_training_errors_name_the_request_field() -> None:
+    for options, field in (
+        (TrainingOptions(width=100), "training.width"),
+        (TrainingOptions(height=100), "training.height"),
+        (TrainingOptions(updates=0), "training.updates"),
+        (TrainingOptions(mode="two_stage", stage2_updates=0), "training.stage2_updates"),
+        (TrainingOptions(batch_size=65), "training.batch_size"),
+        (TrainingOptions(seed=2**64 - 1), "training.seed"),
+        (TrainingOptions(vae_seed=-1), "training.vae_seed"),
+        (TrainingOptions(seed=1, fresh_seed=True), "training.fresh_seed"),
+    ):
+        with pytest.raises(InvalidInputError) as e:
+            build_training(options, **NATIVE)
+        assert e.value.field == field, (options, e.value)
 
 
 def test_sweep_config_takes_the_variants_defaults_and_refuses_its_unknown_strategies() -> None:
-    sweep = build_sweep_config("two_stage", prompts=("a dog",))
+    sweep = build_sweep(SweepOptions(seeds=(0,)), ("a dog",), "two_stage")
     assert sweep == SweepConfig.for_mode("two_stage", prompts=("a dog",))
     assert sweep.forget == ("encoderattn",)
-    assert build_sweep_config("dreambooth", prompts=("a",), forget=("nodecoder",)).forget == (
-        "nodecoder",
+    assert build_sweep(
+        SweepOptions(forget_strategies=("nodecoder",)), ("a",), "dreambooth"
+    ).forget == ("nodecoder",)
+    with pytest.raises(UnknownStrategyError, match="nodecoder") as e:
+        build_sweep(SweepOptions(forget_strategies=("nodecoder",)), ("a",), "joint")
+    assert e.value.field == "sweep.forget_strategies"
+
+
+def test_sweep_errors_name_the_request_field() -> None:
+    for options, prompts, field in (
+        (SweepOptions(), (), "target_prompts"),
+        (SweepOptions(), ("a\x00b",), "target_prompts"),
+        (SweepOptions(gammas=(9.0,)), ("a",), "sweep.gammas"),
+        (SweepOptions(interpolation="vp", alphas=(-1.0,)), ("a",), "sweep.alphas"),
+        (SweepOptions(forget_degree=1.5), ("a",), "sweep.forget_degree"),
+        (SweepOptions(seeds=(-1,)), ("a",), "sweep.seeds"),
+        (SweepOptions(seed_count=0), ("a",), "sweep.seed_count"),
+        (SweepOptions(steps=0), ("a",), "sweep.steps"),
+        (SweepOptions(guidance=float("nan")), ("a",), "sweep.guidance"),
+        (SweepOptions(gammas=(0.5,) * 4097), ("a",), "sweep"),
+    ):
+        with pytest.raises(InvalidInputError) as e:
+            build_sweep(options, prompts, "joint")
+        assert e.value.field == field, (options, e.value)
+
+
+def test_alphas_belong_to_vp_only_one_rule_for_every_front_end() -> None:
+    """vs has no α: alphas with vs are refused, never silently ignored (docs/DIVERGENCES.md)."""
+    for interpolation in (None, "vs"):
+        with pytest.raises(InvalidInputError, match="applies only to") as e:
+            build_sweep(SweepOptions(interpolation=interpolation, alphas=(0.9,)), ("a",), "joint")
+        assert e.value.field == "sweep.alphas"
+    vp = build_sweep(SweepOptions(interpolation="vp", alphas=(0.9,)), ("a",), "joint")
+    assert vp.alphas == (0.9,) and vp.num_images == 3  # the variant's three gammas
+
+
+def test_unset_sampling_seeds_are_seed_count_fresh_draws() -> None:
+    sweep = build_sweep(SweepOptions(seed_count=3), ("a",), "joint")
+    assert len(sweep.seeds) == 3 and all(0 <= s < RANDOM_SEED_BOUND for s in sweep.seeds)
+    assert build_sweep(SweepOptions(seeds=(4, 5)), ("a",), "joint").seeds == (4, 5)
+
+
+def test_an_edit_is_its_training_then_a_sweep_of_the_trained_variant() -> None:
+    edit = build_edit(
+        EditOptions(("a dog",), "a photo", TrainingOptions(mode="two_stage", fresh_seed=True)),
+        **NATIVE,
     )
-    with pytest.raises(UnknownStrategyError, match="nodecoder"):
-        build_sweep_config("joint", prompts=("a",), forget=("nodecoder",))
+    assert edit.training.mode == "two_stage" and edit.sweep.forget == ("encoderattn",)
+    assert edit.train_seed_from == "random" and edit.source_prompt == "a photo"
+    with pytest.raises(InvalidInputError) as e:
+        build_edit(EditOptions(("a dog",), " "), **NATIVE)
+    assert e.value.field == "source_prompt"
 
 
 def test_training_seed_comes_from_the_request_the_content_or_a_salted_draw() -> None:
@@ -65,6 +137,7 @@ def test_random_seeds_are_drawn_below_one_bound() -> None:
 
 
 def test_contact_sheet_labels_say_gamma_for_vs_and_beta_for_vp() -> None:
+    # (The labels live with the contact sheet, in forgedit.images.)
     vs = next(SweepConfig(prompts=("a",), gammas=(0.6,), seeds=(1,)).images())
     vp = next(
         SweepConfig(
@@ -84,3 +157,28 @@ def test_one_device_check_names_what_is_accepted_here() -> None:
         with pytest.raises(InvalidInputError, match="accepted here: cpu") as e:
             check_device(bad)
         assert e.value.field == "device" and "cuda, cuda:N" in str(e.value)
+
+
+def test_a_request_option_is_one_name_from_the_proto_to_the_cli_and_the_sdk() -> None:
+    """Adding a training or sweep option is: the proto field, the same-named field of
+    ``forgedit.options``, its rule in ``forgedit.requests``, the CLI flag (``FLAGS``) and the
+    SDK option. This fails naming whichever is missing."""
+    from forgedit_client import options as sdk
+
+    from forgedit.cli.parser import FLAGS, UNFLAGGED
+    from server._proto import forgedit_pb2 as pb
+
+    for message, engine, client, prefix in (
+        (pb.TrainingOptions, TrainingOptions, sdk.TrainingOptions, "training"),
+        (pb.SweepOptions, SweepOptions, sdk.SweepOptions, "sweep"),
+    ):
+        proto = [f.name for f in message.DESCRIPTOR.fields]
+        assert [f.name for f in dataclasses.fields(engine)] == proto
+        for name in proto:
+            path = f"{prefix}.{name}"
+            assert (path in FLAGS) != (path in UNFLAGGED), f"{path}: a CLI flag, or UNFLAGGED"
+            sdk_name = sdk._ALIASES.get(name, name)  # the SDK spells forget_strategies forget
+            assert sdk_name in {f.name for f in dataclasses.fields(client)}, f"SDK: {path}"
+    assert set(FLAGS) - {f"training.{n}" for n in TrainingOptions.__dataclass_fields__} - {
+        f"sweep.{n}" for n in SweepOptions.__dataclass_fields__
+    } == {"target_prompts", "source_prompt"}

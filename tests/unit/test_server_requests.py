@@ -17,10 +17,11 @@ from PIL import Image
 from pydantic import SecretStr, ValidationError
 
 import server.validation as validation
-from forgedit.cli.arguments import apply_stage_flags
+from forgedit.cli.arguments import edit_options
 from forgedit.cli.parser import build_parser
-from forgedit.config import TrainingConfig, content_seed
+from forgedit.config import content_seed
 from forgedit.errors import BaseModelMismatchError, CancelledError, InvalidInputError
+from forgedit.requests import build_training, check_strategies
 from registry.errors import EditModelNotFoundError, RegistryUnavailableError
 from server._proto import forgedit_pb2 as pb
 from server.auth import (
@@ -31,14 +32,17 @@ from server.auth import (
     TokenEntry,
     token_entries,
 )
+from server.catalog import ServedModels
 from server.errors import QueueFullError, StreamLimitError, UnauthenticatedError, to_rpc_status
 from server.interceptors import LogBudget, MalformedRequest, StreamLimiter, tolerant_deserializer
+from server.plans import Defaults, EditRequestPlan, SampleRequestPlan, edit_plan, sample_plan
 from server.ports import BaseModelInfo
-from server.service import _payload_digest
 from server.settings import ServerSettings
 from server.transport import MIB, server_options
-from server.validation import Limits, check_edit_request, check_sample_request
+from server.validation import Limits
+from server.wire import edit_call, payload_digest, sample_call
 
+NATIVE = {"native_height": 64, "native_width": 64}
 BASES = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, can_caption=True)}
 
 
@@ -48,6 +52,25 @@ def _png(size: tuple[int, int] = (32, 24)) -> bytes:
     return buffer.getvalue()
 
 
+def plan_edit(
+    request: pb.EditRequest,
+    limits: Limits,
+    bases: dict[str, BaseModelInfo],
+    default: str,
+    default_precision: str = "faithful",
+    delta_format: str | None = None,
+) -> EditRequestPlan:
+    """An Edit request decoded as the service decodes it (``wire``), then planned against
+    the served base models ``bases`` (``default`` first)."""
+    served = ServedModels.of(bases[default], *(b for n, b in bases.items() if n != default))
+    defaults = Defaults(default_precision, delta_format)  # type: ignore[arg-type]
+    return edit_plan(edit_call(request), limits, served, defaults)
+
+
+def plan_sample(request: pb.SampleRequest, limits: Limits, mode_of: Any) -> SampleRequestPlan:
+    return sample_plan(sample_call(request), limits, mode_of)
+
+
 def _edit(**fields: object) -> pb.EditRequest:
     defaults: dict[str, object] = {"image": _png(), "target_prompts": ["A photo of a cat."]}
     defaults.update(fields)
@@ -55,7 +78,7 @@ def _edit(**fields: object) -> pb.EditRequest:
 
 
 def test_a_valid_edit_becomes_a_complete_plan() -> None:
-    plan = check_edit_request(
+    plan = plan_edit(
         _edit(
             training=pb.TrainingOptions(updates=3, seed=5),
             sweep=pb.SweepOptions(seeds=[1, 2], gammas=[0.5]),
@@ -72,7 +95,7 @@ def test_a_valid_edit_becomes_a_complete_plan() -> None:
 
 
 def test_unset_sampling_seeds_are_drawn_and_the_training_seed_is_the_contents() -> None:
-    plan = check_edit_request(_edit(sweep=pb.SweepOptions(seed_count=3)), Limits(), BASES, "tiny")
+    plan = plan_edit(_edit(sweep=pb.SweepOptions(seed_count=3)), Limits(), BASES, "tiny")
     assert len(plan.sweep.seeds) == 3
     assert plan.train_seed_from == "content"
     training = plan.training_for("f" * 64, "A photo of a dog")
@@ -82,19 +105,19 @@ def test_unset_sampling_seeds_are_drawn_and_the_training_seed_is_the_contents() 
     assert 0 <= training.seed < 2**63
     # The same request, on any replica, at any time: the same seed. Anything training sees
     # changes it; the target prompt (never seen in training) does not.
-    again = check_edit_request(_edit(target_prompts=["A dog."]), Limits(), BASES, "tiny")
+    again = plan_edit(_edit(target_prompts=["A dog."]), Limits(), BASES, "tiny")
     assert again.training_for("f" * 64, "A photo of a dog").seed == training.seed
     assert again.training_for("f" * 64, "A photo of a cat").seed != training.seed
     assert again.training_for("e" * 64, "A photo of a dog").seed != training.seed
-    other = check_edit_request(_edit(image=_png((33, 24))), Limits(), BASES, "tiny")
+    other = plan_edit(_edit(image=_png((33, 24))), Limits(), BASES, "tiny")
     assert other.training_for("f" * 64, "A photo of a dog").seed != training.seed
 
 
 def test_fresh_seed_asks_for_a_new_fine_tune_that_a_retry_repeats() -> None:
-    content = check_edit_request(_edit(), Limits(), BASES, "tiny").training_for("f" * 64, "a dog")
+    content = plan_edit(_edit(), Limits(), BASES, "tiny").training_for("f" * 64, "a dog")
     fresh = pb.TrainingOptions(fresh_seed=True)
     seeds = {
-        check_edit_request(_edit(training=fresh), Limits(), BASES, "tiny")
+        plan_edit(_edit(training=fresh), Limits(), BASES, "tiny")
         .training_for("f" * 64, "a dog")
         .seed
         for _ in range(3)
@@ -102,23 +125,23 @@ def test_fresh_seed_asks_for_a_new_fine_tune_that_a_retry_repeats() -> None:
     assert len(seeds) == 3 and content.seed not in seeds  # no request id: random each time
     # With a request id, a retry (expired job, restart, other replica) gets the same seed.
     retried = [
-        check_edit_request(_edit(training=fresh, request_id="r-1"), Limits(), BASES, "tiny")
+        plan_edit(_edit(training=fresh, request_id="r-1"), Limits(), BASES, "tiny")
         .training_for("f" * 64, "a dog")
         .seed
         for _ in range(2)
     ]
     assert retried[0] == retried[1] != content.seed
     with pytest.raises(InvalidInputError) as e:
-        check_edit_request(
+        plan_edit(
             _edit(training=pb.TrainingOptions(fresh_seed=True, seed=3)), Limits(), BASES, "tiny"
         )
     assert e.value.field == "training.fresh_seed"
 
 
 def test_the_servers_precision_is_the_default_for_training_and_sampling() -> None:
-    plan = check_edit_request(_edit(), Limits(), BASES, "tiny", default_precision="fast")
+    plan = plan_edit(_edit(), Limits(), BASES, "tiny", default_precision="fast")
     assert plan.training.precision == "fast"
-    plan = check_edit_request(
+    plan = plan_edit(
         _edit(training=pb.TrainingOptions(precision=pb.PRECISION_FAITHFUL)),
         Limits(),
         BASES,
@@ -134,7 +157,7 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
             mode=pb.TRAINING_MODE_TWO_STAGE, updates=5, stage2_updates=7, stage2_batch_size=2
         )
     )
-    stages = check_edit_request(request, Limits(), BASES, "tiny").training.stages
+    stages = plan_edit(request, Limits(), BASES, "tiny").training.stages
     assert [(s.updates, s.batch_size) for s in stages] == [(5, 1), (7, 2)]
     args = build_parser().parse_args(
         [
@@ -150,26 +173,24 @@ def test_per_stage_overrides_mean_what_the_engine_cli_means() -> None:
             "1,2",
         ]
     )
-    cli_config = TrainingConfig.for_mode("two_stage")
-    cli_config = apply_stage_flags(cli_config, args.updates, args.batch_size)
+    cli_config, _ = build_training(edit_options(args).training, **NATIVE)
     assert cli_config.stages == stages
     # One value is the first stage's in both.
-    first = check_edit_request(
+    first = plan_edit(
         _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, updates=5)),
         Limits(),
         BASES,
         "tiny",
     ).training.stages
     assert [s.updates for s in first] == [5, 1000]
-    assert apply_stage_flags(TrainingConfig.for_mode("two_stage"), "5", None).stages == first
+    args.updates, args.batch_size = "5", None
+    assert build_training(edit_options(args).training, **NATIVE)[0].stages == first
     for field in ("stage2_updates", "stage2_batch_size"):
         with pytest.raises(InvalidInputError) as e:
-            check_edit_request(
-                _edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny"
-            )
+            plan_edit(_edit(training=pb.TrainingOptions(**{field: 2})), Limits(), BASES, "tiny")
         assert e.value.field == f"training.{field}" and "joint training has 1 stage" in str(e.value)
     with pytest.raises(InvalidInputError) as e:
-        check_edit_request(
+        plan_edit(
             _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE, stage2_updates=0)),
             Limits(),
             BASES,
@@ -191,16 +212,16 @@ def test_cheap_checks_run_before_the_image_is_decoded(monkeypatch: pytest.Monkey
         (_edit(training=pb.TrainingOptions(width=12)), "training.width"),
     ):
         with pytest.raises(InvalidInputError) as e:
-            check_edit_request(request, Limits(), BASES, "tiny")
+            plan_edit(request, Limits(), BASES, "tiny")
         assert e.value.field == field
 
 
 def test_source_prompt_required_without_a_captioner() -> None:
     bases = {"tiny": BaseModelInfo("tiny", "f" * 64, 64, 64, can_caption=False)}
     with pytest.raises(InvalidInputError) as e:
-        check_edit_request(_edit(), Limits(), bases, "tiny")
+        plan_edit(_edit(), Limits(), bases, "tiny")
     assert e.value.field == "source_prompt"
-    plan = check_edit_request(_edit(source_prompt="A photo of a cat."), Limits(), bases, "tiny")
+    plan = plan_edit(_edit(source_prompt="A photo of a cat."), Limits(), bases, "tiny")
     assert plan.source_prompt == "A photo of a cat."
 
 
@@ -208,28 +229,28 @@ def test_limits_come_from_settings() -> None:
     limits = Limits.from_settings(ServerSettings(max_steps=10, image_formats=["png"]))
     assert limits.max_steps == 10 and limits.image_formats == ("PNG",)
     with pytest.raises(InvalidInputError) as e:
-        check_edit_request(_edit(sweep=pb.SweepOptions(steps=11)), limits, BASES, "tiny")
+        plan_edit(_edit(sweep=pb.SweepOptions(steps=11)), limits, BASES, "tiny")
     assert "1..10" in str(e.value)
 
 
 def test_delta_format_request_setting_and_precision_default() -> None:
     """The request's format wins; unset, the server setting; unset too, the precision's."""
 
-    def stored(options: pb.TrainingOptions, limits: Limits) -> str | None:
-        return check_edit_request(
-            _edit(training=options), limits, BASES, "tiny"
+    def stored(options: pb.TrainingOptions, server_format: str | None) -> str | None:
+        return plan_edit(
+            _edit(training=options), Limits(), BASES, "tiny", delta_format=server_format
         ).training.delta_format
 
-    assert stored(pb.TrainingOptions(), Limits()) == "fp32"
-    assert stored(pb.TrainingOptions(precision=pb.PRECISION_FAST), Limits()) == "int8"
-    fp16_server = Limits.from_settings(ServerSettings(delta_format="fp16"))
+    assert stored(pb.TrainingOptions(), None) == "fp32"
+    assert stored(pb.TrainingOptions(precision=pb.PRECISION_FAST), None) == "int8"
+    fp16_server = ServerSettings(delta_format="fp16").delta_format
     assert stored(pb.TrainingOptions(), fp16_server) == "fp16"
     int8 = pb.TrainingOptions(delta_format=pb.DELTA_FORMAT_INT8)
     assert stored(int8, fp16_server) == "int8"
     with pytest.raises(ValidationError, match="delta_format"):
         ServerSettings(delta_format="int4")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError) as e:
-        stored(pb.TrainingOptions(delta_format=9), Limits())  # type: ignore[arg-type]
+        stored(pb.TrainingOptions(delta_format=9), None)  # type: ignore[arg-type]
     assert e.value.field == "training.delta_format"
     assert "DELTA_FORMAT_FP32, DELTA_FORMAT_FP16, DELTA_FORMAT_INT8" in str(e.value)
 
@@ -243,14 +264,14 @@ def test_sample_validation_checks_the_id_first() -> None:
         raise AssertionError("the registry was asked before the cheap checks")
 
     with pytest.raises(InvalidInputError) as e:
-        check_sample_request(
+        plan_sample(
             pb.SampleRequest(edit_model_id="../../etc/passwd", target_prompts=["x"]),
             Limits(),
             unasked,
         )
     assert e.value.field == "edit_model_id"
     with pytest.raises(InvalidInputError) as e:
-        check_sample_request(
+        plan_sample(
             pb.SampleRequest(
                 edit_model_id="em_" + "b" * 26,
                 target_prompts=["x"],
@@ -260,7 +281,7 @@ def test_sample_validation_checks_the_id_first() -> None:
             unasked,
         )
     assert e.value.field == "sweep.gammas"
-    plan = check_sample_request(
+    plan = plan_sample(
         pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"]),
         Limits(),
         _mode("joint"),
@@ -270,17 +291,17 @@ def test_sample_validation_checks_the_id_first() -> None:
 
 def test_sample_defaults_are_the_edit_models_variants() -> None:
     request = pb.SampleRequest(edit_model_id="em_" + "b" * 26, target_prompts=["x"])
-    two_stage = check_sample_request(request, Limits(), _mode("two_stage")).sweep
+    two_stage = plan_sample(request, Limits(), _mode("two_stage")).sweep
     assert two_stage.forget == ("encoderattn",)
     vp = pb.SampleRequest(
         edit_model_id="em_" + "b" * 26,
         target_prompts=["x"],
         sweep=pb.SweepOptions(interpolation=pb.INTERPOLATION_VP),
     )
-    dreambooth = check_sample_request(vp, Limits(), _mode("dreambooth")).sweep
+    dreambooth = plan_sample(vp, Limits(), _mode("dreambooth")).sweep
     assert dreambooth.gammas == (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
     assert dreambooth.alphas == (0.8, 0.9)
-    edit = check_edit_request(
+    edit = plan_edit(
         _edit(training=pb.TrainingOptions(mode=pb.TRAINING_MODE_TWO_STAGE)),
         Limits(),
         BASES,
@@ -295,13 +316,13 @@ def test_strategies_are_checked_against_the_variant() -> None:
         target_prompts=["x"],
         sweep=pb.SweepOptions(forget_strategies=["nodecoder"]),
     )
-    sweep = check_sample_request(request, Limits(), _mode("dreambooth")).sweep
-    validation.check_strategies(sweep, "dreambooth")  # DreamBooth-Forgedit defines it
+    sweep = plan_sample(request, Limits(), _mode("dreambooth")).sweep
+    check_strategies(sweep.forget, "dreambooth")  # DreamBooth-Forgedit defines it
     with pytest.raises(InvalidInputError) as e:
-        validation.check_strategies(sweep, "joint")
+        check_strategies(sweep.forget, "joint")
     assert e.value.field == "sweep.forget_strategies"
     with pytest.raises(InvalidInputError) as e:
-        check_sample_request(request, Limits(), _mode("joint"))
+        plan_sample(request, Limits(), _mode("joint"))
     assert e.value.field == "sweep.forget_strategies"
 
 
@@ -309,8 +330,8 @@ def test_payload_digest_ignores_request_id_and_detach() -> None:
     a = _edit(request_id="r1", detach=True)
     b = _edit(request_id="r2")
     c = _edit(target_prompts=["A photo of a dog."])
-    assert _payload_digest(pb.JOB_KIND_EDIT, a) == _payload_digest(pb.JOB_KIND_EDIT, b)
-    assert _payload_digest(pb.JOB_KIND_EDIT, a) != _payload_digest(pb.JOB_KIND_EDIT, c)
+    assert payload_digest(pb.JOB_KIND_EDIT, a, "") == payload_digest(pb.JOB_KIND_EDIT, b, "")
+    assert payload_digest(pb.JOB_KIND_EDIT, a, "") != payload_digest(pb.JOB_KIND_EDIT, c, "")
 
 
 @pytest.mark.parametrize(
@@ -497,7 +518,7 @@ def test_time_priors_per_model_size_and_device(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from forgedit.config import default_stages
-    from forgedit.tiny import sd1_unet_config
+    from forgedit.zoo.tiny import sd1_unet_config
     from server.main import time_prior_key
 
     tiny = {"tiny": tiny_model_dir / "stable-diffusion"}
@@ -565,26 +586,37 @@ def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
     bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
     assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
     assert "UTF-8" in bad.problem
+    # A repeated text field is found too; a nested one is named by its message only.
+    prompts = pb.EditRequest.DESCRIPTOR.fields_by_name["target_prompts"].number
+    ok = pb.EditRequest(target_prompts=["fine"]).SerializeToString()
+    bad = parse(ok + bytes([prompts << 3 | 2, 1, 0xFF]))
+    assert isinstance(bad, MalformedRequest) and bad.field == "target_prompts"
+    sweep = pb.EditRequest.DESCRIPTOR.fields_by_name["sweep"].number
+    strategies = pb.SweepOptions.DESCRIPTOR.fields_by_name["forget_strategies"].number
+    nested = bytes([strategies << 3 | 2, 1, 0xFF])
+    bad = parse(bytes([sweep << 3 | 2, len(nested)]) + nested)
+    assert isinstance(bad, MalformedRequest) and bad.field == "request"
+    assert "a text field of forgedit.v1.EditRequest is not valid UTF-8" in bad.problem
 
 
 def test_an_edit_whose_batch_cannot_fit_a_device_is_refused_naming_the_limit() -> None:
     # The issue's case: a valid 2048x2048 Edit with a training batch of 64.
     request = _edit(training=pb.TrainingOptions(height=2048, width=2048, batch_size=64))
     with pytest.raises(InvalidInputError) as refused:
-        check_edit_request(request, Limits(), BASES, "tiny")
+        plan_edit(request, Limits(), BASES, "tiny")
     assert refused.value.field == "training.batch_size"
     assert "FORGEDIT_MAX_BATCH_PIXELS" in str(refused.value) and "2048x2048" in str(refused.value)
     mapped = to_rpc_status(refused.value)
     assert mapped.code == grpc.StatusCode.INVALID_ARGUMENT
     # The limit is a setting: the same request fits a device given a larger budget.
     roomy = Limits(max_batch_pixels=2048 * 2048 * 64)
-    assert check_edit_request(request, roomy, BASES, "tiny").training.stages[0].batch_size == 64
+    assert plan_edit(request, roomy, BASES, "tiny").training.stages[0].batch_size == 64
 
 
 def test_forgedits_own_512_batch_of_10_fits_the_default_budget() -> None:
     request = _edit(training=pb.TrainingOptions(height=512, width=512, batch_size=10))
     settings = ServerSettings(_env_file=None)  # type: ignore[call-arg]
-    plan = check_edit_request(request, Limits.from_settings(settings), BASES, "tiny")
+    plan = plan_edit(request, Limits.from_settings(settings), BASES, "tiny")
     assert plan.training.stages[0].batch_size == 10
 
 
@@ -592,14 +624,15 @@ def test_sampling_batches_shrink_to_fit_the_budget_and_one_image_must_fit() -> N
     limits = Limits(max_batch_pixels=3 * 64 * 64, sampling_batch=8)
     assert validation.sampling_batch_size(64, 64, limits) == 3
     assert validation.sampling_batch_size(32, 32, limits) == 8
-    sweep = check_sample_request(
+    sweep = plan_sample(
         pb.SampleRequest(edit_model_id="em_" + "a" * 26, target_prompts=["a dog"]),
         limits,
         _mode("joint"),
     ).sweep
-    validation.check_sampling_memory(sweep, 64, 64, limits)
+    assert sweep.num_images == 3
+    validation.check_sampling_memory(64, 64, limits)
     with pytest.raises(InvalidInputError, match="FORGEDIT_MAX_BATCH_PIXELS"):
-        validation.check_sampling_memory(sweep, 128, 128, limits)
+        validation.check_sampling_memory(128, 128, limits)
 
 
 def test_registry_calls_give_up_before_the_deadline_and_stay_bounded() -> None:

@@ -23,9 +23,10 @@ from server.errors import (
 )
 from server.estimator import Estimator
 from server.jobs import Job, JobState
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
+from server.plans import EditRequestPlan, SampleRequestPlan
 from server.scheduler import Scheduler, SchedulerConfig
-from server.validation import EditRequestPlan, SampleRequestPlan
 
 
 class GatedRunner:
@@ -46,7 +47,7 @@ class GatedRunner:
         gate = self.gate(job)
         while not gate.wait(0.01):
             job.cancel.check()
-        job.emit(completed=pb.CompletedEvent())
+        job.emit(pb.CompletedEvent())
 
 
 def _engine(name: str, device: str) -> Any:
@@ -70,9 +71,11 @@ def scheduler() -> Iterator[tuple[Scheduler, GatedRunner]]:
         runner,
         Estimator(0.1, 0.01),
         Metrics(),
+        Lifecycle(),
     )
+    s.lifecycle.start()
     s.start()
-    assert s.ready.wait(10)
+    assert s.lifecycle.wait_ready(10)
     yield s, runner
     for gate in runner.gates.values():
         gate.set()
@@ -156,12 +159,12 @@ def test_an_edit_model_of_an_unserved_base_model_is_refused_before_queueing(
     served = SimpleNamespace(
         edit_model_id="em_a", base_model_name="tiny", base_model_fingerprint="f" * 64
     )
-    s.require_served(served)  # the fake engine's fingerprint: accepted
+    s.catalog.require_served(served)  # the fake engine's fingerprint: accepted
     other = SimpleNamespace(
         edit_model_id="em_b", base_model_name="sd15", base_model_fingerprint="e" * 64
     )
     with pytest.raises(UnservedBaseModelError, match="'sd15', which this server does not serve"):
-        s.require_served(other)
+        s.catalog.require_served(other)
     assert s.queue_depth() == 0
 
 
@@ -218,6 +221,7 @@ def test_drain_refuses_new_work_ends_queued_and_lets_running_finish(scheduler: t
     assert runner.started.acquire(timeout=5)
     queued = s.submit(_job())[0]
     threading.Timer(0.2, runner.gate(running).set).start()
+    s.lifecycle.start_draining()
     s.drain(grace_s=10)
     assert running.state is JobState.SUCCEEDED
     assert queued.state is JobState.FAILED and queued.error is not None
@@ -230,6 +234,7 @@ def test_drain_cancels_running_jobs_after_the_grace_period(scheduler: tuple) -> 
     s, runner = scheduler
     running = s.submit(_job())[0]
     assert runner.started.acquire(timeout=5)
+    s.lifecycle.start_draining()
     s.drain(grace_s=0.1)
     assert running.state is JobState.CANCELLED
     assert "shutting down" in running.cancel.reason
@@ -239,7 +244,7 @@ def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
     job = _job()
     job.max_events = 3
     for i in range(5):
-        job.emit(training=pb.TrainingEvent(update=i + 1, total=5))
+        job.emit(pb.TrainingEvent(update=i + 1, total=5))
     events, finished = job.read(0, timeout=0)
     assert [e.sequence for e in events] == [3, 4, 5] and not finished  # a visible gap
     assert [e.sequence for e in job.read(4, timeout=0)[0]] == [5]
@@ -247,7 +252,7 @@ def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
     assert beat.sequence == 5 and beat.WhichOneof("kind") == "heartbeat"
     assert job.last_sequence == 5  # heartbeats are not buffered
     job.max_bytes = 1  # one large event always stays, so a reader never gets nothing
-    job.emit(image=pb.ImageEvent(png=b"x" * 1000))
+    job.emit(pb.ImageEvent(png=b"x" * 1000))
     assert [e.sequence for e in job.read(0, timeout=0)[0]] == [6]
 
 
@@ -295,9 +300,11 @@ def _fair_scheduler(max_overtakes: int) -> tuple[Scheduler, GatedRunner]:
         runner,
         Estimator(0.1, 0.01),
         Metrics(),
+        Lifecycle(),
     )
+    s.lifecycle.start()
     s.start()
-    assert s.ready.wait(10)
+    assert s.lifecycle.wait_ready(10)
     return s, runner
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from forgedit import tiny
 from forgedit.errors import ModelDirectoryError
-from forgedit.tiny import (
+from forgedit.zoo import tiny
+from forgedit.zoo.tiny import (
     default_tiny_model_dir,
     ensure_tiny_model,
     make_tiny_model,
@@ -200,3 +200,20 @@ def test_ensure_refuses_a_foreign_directory(tmp_path: Path) -> None:
     with pytest.raises(ModelDirectoryError, match="does not hold a version-1 tiny model"):
         ensure_tiny_model(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_the_one_resolver_of_built_in_names(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``forgedit.zoo.builtin_base_model``: the CLI, the server and the pyfunc resolve a
+    built-in name here, and an unknown name is refused naming the built-ins."""
+    from forgedit.zoo import DEFAULT_BUILTIN, builtin_base_model, builtin_names
+
+    assert DEFAULT_BUILTIN == "tiny" and builtin_names()[0] == "tiny"
+    shutil.copytree(tiny_model_dir, tmp_path / "home" / "tiny-model")  # as if made before
+    tiny = builtin_base_model("tiny", home=tmp_path / "home")
+    assert tiny.name == "tiny"
+    assert tiny.stable_diffusion == tmp_path / "home" / "tiny-model" / SD
+    assert tiny.blip is not None and (tiny.blip / "config.json").is_file()
+    with pytest.raises(
+        ModelDirectoryError, match="'sd99' is not a built-in base model; built in: tiny"
+    ):
+        builtin_base_model("sd99")

@@ -113,11 +113,11 @@ def test_dreambooth_stored_source_embedding_is_the_fine_tuned_encoders(
 def test_dreambooth_default_sweep_is_the_drivers() -> None:
     """DD sweeps i in [8, 17): γ/β 0.8-1.6, vp textalpha in {0.8, 0.9}, no forgetting."""
     defaults = default_sweep("dreambooth")
-    assert defaults["gammas"] == (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
-    assert defaults["alphas"] == (0.8, 0.9)
-    assert defaults["forget"] == ("donotforget",)
+    assert defaults.gammas == (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
+    assert defaults.alphas == (0.8, 0.9)
+    assert defaults.forget == ("donotforget",)
     sweep = SweepConfig.for_mode("dreambooth", prompts=(TARGET,), interpolation="vp")
-    assert sweep.gammas == defaults["gammas"] and sweep.alphas == (0.8, 0.9)
+    assert sweep.gammas == defaults.gammas and sweep.alphas == (0.8, 0.9)
     assert sweep.forget_degree == 0.0
 
 

@@ -78,7 +78,8 @@ class TrainingOptions:
 class SweepOptions:
     """What to sample: the grid forget strategy × prompt × seed × γ × α.
 
-    ``gammas`` are γ for vs and β for vp; ``alphas`` only matter for vp; ``forget`` names
+    ``gammas`` are γ for vs and β for vp; ``alphas`` are vp's only (the server refuses them
+    with vs, which has no α); ``forget`` names
     forgetting strategies (e.g. ``encoderattn``, ``decoderattn+decoder2``); ``seeds`` empty =
     ``seed_count`` random seeds (reported back per image); ``steps`` DDIM steps; ``guidance``
     the classifier-free guidance scale; ``forget_degree`` d ∈ [0, 1] (0 = full revert)."""

@@ -38,10 +38,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from forgedit.durable import fsync_dir, fsync_tree, write_json_atomic
+from forgedit.durable import JsonObject, fsync_dir, fsync_tree, write_json_atomic
 from forgedit.errors import ModelDirectoryError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 SEED = 0
 RECIPE_VERSION = 1
@@ -248,7 +251,7 @@ def _write_stable_diffusion(directory: Path) -> None:
     _write_clip_tokenizer_files(directory / "tokenizer")
 
 
-def tiny_unet_config() -> dict[str, Any]:
+def tiny_unet_config() -> JsonObject:
     """The tiny UNet's config: SD 1.4's UNet config with tiny widths (same parameter names)."""
     return {
         **sd1_unet_config(),
@@ -260,7 +263,7 @@ def tiny_unet_config() -> dict[str, Any]:
     }
 
 
-def sd1_unet_config() -> dict[str, Any]:
+def sd1_unet_config() -> JsonObject:
     """The UNet config of CompVis/stable-diffusion-v1-4 (shared by SD 1.5 and its fine-tunes)."""
     return {
         "act_fn": "silu",
@@ -329,7 +332,7 @@ def clip_vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def clip_tokenizer() -> Any:
+def clip_tokenizer() -> CLIPTokenizer:
     """SD 1.x's CLIP tokenizer (a transformers ``CLIPTokenizer``), pad = ``<|endoftext|>``."""
     from transformers import CLIPTokenizer
 

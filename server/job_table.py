@@ -1,0 +1,81 @@
+"""Every job this replica knows, by job id and by request id, and how long finished ones stay.
+
+- ``request_id`` idempotency: a known request id with the same payload digest is the same job
+  (re-attach); with another digest it is a conflict (``RequestConflictError``).
+- Finished jobs stay visible for ``retention_s`` (at most ``max_retained`` of them, oldest
+  finished first), so a client can re-attach, replay the events and read the final status.
+
+Every rule about which jobs are remembered lives here (a bound on the memory that finished
+jobs' events take would be added here). Not thread-safe: the scheduler calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from server.errors import JobNotFoundError, RequestConflictError
+from server.jobs import Job
+
+
+class JobTable:
+    def __init__(self, retention_s: float, max_retained: int) -> None:
+        self.retention_s = retention_s
+        self.max_retained = max_retained
+        self._jobs: dict[str, Job] = {}
+        self._by_request: dict[str, Job] = {}
+        self._finished: OrderedDict[str, Job] = OrderedDict()
+
+    def add(self, job: Job) -> None:
+        self._jobs[job.job_id] = job
+        if job.request_id:
+            self._by_request[job.request_id] = job
+
+    def existing(self, job: Job) -> Job | None:
+        """The job that ``job``'s request id names already, if any. Raises
+        ``RequestConflictError`` when that one was asked for with another payload."""
+        if not job.request_id:
+            return None
+        self.expire()
+        existing = self._by_request.get(job.request_id)
+        if existing is not None and existing.payload_digest != job.payload_digest:
+            raise RequestConflictError(
+                f"request_id {job.request_id!r} was already used for a different request; use "
+                "a new request_id for new work"
+            )
+        return existing
+
+    def get(self, job_id: str) -> Job:
+        """Raises ``JobNotFoundError``."""
+        self.expire()
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFoundError(repr(job_id[:80]))
+        return job
+
+    def get_by_request(self, request_id: str) -> Job:
+        """Raises ``JobNotFoundError``."""
+        self.expire()
+        job = self._by_request.get(request_id)
+        if job is None:
+            raise JobNotFoundError(f"with request_id {request_id[:80]!r}")
+        return job
+
+    def retain(self, job: Job) -> None:
+        """``job`` has finished: keep it for ``retention_s``."""
+        self._finished[job.job_id] = job
+        self.expire()
+
+    def expire(self) -> None:
+        """Forget finished jobs kept too long, or beyond ``max_retained`` (oldest first)."""
+        now = time.time()
+        while self._finished:
+            job_id, job = next(iter(self._finished.items()))
+            too_many = len(self._finished) > self.max_retained
+            expired = job.ended_at is not None and now - job.ended_at > self.retention_s
+            if not (too_many or expired):
+                break
+            self._finished.popitem(last=False)
+            self._jobs.pop(job_id, None)
+            if job.request_id and self._by_request.get(job.request_id) is job:
+                del self._by_request[job.request_id]

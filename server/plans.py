@@ -1,0 +1,186 @@
+"""What an Edit or a Sample call asks for, and the plan a job runs.
+
+A request message is decoded once, by ``server.wire``, into a call: the engine's typed options
+(``forgedit.options``) and the few fields only the service has (request id, detach, the image
+bytes, a base model's or an edit model's name). ``edit_plan`` and ``sample_plan`` check a call
+and turn it into a plan, as numbered steps, cheapest first:
+
+1. the service's limits on what was sent (``server.validation``: sizes, counts, lengths);
+2. the engine's rules and defaults (``forgedit.requests``, the builder the engine CLI shares),
+   whose errors already name the request field (``sweep.gammas``), with the service's limits
+   on the work as the builder's ``Bounds`` (all updates, images per sweep, pixels per batch);
+3. for an Edit, only then, the image decoded under the service's byte, pixel and format limits.
+
+Every refusal is an ``InvalidInputError`` whose ``field`` is the request field's path, so the
+client gets one ``BadRequest`` field violation naming the problem and what is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from forgedit.config import DeltaFormat, Precision, SweepConfig, TrainingConfig
+from forgedit.errors import InvalidInputError
+from forgedit.images import LoadedImage, load_image
+from forgedit.options import EditOptions, SampleOptions
+from forgedit.requests import TrainSeedFrom, build_edit, build_sweep, training_with_seed
+from registry.ids import validate_edit_model_id
+from server import validation
+from server.catalog import ServedModels
+from server.validation import Limits
+
+# -- calls: a request, decoded ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditCall:
+    """An ``EditRequest``, decoded (``server.wire.edit_call``)."""
+
+    request_id: str  # "" = none
+    detach: bool
+    base_model: str  # "" = the server's default
+    image: bytes
+    options: EditOptions
+
+
+@dataclass(frozen=True)
+class SampleCall:
+    """A ``SampleRequest``, decoded (``server.wire.sample_call``)."""
+
+    request_id: str
+    detach: bool
+    edit_model_id: str
+    options: SampleOptions
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the server decides for a request that leaves it unset (``ServerSettings``)."""
+
+    precision: Precision = "faithful"  # for training and sampling alike
+    delta_format: DeltaFormat | None = None  # None: the precision's default
+
+
+# -- plans: a call, checked --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditRequestPlan:
+    """A validated Edit request: everything the worker needs, nothing left to check."""
+
+    request_id: str
+    image: LoadedImage
+    image_bytes: bytes
+    base_model: str
+    source_prompt: str | None  # None: caption with BLIP
+    training: TrainingConfig  # its seed is a placeholder while train_seed_from is "content"
+    sweep: SweepConfig
+    detach: bool
+    # "given" (the request's seed), "content" (derived from the content once the source prompt
+    # and base model are known: ``training_for``) or "random" (fresh_seed).
+    train_seed_from: TrainSeedFrom = "given"
+
+    @property
+    def images_total(self) -> int:
+        return self.sweep.num_images
+
+    def training_for(self, base_fingerprint: str, source_prompt: str) -> TrainingConfig:
+        """The training config with its final seed. The content seed (``content_seed``) makes
+        the same image + base model + source prompt + config train the same edit model, so
+        the runner finds and reuses a stored one on any replica. A fresh fine-tune with a
+        request id gets a seed salted with that id: random-looking, yet a retry of the same
+        request (after its job expired, or on another replica) gets the same one
+        (``forgedit.requests.training_with_seed``). Without a request id a fresh seed was
+        drawn at validation: nothing to keep a retry consistent."""
+        return training_with_seed(
+            self.training,
+            self.train_seed_from,
+            image_sha256=self.image.sha256,
+            base_fingerprint=base_fingerprint,
+            source_prompt=source_prompt,
+            salt=self.request_id,
+        )
+
+
+@dataclass(frozen=True)
+class SampleRequestPlan:
+    """A validated Sample request."""
+
+    request_id: str
+    edit_model_id: str
+    sweep: SweepConfig
+    detach: bool
+
+    @property
+    def images_total(self) -> int:
+        return self.sweep.num_images
+
+
+RequestPlan = EditRequestPlan | SampleRequestPlan
+
+
+def edit_plan(
+    call: EditCall, limits: Limits, served: ServedModels, defaults: Defaults = Defaults()
+) -> EditRequestPlan:
+    """Check an Edit call and decode its image (see the module docstring for the order);
+    raise ``InvalidInputError`` naming the field otherwise."""
+    options = call.options
+    # 1. The service's limits on what was sent, and the base model it names.
+    validation.check_request_id(call.request_id)
+    validation.check_image_bytes(call.image, limits)
+    validation.check_prompts(options.target_prompts, limits)
+    if options.source_prompt is not None:
+        validation.check_text(options.source_prompt, "source_prompt", limits)
+    base = served.resolve(call.base_model)
+    if options.source_prompt is None and not base.can_caption:
+        raise InvalidInputError(
+            "source_prompt is required: this server has no BLIP captioner for base model "
+            f"{base.name!r}",
+            field="source_prompt",
+        )
+    validation.check_training_options(options.training, limits)
+    validation.check_sweep_options(options.sweep, limits)
+
+    # 2. The engine's rules and defaults: the fine-tune's config and the sweep, within the
+    # service's bounds on the work.
+    edit = build_edit(
+        options,
+        native_height=base.height,
+        native_width=base.width,
+        precision=defaults.precision,
+        delta_format=defaults.delta_format,
+        bounds=limits.bounds(),
+    )
+
+    # 3. Only now, with every cheap check passed, meet the image decoder.
+    image = load_image(call.image, limits=validation.image_limits(limits))
+    return EditRequestPlan(
+        call.request_id,
+        image,
+        call.image,
+        base.name,
+        edit.source_prompt,
+        edit.training,
+        edit.sweep,
+        call.detach,
+        edit.train_seed_from,
+    )
+
+
+def sample_plan(
+    call: SampleCall, limits: Limits, training_mode_of: Callable[[str], str]
+) -> SampleRequestPlan:
+    """Check a Sample call. The sweep's defaults and strategy names depend on the edit
+    model's variant, so once the cheap checks pass ``training_mode_of(edit_model_id)`` is asked
+    for its training mode (it raises for an unknown edit model)."""
+    # 1. The service's limits, before any registry lookup.
+    validation.check_request_id(call.request_id)
+    edit_model_id = validate_edit_model_id(call.edit_model_id)
+    validation.check_prompts(call.options.target_prompts, limits)
+    validation.check_sweep_options(call.options.sweep, limits)
+
+    # 2. The engine's rules and the edit model's variant's defaults, within the bounds.
+    mode = training_mode_of(edit_model_id)
+    sweep = build_sweep(call.options.sweep, call.options.target_prompts, mode, limits.bounds())
+    return SampleRequestPlan(call.request_id, edit_model_id, sweep, call.detach)
