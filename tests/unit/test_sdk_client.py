@@ -578,7 +578,102 @@ def test_token_goes_in_metadata_on_plaintext_channels() -> None:
     stub = FakeStub({"Sample": [[]]})
     client, _ = client_with(stub, token="s3cret")
     client.sample("em-1", "a dog").result()
-    assert stub.calls[0][3] == (("authorization", "Bearer s3cret"),)
+    assert ("authorization", "Bearer s3cret") in stub.calls[0][3]
+
+
+# -------------------------------------------------------------------------------- affinity
+
+
+def _key(call: tuple[str, Any, Any, Any]) -> str | None:
+    """The affinity key a recorded call carried (``forgedit-affinity``), if any."""
+    keys = [v for k, v in call[3] or () if k == "forgedit-affinity"]
+    return keys[0] if keys else None
+
+
+def test_sample_and_its_reattach_and_cancel_are_keyed_by_edit_model() -> None:
+    events = edit_job_events()
+    job = pb.Job(job_id="job-1", state=pb.JOB_STATE_CANCELLING)
+    stub = FakeStub(
+        {"Sample": [[*events[:2], unavailable()]], "WatchJob": [events[1:4]]},
+        unary={"CancelJob": [pb.CancelJobResponse(job=job)]},
+    )
+    client, _ = client_with(stub, token="s3cret")
+    stream = client.sample("em_model", "a dog", request_id="req-1")
+    for _ in range(3):
+        next(iter(stream))
+    stream.cancel()
+    assert stub.methods() == ["Sample", "WatchJob", "CancelJob"]
+    # Every call of the job reaches the replica its edit model hashes to.
+    assert [_key(c) for c in stub.calls] == ["em_model"] * 3
+    assert all(("authorization", "Bearer s3cret") in c[3] for c in stub.calls)
+
+
+def test_edit_is_keyed_by_request_id_and_reads_by_what_they_name() -> None:
+    model = pb.EditModel(edit_model_id="em_x")
+    stub = FakeStub(
+        {"Edit": [[unavailable()], edit_job_events()], "WatchJob": [[]]},
+        unary={
+            "GetEditModel": [pb.GetEditModelResponse(edit_model=model)],
+            "DeleteEditModel": [pb.DeleteEditModelResponse()],
+            "ListEditModels": [pb.ListEditModelsResponse()],
+            "GetJob": [pb.GetJobResponse(job=pb.Job(job_id="j"))] * 2,
+        },
+    )
+    client, _ = client_with(stub)
+    client.edit(b"img", "a dog", request_id="req-7").result()
+    client.get_edit_model("em_x")
+    client.delete_edit_model("em_x")
+    list(client.list_edit_models())
+    client.get_job("j")
+    client.get_job("j", affinity="em_x")
+    client.watch_job(request_id="req-7").result()
+    assert [(c[0], _key(c)) for c in stub.calls] == [
+        ("Edit", "req-7"),  # the retry too: same replica unless it is down
+        ("Edit", "req-7"),
+        ("GetEditModel", "em_x"),
+        ("DeleteEditModel", "em_x"),
+        ("ListEditModels", None),  # no key: a random replica
+        ("GetJob", None),
+        ("GetJob", "em_x"),
+        ("WatchJob", "req-7"),
+    ]
+
+
+def test_affinity_channel_uses_ring_hash_on_the_header_and_enables_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from forgedit_client.channel import RING_HASH_HEADER_ENV, channel_options
+
+    monkeypatch.delenv(RING_HASH_HEADER_ENV, raising=False)
+    options = dict(channel_options(load_balancing="affinity"))
+    config = json.loads(str(options["grpc.service_config"]))
+    assert config == {
+        "loadBalancingConfig": [
+            {"ring_hash_experimental": {"requestHashHeader": "forgedit-affinity"}}
+        ]
+    }
+    assert "grpc.lb_policy_name" not in options
+    # gRPC C-core ignores requestHashHeader without it (and then no call can be placed).
+    import os
+
+    assert os.environ[RING_HASH_HEADER_ENV] == "true"
+    assert dict(channel_options(load_balancing="round_robin"))["grpc.lb_policy_name"] == (
+        "round_robin"
+    )
+
+
+def test_affinity_is_refused_when_grpc_was_told_not_to_read_the_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from forgedit_client.channel import RING_HASH_HEADER_ENV, channel_options
+
+    monkeypatch.setenv(RING_HASH_HEADER_ENV, "false")
+    with pytest.raises(ValueError, match=RING_HASH_HEADER_ENV):
+        channel_options(load_balancing="affinity")
+    with pytest.raises(ValueError, match="load_balancing must be one of"):
+        channel_options(load_balancing="ring_hash")
 
 
 # ------------------------------------------------------------------------------ asyncio

@@ -100,10 +100,12 @@ class AsyncForgeditClient(_ClientConfig):
             detach=detach,
             options=options,
         )
+        metadata = self.metadata_for(request.request_id)
         return self._job_stream(
-            lambda t: self._stub.Edit(request, timeout=t, metadata=self.metadata),
+            lambda t: self._stub.Edit(request, timeout=t, metadata=metadata),
             request.request_id,
             self._timeout(timeout, self.timeouts.edit),
+            metadata,
         )
 
     def sample(
@@ -126,10 +128,12 @@ class AsyncForgeditClient(_ClientConfig):
             detach=detach,
             options=options,
         )
+        metadata = self.metadata_for(request.edit_model_id)
         return self._job_stream(
-            lambda t: self._stub.Sample(request, timeout=t, metadata=self.metadata),
+            lambda t: self._stub.Sample(request, timeout=t, metadata=metadata),
             request.request_id,
             self._timeout(timeout, self.timeouts.sample),
+            metadata,
         )
 
     def watch_job(
@@ -138,10 +142,12 @@ class AsyncForgeditClient(_ClientConfig):
         *,
         request_id: str | None = None,
         after_sequence: int = 0,
+        affinity: str | None = None,
         timeout: float | None = _UNSET,
     ) -> AsyncEventStream:
         """See ``ForgeditClient.watch_job``."""
         first = self.watch_request(job_id, request_id, after_sequence)
+        metadata = self.metadata_for(affinity or request_id)
         tracker = ResumeTracker(
             self.retry, deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch))
         )
@@ -151,50 +157,79 @@ class AsyncForgeditClient(_ClientConfig):
             req = pb.WatchJobRequest()
             req.CopyFrom(first)
             req.after_sequence = max(plan.after_sequence, after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=self.metadata)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=metadata)
 
         return AsyncEventStream(
-            open_call, request_id=request_id or "", tracker=tracker, canceller=self.cancel_job
+            open_call,
+            request_id=request_id or "",
+            tracker=tracker,
+            canceller=self._canceller(metadata),
         )
 
     def _job_stream(
-        self, start: Callable[[float | None], Any], request_id: str, timeout: float | None
+        self,
+        start: Callable[[float | None], Any],
+        request_id: str,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...],
     ) -> AsyncEventStream:
+        """See ``ForgeditClient._job_stream``."""
         tracker = ResumeTracker(self.retry, deadline=self.deadline_of(timeout))
 
         def open_call(plan: NextCall) -> Any:
             if plan.kind == "start":
                 return start(plan.timeout)
             req = pb.WatchJobRequest(request_id=request_id, after_sequence=plan.after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=self.metadata)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=metadata)
 
         return AsyncEventStream(
-            open_call, request_id=request_id, tracker=tracker, canceller=self.cancel_job
+            open_call,
+            request_id=request_id,
+            tracker=tracker,
+            canceller=self._canceller(metadata),
         )
+
+    def _canceller(self, metadata: tuple[tuple[str, str], ...]) -> Callable[[str], Any]:
+        """CancelJob by id, sent with the stream's metadata (its affinity key)."""
+
+        def cancel(job_id: str) -> Awaitable[Any]:
+            req = pb.CancelJobRequest(job_id=job_id)
+            return self._unary(self._stub.CancelJob, req, _UNSET, metadata=metadata)
+
+        return cancel
 
     # ----------------------------------------------------------------------------- unary
 
-    async def get_job(self, job_id: str, *, timeout: float | None = _UNSET) -> JobInfo:
-        resp = await self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
+    async def get_job(
+        self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
+    ) -> JobInfo:
+        req = pb.GetJobRequest(job_id=job_id)
+        md = self.metadata_for(affinity)
+        resp = await self._unary(self._stub.GetJob, req, timeout, metadata=md)
         return job_from_proto(resp.job)
 
-    async def cancel_job(self, job_id: str, *, timeout: float | None = _UNSET) -> JobInfo:
+    async def cancel_job(
+        self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
+    ) -> JobInfo:
         req = pb.CancelJobRequest(job_id=job_id)
-        resp = await self._unary(self._stub.CancelJob, req, timeout)
+        md = self.metadata_for(affinity)
+        resp = await self._unary(self._stub.CancelJob, req, timeout, metadata=md)
         return job_from_proto(resp.job)
 
     async def get_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> EditModelInfo:
         req = pb.GetEditModelRequest(edit_model_id=edit_model_id)
-        resp = await self._unary(self._stub.GetEditModel, req, timeout)
+        md = self.metadata_for(edit_model_id)
+        resp = await self._unary(self._stub.GetEditModel, req, timeout, metadata=md)
         return edit_model_from_proto(resp.edit_model)
 
     async def delete_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> None:
         req = pb.DeleteEditModelRequest(edit_model_id=edit_model_id)
-        await self._unary(self._stub.DeleteEditModel, req, timeout, retry=False)
+        md = self.metadata_for(edit_model_id)
+        await self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, metadata=md)
 
     async def list_edit_models(
         self,
@@ -226,8 +261,10 @@ class AsyncForgeditClient(_ClientConfig):
         timeout: Any,
         *,
         retry: bool = True,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Any:
         policy = self.retry if retry else NO_RETRY
+        metadata = self.metadata if metadata is None else metadata
         timeout = self._timeout(timeout, self.timeouts.unary)
         deadline = self.deadline_of(timeout)
         attempt = 0
@@ -235,7 +272,7 @@ class AsyncForgeditClient(_ClientConfig):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await method(request, timeout=remaining, metadata=self.metadata)
+                return await method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = ForgeditRpcError.from_grpc(exc)
             if not policy.should_retry(error.code, attempt):
