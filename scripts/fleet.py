@@ -314,12 +314,14 @@ class Fleet:
             extra={"scrape_interval": scrape_interval},
         )
         try:
-            self.start_postgres(state)
-            self.start_mlflow(state)
-            self.bootstrap_mlflow(state)
+            # The replicas load their models while MLflow starts: they call it only when a
+            # request needs it, by which time the bootstrap below has made their user.
             models = self.base_models()
             for replica in state.replicas:
                 self.start_replica(state, replica, models, wait=False)
+            self.start_postgres(state)
+            self.start_mlflow(state)
+            self.bootstrap_mlflow(state)
             self.start_prometheus(state, scrape_interval)
             deadline = time.monotonic() + timeout
             for replica in state.replicas:
@@ -725,6 +727,10 @@ class Fleet:
         state = state or State.load(self.state_file)
         if state is None:
             return []
+        # Every replica drains at once (each waits for its own running jobs).
+        running = [r.proc for r in state.replicas if r.proc is not None and r.proc.alive()]
+        for proc in running:
+            proc.signal(signal.SIGTERM)
         for replica in state.replicas:
             self.stop_replica(state, replica, save=False)
         if state.prometheus is not None:

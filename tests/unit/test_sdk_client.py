@@ -460,19 +460,54 @@ def test_reattach_budget_resets_after_progress() -> None:
 
 
 def test_reattach_that_finds_no_job_explains_the_drop() -> None:
+    """A watch has no request to submit again: NOT_FOUND after a drop is final."""
     events = edit_job_events()
     stub = FakeStub(
         {
-            "Edit": [[events[0], unavailable()]],
-            "WatchJob": [[FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")]],
+            "WatchJob": [
+                [events[0], unavailable()],
+                [FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")],
+            ]
         }
     )
     client, _ = client_with(stub)
     with pytest.raises(
         ForgeditRpcError, match="connection dropped and job job-1 could not be re-attached"
     ) as info:
-        client.edit(b"img", "a dog").result()
+        client.watch_job(request_id="req-1").result()
     assert info.value.job_id == "job-1"
+    # Both calls went to the job's replica: a watch never moves its key.
+    assert [_key(c) for c in stub.calls] == ["req-1", "req-1"]
+
+
+def test_a_job_lost_with_its_replica_is_submitted_again_elsewhere() -> None:
+    """The connection dropped and the re-attach finds no job: the replica went away with the
+    job. The stream submits the request again (same request id, moved key), the events start
+    over, and the result is the new job's alone."""
+    events = edit_job_events()
+    again = edit_job_events("job-2")
+    stub = FakeStub(
+        {
+            "Edit": [[*events[:7], unavailable()], again],
+            "WatchJob": [[FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")]],
+        }
+    )
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog", request_id="req-9")
+    result = stream.result()
+    assert stub.methods() == ["Edit", "WatchJob", "Edit"]
+    assert [c[1].request_id for c in stub.calls if c[0] == "Edit"] == ["req-9", "req-9"]
+    assert [_key(c) for c in stub.calls] == ["req-9", "req-9", "req-9~1"]
+    assert result.completed and result.job_id == "job-2"
+    assert len(result.images) == 2  # the lost job's image is not counted twice
+    assert stream.resubmits == 1 and stream.job_id == "job-2"
+
+
+def test_a_refused_start_moves_the_key_to_another_replica() -> None:
+    stub = FakeStub({"Sample": [[unavailable()], [unavailable()], edit_job_events()]})
+    client, _ = client_with(stub)
+    client.sample("em_model", "a dog").result()
+    assert [_key(c) for c in stub.calls] == ["em_model", "em_model~1", "em_model~2"]
 
 
 def test_the_deadline_covers_all_attempts() -> None:
@@ -628,8 +663,8 @@ def test_edit_is_keyed_by_request_id_and_reads_by_what_they_name() -> None:
     client.get_job("j", affinity="em_x")
     client.watch_job(request_id="req-7").result()
     assert [(c[0], _key(c)) for c in stub.calls] == [
-        ("Edit", "req-7"),  # the retry too: same replica unless it is down
         ("Edit", "req-7"),
+        ("Edit", "req-7~1"),  # refused: the retry tries another point on the ring
         ("GetEditModel", "em_x"),
         ("DeleteEditModel", "em_x"),
         ("ListEditModels", None),  # no key: a random replica

@@ -29,7 +29,7 @@ from forgedit_client.errors import ForgeditRpcError
 from forgedit_client.events import EditModelInfo, JobInfo, edit_model_from_proto, job_from_proto
 from forgedit_client.options import ImageInput, SweepOptions, TrainingOptions
 from forgedit_client.retry import NO_RETRY, RetryPolicy
-from forgedit_client.stream import AsyncEventStream, NextCall, ResumeTracker
+from forgedit_client.stream import AsyncEventStream, NextCall, ResumeTracker, moved_key
 
 
 class AsyncForgeditClient(_ClientConfig):
@@ -100,12 +100,11 @@ class AsyncForgeditClient(_ClientConfig):
             detach=detach,
             options=options,
         )
-        metadata = self.metadata_for(request.request_id)
         return self._job_stream(
-            lambda t: self._stub.Edit(request, timeout=t, metadata=metadata),
+            lambda t, md: self._stub.Edit(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.edit),
-            metadata,
+            key=request.request_id,
         )
 
     def sample(
@@ -128,12 +127,11 @@ class AsyncForgeditClient(_ClientConfig):
             detach=detach,
             options=options,
         )
-        metadata = self.metadata_for(request.edit_model_id)
         return self._job_stream(
-            lambda t: self._stub.Sample(request, timeout=t, metadata=metadata),
+            lambda t, md: self._stub.Sample(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.sample),
-            metadata,
+            key=request.edit_model_id,
         )
 
     def watch_job(
@@ -147,9 +145,10 @@ class AsyncForgeditClient(_ClientConfig):
     ) -> AsyncEventStream:
         """See ``ForgeditClient.watch_job``."""
         first = self.watch_request(job_id, request_id, after_sequence)
-        metadata = self.metadata_for(affinity or request_id)
         tracker = ResumeTracker(
-            self.retry, deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch))
+            self.retry,
+            deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch)),
+            key=affinity or request_id,
         )
         tracker.last_sequence = after_sequence
 
@@ -157,46 +156,42 @@ class AsyncForgeditClient(_ClientConfig):
             req = pb.WatchJobRequest()
             req.CopyFrom(first)
             req.after_sequence = max(plan.after_sequence, after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=metadata)
+            md = self.metadata_for(plan.key)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return AsyncEventStream(
             open_call,
             request_id=request_id or "",
             tracker=tracker,
-            canceller=self._canceller(metadata),
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
         )
 
     def _job_stream(
         self,
-        start: Callable[[float | None], Any],
+        start: Callable[[float | None, tuple[tuple[str, str], ...]], Any],
         request_id: str,
         timeout: float | None,
-        metadata: tuple[tuple[str, str], ...],
+        *,
+        key: str,
     ) -> AsyncEventStream:
         """See ``ForgeditClient._job_stream``."""
-        tracker = ResumeTracker(self.retry, deadline=self.deadline_of(timeout))
+        tracker = ResumeTracker(
+            self.retry, deadline=self.deadline_of(timeout), key=key, resubmit=True
+        )
 
         def open_call(plan: NextCall) -> Any:
+            md = self.metadata_for(plan.key)
             if plan.kind == "start":
-                return start(plan.timeout)
+                return start(plan.timeout, md)
             req = pb.WatchJobRequest(request_id=request_id, after_sequence=plan.after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=metadata)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return AsyncEventStream(
             open_call,
             request_id=request_id,
             tracker=tracker,
-            canceller=self._canceller(metadata),
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
         )
-
-    def _canceller(self, metadata: tuple[tuple[str, str], ...]) -> Callable[[str], Any]:
-        """CancelJob by id, sent with the stream's metadata (its affinity key)."""
-
-        def cancel(job_id: str) -> Awaitable[Any]:
-            req = pb.CancelJobRequest(job_id=job_id)
-            return self._unary(self._stub.CancelJob, req, _UNSET, metadata=metadata)
-
-        return cancel
 
     # ----------------------------------------------------------------------------- unary
 
@@ -204,32 +199,28 @@ class AsyncForgeditClient(_ClientConfig):
         self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
     ) -> JobInfo:
         req = pb.GetJobRequest(job_id=job_id)
-        md = self.metadata_for(affinity)
-        resp = await self._unary(self._stub.GetJob, req, timeout, metadata=md)
+        resp = await self._unary(self._stub.GetJob, req, timeout, key=affinity)
         return job_from_proto(resp.job)
 
     async def cancel_job(
         self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
     ) -> JobInfo:
         req = pb.CancelJobRequest(job_id=job_id)
-        md = self.metadata_for(affinity)
-        resp = await self._unary(self._stub.CancelJob, req, timeout, metadata=md)
+        resp = await self._unary(self._stub.CancelJob, req, timeout, key=affinity)
         return job_from_proto(resp.job)
 
     async def get_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> EditModelInfo:
         req = pb.GetEditModelRequest(edit_model_id=edit_model_id)
-        md = self.metadata_for(edit_model_id)
-        resp = await self._unary(self._stub.GetEditModel, req, timeout, metadata=md)
+        resp = await self._unary(self._stub.GetEditModel, req, timeout, key=edit_model_id)
         return edit_model_from_proto(resp.edit_model)
 
     async def delete_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> None:
         req = pb.DeleteEditModelRequest(edit_model_id=edit_model_id)
-        md = self.metadata_for(edit_model_id)
-        await self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, metadata=md)
+        await self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, key=edit_model_id)
 
     async def list_edit_models(
         self,
@@ -261,10 +252,10 @@ class AsyncForgeditClient(_ClientConfig):
         timeout: Any,
         *,
         retry: bool = True,
-        metadata: tuple[tuple[str, str], ...] | None = None,
+        key: str | None = None,
     ) -> Any:
+        """See ``ForgeditClient._unary``."""
         policy = self.retry if retry else NO_RETRY
-        metadata = self.metadata if metadata is None else metadata
         timeout = self._timeout(timeout, self.timeouts.unary)
         deadline = self.deadline_of(timeout)
         attempt = 0
@@ -272,7 +263,8 @@ class AsyncForgeditClient(_ClientConfig):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await method(request, timeout=remaining, metadata=metadata)
+                md = self.metadata_for(moved_key(key, attempt - 1))
+                return await method(request, timeout=remaining, metadata=md)
             except grpc.RpcError as exc:
                 error = ForgeditRpcError.from_grpc(exc)
             if not policy.should_retry(error.code, attempt):

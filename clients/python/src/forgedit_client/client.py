@@ -51,7 +51,7 @@ from forgedit_client.options import (
     split_options,
 )
 from forgedit_client.retry import NO_RETRY, RetryPolicy
-from forgedit_client.stream import EventStream, NextCall, ResumeTracker
+from forgedit_client.stream import EventStream, NextCall, ResumeTracker, moved_key
 
 DEFAULT_TARGET = "localhost:50051"
 T = TypeVar("T")
@@ -253,12 +253,11 @@ class ForgeditClient(_ClientConfig):
             detach=detach,
             options=options,
         )
-        metadata = self.metadata_for(request.request_id)
         return self._job_stream(
-            lambda t: self._stub.Edit(request, timeout=t, metadata=metadata),
+            lambda t, md: self._stub.Edit(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.edit),
-            metadata,
+            key=request.request_id,
         )
 
     def sample(
@@ -283,12 +282,11 @@ class ForgeditClient(_ClientConfig):
             options=options,
         )
         # Routed by edit model: with load_balancing="affinity" its replica has it hot.
-        metadata = self.metadata_for(request.edit_model_id)
         return self._job_stream(
-            lambda t: self._stub.Sample(request, timeout=t, metadata=metadata),
+            lambda t, md: self._stub.Sample(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.sample),
-            metadata,
+            key=request.edit_model_id,
         )
 
     def watch_job(
@@ -307,9 +305,10 @@ class ForgeditClient(_ClientConfig):
         ``load_balancing="affinity"`` (default: ``request_id``, an Edit's key; a Sample's is
         its edit-model ID)."""
         first = self.watch_request(job_id, request_id, after_sequence)
-        metadata = self.metadata_for(affinity or request_id)
         tracker = ResumeTracker(
-            self.retry, deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch))
+            self.retry,
+            deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch)),
+            key=affinity or request_id,
         )
         tracker.last_sequence = after_sequence
 
@@ -317,42 +316,44 @@ class ForgeditClient(_ClientConfig):
             req = pb.WatchJobRequest()
             req.CopyFrom(first)
             req.after_sequence = max(plan.after_sequence, after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=metadata)
+            md = self.metadata_for(plan.key)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return EventStream(
             open_call,
             request_id=request_id or "",
             tracker=tracker,
-            canceller=lambda job: self._unary(
-                self._stub.CancelJob, pb.CancelJobRequest(job_id=job), _UNSET, metadata=metadata
-            ),
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
             sleep=self._sleep,
         )
 
     def _job_stream(
         self,
-        start: Callable[[float | None], Any],
+        start: Callable[[float | None, tuple[tuple[str, str], ...]], Any],
         request_id: str,
         timeout: float | None,
-        metadata: tuple[tuple[str, str], ...],
+        *,
+        key: str,
     ) -> EventStream:
-        """The stream of one Edit or Sample; its re-attach and cancel carry the call's
-        ``metadata`` (its affinity key), so they reach the replica that runs the job."""
-        tracker = ResumeTracker(self.retry, deadline=self.deadline_of(timeout))
+        """The stream of one Edit or Sample (``forgedit_client.stream``): every call carries
+        the tracker's affinity key, so a re-attach and a cancel reach the replica running
+        the job, and a refused start tries another."""
+        tracker = ResumeTracker(
+            self.retry, deadline=self.deadline_of(timeout), key=key, resubmit=True
+        )
 
         def open_call(plan: NextCall) -> Any:
+            md = self.metadata_for(plan.key)
             if plan.kind == "start":
-                return start(plan.timeout)
+                return start(plan.timeout, md)
             req = pb.WatchJobRequest(request_id=request_id, after_sequence=plan.after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=metadata)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return EventStream(
             open_call,
             request_id=request_id,
             tracker=tracker,
-            canceller=lambda job: self._unary(
-                self._stub.CancelJob, pb.CancelJobRequest(job_id=job), _UNSET, metadata=metadata
-            ),
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
             sleep=self._sleep,
         )
 
@@ -365,8 +366,7 @@ class ForgeditClient(_ClientConfig):
         the call reached another replica: pass the job's ``affinity`` key, see
         ``watch_job``)."""
         req = pb.GetJobRequest(job_id=job_id)
-        resp = self._unary(self._stub.GetJob, req, timeout, metadata=self.metadata_for(affinity))
-        return job_from_proto(resp.job)
+        return job_from_proto(self._unary(self._stub.GetJob, req, timeout, key=affinity).job)
 
     def cancel_job(
         self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
@@ -374,23 +374,20 @@ class ForgeditClient(_ClientConfig):
         """Ask the job to stop (it stops within one step); returns its state (CANCELLING
         until stopped). Cancelling a finished job is a no-op. ``affinity`` as ``get_job``."""
         req = pb.CancelJobRequest(job_id=job_id)
-        md = self.metadata_for(affinity)
-        return job_from_proto(self._unary(self._stub.CancelJob, req, timeout, metadata=md).job)
+        return job_from_proto(self._unary(self._stub.CancelJob, req, timeout, key=affinity).job)
 
     def get_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> EditModelInfo:
         """Metadata of a stored edit model. NOT_FOUND when unknown."""
         req = pb.GetEditModelRequest(edit_model_id=edit_model_id)
-        md = self.metadata_for(edit_model_id)
-        resp = self._unary(self._stub.GetEditModel, req, timeout, metadata=md)
+        resp = self._unary(self._stub.GetEditModel, req, timeout, key=edit_model_id)
         return edit_model_from_proto(resp.edit_model)
 
     def delete_edit_model(self, edit_model_id: str, *, timeout: float | None = _UNSET) -> None:
         """Delete a stored edit model. NOT_FOUND when unknown. Not retried."""
         req = pb.DeleteEditModelRequest(edit_model_id=edit_model_id)
-        md = self.metadata_for(edit_model_id)
-        self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, metadata=md)
+        self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, key=edit_model_id)
 
     def list_edit_models(
         self,
@@ -423,10 +420,12 @@ class ForgeditClient(_ClientConfig):
         timeout: Any,
         *,
         retry: bool = True,
-        metadata: tuple[tuple[str, str], ...] | None = None,
+        key: str | None = None,
     ) -> T:
+        """One unary call with the retry policy. ``key``: the call's affinity key; a retry
+        after UNAVAILABLE moves it (``moved_key``), so it does not wait on the same refusing
+        replica."""
         policy = self.retry if retry else NO_RETRY
-        metadata = self.metadata if metadata is None else metadata
         timeout = self._timeout(timeout, self.timeouts.unary)
         deadline = self.deadline_of(timeout)
         attempt = 0
@@ -434,7 +433,8 @@ class ForgeditClient(_ClientConfig):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return method(request, timeout=remaining, metadata=metadata)
+                md = self.metadata_for(moved_key(key, attempt - 1))
+                return method(request, timeout=remaining, metadata=md)
             except grpc.RpcError as exc:
                 error = ForgeditRpcError.from_grpc(exc)
             if not policy.should_retry(error.code, attempt):
