@@ -54,6 +54,15 @@ CACHE_DELETE_ERRORS = Counter(
 )
 CACHE_DELETE_ERRORS.inc(0)
 
+LOADS = Counter(
+    "forgedit_registry_loads_total",
+    "Edit models loaded for use, by where the copy came from: memory (already loaded), spool, "
+    "cache (verified disk copy) or download; the hit rate of the replica's caches",
+    ["source"],
+)
+for _source in ("memory", "spool", "cache", "download"):
+    LOADS.labels(source=_source).inc(0)
+
 CACHED_MODELS = Gauge(
     "forgedit_registry_cached_edit_models",
     "Edit models held in the replica's cache, by tier",

@@ -39,6 +39,7 @@ from registry.backend import MlflowBackend
 from registry.cache import (
     CACHE_DELETE_ERRORS,
     EDIT_MODEL_DIR,
+    LOADS,
     ORIGIN_FILE,
     DiskCache,
     MemoryCache,
@@ -120,6 +121,7 @@ class EditModelFetcher:
             self.forget_deleted(edit_model_id)
             raise EditModelNotFoundError(edit_model_id)
         if model is not None and expected_base_fingerprint in (None, model.base_model_fingerprint):
+            LOADS.labels(source="memory").inc()
             return model
         # Not in memory, or in memory but for another base model: load_edit_model says which.
 
@@ -127,6 +129,7 @@ class EditModelFetcher:
             return load_edit_model(path, expected_base_fingerprint=expected_base_fingerprint)
 
         spooled = self._read_spooled(edit_model_id, read)
+        source: Source = "spool"
         if spooled is not None:
             model = spooled[1]
         else:
@@ -142,6 +145,7 @@ class EditModelFetcher:
                     self._discard_corrupt(edit_model_id, "cached copy")
                     path, source = self._cached_or_downloaded(edit_model_id)
                     model = read(path)
+        LOADS.labels(source=source).inc()
         self._memory.put(edit_model_id, model)
         return model
 
