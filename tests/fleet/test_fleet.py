@@ -98,6 +98,22 @@ def test_one_edit_is_listed_sampled_and_identical_on_every_replica(fleet: LocalF
     assert _pngs(result) == images[0]
 
 
+def test_affinity_keeps_each_edit_models_samples_on_one_replica(fleet: LocalFleet) -> None:
+    """gRPC's ring hash on the SDK's forgedit-affinity header (grpcio 1.85.1, with the
+    environment variable the SDK sets): every Sample of one edit model through the balanced
+    target runs on the same replica. (How models spread over the replicas depends on their
+    random IDs; BENCHMARKS.md, "Fleet", measures it.)"""
+    with fleet.client(0) as c0:
+        models = [c0.edit(_photo(40 + i), PROMPT, **QUICK).result().edit_model_id for i in range(3)]
+    homes: dict[str, set[int]] = {}
+    with fleet.client() as balanced:
+        for edit_model_id in models:
+            for _ in range(3):
+                job = balanced.sample(edit_model_id, PROMPT, **SWEEP).result().job_id
+                homes.setdefault(edit_model_id, set()).add(job_replica(fleet, job))
+    assert all(len(replicas) == 1 for replicas in homes.values()), homes
+
+
 @pytest.mark.parametrize("fresh_seed", [False, True], ids=["derived-seed", "fresh-seed"])
 def test_a_retried_edit_on_another_replica_returns_the_same_edit_model(
     fleet: LocalFleet, fresh_seed: bool
