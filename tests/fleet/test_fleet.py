@@ -98,6 +98,45 @@ def test_one_edit_is_listed_sampled_and_identical_on_every_replica(fleet: LocalF
     assert _pngs(result) == images[0]
 
 
+def test_the_replicas_sign_in_to_mlflow_as_a_user_that_sees_only_its_own(
+    fleet: LocalFleet,
+) -> None:
+    """The bootstrap (deploy/mlflow/bootstrap.py, as the manifests' Job runs it) made the
+    replicas' MLflow user: not an admin, MANAGE on the edit-model experiment and registered
+    model, nothing else (the auth config grants nothing by default)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    with fleet.mlflow_admin() as admin:
+        other = f"someone-elses-{time.time_ns()}"
+        admin.create_experiment(other)
+        auth = get_app_client("basic-auth", tracking_uri=fleet.env["MLFLOW_TRACKING_URI"])
+        assert auth.get_user("forgedit-server").is_admin is False
+        for kind, name in (
+            ("experiment", admin.get_experiment_by_name("forgedit-edit-models").experiment_id),
+            ("registered_model", "forgedit-edit-models"),
+        ):
+            granted = auth.get_user_permission("forgedit-server", kind, name)
+            assert granted.permission == "MANAGE", (kind, granted.permission)
+    password = (fleet.root / "secrets" / "mlflow-service-password").read_text().strip()
+    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update(dict(zip(names, ("forgedit-server", password), strict=True)))
+    try:
+        service = MlflowClient(fleet.env["MLFLOW_TRACKING_URI"])
+        assert service.get_experiment_by_name("forgedit-edit-models") is not None
+        assert [e.name for e in service.search_experiments()] == ["forgedit-edit-models"]
+        with pytest.raises(MlflowException, match="403"):
+            service.get_experiment_by_name(other)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def test_affinity_keeps_each_edit_models_samples_on_one_replica(fleet: LocalFleet) -> None:
     """gRPC's ring hash on the SDK's forgedit-affinity header (grpcio 1.85.1, with the
     environment variable the SDK sets): every Sample of one edit model through the balanced

@@ -503,6 +503,30 @@ def test_a_job_lost_with_its_replica_is_submitted_again_elsewhere() -> None:
     assert stream.resubmits == 1 and stream.job_id == "job-2"
 
 
+def test_a_reattach_refused_by_a_draining_replica_submits_the_request_elsewhere() -> None:
+    """A draining replica refuses every call with UNAVAILABLE and a retry hint (its queued jobs
+    have ended; it is about to close): waiting for it is pointless, the request goes again
+    elsewhere. A dropped connection (UNAVAILABLE without a hint) is re-attached again."""
+    events = edit_job_events()
+    draining = FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; retry on another replica",
+        retry_info(1),
+    )
+    stub = FakeStub(
+        {
+            "Sample": [[*events[:2], unavailable()], edit_job_events("job-2")],
+            "WatchJob": [[unavailable()], [draining]],
+        }
+    )
+    client, _ = client_with(stub)
+    stream = client.sample("em_model", "a dog")
+    result = stream.result()
+    assert stub.methods() == ["Sample", "WatchJob", "WatchJob", "Sample"]
+    assert [_key(c) for c in stub.calls] == ["em_model", "em_model", "em_model", "em_model~1"]
+    assert result.job_id == "job-2" and stream.resubmits == 1
+
+
 def test_a_refused_start_moves_the_key_to_another_replica() -> None:
     stub = FakeStub({"Sample": [[unavailable()], [unavailable()], edit_job_events()]})
     client, _ = client_with(stub)

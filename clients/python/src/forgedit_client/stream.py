@@ -18,9 +18,10 @@ The loop, for one Edit or Sample:
    replica that refuses the start (UNAVAILABLE: still loading its models, draining, gone)
    keeps refusing for a while, and the key would keep choosing it: each retry of ``start``
    therefore moves the key (``KEY~1``, ``KEY~2``, …, another point on the ring). A re-attach
-   that finds no job (NOT_FOUND) after a dropped connection means the job's replica went away
-   (restarted, killed, scaled in) and its job with it: the stream submits the request again
-   under the same ``request_id`` (and a moved key), within the same retry budget. Events then
+   that finds no job (NOT_FOUND), or that the job's replica refuses outright (UNAVAILABLE with
+   the server's retry hint: draining or restarting), means the job's replica went away or is
+   going (restarted, killed, scaled in) and its job with it: the stream submits the request
+   again under the same ``request_id`` (and a moved key), within the same retry budget. Events then
    start over with the new job (a new ``job_id``, ``Accepted`` first) and ``result()`` is the
    new job's. The request id keeps this safe: an Edit registers one edit model per request id
    whichever replica ends up running it, and a request's training seed depends on that id only.
@@ -131,7 +132,7 @@ class ResumeTracker:
     def after_error(self, error: ForgeditRpcError) -> NextCall:
         """Plan the next call after ``error``, or raise it (with context) when it is final."""
         self.failures += 1
-        lost = self.reattaching and error.code == grpc.StatusCode.NOT_FOUND and self.can_resubmit
+        lost = self.can_resubmit and self.reattaching and _job_unreachable(error)
         if not lost and not self.policy.should_retry(error.code, self.failures):
             raise self._final(error)
         if lost and self.failures >= self.policy.max_attempts:
@@ -169,6 +170,18 @@ class ResumeTracker:
                 job_id=self.job_id,
             )
         return error
+
+
+def _job_unreachable(error: ForgeditRpcError) -> bool:
+    """A re-attach's failure that says the job's replica cannot give its events back: it has
+    no such job (NOT_FOUND: it restarted, or the call reached another replica because the
+    job's is gone), or the replica itself refuses every call (UNAVAILABLE with the server's
+    retry hint: it is draining, so its queued jobs have ended and its connections are about to
+    close, or it is still starting after a restart). A dropped connection is UNAVAILABLE
+    without a hint and is re-attached again."""
+    if error.code == grpc.StatusCode.NOT_FOUND:
+        return True
+    return error.code == grpc.StatusCode.UNAVAILABLE and error.retry_delay is not None
 
 
 Opener = Callable[[NextCall], Any]
