@@ -9,6 +9,7 @@ are injected by switching the registry's ``MlflowClient`` to raise the connectio
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -783,6 +784,67 @@ def test_a_cached_copy_is_described_with_its_principal(replicas: Replicas) -> No
         info = replica.cached_info(model_id)
         assert info is not None and info.status == "cached"
         assert info.principal == "alice"
+
+
+def test_a_cached_copy_is_described_while_a_loader_holds_its_lock(replicas: Replicas) -> None:
+    """Issue 21.7: a loader holds the copy's lock while it asks MLflow whether the ID still
+    exists (seconds, when MLflow hangs); describing the copy must not need that lock, or the
+    caller falls back to MLflow."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(21), principal="alice").edit_model_id
+    with a._disk.lock(model_id):  # as load() holds it, from another open file description
+        info = a.cached_info(model_id)
+    assert info is not None and info.status == "cached" and info.principal == "alice"
+    assert info.edit_model_id == model_id
+
+
+def test_a_copy_replaced_while_it_is_described_is_read_whole(replicas: Replicas) -> None:
+    """``cached_info`` reads origin.json and the manifest without the lock, from one pinned
+    directory: a copy renamed away in between (an eviction, a re-install) is still read whole,
+    and a copy that is gone is simply not described."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(22)).edit_model_id
+    with a._disk.pinned(model_id) as copy:
+        assert copy is not None
+        a._disk.discard(model_id)  # renamed into trash and deleted meanwhile
+        assert not a._disk.has(model_id)
+    with a._disk.pinned(model_id) as copy:
+        assert copy is None
+    assert a.cached_info(model_id) is None
+
+
+def test_a_deleted_model_is_refused_without_mlflow_and_its_copy_removed_later(
+    replicas: Replicas,
+) -> None:
+    """Issue 21.6: a delete removes the model from MLflow even when the disk refuses to remove
+    the local copy; the copy is never served (also while MLflow is down), is counted, and goes
+    at the next use once the disk lets go."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(23)).edit_model_id
+    a.load(model_id)
+    trash = a._disk.root / "trash"
+    shutil.rmtree(trash)
+    trash.write_bytes(b"")  # every removal renames into trash first: now each one fails
+    errors = REGISTRY.get_sample_value("forgedit_registry_cache_delete_errors_total") or 0.0
+    try:
+        a.delete(model_id)
+        assert (
+            REGISTRY.get_sample_value("forgedit_registry_cache_delete_errors_total") == errors + 1
+        )
+        assert model_id in cached_ids(a)
+        with pytest.raises(EditModelNotFoundError):
+            a.show(model_id)
+        switchable(a).down = True  # refused from what this replica knows, not from MLflow
+        for use in (a.load, a.fetch, a.cached_info):
+            with pytest.raises(EditModelNotFoundError):
+                use(model_id)
+        assert model_id in cached_ids(a)
+    finally:
+        trash.unlink()
+        trash.mkdir()
+    with pytest.raises(EditModelNotFoundError):
+        a.load(model_id)
+    assert cached_ids(a) == []
 
 
 def test_register_and_find_existing_do_not_wait_out_a_hung_mlflow(replicas: Replicas) -> None:

@@ -65,7 +65,9 @@ def _client(args: argparse.Namespace) -> ForgeditClient:
         if bool(args.cert) != bool(args.key):
             raise InvalidOptionError("mutual TLS needs both --cert and --key")
         tls = TlsConfig.from_files(args.ca, args.cert, args.key)
-    return ForgeditClient(args.server, token=args.token, tls=tls)
+    return ForgeditClient(
+        args.server, token=args.token, tls=tls, load_balancing=args.load_balancing
+    )
 
 
 def _dispatch(client: ForgeditClient, args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from forgedit_client.channel import LOAD_BALANCING_POLICIES
 from forgedit_client.client import DEFAULT_TARGET
 from forgedit_client.events import DELTA_FORMATS, INTERPOLATIONS, PRECISIONS, TRAINING_MODES
 
@@ -123,6 +124,14 @@ def add_connection_flags(parser: argparse.ArgumentParser, *, suppress: bool = Fa
         "--server",
         default=default(os.environ.get("FORGEDIT_SERVER", DEFAULT_TARGET)),
         help="host:port of the service (env FORGEDIT_SERVER; default localhost:50051)",
+    )
+    conn.add_argument(
+        "--load-balancing",
+        choices=LOAD_BALANCING_POLICIES,
+        default=default(os.environ.get("FORGEDIT_LOAD_BALANCING") or None),
+        help="over several replicas (a dns:/// or ipv4:a,b target): round_robin, or affinity "
+        "(Sample lands where its edit model is hot) (env FORGEDIT_LOAD_BALANCING; "
+        "default pick_first)",
     )
     conn.add_argument(
         "--token",
