@@ -5,6 +5,7 @@ option by its request field path."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import fields
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ import torch
 from forgedit.config import SweepConfig, TrainingConfig, content_seed
 from forgedit.errors import InvalidInputError, UnknownStrategyError
 from forgedit.images import sheet_label
-from forgedit.options import EditOptions, SweepOptions, TrainingOptions
+from forgedit.options import (
+    EditOptions,
+    OutputOptions,
+    PreviewOptions,
+    SampleOptions,
+    SweepOptions,
+    TrainingOptions,
+)
 from forgedit.requests import (
     RANDOM_SEED_BOUND,
     build_edit,
@@ -168,10 +176,13 @@ def test_a_request_option_is_one_name_from_the_proto_to_the_cli_and_the_sdk() ->
     from forgedit.cli.parser import FLAGS, UNFLAGGED
     from server._proto import forgedit_pb2 as pb
 
-    for message, engine, client, prefix in (
+    groups = (
         (pb.TrainingOptions, TrainingOptions, sdk.TrainingOptions, "training"),
         (pb.SweepOptions, SweepOptions, sdk.SweepOptions, "sweep"),
-    ):
+        (pb.OutputOptions, OutputOptions, sdk.OutputOptions, "output"),
+        (pb.PreviewOptions, PreviewOptions, sdk.PreviewOptions, "preview"),
+    )
+    for message, engine, client, prefix in groups:
         proto = [f.name for f in message.DESCRIPTOR.fields]
         assert [f.name for f in dataclasses.fields(engine)] == proto
         for name in proto:
@@ -179,6 +190,13 @@ def test_a_request_option_is_one_name_from_the_proto_to_the_cli_and_the_sdk() ->
             assert (path in FLAGS) != (path in UNFLAGGED), f"{path}: a CLI flag, or UNFLAGGED"
             sdk_name = sdk._ALIASES.get(name, name)  # the SDK spells forget_strategies forget
             assert sdk_name in {f.name for f in dataclasses.fields(client)}, f"SDK: {path}"
-    assert set(FLAGS) - {f"training.{n}" for n in TrainingOptions.__dataclass_fields__} - {
-        f"sweep.{n}" for n in SweepOptions.__dataclass_fields__
-    } == {"target_prompts", "source_prompt"}
+    grouped = {f"{prefix}.{f.name}" for _, engine, _, prefix in groups for f in fields(engine)}
+    assert set(FLAGS) - grouped == {"target_prompts", "source_prompt"}
+    # Every group is a field of both requests' options, named as the request names it.
+    for request, options in ((pb.EditRequest, EditOptions), (pb.SampleRequest, SampleOptions)):
+        names = {f.name for f in fields(options)}
+        for _, _, _, prefix in groups[1:]:
+            assert prefix in request.DESCRIPTOR.fields_by_name and prefix in names, prefix
+    # And every flat SDK keyword lands in its group.
+    assert set(sdk._OUTPUT_KEYWORDS.values()) == {f.name for f in fields(sdk.OutputOptions)}
+    assert set(sdk._PREVIEW_KEYWORDS.values()) == {f.name for f in fields(sdk.PreviewOptions)}
