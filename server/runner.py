@@ -381,7 +381,7 @@ class _PreviewStream:
 
     def send(self, shown: Preview) -> None:
         job = self.job
-        data = encode_image(shown.image, self.output)
+        data = b"" if self.dropping else encode_image(shown.image, self.output)
         if self.dropping or len(data) > self.budget:
             if not self.dropping:
                 log.info("preview byte budget of this job spent: later previews are not sent")
