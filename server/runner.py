@@ -181,7 +181,7 @@ class JobRunner:
                 precision=plan.training.precision,
                 cancel=job.cancel,
             )
-        previews.send(shown)
+            previews.send(shown)  # its encoding is part of its cost
 
     def _caption(self, job: Job, plan: EditRequestPlan, engine: EngineLike) -> str:
         """The caller's source prompt, or BLIP's caption of the image; emits ``captioned``."""
