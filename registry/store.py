@@ -47,8 +47,8 @@ from registry.fetch import EditModelFetcher
 from registry.ids import new_edit_model_id, validate_edit_model_id
 from registry.lookups import BoundedLookups
 from registry.packaging import (
-    CONTACT_SHEET_NAME,
     ImageInput,
+    write_contact_sheet,
     write_image,
     write_pyfunc_model,
 )
@@ -336,7 +336,7 @@ class EditModelRegistry:
         ):
             entry = self._spool.get(edit_model_id)
             if entry is not None:
-                write_image(contact_sheet, entry.extras_dir, CONTACT_SHEET_NAME, force_name=True)
+                write_contact_sheet(contact_sheet, entry.extras_dir)
                 return
             versions = self._lookups.ask(
                 lambda: self._backend.find_versions(edit_model_id=edit_model_id),
@@ -346,7 +346,7 @@ class EditModelRegistry:
                 raise EditModelNotFoundError(edit_model_id)
             staging = self._spool.new_staging()
             try:
-                sheet = write_image(contact_sheet, staging, CONTACT_SHEET_NAME, force_name=True)
+                sheet = write_contact_sheet(contact_sheet, staging)
                 self._backend.upload_file(versions[0].run_id, sheet, None)
             finally:
                 self._spool.discard_staging(staging)
@@ -474,7 +474,7 @@ class EditModelRegistry:
             if input_image is not None:
                 write_image(input_image, extras, "input_image")
             if contact_sheet is not None:
-                write_image(contact_sheet, extras, CONTACT_SHEET_NAME, force_name=True)
+                write_contact_sheet(contact_sheet, extras)
             edit_model_id = new_edit_model_id()
             manifest_sha = sha256_file(staging / MODEL_DIR / EDIT_MODEL_SUBDIR / MANIFEST_FILE)
             tags = describe_manifest(manifest, edit_model_id, request_id, manifest_sha)

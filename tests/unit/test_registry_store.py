@@ -224,6 +224,32 @@ def test_a_contact_sheet_is_attached_after_sampling(replicas: Replicas) -> None:
         reg.add_contact_sheet("em_" + "a" * 26, PNG)
 
 
+def test_a_contact_sheet_keeps_its_encodings_suffix(replicas: Replicas) -> None:
+    """A request's image format reaches the contact sheet: its name follows its bytes, and a
+    spooled entry's sheet replaced in another format leaves one sheet, not two."""
+    webp = b"RIFF\x10\x00\x00\x00WEBPVP8 fake image bytes"
+    jpeg = b"\xff\xd8\xff\xe0fake image bytes"
+    reg = replicas("a")
+    client = MlflowClient(replicas.store, replicas.store)
+    registered = reg.register(random_edit_model(72)).edit_model_id
+    reg.add_contact_sheet(registered, webp)
+    run_id = reg.show(registered).run_id
+    assert run_id is not None
+    assert "contact_sheet.webp" in {f.path for f in client.list_artifacts(run_id)}
+
+    switch = switchable(reg)
+    switch.down = True
+    spooled = reg.register(random_edit_model(73)).edit_model_id
+    reg.add_contact_sheet(spooled, PNG)
+    reg.add_contact_sheet(spooled, jpeg)
+    switch.down = False
+    assert reg.flush_spool().registered == [spooled]
+    run_id = reg.show(spooled).run_id
+    assert run_id is not None
+    sheets = {f.path for f in client.list_artifacts(run_id) if f.path.startswith("contact")}
+    assert sheets == {"contact_sheet.jpg"}
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])
 def test_compact_edit_models_round_trip_and_are_tagged(replicas: Replicas, fmt: str) -> None:
     """The registry records each edit model's delta format and stored delta bytes, and an int8

@@ -22,6 +22,8 @@ from forgedit_client import (
     Heartbeat,
     ImageReady,
     InvalidOptionError,
+    OutputOptions,
+    Preview,
     Registered,
     RetryPolicy,
     TrainingProgress,
@@ -29,6 +31,7 @@ from forgedit_client import (
 )
 from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client.events import event_from_proto
+from forgedit_client.options import edit_request, split_options
 from forgedit_client.stream import ResumeTracker
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -883,3 +886,69 @@ def test_async_result_after_cancel_or_close_raises(how: str) -> None:
 
     error = asyncio.run(run())
     assert error.code == grpc.StatusCode.CANCELLED and error.job_id == "job-1"
+
+
+# ------------------------------------------------------------------- previews and formats
+
+
+def test_previews_and_encoded_images_become_typed_events() -> None:
+    preview = event_from_proto(
+        event(
+            2,
+            "job-1",
+            preview=pb.PreviewEvent(
+                kind=pb.PREVIEW_KIND_X0_ESTIMATE,
+                index=3,
+                data=b"RIFF-webp",
+                format=pb.IMAGE_FORMAT_WEBP,
+                width=8,
+                height=8,
+                step=5,
+                steps=50,
+            ),
+        )
+    )
+    assert isinstance(preview, Preview) and not isinstance(preview, ImageReady)
+    assert (preview.kind, preview.index, preview.step, preview.steps) == ("x0", 3, 5, 50)
+    assert preview.format == "webp" and preview.suffix == ".webp"
+    # An image from a server older than OutputOptions: PNG in `png`, no format.
+    old = event_from_proto(event(3, "job-1", image=pb.ImageEvent(index=0, png=b"\x89PNG")))
+    assert isinstance(old, ImageReady) and old.format == "png" and old.png == old.data
+    jpeg = event_from_proto(
+        event(4, "job-1", image=pb.ImageEvent(index=1, data=b"\xff\xd8", format=3))
+    )
+    assert isinstance(jpeg, ImageReady) and jpeg.data == b"\xff\xd8" and jpeg.suffix == ".jpg"
+    with pytest.raises(ValueError, match="not png"):
+        _ = jpeg.png
+
+
+def test_output_and_preview_options_build_their_messages() -> None:
+    options = split_options(
+        {"image_format": "WebP", "image_quality": 70, "x0_every": 5, "gammas": [0.6]}
+    )
+    assert options.output == OutputOptions("WebP", 70) and options.preview.x0_every == 5
+    request = edit_request(
+        b"img",
+        "a dog",
+        options=options,
+        source_prompt=None,
+        base_model=None,
+        request_id="r-1",
+        detach=False,
+    )
+    assert request.output.format == pb.IMAGE_FORMAT_WEBP and request.output.quality == 70
+    assert request.preview.x0_every == 5 and not request.preview.HasField("training_free")
+    off = split_options({"training_free_preview": False}).preview.to_proto()
+    assert off.HasField("training_free") and not off.training_free
+    for bad, match in (
+        ({"image_format": "gif"}, "accepted: png, webp, jpeg"),
+        ({"image_quality": -1}, "must not be negative"),
+        ({"training_free_preview": "no"}, "True or False"),
+        ({"x0_every": 1.5}, "must be an integer"),
+    ):
+        with pytest.raises(InvalidOptionError, match=match):
+            o = split_options(bad)
+            o.output.to_proto()
+            o.preview.to_proto()
+    with pytest.raises(InvalidOptionError, match="image_format"):
+        split_options({"format": "png"})  # unknown; the accepted names are listed

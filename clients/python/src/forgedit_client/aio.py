@@ -27,7 +27,13 @@ from forgedit_client.channel import TlsConfig, aio_channel
 from forgedit_client.client import _UNSET, DEFAULT_TARGET, Timeouts, _ClientConfig
 from forgedit_client.errors import ForgeditRpcError
 from forgedit_client.events import EditModelInfo, JobInfo, edit_model_from_proto, job_from_proto
-from forgedit_client.options import ImageInput, SweepOptions, TrainingOptions
+from forgedit_client.options import (
+    ImageInput,
+    OutputOptions,
+    PreviewOptions,
+    SweepOptions,
+    TrainingOptions,
+)
 from forgedit_client.retry import NO_RETRY, RetryPolicy
 from forgedit_client.stream import AsyncEventStream, NextCall, ResumeTracker, moved_key
 
@@ -81,6 +87,8 @@ class AsyncForgeditClient(_ClientConfig):
         *,
         training: TrainingOptions | None = None,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         source_prompt: str | None = None,
         base_model: str | None = None,
         request_id: str | None = None,
@@ -94,6 +102,8 @@ class AsyncForgeditClient(_ClientConfig):
             prompts,
             training=training,
             sweep=sweep,
+            output=output,
+            preview=preview,
             source_prompt=source_prompt,
             base_model=base_model,
             request_id=request_id,
@@ -113,6 +123,8 @@ class AsyncForgeditClient(_ClientConfig):
         prompts: str | Iterable[str],
         *,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         request_id: str | None = None,
         detach: bool = False,
         timeout: float | None = _UNSET,
@@ -123,6 +135,8 @@ class AsyncForgeditClient(_ClientConfig):
             edit_model_id,
             prompts,
             sweep=sweep,
+            output=output,
+            preview=preview,
             request_id=request_id,
             detach=detach,
             options=options,

@@ -42,6 +42,8 @@ from forgedit_client.events import (
 )
 from forgedit_client.options import (
     ImageInput,
+    OutputOptions,
+    PreviewOptions,
     SweepOptions,
     TrainingOptions,
     check_request_id,
@@ -113,18 +115,18 @@ class _ClientConfig:
         *,
         training: TrainingOptions | None,
         sweep: SweepOptions | None,
+        output: OutputOptions | None,
+        preview: PreviewOptions | None,
         source_prompt: str | None,
         base_model: str | None,
         request_id: str | None,
         detach: bool,
         options: dict[str, Any],
     ) -> Any:
-        t, s = split_options(options, training, sweep)
         return edit_request(
             image,
             prompts,
-            training=t,
-            sweep=s,
+            options=split_options(options, training, sweep, output, preview),
             source_prompt=source_prompt,
             base_model=base_model,
             request_id=request_id or new_request_id(),
@@ -137,15 +139,16 @@ class _ClientConfig:
         prompts: str | Iterable[str],
         *,
         sweep: SweepOptions | None,
+        output: OutputOptions | None,
+        preview: PreviewOptions | None,
         request_id: str | None,
         detach: bool,
         options: dict[str, Any],
     ) -> Any:
-        _, s = split_options(options, None, sweep, allow_training=False)
         return sample_request(
             edit_model_id,
             prompts,
-            sweep=s,
+            options=split_options(options, None, sweep, output, preview, allow_training=False),
             request_id=request_id or new_request_id(),
             detach=detach,
         )
@@ -223,6 +226,8 @@ class ForgeditClient(_ClientConfig):
         *,
         training: TrainingOptions | None = None,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         source_prompt: str | None = None,
         base_model: str | None = None,
         request_id: str | None = None,
@@ -236,7 +241,10 @@ class ForgeditClient(_ClientConfig):
         ``options``: any field of ``TrainingOptions`` (``mode``, ``train_seed``, ``width``,
         ``height``, ``precision``, ``delta_format``, ``updates``, ``batch_size``, ``vae_seed``) or
         ``SweepOptions`` (``interpolation``, ``gammas``, ``alphas``, ``forget``,
-        ``forget_degree``, ``seeds``, ``seed_count``, ``steps``, ``guidance``).
+        ``forget_degree``, ``seeds``, ``seed_count``, ``steps``, ``guidance``), and
+        ``image_format``/``image_quality`` (``OutputOptions``: png, webp, jpeg) and
+        ``training_free_preview``/``x0_every`` (``PreviewOptions``: the stream's ``Preview``
+        events; the training-free one is on unless turned off).
         ``request_id``: idempotency key (generated when omitted). ``detach``: keep the job
         running if this client disconnects. Returns an ``EventStream``; nothing is sent
         until it is iterated. Raises ``InvalidOptionError`` at once for unknown options;
@@ -247,6 +255,8 @@ class ForgeditClient(_ClientConfig):
             prompts,
             training=training,
             sweep=sweep,
+            output=output,
+            preview=preview,
             source_prompt=source_prompt,
             base_model=base_model,
             request_id=request_id,
@@ -266,17 +276,22 @@ class ForgeditClient(_ClientConfig):
         prompts: str | Iterable[str],
         *,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         request_id: str | None = None,
         detach: bool = False,
         timeout: float | None = _UNSET,
         **options: Any,
     ) -> EventStream:
         """Sample edits from a stored edit model (no training). ``options``: fields of
-        ``SweepOptions``. Otherwise as ``edit``."""
+        ``SweepOptions``, ``image_format``/``image_quality`` and ``x0_every`` (a Sample has no
+        training-free preview). Otherwise as ``edit``."""
         request = self.build_sample(
             edit_model_id,
             prompts,
             sweep=sweep,
+            output=output,
+            preview=preview,
             request_id=request_id,
             detach=detach,
             options=options,
