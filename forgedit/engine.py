@@ -38,7 +38,9 @@ from forgedit.backends.base import (
     BackendUnavailableError,
     NoisePredictor,
     Shape,
+    example_inputs,
 )
+from forgedit.backends.canary import CANARY_TOLERANCE, CanaryResult, compare
 from forgedit.backends.select import (
     BackendChain,
     BackendConfig,
@@ -436,6 +438,19 @@ class Engine:
                 )
             )
         return report
+
+    def canary(self, height: int, width: int, max_batch: int) -> CanaryResult:
+        """The current backend's UNet against torch on the live weights (whatever edit model
+        is loaded now), on the canary's inputs: ``build-engine``'s check of an edit model."""
+        shape = self.sampling_shape(height, width, max_batch)
+        backend = self.backends.current
+        reference = TorchBackend(self.base.unet, self.weights)
+        return compare(
+            backend.predictor(shape),
+            reference.predictor(shape),
+            example_inputs(self.base.unet, shape, rows=min(2, shape.max_rows)),
+            CANARY_TOLERANCE[backend.name],
+        )
 
     def relative_step_cost(self, height: int, width: int) -> float:
         """The cost of one UNet step at ``height`` × ``width`` relative to the native size,

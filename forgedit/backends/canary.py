@@ -43,6 +43,7 @@ CANARY_TOLERANCE = {"torch": 1e-4, "onnxruntime": 1e-4, "tensorrt": 1e-2}
 class CanaryResult:
     relative_error: float
     tolerance: float
+    max_abs_error: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -62,7 +63,8 @@ def compare(
         expected = reference.predict(sample, timestep, text).float().cpu()
         got = candidate.predict(sample, timestep, text).float().cpu()
     scale = float(expected.abs().max()) or 1.0
-    return CanaryResult(float((got - expected).abs().max()) / scale, tolerance)
+    error = float((got - expected).abs().max())
+    return CanaryResult(error / scale, tolerance, error)
 
 
 class CanariedBackend(UNetBackend):

@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ from forgedit.backends.base import (
     Shape,
 )
 from forgedit.backends.fp16 import fp16_graph
-from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, export_unet
+from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, export_unet
 from forgedit.backends.refit_map import RefitMap, RefitMapError
 from forgedit.durable import write_bytes_atomic, write_json_atomic
 from forgedit.weights import ResidentWeights
@@ -222,6 +223,9 @@ class TensorRTBackend(CompiledBackend):
         self.fingerprint = fingerprint
         self.cache_dir = Path(cache_dir)
         self.strip_weights = strip_weights
+        self.export_seconds = 0.0  # ONNX export and FP16 conversion
+        self.session_seconds = 0.0  # engine build (or plan load) and refit-map check
+        self.last_export: OnnxExport | None = None
 
     def _compile(self, shape: Shape) -> _Engine:
         export = export_unet(
@@ -231,7 +235,10 @@ class TensorRTBackend(CompiledBackend):
             self.cache_dir / "onnx",
             base_values=lambda name: self.weights.base_value(f"unet.{name}"),
         )
+        self.last_export = export
         graph = fp16_graph(export, self.unet, shape)
+        self.export_seconds += export.seconds + graph.seconds
+        started = time.perf_counter()
         try:
             refit_map = RefitMap.from_graph(
                 graph.path, {n: tuple(p.shape) for n, p in self.unet.named_parameters()}
@@ -257,7 +264,9 @@ class TensorRTBackend(CompiledBackend):
                     f"TensorRT could not build the UNet engine: {e}", "build_failed"
                 ) from e
             write_plan(entry, identity, plan)
-        return _Engine(self, plan, refit_map, shape)
+        engine = _Engine(self, plan, refit_map, shape)
+        self.session_seconds += time.perf_counter() - started
+        return engine
 
     def _build(self, graph_path: Path, shape: Shape) -> bytes:
         trt = self._trt
