@@ -641,6 +641,70 @@ def test_build_engine_without_tensorrt_says_so_and_exits_2(
     assert "TensorRT is not installed" in err and "build-engine" in err
 
 
+def test_build_engine_onnxruntime_reports_its_figures(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The real-size check's command on the tiny random model: export with external data,
+    session, canary on the base and with a random edit model bound, JSON figures."""
+    code, out, err = _cli(capsys, "make-random-model", "--preset", "tiny", tmp_path / "model")
+    assert code == 0, err
+    assert "tiny" in out
+    code, out, err = _cli(
+        capsys,
+        "build-engine",
+        "--base-model",
+        tmp_path / "model",
+        "--backend",
+        "onnxruntime",
+        "--max-batch",
+        "1",
+        "--engine-cache",
+        tmp_path / "cache",
+        "--json",
+    )
+    assert code == 0, err
+    figures = json.loads(out)
+    assert figures["backend"] == "onnxruntime" and figures["size"] == "64x64"
+    assert figures["unet_parameters"] == 3_257_876
+    assert figures["graph_bytes"] > figures["weights_bytes"] >= 4 * figures["unet_parameters"]
+    assert figures["peak_rss_bytes"] > figures["weights_bytes"]
+    assert figures["export_seconds"] > 0 and figures["build_seconds"] > 0
+    canary = figures["canary"]
+    assert canary["base_relative_error"] < canary["tolerance"] == 1e-4
+    assert 0 < canary["edit_model_relative_error"] < 1e-4
+    assert canary["edit_model_tensors"] == 518  # down/up blocks 1-3, as a joint fine-tune
+    # A second run finds the export in the cache.
+    code, out, _ = _cli(
+        capsys,
+        "build-engine",
+        "--base-model",
+        tmp_path / "model",
+        "--backend",
+        "onnxruntime",
+        "--max-batch",
+        "1",
+        "--engine-cache",
+        tmp_path / "cache",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["export_seconds"] == 0.0
+
+
+def test_make_random_model_refuses_bad_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    for argv, words in (
+        (["make-random-model", tmp_path / "used"], "not an empty directory"),
+        (["make-random-model", "--preset", "sd2", tmp_path / "new"], "sd1"),
+    ):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2 and out == "" and words in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_torch_after_refits(
     tiny_model_dir: Path, tmp_path: Path, edit_models: list[Any]
