@@ -108,12 +108,7 @@ def make_tiny_model(directory: str | os.PathLike[str]) -> Path:
     ``open-clip-torch`` distribution (the source of SD's tokenizer vocabulary) is not installed.
     Nothing is left at ``directory`` on failure.
     """
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ModelDirectoryError(
-            f"cannot write the tiny model to {os.fspath(directory)!r}: it already exists and is "
-            "not an empty directory; give a new or empty directory"
-        )
+    target = _new_model_dir(directory, "the tiny model")
     with _building_next_to(target) as tmp:
         _write_tiny_model(tmp)
         os.rename(tmp, target)  # replaces an empty directory; fails on a non-empty one
@@ -342,12 +337,7 @@ def make_random_model(directory: str | os.PathLike[str], preset: str = "sd1") ->
         raise ModelDirectoryError(
             f"unknown random-model preset {preset!r}; accepted: {', '.join(PRESETS)}"
         )
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ModelDirectoryError(
-            f"cannot write the random model to {os.fspath(directory)!r}: it already exists and "
-            "is not an empty directory; give a new or empty directory"
-        )
+    target = _new_model_dir(directory, "the random model")
     import torch
 
     from forgedit.models import quiet_loading
@@ -600,6 +590,17 @@ def _check_stamp(target: Path, shown: str) -> None:
             f"({STAMP_FILE}, {SD_SUBDIR}/, {BLIP_SUBDIR}/); remove it so it can be rebuilt, "
             "or choose another directory"
         )
+
+
+def _new_model_dir(directory: str | os.PathLike[str], what: str) -> Path:
+    """``directory`` as a path if it does not exist or is empty, else ``ModelDirectoryError``."""
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ModelDirectoryError(
+            f"cannot write {what} to {os.fspath(directory)!r}: it already exists and is not an "
+            "empty directory; give a new or empty directory"
+        )
+    return target
 
 
 def _is_empty_dir(path: Path) -> bool:

@@ -41,11 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from forgedit.artifact import sha256_file
 from forgedit.backends.base import BackendUnavailableError, Shape, example_inputs
 from forgedit.backends.canary import CANARY_TOLERANCE
-from forgedit.backends.onnx_export import DATA_INPUTS, OnnxExport
-from forgedit.durable import fsync_tree, write_json_atomic
+from forgedit.backends.onnx_export import (
+    DATA_INPUTS,
+    OnnxExport,
+    file_records,
+    mismatched_file,
+    publish_entry,
+)
 
 log = logging.getLogger("forgedit.backends")
 
@@ -146,19 +150,9 @@ def fp16_graph(export: OnnxExport, unet: Any, shape: Shape, *, threads: int = 1)
         manifest = {
             **expected,
             "relative_error": error,
-            "files": {
-                name: {
-                    "bytes": (staging / name).stat().st_size,
-                    "sha256": sha256_file(staging / name),
-                }
-                for name in (GRAPH_FILE, WEIGHTS_FILE)
-            },
+            "files": file_records(staging, (GRAPH_FILE, WEIGHTS_FILE)),
         }
-        write_json_atomic(staging / MANIFEST_FILE, manifest)
-        fsync_tree(staging)
-        if entry.exists():
-            shutil.rmtree(entry)
-        staging.rename(entry)
+        publish_entry(staging, entry, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -223,16 +217,7 @@ def _load_entry(entry: Path, expected: dict[str, Any]) -> Fp16Graph | None:
     if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in expected.items()):
         log.info("the cached mixed-FP16 graph %s is for another export or tool; converting", entry)
         return None
-    files = manifest.get("files")
-    for name in (GRAPH_FILE, WEIGHTS_FILE):
-        recorded = files.get(name) if isinstance(files, dict) else None
-        path = entry / name
-        if (
-            not isinstance(recorded, dict)
-            or not path.is_file()
-            or path.stat().st_size != recorded.get("bytes")
-            or sha256_file(path) != recorded.get("sha256")
-        ):
-            log.warning("the cached mixed-FP16 graph %s does not match its hash; converting", entry)
-            return None
+    if mismatched_file(entry, manifest.get("files"), (GRAPH_FILE, WEIGHTS_FILE)) is not None:
+        log.warning("the cached mixed-FP16 graph %s does not match its hash; converting", entry)
+        return None
     return Fp16Graph(entry, manifest, 0.0)

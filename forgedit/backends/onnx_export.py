@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,19 +189,9 @@ def export_unet(
             "inputs": list(DATA_INPUTS),
             "output": OUTPUT,
             "name_map": name_map,
-            "files": {
-                name: {
-                    "bytes": (staging / name).stat().st_size,
-                    "sha256": hashes.get(name) or sha256_file(staging / name),
-                }
-                for name in ENTRY_FILES
-            },
+            "files": file_records(staging, ENTRY_FILES, hashes),
         }
-        write_json_atomic(staging / MANIFEST_FILE, manifest)
-        fsync_tree(staging)
-        if entry.exists():  # a stale or corrupt entry: replaced, never trusted
-            shutil.rmtree(entry)
-        staging.rename(entry)
+        publish_entry(staging, entry, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -213,6 +203,47 @@ def export_unet(
         seconds,
     )
     return OnnxExport(entry, name_map, manifest, seconds)
+
+
+def file_records(
+    directory: Path, names: Iterable[str], known: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """A cache entry's record of its files: name → bytes and sha256 (``known`` hashes, computed
+    while writing, are not computed again)."""
+    known = known or {}
+    return {
+        name: {
+            "bytes": (directory / name).stat().st_size,
+            "sha256": known.get(name) or sha256_file(directory / name),
+        }
+        for name in names
+    }
+
+
+def mismatched_file(directory: Path, records: object, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that is missing from ``directory`` or differs from its record
+    (size, then sha256), else None: a cache entry is trusted only when this is None."""
+    for name in names:
+        recorded = records.get(name) if isinstance(records, dict) else None
+        path = directory / name
+        if (
+            not isinstance(recorded, dict)
+            or not path.is_file()
+            or path.stat().st_size != recorded.get("bytes")
+            or sha256_file(path) != recorded.get("sha256")
+        ):
+            return name
+    return None
+
+
+def publish_entry(staging: Path, entry: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` into the finished ``staging`` directory, make it durable and rename it
+    to ``entry``, replacing a stale or damaged one (never trusted, never patched)."""
+    write_json_atomic(staging / MANIFEST_FILE, manifest)
+    fsync_tree(staging)
+    if entry.exists():
+        shutil.rmtree(entry)
+    staging.rename(entry)
 
 
 def check_name_map(unet: Any, graph_inputs: dict[str, tuple[int | str, ...]]) -> dict[str, str]:
@@ -344,18 +375,10 @@ def _load_entry(entry: Path, expected: dict[str, Any], unet: Any) -> OnnxExport 
     if mismatched:
         log.warning("ONNX cache entry %s differs in %s; rebuilding", entry.name, mismatched)
         return None
-    files = manifest.get("files")
-    for name in ENTRY_FILES:
-        recorded = files.get(name) if isinstance(files, dict) else None
-        path = entry / name
-        if (
-            not isinstance(recorded, dict)
-            or not path.is_file()
-            or path.stat().st_size != recorded.get("bytes")
-            or sha256_file(path) != recorded.get("sha256")
-        ):
-            log.warning("ONNX cache entry %s: %s does not match its hash; rebuilding", entry, name)
-            return None
+    damaged = mismatched_file(entry, manifest.get("files"), ENTRY_FILES)
+    if damaged is not None:
+        log.warning("ONNX cache entry %s: %s does not match its hash; rebuilding", entry, damaged)
+        return None
     name_map = manifest.get("name_map")
     params = dict(unet.named_parameters())
     if not isinstance(name_map, dict) or set(name_map) != set(params):

@@ -649,19 +649,11 @@ def test_build_engine_onnxruntime_reports_its_figures(
     code, out, err = _cli(capsys, "make-random-model", "--preset", "tiny", tmp_path / "model")
     assert code == 0, err
     assert "tiny" in out
-    code, out, err = _cli(
-        capsys,
-        "build-engine",
-        "--base-model",
-        tmp_path / "model",
-        "--backend",
-        "onnxruntime",
-        "--max-batch",
-        "1",
-        "--engine-cache",
-        tmp_path / "cache",
-        "--json",
-    )
+    build = [
+        "build-engine", "--base-model", tmp_path / "model", "--backend", "onnxruntime",
+        "--max-batch", "1", "--engine-cache", tmp_path / "cache", "--json",
+    ]  # fmt: skip
+    code, out, err = _cli(capsys, *build)
     assert code == 0, err
     figures = json.loads(out)
     assert figures["backend"] == "onnxruntime" and figures["size"] == "64x64"
@@ -674,19 +666,7 @@ def test_build_engine_onnxruntime_reports_its_figures(
     assert 0 < canary["edit_model_relative_error"] < 1e-4
     assert canary["edit_model_tensors"] == 518  # down/up blocks 1-3, as a joint fine-tune
     # A second run finds the export in the cache.
-    code, out, _ = _cli(
-        capsys,
-        "build-engine",
-        "--base-model",
-        tmp_path / "model",
-        "--backend",
-        "onnxruntime",
-        "--max-batch",
-        "1",
-        "--engine-cache",
-        tmp_path / "cache",
-        "--json",
-    )
+    code, out, _ = _cli(capsys, *build)
     assert code == 0 and json.loads(out)["export_seconds"] == 0.0
 
 
