@@ -54,8 +54,9 @@ import numpy as np
 import torch
 
 from forgedit.artifact import sha256_file
-from forgedit.backends.base import Shape, example_inputs
+from forgedit.backends.base import BackendUnavailableError, Shape, example_inputs
 from forgedit.durable import fsync_tree, write_json_atomic
+from forgedit.weights import ResidentWeights
 
 log = logging.getLogger("forgedit.backends")
 
@@ -203,6 +204,30 @@ def export_unet(
         seconds,
     )
     return OnnxExport(entry, name_map, manifest, seconds)
+
+
+def backend_export(
+    unet: Any, fingerprint: str, shape: Shape, cache_dir: Path, weights: ResidentWeights
+) -> OnnxExport:
+    """``export_unet`` for a compiled backend: the base values from ``weights`` (whatever edit
+    model is loaded), and a failure to export or to write the cache as
+    ``BackendUnavailableError(reason="build_failed")``, so the replica falls back to the next
+    backend instead of failing to start (the message names no path)."""
+    try:
+        return export_unet(
+            unet,
+            fingerprint,
+            shape,
+            cache_dir,
+            base_values=lambda name: weights.base_value(f"unet.{name}"),
+        )
+    except ExportError as e:
+        raise BackendUnavailableError(f"the UNet could not be exported: {e}", "build_failed") from e
+    except OSError as e:
+        raise BackendUnavailableError(
+            f"the UNet's ONNX export could not be written ({e.strerror or type(e).__name__})",
+            "build_failed",
+        ) from e
 
 
 def file_records(

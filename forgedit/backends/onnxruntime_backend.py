@@ -34,7 +34,7 @@ from forgedit.backends.base import (
     LoadedWeights,
     Shape,
 )
-from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, export_unet
+from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, backend_export
 from forgedit.weights import ResidentWeights
 
 log = logging.getLogger("forgedit.backends")
@@ -96,13 +96,7 @@ class OnnxRuntimeBackend(CompiledBackend):
         self.last_export: OnnxExport | None = None
 
     def _compile(self, shape: Shape) -> _Session:
-        export = export_unet(
-            self.unet,
-            self.fingerprint,
-            shape,
-            self.cache_dir,
-            base_values=lambda name: self.weights.base_value(f"unet.{name}"),
-        )
+        export = backend_export(self.unet, self.fingerprint, shape, self.cache_dir, self.weights)
         self.export_seconds += export.seconds
         self.last_export = export
         started = time.perf_counter()

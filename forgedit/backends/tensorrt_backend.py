@@ -62,7 +62,7 @@ from forgedit.backends.base import (
     Shape,
 )
 from forgedit.backends.fp16 import fp16_graph
-from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, export_unet
+from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, backend_export
 from forgedit.backends.refit_map import RefitMap, RefitMapError
 from forgedit.durable import write_bytes_atomic, write_json_atomic
 from forgedit.weights import ResidentWeights
@@ -228,12 +228,8 @@ class TensorRTBackend(CompiledBackend):
         self.last_export: OnnxExport | None = None
 
     def _compile(self, shape: Shape) -> _Engine:
-        export = export_unet(
-            self.unet,
-            self.fingerprint,
-            shape,
-            self.cache_dir / "onnx",
-            base_values=lambda name: self.weights.base_value(f"unet.{name}"),
+        export = backend_export(
+            self.unet, self.fingerprint, shape, self.cache_dir / "onnx", self.weights
         )
         self.last_export = export
         graph = fp16_graph(export, self.unet, shape)

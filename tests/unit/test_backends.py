@@ -301,6 +301,31 @@ def test_an_export_cache_entry_that_does_not_match_is_rebuilt(
     }
 
 
+@pytest.mark.backend_fallback("onnxruntime:build_failed")
+def test_an_export_that_cannot_be_written_falls_back_for_the_replica(
+    ort_engine: Engine, tmp_path: Path
+) -> None:
+    """A cache that cannot be written (here a file where its directory should be) makes the
+    backend unavailable at warm-up, not the replica: it serves on torch and says why, without
+    a path in the message."""
+    blocked = tmp_path / "engines"
+    blocked.write_text("not a directory")
+    seen: list[Any] = []
+    engine = Engine(
+        ort_engine.base,
+        unet_backend="onnxruntime",
+        cache_dir=blocked,
+        on_backend_fallback=seen.append,
+    )
+    engine.warmup()
+    assert engine.sampling_backend == "torch" and engine.backend_degraded
+    assert [(f.backend, f.reason, f.scope) for f in seen] == [
+        ("onnxruntime", "build_failed", "replica")
+    ]
+    assert "could not be written" in seen[0].message and str(tmp_path) not in seen[0].message
+    assert [(r.backend, r.ready) for r in engine.readiness] == [("torch", True)]
+
+
 def test_an_incomplete_name_map_is_an_error_at_export(ort_engine: Engine, cache_dir: Path) -> None:
     unet = ort_engine.base.unet
     export = export_unet(
