@@ -69,7 +69,8 @@ def run_preset(
     t = time.perf_counter()
     ort.backends.current.prepare(shape)
     prepare_seconds = time.perf_counter() - t
-    export_seconds = getattr(ort.backends.current, "export_seconds", 0.0)
+    # The ONNX Runtime backend comes wrapped in its canary (``.inner``).
+    export_seconds = getattr(getattr(ort.backends.current, "inner", None), "export_seconds", 0.0)
 
     config = TrainingConfig.for_mode("joint", height=size, width=size, seed=0)
     config = dataclasses.replace(

@@ -1,10 +1,12 @@
 """GPU benchmark at SD 1.x scale: an SD-1.x-config UNet, CLIP text encoder and VAE with random
 weights (real shapes, so time and memory are real) at 512x512. Prints JSON, asserts nothing.
 
-For each precision (faithful, fast) and sampling backend (torch eager, torch.compile, TensorRT
-where it imports), in a fresh subprocess so peak memory is per configuration:
+For each precision (faithful, fast) and sampling backend (torch eager, torch.compile, ONNX
+Runtime's CUDA provider and TensorRT where they import), in a fresh subprocess so peak memory is
+per configuration:
 
 * one fine-tune of 40 joint updates of batch 10 (always eager torch: backends only sample),
+  on ``make-random-model --preset sd1``'s model,
 * 12 images at DDIM 50 in one batched sweep (max batch 12 = 24 UNet rows with guidance),
 * the backend's one-time preparation (ONNX export + engine build or load + canary) and the
   first one-step edit (torch.compile's compilation, the first refit),
@@ -35,49 +37,15 @@ from photos import add_photo_arguments, chosen_photo
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "A photo of a sitting dog."
-BACKENDS = ("torch", "torch.compile", "tensorrt")
+BACKENDS = ("torch", "torch.compile", "onnxruntime", "tensorrt")
 
 
 def write_sd1_model(root: Path, tiny: bool) -> Path:
-    """A diffusers SD 1.x directory with random weights in SD 1.4's shapes (``tiny``: the tiny
-    model unchanged). Starts from the tiny model for the tokenizer and scheduler files."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A diffusers SD 1.x directory with random weights in SD 1.x's own shapes
+    (``make-random-model --preset sd1``; ``tiny``: the tiny test model's)."""
+    from forgedit.zoo.tiny import make_random_model
 
-    from forgedit.zoo.tiny import make_tiny_model, sd1_unet_config
-
-    make_tiny_model(root)
-    sd = root / "stable-diffusion"
-    if tiny:
-        return sd
-    torch.manual_seed(0)
-    UNet2DConditionModel(**sd1_unet_config()).save_pretrained(sd / "unet")
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    ).save_pretrained(sd / "vae")
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            projection_dim=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    ).save_pretrained(sd / "text_encoder")
-    return sd
+    return make_random_model(root / "model", "tiny" if tiny else "sd1")
 
 
 def run_one(
@@ -98,14 +66,15 @@ def run_one(
             model_dir,
             device=device,
             precision=precision,  # type: ignore[arg-type]
-            unet_backend="tensorrt" if backend == "tensorrt" else "torch",
+            unet_backend=backend if backend in ("onnxruntime", "tensorrt") else "torch",
             torch_compile=backend == "torch.compile",
             cache_dir=cache,
             max_batch=12,
             on_backend_fallback=fallbacks.append,
         )
         t = time.perf_counter()
-        engine.unet_predictor(size, size, 12)  # export / build / load, and the canary
+        # export (+ FP16 conversion) / build or load, and the canary
+        (readiness,) = engine.prepare_resolutions([(size, size)], 12)
         prepare_s = time.perf_counter() - t
         sweep = SweepConfig(
             prompts=(PROMPT,), gammas=(0.6, 1.0), seeds=tuple(range(6)), forget=("encoderkv",)
@@ -127,7 +96,7 @@ def run_one(
         engine.sample(edit_model, dataclasses.replace(sweep, steps=1, seeds=(0,)), max_batch=12)
         warmup_s = time.perf_counter() - t
         t = time.perf_counter()
-        engine.sample(edit_model, dataclasses.replace(sweep, steps=50), max_batch=12)
+        images = engine.sample(edit_model, dataclasses.replace(sweep, steps=50), max_batch=12)
         if cuda:
             torch.cuda.synchronize()
         sampling_s = time.perf_counter() - t
@@ -139,7 +108,12 @@ def run_one(
     return {
         "precision": precision,
         "backend": backend,
-        "sampled_with": engine.sampling_backend,
+        # Which backend made the images (a job-scope fallback shows here, not in the
+        # replica's backend), and what the compiled graphs hold.
+        "sampled_with": sorted({e.backend for e in images}),
+        "replica_backend": engine.sampling_backend,
+        "canary_relative_error": readiness.canary_error,
+        "compiled_resident_bytes": engine.compiled_bytes,
         "fallbacks": [dataclasses.asdict(f) for f in fallbacks],
         "training_updates": config.total_updates,
         "training_seconds": training_s,

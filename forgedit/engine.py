@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -36,7 +37,14 @@ import torch
 from forgedit import delta as delta_format
 from forgedit import forgetting
 from forgedit.artifact import EditModel, MadeOnBase, check_fits_base, fits_base
-from forgedit.backends.base import BackendUnavailableError, NoisePredictor, Shape
+from forgedit.backends.base import (
+    DEFAULT_MAX_GRAPHS,
+    BackendUnavailableError,
+    NoisePredictor,
+    Shape,
+    example_inputs,
+)
+from forgedit.backends.canary import CANARY_TOLERANCE, CanaryResult, compare
 from forgedit.backends.select import (
     BackendChain,
     BackendConfig,
@@ -74,9 +82,25 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class ResolutionReadiness:
+    """Whether one declared resolution of an engine is ready to serve: its compiled UNet (if
+    the backend compiles one) is built or loaded and its canary passed. ``canary_error`` is
+    the canary's relative error against torch (None where nothing was compiled: torch)."""
+
+    height: int
+    width: int
+    backend: str
+    ready: bool
+    canary_error: float | None
+    seconds: float
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class EditedImage:
     spec: ImageSpec
     image: Image.Image
+    backend: str = "torch"  # the UNet backend that sampled it
 
     def png_bytes(self) -> bytes:
         """PNG bytes that depend only on the pixels (no metadata, no timestamps)."""
@@ -103,15 +127,20 @@ class Engine:
         max_batch: int = 8,
         on_backend_fallback: FallbackCallback | None = None,
         torch_compile: bool = False,
+        max_compiled_graphs: int = DEFAULT_MAX_GRAPHS,
     ) -> None:
         """``unet_backend``: torch, onnxruntime, tensorrt or auto (``forgedit.backends``);
         accelerated backends export to ``cache_dir`` (a private temporary directory when
         None). ``max_batch`` sizes the batch profile ``warmup`` prepares. ``torch_compile``
-        samples the torch backend's UNet through ``torch.compile`` (training stays eager)."""
+        samples the torch backend's UNet through ``torch.compile`` (training stays eager).
+        ``max_compiled_graphs`` bounds the compiled UNets (resolutions) held at once: each
+        holds its own copy of the weights (``CompiledGraphs``)."""
         self.base = base
         self.captioner = captioner
         self.precision = precision
         self.max_batch = max_batch
+        # Per declared resolution: built, canary passed (``warmup``; empty before it).
+        self.readiness: list[ResolutionReadiness] = []
         self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
         self._latent_rgb: LatentRGB | None = None  # fitted on first use (``warmup`` does)
         fast_cuda = precision == "fast" and base.device.type == "cuda"
@@ -128,6 +157,7 @@ class Engine:
                 fingerprint=base.fingerprint,
                 autocast_dtype=torch.float16 if fast_cuda else None,
                 compile=torch_compile,
+                max_graphs=max_compiled_graphs,
             ),
             on_fallback=on_backend_fallback,
         )
@@ -155,8 +185,9 @@ class Engine:
         on_backend_fallback: FallbackCallback | None = None,
         torch_compile: bool = False,
     ) -> Engine:
-        """Load a base model (and optionally a BLIP captioner) from local directories; the
-        other keywords are ``Engine``'s."""
+        """Load a base model (and optionally a BLIP captioner) from local directories.
+        ``backend``: the UNet backend keywords of ``Engine`` (``unet_backend``, ``cache_dir``,
+        ``max_batch``, ``on_backend_fallback``, ``torch_compile``, ``max_compiled_graphs``)."""
         from forgedit.caption import Captioner
         from forgedit.models import load_base_model
 
@@ -360,6 +391,10 @@ class Engine:
         ``UnknownStrategyError`` for a strategy its variant lacks, and
         ``CancelledError`` within one denoising step of ``cancel``. The base weights are
         restored bit-exactly on every exit.
+
+        A compiled backend whose refit, canary or run fails inside the job hands the job to
+        torch (the chunk it failed in is sampled again from its first step), logged and
+        reported with scope "job"; each ``EditedImage.backend`` says which backend made it.
         """
         # 1. Check inputs: the edit model fits this base model, its variant has the strategies.
         if max_batch < 1:
@@ -375,6 +410,7 @@ class Engine:
         # 2. Prepare the UNet backend: export or build on first use of this resolution,
         # before any denoising loop.
         self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
+        shape = self.sampling_shape(edit_model.height, edit_model.width, max_batch)
         with (
             self._sampling_precision(precision or self.precision),
             self.weights.edit_model(edit_model.delta) as live,
@@ -383,26 +419,29 @@ class Engine:
             # dreambooth mode, the base one otherwise), the negative prompt included: the
             # edit model's text-encoder Δ is already written when the block is entered.
             text = self._encode_targets(sweep)
-            # 4. Per forgetting strategy: revert its blocks, then denoise in chunks.
+            # 4. Per forgetting strategy: revert its blocks, then denoise in chunks on the
+            # job's backend (the replica's, or torch once a refit, canary or run failed).
+            job = _JobBackend(self, shape, precision or self.precision)
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
-                unet = self.unet_predictor(edit_model.height, edit_model.width, max_batch)
                 for chunk in _chunks(list(group), max_batch):
-                    images = self._sample_chunk(
-                        unet,
-                        edit_model,
-                        chunk,
-                        text,
-                        done_before=len(done),
-                        total=len(specs),
-                        started=started,
-                        on_progress=on_progress,
-                        cancel=cancel,
-                        x0_every=x0_every if on_preview is not None else None,
-                        on_preview=on_preview,
+                    images, backend = job.run(
+                        partial(
+                            self._sample_chunk,
+                            edit_model=edit_model,
+                            chunk=chunk,
+                            text=text,
+                            done_before=len(done),
+                            total=len(specs),
+                            started=started,
+                            on_progress=on_progress,
+                            cancel=cancel,
+                            x0_every=x0_every if on_preview is not None else None,
+                            on_preview=on_preview,
+                        )
                     )
                     for spec, image in zip(chunk, images, strict=True):
-                        edited = EditedImage(spec, image)
+                        edited = EditedImage(spec, image, backend)
                         done.append(edited)
                         if on_image is not None:
                             on_image(edited)
@@ -430,12 +469,24 @@ class Engine:
         """The backend that samples now: torch, onnxruntime or tensorrt."""
         return self.backends.current.name
 
-    def warmup(self) -> None:
-        """One small denoising step through every component, so the first request does not
-        pay for lazy initialisation (readiness probes wait for this). It also exports or
-        builds the UNet backend's graph for the native resolution and ``max_batch`` (and runs
-        its canary), so that never happens inside a request's denoising loop, and fits the
-        x0 previews' ``latent_rgb`` map."""
+    @property
+    def backend_degraded(self) -> bool:
+        """Whether this engine samples on a fallback backend (not its chain's first)."""
+        return self.backends.degraded
+
+    @property
+    def compiled_bytes(self) -> int:
+        """Memory held by compiled UNets beside the torch model (an estimate; 0 on torch)."""
+        return self.backends.current.resident_bytes
+
+    def warmup(self, sizes: Sequence[tuple[int, int]] | None = None) -> None:
+        """Build or load the UNet backend's graph for every ``(height, width)`` of ``sizes``
+        (default: the native size) and ``max_batch``, with its canary, then run one small
+        denoising step through every component, so the first request pays for no lazy
+        initialisation (readiness probes wait for this). ``readiness`` then holds the report
+        of each size (``prepare_resolutions``). It also fits the x0 previews' ``latent_rgb``
+        map."""
+        self.readiness = self.prepare_resolutions(sizes)
         base = self.base
         height, width = base.native_height, base.native_width
         with torch.no_grad():
@@ -447,6 +498,74 @@ class Engine:
             z = denoise(unet, latents, e, e, steps=1, guidance=7.5)
             decode(base.vae, z, base.scaling_factor)
         self.latent_rgb  # noqa: B018 - fitted now, not in a job's first x0 preview
+
+    def prepare_resolutions(
+        self, sizes: Sequence[tuple[int, int]] | None = None, max_batch: int | None = None
+    ) -> list[ResolutionReadiness]:
+        """Build or load the compiled UNet of every ``(height, width)`` of ``sizes`` (default:
+        the native size) for ``max_batch`` (default: the engine's), and run its canary.
+        A backend that cannot serve one of them is replaced by the next (replica scope) and
+        every size is prepared again on that one, so the report describes one backend.
+        Raises ``ValueError`` if the sizes do not all fit the compiled-graph cache."""
+        sizes = list(sizes or [(self.base.native_height, self.base.native_width)])
+        max_batch = max_batch or self.max_batch
+        capacity = self.backends.config.max_graphs
+        if len(set(sizes)) > capacity:
+            raise ValueError(
+                f"{len(set(sizes))} resolutions do not fit a cache of {capacity} compiled "
+                "UNets; raise max_compiled_graphs"
+            )
+        while True:
+            backend = self.backends.current
+            seconds: dict[tuple[int, int], float] = {}
+            for height, width in sizes:
+                started = time.perf_counter()
+                self.prepare_sampling(height, width, max_batch)
+                seconds[(height, width)] = time.perf_counter() - started
+            if self.backends.current is backend:
+                break
+        report = []
+        for height, width in sizes:
+            shape = self.sampling_shape(height, width, max_batch)
+            result = getattr(backend, "results", {}).get(shape)
+            report.append(
+                ResolutionReadiness(
+                    height,
+                    width,
+                    backend.name,
+                    ready=result is None or result.passed,
+                    canary_error=None if result is None else result.relative_error,
+                    seconds=seconds[(height, width)],
+                )
+            )
+        return report
+
+    def canary(self, height: int, width: int, max_batch: int) -> CanaryResult:
+        """The current backend's UNet against torch on the live weights (whatever edit model
+        is loaded now), on the canary's inputs: ``build-engine``'s check of an edit model."""
+        shape = self.sampling_shape(height, width, max_batch)
+        backend = self.backends.current
+        reference = TorchBackend(self.base.unet, self.weights)
+        return compare(
+            backend.predictor(shape),
+            reference.predictor(shape),
+            example_inputs(self.base.unet, shape, rows=min(2, shape.max_rows)),
+            CANARY_TOLERANCE[backend.name],
+        )
+
+    def relative_step_cost(self, height: int, width: int) -> float:
+        """The cost of one UNet step at ``height`` × ``width`` relative to the native size,
+        from the UNet's FLOPs (``forgedit.backends.cost``): what a run-time estimate made at
+        the native size scales by."""
+        from forgedit.backends.cost import relative_step_cost
+
+        base = self.base
+        scale = base.vae_scale_factor
+        return relative_step_cost(
+            base.unet.config,
+            (height // scale, width // scale),
+            (base.native_height // scale, base.native_width // scale),
+        )
 
     def sampling_shape(self, height: int, width: int, max_batch: int) -> Shape:
         """The compiled-UNet shape that serves images of ``height`` × ``width`` in chunks of
@@ -461,8 +580,9 @@ class Engine:
         self._with_fallback(lambda: self.backends.current.prepare(shape))
 
     def unet_predictor(self, height: int, width: int, max_batch: int) -> NoisePredictor:
-        """The current backend's UNet, synced to the live weights. A backend that cannot
-        serve (its canary failed) is replaced by the next one, logged and reported."""
+        """The current backend's UNet, synced to the live weights (outside a job: warm-up,
+        tools). A backend that cannot serve is replaced by the next one (replica scope),
+        logged and reported."""
         shape = self.sampling_shape(height, width, max_batch)
         return self._with_fallback(lambda: self.backends.current.predictor(shape))
 
@@ -557,3 +677,34 @@ class Engine:
 def _chunks(items: list[ImageSpec], size: int) -> Iterator[list[ImageSpec]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+class _JobBackend:
+    """The backend one job samples on: the replica's current one until a refit, a canary
+    after a refit or a run fails inside the job, then torch (the reference, which needs no
+    build and holds the live weights by construction) for the rest of the job. The failed
+    compiled UNet is discarded, so the next job loads it afresh and runs its canary again."""
+
+    def __init__(self, engine: Engine, shape: Shape, precision: Precision) -> None:
+        self._engine = engine
+        self._shape = shape
+        self._precision = precision
+        self.backend = engine.backends.current
+
+    def run(self, sample_chunk: Callable[[NoisePredictor], T]) -> tuple[T, str]:
+        """``sample_chunk`` on this job's UNet; on a backend failure, again on torch."""
+        while True:
+            backend = self.backend
+            try:
+                return sample_chunk(backend.predictor(self._shape)), backend.name
+            except BackendUnavailableError as e:
+                if isinstance(backend, TorchBackend):
+                    raise  # the reference has nothing to fall back to
+                self._engine.backends.fall_back_for_job(e)
+                backend.discard(self._shape)
+                fast_cuda = self._precision == "fast" and self._engine.base.device.type == "cuda"
+                self.backend = TorchBackend(
+                    self._engine.base.unet,
+                    self._engine.weights,
+                    autocast_dtype=torch.float16 if fast_cuda else None,
+                )

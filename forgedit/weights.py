@@ -62,6 +62,12 @@ class ResidentWeights:
     def parameter(self, key: str) -> torch.nn.Parameter:
         return self._params[key]
 
+    def base_value(self, key: str) -> torch.Tensor:
+        """The pristine base value of ``key``, whatever the live tensor holds now (an edit
+        model, a training step): what a compiled backend must bake in as the base."""
+        pristine = self._pristine.get(key)
+        return pristine if pristine is not None else self._params[key].detach()
+
     def snapshot(self, keys: Iterable[str]) -> None:
         """Save pristine copies of ``keys`` (once; later calls keep the first copy)."""
         for key in keys:

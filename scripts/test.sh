@@ -13,6 +13,8 @@ echo "== ruff" >&2
 .venv/bin/ruff format --check .
 echo "== yamllint (deploy/)" >&2
 .venv/bin/yamllint -c deploy/.yamllint.yaml deploy/
+echo "== hadolint (deploy/Dockerfile)" >&2
+.venv/bin/hadolint deploy/Dockerfile
 echo "== promtool test rules (every alert in deploy/)" >&2
 if command -v promtool >/dev/null 2>&1; then
   (cd deploy/k8s/base/prometheus && promtool test rules forgedit-rules.test.yml)

@@ -381,6 +381,7 @@ def default_engine_factory(
         blip_dir = builtin_base_model(home=settings.data_dir).blip
 
     def build(name: str, device: str) -> EngineLike:
+        from forgedit.backends.select import Fallback
         from forgedit.caption import Captioner
         from forgedit.engine import Engine
         from forgedit.models import load_base_model
@@ -389,17 +390,25 @@ def default_engine_factory(
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
-        return Engine(
+
+        def on_fallback(fallback: Fallback) -> None:
+            if metrics is not None:
+                metrics.count_fallback(fallback.backend, fallback.reason)
+                if fallback.scope == "replica":
+                    metrics.set_backend_degraded(name, True)
+
+        engine = Engine(
             base,
             captioner,
             precision=settings.precision,
             unet_backend=settings.unet_backend,
             cache_dir=settings.data_dir / "engines",
             max_batch=settings.max_batch,
-            on_backend_fallback=(
-                None if metrics is None else lambda f: metrics.count_fallback(f.backend, f.reason)
-            ),
+            on_backend_fallback=on_fallback,
         )
+        if metrics is not None:
+            metrics.set_backend_degraded(name, engine.backend_degraded)
+        return engine
 
     return build
 

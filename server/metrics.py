@@ -14,8 +14,9 @@ sampled it), ``forgedit_time_to_first_image_seconds{method}`` (from accepting a 
 first final image), ``forgedit_time_to_first_preview_seconds{method,kind}`` (to its first
 preview of each kind),
 ``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
-Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``; cached edit models come from the
-registry's own ``forgedit_registry_cached_edit_models{tier}``.
+Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``, ``forgedit_unet_backend_degraded{
+base_model}`` (1 while a base model samples on a fallback backend); cached edit models come from
+the registry's own ``forgedit_registry_cached_edit_models{tier}``.
 Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
 reason}``, ``forgedit_images_total{method}``, ``forgedit_unet_backend_fallbacks_total{backend,
 reason}`` (a UNet backend that could not serve: not installed, no CUDA, build failed, canary
@@ -109,6 +110,13 @@ class Metrics:
             ["backend", "reason"],
             registry=r,
         )
+        self.backend_degraded = Gauge(
+            "forgedit_unet_backend_degraded",
+            "1 while this replica samples the base model on a fallback UNet backend (not the "
+            "first its configured chain tried), else 0.",
+            ["base_model"],
+            registry=r,
+        )
         self.time_to_first_image = Histogram(
             "forgedit_time_to_first_image_seconds",
             "From accepting a job to its first image.",
@@ -179,6 +187,11 @@ class Metrics:
     def count_fallback(self, backend: str, reason: str) -> None:
         """One UNet backend fallback (called by the engine, from its worker thread)."""
         self.backend_fallbacks.labels(backend=backend, reason=reason).inc()
+
+    def set_backend_degraded(self, base_model: str, degraded: bool) -> None:
+        """Whether ``base_model``'s engine serves on a fallback backend (the state the
+        ForgeditUNetBackendFallback alert reads: a counter's rate would forget it)."""
+        self.backend_degraded.labels(base_model=base_model).set(1 if degraded else 0)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0 = any free port); returns the port."""

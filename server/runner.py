@@ -305,8 +305,9 @@ class JobRunner:
                 ),
                 precision=precision,
             )
-        # A canary failure during the job may have moved the engine to the next backend.
-        job.sampling_backend = engine.sampling_backend
+        # A refit, canary or run failure may have finished the job on torch: report the
+        # backend that made its last image (each image says which one made it).
+        job.sampling_backend = edited[-1].backend if edited else engine.sampling_backend
         self.estimator.observe_sampling(
             sweep.num_images * sweep.steps, job.timings.seconds("sampling")
         )
@@ -354,7 +355,7 @@ class _SamplingStream:
             per_image = (now - self.last) / self.pending
             for _ in range(self.pending):
                 self.metrics.sampling_image.labels(
-                    method=job.method, backend=self.engine.sampling_backend
+                    method=job.method, backend=edited.backend
                 ).observe(per_image)
             self.pending = 0
             self.last = now

@@ -3,7 +3,9 @@ foreign load run 5–25× slower (ENVIRONMENT.md)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -33,6 +35,51 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+class _FallbackWatch(logging.Handler):
+    """Every UNet backend fallback of this process (``forgedit.backends.select`` logs each
+    with the ``Fallback`` attached)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fallback = getattr(record, "fallback", None)
+        if fallback is not None:
+            self.seen.append(f"{fallback.backend}:{fallback.reason}")
+
+
+_FALLBACKS = _FallbackWatch()
+logging.getLogger("forgedit.backends").addHandler(_FALLBACKS)
+_FALLBACKS_BEFORE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    # Counted before any fixture is set up, so an engine a module fixture builds for this
+    # test is this test's to explain.
+    item.stash[_FALLBACKS_BEFORE] = len(_FALLBACKS.seen)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _backend_fallbacks_are_expected(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that asks for an accelerated backend and silently gets the next one would
+    compare torch with torch and pass: every in-process fallback fails the test unless it
+    names it, ``@pytest.mark.backend_fallback("tensorrt:no_cuda", ...)`` (backend:reason)."""
+    yield
+    marker = request.node.get_closest_marker("backend_fallback")
+    expected = set(marker.args) if marker is not None else set()
+    happened = _FALLBACKS.seen[request.node.stash.get(_FALLBACKS_BEFORE, 0) :]
+    unexpected = sorted(set(happened) - expected)
+    if unexpected:
+        pytest.fail(
+            f"unexpected UNet backend fallback(s): {', '.join(unexpected)}; a test that "
+            "expects one says so with @pytest.mark.backend_fallback(...)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)

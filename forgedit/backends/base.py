@@ -16,7 +16,9 @@ changed; restoring the base is the same operation with the base's (empty) state.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -27,6 +29,8 @@ from forgedit.weights import ResidentWeights, WeightState
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+log = logging.getLogger("forgedit.backends")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -132,46 +136,155 @@ class UNetBackend(ABC):
         """The tensor names the last sync of ``shape`` sent (empty for in-place torch)."""
         return ()
 
+    def build_id(self, shape: Shape) -> int:
+        """Which build of ``shape`` serves now (0: nothing compiled, as for torch)."""
+        return 0
+
+    def discard(self, shape: Shape) -> None:  # noqa: B027 - nothing compiled by default
+        """Forget what was compiled for ``shape`` (after a failure left it in an unknown
+        state): the next ``prepare`` loads or builds it afresh."""
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory held beside the torch model (compiled graphs and their weights)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release sessions and engines."""
 
 
 class CompiledUNet(NoisePredictor, Protocol):
     """One compiled UNet for one ``Shape`` (an ONNX Runtime session, a TensorRT engine): a
-    noise predictor that holds its own copy of the weights, brought up to date by ``sync``."""
+    noise predictor that holds its own copy of the weights, brought up to date by ``sync``.
+    ``resident_bytes`` is what it holds beside the torch model (its weights, plus a TensorRT
+    engine's activation memory): an estimate for capacity planning, not an allocator's
+    count."""
 
     loaded: LoadedWeights
 
+    @property
+    def resident_bytes(self) -> int: ...
+
     def sync(self, weights: ResidentWeights) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CompiledGraph:
+    """One entry of a ``CompiledGraphs`` cache: the compiled UNet and its build number (which
+    changes whenever the shape is compiled anew, so a canary result never outlives what it
+    checked)."""
+
+    unet: CompiledUNet
+    build_id: int
+
+
+class CompiledGraphs:
+    """A bounded LRU of compiled UNets by ``Shape``, and the memory they hold.
+
+    An ONNX Runtime session holds its own copy of the weights (3.4 GB for SD 1.x), a TensorRT
+    engine its own on the GPU; a replica that served every resolution ever asked for would
+    run out of memory. ``capacity`` bounds the entries; adding one more closes the least
+    recently used. ``resident_bytes`` sums what the entries report (the server's gauge)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a compiled-graph cache holds at least 1 graph, got {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[Shape, CompiledGraph] = OrderedDict()
+        self._builds = 0
+        self.evictions = 0
+
+    def __contains__(self, shape: object) -> bool:
+        return shape in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shapes(self) -> list[Shape]:
+        """Least recently used first."""
+        return list(self._entries)
+
+    def get(self, shape: Shape) -> CompiledGraph:
+        """The entry of ``shape`` (``KeyError`` if absent), now the most recently used."""
+        entry = self._entries[shape]
+        self._entries.move_to_end(shape)
+        return entry
+
+    def put(self, shape: Shape, unet: CompiledUNet) -> CompiledGraph:
+        """Add (or replace) ``shape``'s compiled UNet; closes what falls out of the cache."""
+        self.discard(shape)
+        self._builds += 1
+        entry = self._entries[shape] = CompiledGraph(unet, self._builds)
+        while len(self._entries) > self.capacity:
+            evicted, old = self._entries.popitem(last=False)
+            self.evictions += 1
+            log.info("evicting the compiled UNet for %s (LRU)", evicted.describe())
+            old.unet.close()
+        return entry
+
+    def discard(self, shape: Shape) -> None:
+        """Drop and close ``shape``'s compiled UNet, if any."""
+        entry = self._entries.pop(shape, None)
+        if entry is not None:
+            entry.unet.close()
+
+    def clear(self) -> None:
+        for shape in list(self._entries):
+            self.discard(shape)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(e.unet.resident_bytes for e in self._entries.values())
+
+
+DEFAULT_MAX_GRAPHS = 2
 
 
 class CompiledBackend(UNetBackend):
     """A backend that compiles the UNet once per ``Shape`` and keeps each compiled UNet in
-    sync with the live weights: subclasses say only how to ``_compile`` one."""
+    sync with the live weights: subclasses say only how to ``_compile`` one. At most
+    ``max_graphs`` compiled UNets stay resident (``CompiledGraphs``)."""
 
-    def __init__(self, unet: UNet2DConditionModel, weights: ResidentWeights) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        weights: ResidentWeights,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+    ) -> None:
         super().__init__(unet, weights)
-        self._compiled: dict[Shape, CompiledUNet] = {}
+        self.graphs = CompiledGraphs(max_graphs)
 
     @abstractmethod
     def _compile(self, shape: Shape) -> CompiledUNet:
         """Export, build or load the compiled UNet for ``shape`` (seconds, once)."""
 
     def prepare(self, shape: Shape) -> None:
-        if shape not in self._compiled:
-            self._compiled[shape] = self._compile(shape)
+        if shape not in self.graphs:
+            self.graphs.put(shape, self._compile(shape))
 
     def predictor(self, shape: Shape) -> NoisePredictor:
         self.prepare(shape)
-        compiled = self._compiled[shape]
+        compiled = self.graphs.get(shape).unet
         compiled.sync(self.weights)
         return compiled
 
+    def build_id(self, shape: Shape) -> int:
+        return self.graphs.get(shape).build_id if shape in self.graphs else 0
+
+    def discard(self, shape: Shape) -> None:
+        self.graphs.discard(shape)
+
     def last_plan(self, shape: Shape) -> tuple[str, ...]:
-        return self._compiled[shape].loaded.last_plan
+        return self.graphs.get(shape).unet.loaded.last_plan
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.graphs.resident_bytes
 
     def close(self) -> None:
-        self._compiled.clear()
+        self.graphs.clear()
 
 
 def example_inputs(unet: UNet2DConditionModel, shape: Shape, rows: int) -> tuple[torch.Tensor, ...]:

@@ -2,12 +2,16 @@
 eager torch, compared against a documented tolerance.
 
 Refittable TensorRT engines are known to drop fusions and, in some versions, bias terms after a
-refit; nothing in their API says so. The canary runs after an engine is built or loaded (base
-weights) and after the first refit of every edit-model load (each ``Engine.sample`` loads its edit
-model afresh, so that is once per job: two UNet calls on two rows, small next to a sweep; later
-strategy switches of the same load are not re-checked). Outside the tolerance the backend is
-refused with ``BackendUnavailableError(reason="canary_failed")``, and the engine falls back to
-the next backend, logging why and counting it.
+refit (TensorRT 11.3's release notes: a GEMM bias dropped with ``BuilderFlag.REFIT``); nothing in
+their API says so. The canary runs after every build or load of a compiled UNet (base weights)
+and, for TensorRT, after the first refit of every edit-model load (each ``Engine.sample`` loads
+its edit model afresh, so that is once per job: two UNet calls on two rows, small next to a
+sweep; later strategy switches of the same load are not re-checked). ONNX Runtime binds the
+exact fp32 tensors (1e-6 from torch, ENVIRONMENT.md), so it is checked once per build only.
+
+Outside the tolerance the backend is refused with ``BackendUnavailableError(reason=
+"canary_failed")``: at warm-up the replica falls back to the next backend; during a job, that
+job finishes on torch (``forgedit.engine``). Either way it is logged and counted.
 
 Tolerance (``CANARY_TOLERANCE``), as the largest |ε_candidate − ε_torch| relative to the
 largest |ε_torch|: 1e-4 for fp32 backends (ONNX Runtime measures ~1e-6), 1e-2 for TensorRT's
@@ -39,6 +43,7 @@ CANARY_TOLERANCE = {"torch": 1e-4, "onnxruntime": 1e-4, "tensorrt": 1e-2}
 class CanaryResult:
     relative_error: float
     tolerance: float
+    max_abs_error: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -58,25 +63,36 @@ def compare(
         expected = reference.predict(sample, timestep, text).float().cpu()
         got = candidate.predict(sample, timestep, text).float().cpu()
     scale = float(expected.abs().max()) or 1.0
-    return CanaryResult(float((got - expected).abs().max()) / scale, tolerance)
+    error = float((got - expected).abs().max())
+    return CanaryResult(error / scale, tolerance, error)
 
 
 class CanariedBackend(UNetBackend):
-    """Wraps a backend so that it is only used after its canary passed: for each shape once on
-    the weights it was prepared with, then after the first sync of each edit-model load.
+    """Wraps a backend so that it is only used after its canary passed: for each build of a
+    shape once on the base weights it was prepared with, then (``per_edit_model``) after the
+    first sync of each edit-model load.
 
     ``reference`` is the torch backend on the same live parameters (which always hold exactly
-    the weights the candidate was just synced to)."""
+    the weights the candidate was just synced to). ``results`` keeps the last result per shape
+    (the warm-up's readiness report reads it)."""
 
     def __init__(
-        self, inner: UNetBackend, reference: UNetBackend, tolerance: float | None = None
+        self,
+        inner: UNetBackend,
+        reference: UNetBackend,
+        tolerance: float | None = None,
+        *,
+        per_edit_model: bool = True,
     ) -> None:
         super().__init__(inner.unet, inner.weights)
         self.inner = inner
         self.reference = reference
         self.name = inner.name
         self.tolerance = CANARY_TOLERANCE[inner.name] if tolerance is None else tolerance
-        self._passed: dict[Shape, set[int]] = {}  # shape -> edit-model loads checked (0: base)
+        self.per_edit_model = per_edit_model
+        # shape -> (build checked, edit-model loads checked on it; 0 = the base)
+        self._passed: dict[Shape, tuple[int, set[int]]] = {}
+        self.results: dict[Shape, CanaryResult] = {}
 
     def prepare(self, shape: Shape) -> None:
         self.inner.prepare(shape)
@@ -84,15 +100,19 @@ class CanariedBackend(UNetBackend):
 
     def predictor(self, shape: Shape) -> NoisePredictor:
         candidate = self.inner.predictor(shape)
+        build = self.inner.build_id(shape)
         loads = {g for g, _ in self.weights.state("unet").values()} or {0}
-        checked = self._passed.setdefault(shape, set())
-        if not loads <= checked:
+        checked_build, checked = self._passed.get(shape, (-1, set()))
+        if checked_build != build:
+            checked = set()
+        if not checked or (self.per_edit_model and not loads <= checked):
             result = compare(
                 candidate,
                 self.reference.predictor(shape),
                 example_inputs(self.unet, shape, rows=min(2, shape.max_rows)),
                 self.tolerance,
             )
+            self.results[shape] = result
             if not result.passed:
                 raise BackendUnavailableError(
                     f"{self.name} failed its canary on {shape.describe()}: relative error "
@@ -106,11 +126,23 @@ class CanariedBackend(UNetBackend):
                 shape.describe(),
                 result.relative_error,
             )
-            checked.update(loads)
+            checked = checked | loads
+        self._passed[shape] = (build, checked)
         return candidate
 
     def last_plan(self, shape: Shape) -> tuple[str, ...]:
         return self.inner.last_plan(shape)
+
+    def build_id(self, shape: Shape) -> int:
+        return self.inner.build_id(shape)
+
+    def discard(self, shape: Shape) -> None:
+        self.inner.discard(shape)
+        self._passed.pop(shape, None)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.inner.resident_bytes
 
     def close(self) -> None:
         self.inner.close()

@@ -1,19 +1,39 @@
-"""One ONNX export of a base model's UNet, shared by ONNX Runtime and TensorRT, cached on disk.
+"""One ONNX export of a base model's UNet, shared by ONNX Runtime and TensorRT, cached on disk,
+at any size.
 
-The export keeps every UNet parameter as a named graph *input* (with the base weights as its
-default), so a session can take any edit model's weights without a new export. Only the legacy
-exporter with ``keep_initializers_as_inputs=True, do_constant_folding=False`` keeps a clean
-one-to-one torch-name → ONNX-name map (ENVIRONMENT.md, "ONNX"); the map is computed here and
-checked complete: every parameter tensor of the UNet is exactly one graph input of its shape.
-An incomplete map is an ``ExportError`` at export time, never a silent base weight at request
-time.
+Real size is the design point: SD-1.x's fp32 UNet is 3.4 GB, over protobuf's 2 GB limit for one
+message, so the graph and the weights are written apart, at every size (the tiny test model takes
+exactly the path SD takes):
 
-Cache: ``CACHE/<key>/`` holds ``unet.onnx`` and ``manifest.json`` (base fingerprint, shape,
-torch and onnx versions, opset, input names, the name map, the graph file's sha256). The key
-hashes all of them but the map, so a different torch, onnx, base model, resolution or batch
-profile gets its own entry. An entry whose manifest does not match, or whose graph file does
-not hash to what the manifest says, is rebuilt, never trusted. Entries are built in a
-temporary directory beside the target and published with one rename.
+1. The legacy exporter writes the graph alone (``export_params=False``): every UNet parameter is a
+   named graph input with no value. Only the legacy exporter with
+   ``keep_initializers_as_inputs=True, do_constant_folding=False`` keeps a clean one-to-one
+   torch-name → ONNX-name map (ENVIRONMENT.md, "ONNX"); the map is checked complete: every
+   parameter tensor is exactly one graph input of its shape, nothing else is. An incomplete map
+   is an ``ExportError`` at export time, never a silent base weight at request time.
+2. ``_write_weights`` streams each parameter's *base* value (``base_value``: never an edit model
+   that happens to be loaded) into one external-data file, ``unet.weights`` (fp32, each tensor
+   4 KiB-aligned, one tensor in memory at a time, hashed as it is written), and records it as an
+   initializer pointing into that file. No byte of a weight ever goes through protobuf.
+
+Graphs of one cache entry (``CACHE/<key>/``), all sharing ``unet.weights``:
+
+``unet.onnx``
+    weights are graph inputs whose initializers (defaults) are the base weights. ONNX Runtime
+    binds an edit model's changed tensors over them (IOBinding) and leaves the rest to the
+    defaults.
+``unet-constants.onnx``
+    the same graph with the weights as initializers only: constants that TensorRT can refit by
+    their ONNX names (``OnnxParser.parse_from_file`` reads the external data beside the file),
+    and the input of the mixed-FP16 conversion (``fp16.py``, cached in ``fp16/``).
+``manifest.json``
+    base fingerprint, shape, torch and onnx versions, opset, inputs, the name map, and the
+    sha256 and size of every file. The cache key hashes all of it but the map and the hashes,
+    so another torch, onnx, base model, resolution or batch profile gets its own entry. An entry
+    whose manifest does not match, or whose files do not hash to what it says, is rebuilt,
+    never trusted (hashing 3.4 GB takes seconds, once per process start).
+
+Entries are built in a temporary directory beside the target and published with one rename.
 """
 
 from __future__ import annotations
@@ -25,15 +45,18 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from forgedit.artifact import sha256_file
-from forgedit.backends.base import Shape, example_inputs
+from forgedit.backends.base import BackendUnavailableError, Shape, example_inputs
 from forgedit.durable import JsonObject, fsync_tree, write_json_atomic
+from forgedit.weights import ResidentWeights
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -41,11 +64,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("forgedit.backends")
 
 OPSET = 17
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: weights as external data
 DATA_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 OUTPUT = "noise_pred"
 GRAPH_FILE = "unet.onnx"
+CONSTANTS_GRAPH_FILE = "unet-constants.onnx"
+WEIGHTS_FILE = "unet.weights"
 MANIFEST_FILE = "manifest.json"
+ENTRY_FILES = (GRAPH_FILE, CONSTANTS_GRAPH_FILE, WEIGHTS_FILE)
+ALIGNMENT = 4096  # each tensor starts on a page, so a runtime may map it instead of copying
+
+BaseValues = Callable[[str], torch.Tensor]
+"""The base value of a UNet parameter by its torch name (``ResidentWeights.base_value``)."""
 
 
 class ExportError(RuntimeError):
@@ -54,12 +84,40 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class OnnxExport:
-    """A verified export: the graph file and the torch-name → ONNX-input-name map."""
+    """A verified export: its directory, the torch-name → ONNX-name map and its manifest."""
 
-    path: Path
+    directory: Path
     name_map: dict[str, str]
     manifest: JsonObject
     seconds: float  # export time, 0.0 when it came from the cache
+
+    @property
+    def path(self) -> Path:
+        """The graph with the weights as inputs (ONNX Runtime)."""
+        return self.directory / GRAPH_FILE
+
+    @property
+    def constants_path(self) -> Path:
+        """The graph with the weights as initializers (TensorRT, the FP16 conversion)."""
+        return self.directory / CONSTANTS_GRAPH_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / WEIGHTS_FILE
+
+    @property
+    def key(self) -> str:
+        return self.directory.name
+
+    @property
+    def weights_bytes(self) -> int:
+        return int(self.manifest["files"][WEIGHTS_FILE]["bytes"])
+
+    @property
+    def graph_bytes(self) -> int:
+        """Bytes on disk of the graph ONNX Runtime loads and its weights."""
+        files = self.manifest["files"]
+        return int(files[GRAPH_FILE]["bytes"]) + int(files[WEIGHTS_FILE]["bytes"])
 
 
 class _UNetGraph(torch.nn.Module):
@@ -76,7 +134,7 @@ class _UNetGraph(torch.nn.Module):
 
 
 def expected_manifest(fingerprint: str, shape: Shape) -> JsonObject:
-    """Every field a cached export must match (the name map and file hash come on top)."""
+    """Every field a cached export must match (the name map and file hashes come on top)."""
     import onnx
 
     return {
@@ -89,6 +147,7 @@ def expected_manifest(fingerprint: str, shape: Shape) -> JsonObject:
         "onnx_version": onnx.__version__,
         "opset": OPSET,
         "exporter": "torch.onnx legacy, keep_initializers_as_inputs, no constant folding",
+        "weights": f"external data, fp32, {ALIGNMENT}-byte aligned",
     }
 
 
@@ -99,41 +158,124 @@ def cache_key(expected: JsonObject) -> str:
 
 
 def export_unet(
-    unet: UNet2DConditionModel, fingerprint: str, shape: Shape, cache_dir: Path
+    unet: UNet2DConditionModel,
+    fingerprint: str,
+    shape: Shape,
+    cache_dir: Path,
+    base_values: BaseValues | None = None,
 ) -> OnnxExport:
     """The cached export for (``fingerprint``, ``shape``), exporting it if the cache has no
-    entry that matches. ``unet`` must hold the *base* weights' shapes (values are only the
-    graph's defaults; the backends bind the live ones). Raises ``ExportError``."""
+    entry that matches. The weights written are ``base_values(name)`` (default: the live
+    parameters, which must then hold the base). Raises ``ExportError``."""
     expected = expected_manifest(fingerprint, shape)
     entry = cache_dir / cache_key(expected)
     cached = _load_entry(entry, expected, unet)
     if cached is not None:
         return cached
+    if base_values is None:
+        params = dict(unet.named_parameters())
+
+        def base_values(name: str) -> torch.Tensor:
+            return params[name].detach()
+
     started = time.perf_counter()
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache_dir))
     try:
         graph = staging / GRAPH_FILE
-        _export(unet, shape, graph)
+        _export_graph(unet, shape, graph)
         name_map = check_name_map(unet, _graph_inputs(graph))
+        weights_sha256 = _write_weights(graph, staging / WEIGHTS_FILE, name_map, base_values)
+        hashes = {WEIGHTS_FILE: weights_sha256}
+        _write_constants_graph(graph, staging / CONSTANTS_GRAPH_FILE)
         manifest = {
             **expected,
             "inputs": list(DATA_INPUTS),
             "output": OUTPUT,
             "name_map": name_map,
-            "graph_sha256": sha256_file(graph),
+            "files": file_records(staging, ENTRY_FILES, hashes),
         }
-        write_json_atomic(staging / MANIFEST_FILE, manifest)
-        fsync_tree(staging)
-        if entry.exists():  # a stale or corrupt entry: replaced, never trusted
-            shutil.rmtree(entry)
-        staging.rename(entry)
+        publish_entry(staging, entry, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.perf_counter() - started
-    log.info("exported the UNet to ONNX (%s) in %.2f s", shape.describe(), seconds)
-    return OnnxExport(entry / GRAPH_FILE, name_map, manifest, seconds)
+    log.info(
+        "exported the UNet to ONNX (%s, %.2f GB of weights) in %.1f s",
+        shape.describe(),
+        manifest["files"][WEIGHTS_FILE]["bytes"] / 1e9,
+        seconds,
+    )
+    return OnnxExport(entry, name_map, manifest, seconds)
+
+
+def backend_export(
+    unet: UNet2DConditionModel,
+    fingerprint: str,
+    shape: Shape,
+    cache_dir: Path,
+    weights: ResidentWeights,
+) -> OnnxExport:
+    """``export_unet`` for a compiled backend: the base values from ``weights`` (whatever edit
+    model is loaded), and a failure to export or to write the cache as
+    ``BackendUnavailableError(reason="build_failed")``, so the replica falls back to the next
+    backend instead of failing to start (the message names no path)."""
+    try:
+        return export_unet(
+            unet,
+            fingerprint,
+            shape,
+            cache_dir,
+            base_values=lambda name: weights.base_value(f"unet.{name}"),
+        )
+    except ExportError as e:
+        raise BackendUnavailableError(f"the UNet could not be exported: {e}", "build_failed") from e
+    except OSError as e:
+        raise BackendUnavailableError(
+            f"the UNet's ONNX export could not be written ({e.strerror or type(e).__name__})",
+            "build_failed",
+        ) from e
+
+
+def file_records(
+    directory: Path, names: Iterable[str], known: Mapping[str, str] | None = None
+) -> dict[str, JsonObject]:
+    """A cache entry's record of its files: name → bytes and sha256 (``known`` hashes, computed
+    while writing, are not computed again)."""
+    known = known or {}
+    return {
+        name: {
+            "bytes": (directory / name).stat().st_size,
+            "sha256": known.get(name) or sha256_file(directory / name),
+        }
+        for name in names
+    }
+
+
+def mismatched_file(directory: Path, records: object, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that is missing from ``directory`` or differs from its record
+    (size, then sha256), else None: a cache entry is trusted only when this is None."""
+    for name in names:
+        recorded = records.get(name) if isinstance(records, dict) else None
+        path = directory / name
+        if (
+            not isinstance(recorded, dict)
+            or not path.is_file()
+            or path.stat().st_size != recorded.get("bytes")
+            or sha256_file(path) != recorded.get("sha256")
+        ):
+            return name
+    return None
+
+
+def publish_entry(staging: Path, entry: Path, manifest: JsonObject) -> None:
+    """Write ``manifest`` into the finished ``staging`` directory, make it durable and rename it
+    to ``entry``, replacing a stale or damaged one (never trusted, never patched)."""
+    write_json_atomic(staging / MANIFEST_FILE, manifest)
+    fsync_tree(staging)
+    if entry.exists():
+        shutil.rmtree(entry)
+    staging.rename(entry)
 
 
 def check_name_map(
@@ -164,18 +306,22 @@ def check_name_map(
     return name_map
 
 
-def _export(unet: UNet2DConditionModel, shape: Shape, path: Path) -> None:
+def _export_graph(unet: UNet2DConditionModel, shape: Shape, path: Path) -> None:
+    """The graph alone: every parameter a named input without a value."""
     sample, timestep, text = example_inputs(unet, shape, rows=2)
     dynamic = {"sample": {0: "batch"}, "encoder_hidden_states": {0: "batch"}, OUTPUT: {0: "batch"}}
     # The tracer warns about shape checks in diffusers' blocks becoming constants: true and
     # harmless here, since the resolution is fixed per export (only the batch is dynamic).
+    # torch also warns that the legacy exporter is not its default: it is chosen on purpose.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             _UNetGraph(unet).eval(),
             (sample, timestep, text),
             str(path),
             dynamo=False,
+            export_params=False,
             opset_version=OPSET,
             input_names=list(DATA_INPUTS),
             output_names=[OUTPUT],
@@ -183,6 +329,58 @@ def _export(unet: UNet2DConditionModel, shape: Shape, path: Path) -> None:
             keep_initializers_as_inputs=True,
             do_constant_folding=False,
         )
+
+
+def _write_weights(
+    graph_path: Path, weights_path: Path, name_map: dict[str, str], base_values: BaseValues
+) -> str:
+    """Stream every weight's base value into ``weights_path`` (graph-input order, aligned)
+    and give the graph an initializer per weight pointing into it; returns the file's sha256."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    torch_names = {onnx_name: name for name, onnx_name in name_map.items()}
+    digest = hashlib.sha256()
+    offset = 0
+    with open(weights_path, "wb") as f:
+        for value in model.graph.input:
+            name = torch_names.get(value.name)
+            if name is None:
+                continue  # a data input
+            array = base_values(name).to("cpu", torch.float32).contiguous().numpy()
+            padding = b"\0" * (-offset % ALIGNMENT)
+            for chunk in (padding, array.reshape(-1).view(np.uint8).data):
+                f.write(chunk)
+                digest.update(chunk)
+            offset += len(padding)
+            tensor = onnx.TensorProto(
+                name=value.name,
+                data_type=onnx.TensorProto.FLOAT,
+                dims=list(array.shape),
+                data_location=onnx.TensorProto.EXTERNAL,
+            )
+            for key, entry in (
+                ("location", WEIGHTS_FILE),
+                ("offset", str(offset)),
+                ("length", str(array.nbytes)),
+            ):
+                tensor.external_data.add(key=key, value=entry)
+            model.graph.initializer.append(tensor)
+            offset += array.nbytes
+    onnx.save(model, str(graph_path))
+    return digest.hexdigest()
+
+
+def _write_constants_graph(graph_path: Path, path: Path) -> None:
+    """The graph with its weight inputs removed from ``graph.input`` (their initializers, in
+    the same external-data file, stay): weights become constants."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    data_inputs = [v for v in model.graph.input if v.name in DATA_INPUTS]
+    del model.graph.input[:]
+    model.graph.input.extend(data_inputs)
+    onnx.save(model, str(path))
 
 
 def _graph_inputs(path: Path) -> dict[str, tuple[int | str, ...]]:
@@ -198,9 +396,9 @@ def _graph_inputs(path: Path) -> dict[str, tuple[int | str, ...]]:
 
 
 def _load_entry(entry: Path, expected: JsonObject, unet: UNet2DConditionModel) -> OnnxExport | None:
-    """The cached entry if its manifest matches ``expected`` and its graph its hash."""
-    manifest_path, graph = entry / MANIFEST_FILE, entry / GRAPH_FILE
-    if not manifest_path.is_file() or not graph.is_file():
+    """The cached entry if its manifest matches ``expected`` and every file its hash."""
+    manifest_path = entry / MANIFEST_FILE
+    if not manifest_path.is_file():
         return None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -211,12 +409,13 @@ def _load_entry(entry: Path, expected: JsonObject, unet: UNet2DConditionModel) -
     if mismatched:
         log.warning("ONNX cache entry %s differs in %s; rebuilding", entry.name, mismatched)
         return None
-    if manifest.get("graph_sha256") != sha256_file(graph):
-        log.warning("ONNX cache entry %s: graph file does not match its hash; rebuilding", entry)
+    damaged = mismatched_file(entry, manifest.get("files"), ENTRY_FILES)
+    if damaged is not None:
+        log.warning("ONNX cache entry %s: %s does not match its hash; rebuilding", entry, damaged)
         return None
     name_map = manifest.get("name_map")
     params = dict(unet.named_parameters())
     if not isinstance(name_map, dict) or set(name_map) != set(params):
         log.warning("ONNX cache entry %s has an incomplete name map; rebuilding", entry.name)
         return None
-    return OnnxExport(graph, name_map, manifest, 0.0)
+    return OnnxExport(entry, name_map, manifest, 0.0)

@@ -1,21 +1,25 @@
 """The UNet on ONNX Runtime: one session per (base model, resolution, batch profile), weights
 bound with IOBinding.
 
-Each session runs the cached export (``onnx_export``) whose weights are graph inputs. Its
-``IOBinding`` holds one bound array per weight: all of them once, when the session is made
-and whenever the plan crosses to another edit model (bindings persist between runs, so they
-are cleared first), and only the changed ones on a strategy switch. The bound arrays are the
-backend's own copies, so later in-place writes to the torch parameters never leak into a
-session unnoticed. Never ``SessionOptions.add_initializer``: for every weight the optimiser
-folds it is silently ignored and the session runs the base model (ENVIRONMENT.md, "ONNX").
+Each session loads the cached export (``onnx_export``) from its file, the weights from the
+external-data file beside it: its weights are graph inputs whose defaults are the base. Its
+``IOBinding`` holds a bound array for each weight that differs from the base (an edit model's
+trained tensors, as the forgetting strategy leaves them): all of them when the plan crosses to
+another edit model (bindings persist between runs, so they are cleared first), only the changed
+ones on a strategy switch. The bound arrays are the backend's own copies, so later in-place
+writes to the torch parameters never leak into a session unnoticed. Never
+``SessionOptions.add_initializer``: for every weight the optimiser folds it is silently ignored
+and the session runs the base model (ENVIRONMENT.md, "ONNX").
 
 Memory: a session holds its own fp32 copy of the UNet weights (3.4 GB for SD 1.x) beside the
-torch model.
+torch model, plus copies of the edited tensors; ``CompiledGraphs`` bounds how many sessions
+stay resident and counts their bytes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -25,13 +29,14 @@ import numpy as np
 import torch
 
 from forgedit.backends.base import (
+    DEFAULT_MAX_GRAPHS,
     BackendUnavailableError,
     CompiledBackend,
     LoadedWeights,
     Shape,
 )
-from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, export_unet
-from forgedit.weights import ResidentWeights
+from forgedit.backends.onnx_export import DATA_INPUTS, OUTPUT, OnnxExport, backend_export
+from forgedit.weights import ResidentWeights, WeightState
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -67,7 +72,8 @@ def providers_for(device: torch.device, available: list[str]) -> list[str]:
 
 
 class OnnxRuntimeBackend(CompiledBackend):
-    """ONNX Runtime sessions over the cached export, one per ``Shape``.
+    """ONNX Runtime sessions over the cached export, one per ``Shape`` (at most ``max_graphs``
+    resident).
 
     ``threads``: intra-op threads per session (default: torch's, which tests and CI set to 1).
     ``cache_dir``: where exports live (the server's data directory, the CLI's cache)."""
@@ -82,23 +88,43 @@ class OnnxRuntimeBackend(CompiledBackend):
         fingerprint: str,
         cache_dir: Path,
         threads: int | None = None,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
     ) -> None:
-        super().__init__(unet, weights)
+        super().__init__(unet, weights, max_graphs)
         self._ort = import_onnxruntime()
         self._providers = providers_for(self.device, self._ort.get_available_providers())
         self.fingerprint = fingerprint
         self.cache_dir = Path(cache_dir)
         self.threads = threads or torch.get_num_threads()
         self.export_seconds = 0.0
+        self.session_seconds = 0.0
+        self.last_export: OnnxExport | None = None
 
     def _compile(self, shape: Shape) -> _Session:
-        export = export_unet(self.unet, self.fingerprint, shape, self.cache_dir)
+        export = backend_export(self.unet, self.fingerprint, shape, self.cache_dir, self.weights)
         self.export_seconds += export.seconds
-        return _Session(self._ort, export, self._providers, self)
+        self.last_export = export
+        started = time.perf_counter()
+        try:
+            session = _Session(self._ort, export, self._providers, self)
+        except BackendUnavailableError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendUnavailableError(
+                f"ONNX Runtime could not load the UNet graph: {e}", "build_failed"
+            ) from e
+        self.session_seconds += time.perf_counter() - started
+        return session
 
 
 class _Session:
-    """One ``InferenceSession`` with its weight bindings and the state they hold."""
+    """One ``InferenceSession`` with the weight bindings that differ from its base defaults.
+
+    The session's own initializers are the base weights (from ``unet.weights``); a weight
+    input left unbound runs on them. Only tensors whose live state is not pristine are bound,
+    from the backend's own copies: all of them after clearing when the plan crosses to another
+    edit model, else only the changed ones (a tensor back to its base value is simply no
+    longer bound, which takes a clear-and-rebind, since bindings persist)."""
 
     def __init__(
         self, ort: ModuleType, export: OnnxExport, providers: list[str], backend: OnnxRuntimeBackend
@@ -113,39 +139,61 @@ class _Session:
         self._ort = ort
         self._device = backend.device
         self._name_map = export.name_map
+        self._base_bytes = export.weights_bytes
         self._binding = self._session.io_binding()
-        # name -> (array, OrtValue): the arrays must outlive their bindings.
+        # onnx name -> (array, OrtValue) for the bound (non-base) weights: the arrays must
+        # outlive their bindings.
         self._bound: dict[str, tuple[np.ndarray, OrtValue]] = {}
-        self.loaded = LoadedWeights(backend.weights.state("unet"))
-        params = {n: p.detach() for n, p in backend.unet.named_parameters()}
-        self._apply(params, new_edit_model=True)
+        self.loaded = LoadedWeights({})  # the defaults: the base
+        self.sync(backend.weights)
 
     @property
     def device(self) -> torch.device:
         return self._device
 
-    def sync(self, weights: ResidentWeights) -> None:
-        self.loaded.sync(weights, self._apply)
+    @property
+    def resident_bytes(self) -> int:
+        """The session's base weights plus the bound copies."""
+        return self._base_bytes + sum(array.nbytes for array, _ in self._bound.values())
 
-    def _apply(self, tensors: Mapping[str, torch.Tensor], *, new_edit_model: bool) -> None:
-        """Take copies of ``tensors``; rebind all weights after clearing when the plan crosses
-        to another edit model, else only these."""
-        for name, tensor in tensors.items():
-            array = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy()).copy()
+    def sync(self, weights: ResidentWeights) -> None:
+        live = weights.state("unet")
+        self.loaded.sync(
+            weights,
+            lambda tensors, new_edit_model: self._apply(tensors, live, new_edit_model),
+        )
+
+    def _apply(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        live: Mapping[str, WeightState],
+        new_edit_model: bool,
+    ) -> None:
+        """Copy the changed tensors that differ from the base and bind them; drop those back
+        at their base value (a clear and a rebind of the rest)."""
+        dropped = [n for n in tensors if n not in live and self._name_map[n] in self._bound]
+        for name in dropped:
+            del self._bound[self._name_map[name]]
+        changed = [n for n in tensors if n in live]
+        for name in changed:
+            array = np.ascontiguousarray(tensors[name].to("cpu", torch.float32).numpy()).copy()
             self._bound[self._name_map[name]] = (
                 array,
                 self._ort.OrtValue.ortvalue_from_numpy(array),
             )
-        if new_edit_model:
+        if new_edit_model or dropped:
             self._binding.clear_binding_inputs()
             names = list(self._bound)
         else:
-            names = [self._name_map[n] for n in tensors]
+            names = [self._name_map[n] for n in changed]
         for onnx_name in names:
             self._binding.bind_ortvalue_input(onnx_name, self._bound[onnx_name][1])
-        if len(self._bound) != len(self._name_map):
-            raise RuntimeError(
-                f"only {len(self._bound)} of {len(self._name_map)} UNet weights are bound"
+        expected = {self._name_map[n] for n in live}
+        if set(self._bound) != expected:
+            raise BackendUnavailableError(
+                f"ONNX Runtime holds {len(self._bound)} edited UNet weights, the live model "
+                f"{len(expected)}",
+                "refit_failed",
             )
 
     def predict(
@@ -158,9 +206,18 @@ class _Session:
                 encoder_hidden_states.detach().cpu().float().numpy()
             ),
         }
-        for name, array in inputs.items():
-            self._binding.bind_cpu_input(name, array)
-        self._binding.bind_output(OUTPUT, "cpu")
-        self._session.run_with_iobinding(self._binding)
-        out = self._binding.copy_outputs_to_cpu()[0]
+        try:
+            for name, array in inputs.items():
+                self._binding.bind_cpu_input(name, array)
+            self._binding.bind_output(OUTPUT, "cpu")
+            self._session.run_with_iobinding(self._binding)
+            out = self._binding.copy_outputs_to_cpu()[0]
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendUnavailableError(
+                f"ONNX Runtime failed to run the UNet: {e}", "run_failed"
+            ) from e
         return torch.from_numpy(out).to(self._device)
+
+    def close(self) -> None:
+        self._bound.clear()
+        del self._binding, self._session

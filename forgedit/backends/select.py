@@ -3,9 +3,18 @@
 ``auto`` tries TensorRT on CUDA (where it imports and its canary passes), then ONNX Runtime
 (where it is installed, with the CUDA provider on a GPU), then torch. An explicit choice starts
 the same chain at that backend, so a replica asked for TensorRT whose canary fails still
-serves, on the next backend. Every fallback is logged with its reason and reported to
-``on_fallback`` (the server counts them by reason). torch never falls back: it is the
-reference.
+serves, on the next backend. torch never falls back: it is the reference.
+
+Two scopes (``names.FALLBACK_SCOPES``):
+
+- ``replica``: a backend that cannot be built, loaded or trusted (not installed, no CUDA, build
+  failed, canary failed on the base weights) is dropped for good; the chain moves on
+  (``fall_back``). The replica now serves on a fallback backend: ``degraded`` says so.
+- ``job``: a refit, a canary after a refit or a run fails inside a job; that job finishes on
+  torch, the replica keeps its backend (``fall_back_for_job``, called by the engine).
+
+Every fallback is logged with its reason and scope and reported to ``on_fallback`` (the server
+counts them and exports whether the replica is degraded; the fallback alert reads both).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from forgedit.backends.base import BackendUnavailableError, UNetBackend
+from forgedit.backends.base import DEFAULT_MAX_GRAPHS, BackendUnavailableError, UNetBackend
 from forgedit.backends.names import BACKEND_CHOICES
 from forgedit.errors import InvalidInputError
 from forgedit.weights import ResidentWeights
@@ -31,11 +40,13 @@ log = logging.getLogger("forgedit.backends")
 
 @dataclass(frozen=True)
 class Fallback:
-    """One backend that could not serve: which, a bounded ``reason`` code, and why."""
+    """One backend that could not serve: which, a bounded ``reason`` code, why, and for how
+    long (``scope``: "replica" from now on, or one "job")."""
 
     backend: str
     reason: str
     message: str
+    scope: str = "replica"
 
 
 FallbackCallback = Callable[[Fallback], None]
@@ -52,6 +63,7 @@ class BackendConfig:
     autocast_dtype: torch.dtype | None = None
     compile: bool = False
     threads: int | None = None
+    max_graphs: int = DEFAULT_MAX_GRAPHS
 
 
 def check_backend_name(value: str) -> str:
@@ -77,7 +89,9 @@ def build_backend(
     name: str, unet: UNet2DConditionModel, weights: ResidentWeights, config: BackendConfig
 ) -> UNetBackend:
     """One backend by name; ``BackendUnavailableError`` if it cannot run here. Accelerated
-    backends need ``config.cache_dir``. TensorRT comes wrapped in its canary."""
+    backends need ``config.cache_dir`` and come wrapped in their canary (TensorRT's after every
+    edit-model refit, ONNX Runtime's once per build: its weights are bound exactly)."""
+    from forgedit.backends.canary import CanariedBackend
     from forgedit.backends.torch_backend import TorchBackend
 
     if name == "torch":
@@ -86,24 +100,30 @@ def build_backend(
         )
     if config.cache_dir is None:
         raise ValueError(f"the {name} backend needs a cache directory for its exports")
+    reference = TorchBackend(unet, weights)
     if name == "onnxruntime":
         from forgedit.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(
+        ort = OnnxRuntimeBackend(
             unet,
             weights,
             fingerprint=config.fingerprint,
             cache_dir=config.cache_dir / "onnx",
             threads=config.threads,
+            max_graphs=config.max_graphs,
         )
+        return CanariedBackend(ort, reference, per_edit_model=False)
     if name == "tensorrt":
-        from forgedit.backends.canary import CanariedBackend
         from forgedit.backends.tensorrt_backend import TensorRTBackend
 
-        inner = TensorRTBackend(
-            unet, weights, fingerprint=config.fingerprint, cache_dir=config.cache_dir
+        trt = TensorRTBackend(
+            unet,
+            weights,
+            fingerprint=config.fingerprint,
+            cache_dir=config.cache_dir,
+            max_graphs=config.max_graphs,
         )
-        return CanariedBackend(inner, TorchBackend(unet, weights))
+        return CanariedBackend(trt, reference)
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -121,21 +141,37 @@ class BackendChain:
     ) -> None:
         self._unet = unet
         self._weights = weights
-        self._config = config
+        self.config = config
         self._build = build or (lambda name: build_backend(name, unet, weights, config))
         self.on_fallback = on_fallback
         self.fallbacks: list[Fallback] = []
-        self._remaining = chain_for(config.requested, torch.device(next(unet.parameters()).device))
+        self._chain = chain_for(config.requested, torch.device(next(unet.parameters()).device))
+        self._remaining = list(self._chain)
         self.current = self._next()
         log.info("UNet backend: %s (requested %s)", self.current.name, config.requested)
 
+    @property
+    def preferred(self) -> str:
+        """The first backend of the chain: what the replica serves on when nothing failed."""
+        return self._chain[0]
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the replica serves on a fallback backend (not the chain's first)."""
+        return self.current.name != self._chain[0]
+
     def fall_back(self, error: BackendUnavailableError) -> UNetBackend:
-        """Drop the current backend for ``error`` and move to the next one."""
-        self._record(self.current.name, error)
+        """Drop the current backend for ``error`` and move to the next one (replica scope)."""
+        self._record(self.current.name, error, "replica")
         self.current.close()
         self.current = self._next()
         log.warning("UNet backend is now %s", self.current.name)
         return self.current
+
+    def fall_back_for_job(self, error: BackendUnavailableError) -> None:
+        """Record that one job leaves the current backend for ``error`` (job scope); the
+        engine finishes that job on torch and keeps the current backend for the next."""
+        self._record(self.current.name, error, "job")
 
     def _next(self) -> UNetBackend:
         while self._remaining:
@@ -145,12 +181,19 @@ class BackendChain:
             except BackendUnavailableError as e:
                 if not self._remaining:
                     raise
-                self._record(name, e)
+                self._record(name, e, "replica")
         raise RuntimeError("no UNet backend left")  # torch is last and never unavailable
 
-    def _record(self, name: str, error: BackendUnavailableError) -> None:
-        fallback = Fallback(name, error.reason, str(error))
+    def _record(self, name: str, error: BackendUnavailableError, scope: str) -> None:
+        fallback = Fallback(name, error.reason, str(error), scope)
         self.fallbacks.append(fallback)
-        log.warning("UNet backend %s unavailable (%s): %s", name, error.reason, error)
+        log.warning(
+            "UNet backend %s unavailable (%s) for this %s: %s",
+            name,
+            error.reason,
+            scope,
+            error,
+            extra={"fallback": fallback},
+        )
         if self.on_fallback is not None:
             self.on_fallback(fallback)

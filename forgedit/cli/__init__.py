@@ -7,8 +7,10 @@ Subcommands:
     edit             caption → fine-tune → sweep of edits, written as PNGs, a contact sheet and
                      summary.json (or sample from a saved edit model with --load-model)
     make-tiny-model  write the tiny deterministic test model (SD-1.x-shaped UNet + tiny BLIP)
+    make-random-model  an SD-1.x pipeline with random weights (--preset sd1: SD 1.x's sizes)
     strategies       what each forgetting strategy reverts, in tensors and parameters
-    build-engine     build (or load) and check the TensorRT UNet engine ahead of time
+    build-engine     build (or load) and check a compiled UNet (TensorRT, or ONNX Runtime on a
+                     CPU) ahead of time; --json prints its sizes, seconds and canary errors
 
 Contract of ``edit``:
 1. Every argument is checked before any model is loaded (the flags read into the request

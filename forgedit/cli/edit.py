@@ -45,6 +45,7 @@ class SweepOutput:
     progress: Progress
     files: list[JsonObject] = field(default_factory=list)
     tiles: list[tuple[Image.Image, str]] = field(default_factory=list)
+    backends: set[str] = field(default_factory=set)  # the UNet backends that made them
 
     @property
     def with_prompt(self) -> bool:
@@ -64,6 +65,7 @@ class SweepOutput:
             self.command.output.suffix,
         )
         self.output.write(name, encode_image(edited.image, self.command.output))
+        self.backends.add(edited.backend)
         self.files.append({"path": display_path(self.command.out, name), **spec.to_dict()})
         if len(self.tiles) < CONTACT_SHEET_MAX_IMAGES:
             self.tiles.append((edited.image, sheet_label(spec, self.with_prompt)))
@@ -156,9 +158,10 @@ def _summary(
         "precision": command.precision,
         "unet_backend": {
             "requested": command.unet_backend,
-            "sampled_with": engine.sampling_backend,
+            # What made the images (a job that fell back mid-way names both backends).
+            "sampled_with": ", ".join(sorted(images.backends)) or engine.sampling_backend,
             "fallbacks": [
-                {"backend": f.backend, "reason": f.reason, "message": f.message}
+                {"backend": f.backend, "reason": f.reason, "scope": f.scope, "message": f.message}
                 for f in engine.backends.fallbacks
             ],
         },

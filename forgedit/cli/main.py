@@ -12,7 +12,12 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from forgedit.cli.arguments import check_edit_args
-from forgedit.cli.commands import run_build_engine, run_make_tiny_model, run_strategies
+from forgedit.cli.commands import (
+    run_build_engine,
+    run_make_random_model,
+    run_make_tiny_model,
+    run_strategies,
+)
 from forgedit.cli.edit import one_line, run_edit
 from forgedit.cli.output import print_human
 from forgedit.cli.parser import UsageError, build_parser, in_flags
@@ -76,7 +81,11 @@ def main(argv: Sequence[str] | None = None, *, cancel: CancelToken | None = None
         elif args.command == "make-tiny-model":
             _quiet_libraries()
             run_make_tiny_model(args, stdout)
+        elif args.command == "make-random-model":
+            _quiet_libraries()
+            run_make_random_model(args, stdout)
         elif args.command == "build-engine":
+            _quiet_libraries()
             run_build_engine(args, stdout)
         return EXIT_OK
     except SystemExit as e:  # --help

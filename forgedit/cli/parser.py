@@ -12,7 +12,7 @@ import re
 import textwrap
 from typing import NoReturn
 
-from forgedit.backends.names import BACKEND_CHOICES
+from forgedit.backends.names import ACCELERATED_BACKENDS, BACKEND_CHOICES
 from forgedit.config import (
     DEFAULT_QUALITY,
     DELTA_FORMATS,
@@ -23,6 +23,7 @@ from forgedit.config import (
     TRAINING_MODES,
 )
 from forgedit.forgetting import STRATEGIES
+from forgedit.zoo.tiny import PRESETS
 
 PROG = "python -m forgedit"
 
@@ -116,20 +117,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser(
         "build-engine",
-        help="prebuild the TensorRT engine of a base model",
-        description="Export a base model's UNet to ONNX and build its refittable FP16 TensorRT\n"
-        "engine for one resolution and batch profile (1 .. 2 x max batch rows), then run its\n"
-        "canary against torch. The plan is cached in --engine-cache, where edit finds it; to\n"
-        "prebuild for a server, point it at the server's FORGEDIT_DATA_DIR/engines. Needs a\n"
-        "CUDA device and TensorRT.",
+        help="prebuild and check a compiled UNet (TensorRT or ONNX Runtime)",
+        description="Export a base model's UNet to ONNX (weights as external data) and build or\n"
+        "load its compiled graph for one resolution and batch profile (1 .. 2 x max batch rows):\n"
+        "a refittable FP16 TensorRT engine (CUDA + TensorRT) or an ONNX Runtime session. Then\n"
+        "run its canary against torch on the base weights and with a random edit model bound.\n"
+        "The result is cached in --engine-cache, where edit finds it; to prebuild for a server,\n"
+        "point it at the server's FORGEDIT_DATA_DIR/engines.",
         formatter_class=_Formatter,
     )
     build.add_argument("--base-model", metavar="DIR", required=True, help="SD 1.x directory")
     build.add_argument("--size", metavar="WxH", help="image size (default: the model's native)")
     build.add_argument("--max-batch", metavar="N", default="8", help="images per batch (8)")
-    build.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    build.add_argument(
+        "--backend",
+        choices=ACCELERATED_BACKENDS,
+        default="tensorrt",
+        help="what to build (default: tensorrt)",
+    )
+    build.add_argument("--device", help="device (default: cuda for tensorrt, cpu for onnxruntime)")
     build.add_argument(
         "--engine-cache", metavar="DIR", help="plan cache (default: as edit --engine-cache)"
+    )
+    build.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    random = sub.add_parser(
+        "make-random-model",
+        help="write an SD-1.x-shaped model with random weights",
+        description="Write a diffusers Stable Diffusion 1.x pipeline with random weights to DIR,\n"
+        "in the real on-disk format (SD's CLIP tokenizer and scheduler): sd1 is SD 1.x's own\n"
+        "sizes (860 M UNet parameters, CLIP ViT-L/14, the SD VAE; 4.3 GB), medium a 2.2 GB\n"
+        "UNet (just over protobuf's 2 GB), tiny the test model's. For sizing and checking\n"
+        "the real-size paths (build-engine) without downloading weights.",
+        formatter_class=_Formatter,
+    )
+    random.add_argument("directory", metavar="DIR", help="where to write the model (created)")
+    random.add_argument(
+        "--preset", choices=tuple(PRESETS), default="sd1", help="sizes (default: sd1)"
     )
     return parser
 

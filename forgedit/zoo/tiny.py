@@ -1,7 +1,8 @@
 """Tiny deterministic models in the real on-disk formats, for tests and demos without weights.
 
 ``make_tiny_model(DIR)`` writes two model directories that the engine loads through exactly
-the same code as real checkpoints:
+the same code as real checkpoints (``make_random_model(DIR, preset)`` writes the first alone at
+other sizes, up to SD 1.x itself: ``PRESETS``):
 
 ``DIR/stable-diffusion/``
     A diffusers Stable Diffusion 1.x pipeline (``model_index.json``, ``unet/``, ``vae/``,
@@ -37,6 +38,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,12 +111,7 @@ def make_tiny_model(directory: str | os.PathLike[str]) -> Path:
     ``open-clip-torch`` distribution (the source of SD's tokenizer vocabulary) is not installed.
     Nothing is left at ``directory`` on failure.
     """
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ModelDirectoryError(
-            f"cannot write the tiny model to {os.fspath(directory)!r}: it already exists and is "
-            "not an empty directory; give a new or empty directory"
-        )
+    target = _new_model_dir(directory, "the tiny model")
     with _building_next_to(target) as tmp:
         _write_tiny_model(tmp)
         os.rename(tmp, target)  # replaces an empty directory; fails on a non-empty one
@@ -180,7 +177,7 @@ def _write_tiny_model(root: Path) -> None:
     fsync_tree(root)
 
 
-def _write_stable_diffusion(directory: Path) -> None:
+def _write_stable_diffusion(directory: Path, preset: str = "tiny") -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -190,38 +187,33 @@ def _write_stable_diffusion(directory: Path) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    recipe = PRESETS[preset]
     tokenizer = clip_tokenizer()
 
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**tiny_unet_config())
+    unet = UNet2DConditionModel(**recipe.unet)
     torch.manual_seed(SEED + 1)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
         layers_per_block=2,
         act_fn="silu",
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=0.18215,
+        **recipe.vae,
     )
     torch.manual_seed(SEED + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=TINY_TEXT_WIDTH,
-            intermediate_size=64,
-            projection_dim=TINY_TEXT_WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="quick_gelu",  # SD 1.x's CLIP ViT-L/14 text tower
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
+            **recipe.text_encoder,
         )
     )
     # SD 1.4's scheduler_config.json, steps_offset=1 included.
@@ -284,6 +276,82 @@ def sd1_unet_config() -> JsonObject:
         "sample_size": 64,
         "up_block_types": SD1_UP_BLOCKS,
     }
+
+
+@dataclass(frozen=True)
+class RandomPreset:
+    """One random SD-1.x-shaped pipeline: the UNet config, the VAE's widths and the CLIP text
+    tower's sizes (everything else is SD 1.x's own), and what it is for."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    purpose: str
+
+
+PRESETS = {
+    "tiny": RandomPreset(
+        tiny_unet_config(),
+        {"block_out_channels": (16, 16, 32, 32), "norm_num_groups": 8, "sample_size": 64},
+        {
+            "hidden_size": TINY_TEXT_WIDTH,
+            "intermediate_size": 64,
+            "projection_dim": TINY_TEXT_WIDTH,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        "tests and demos: 3.3 M UNet parameters, 64x64 px native",
+    ),
+    "medium": RandomPreset(
+        {**sd1_unet_config(), "block_out_channels": (256, 512, 1024, 1024)},
+        {"block_out_channels": (32, 64, 128, 128), "norm_num_groups": 32, "sample_size": 512},
+        {
+            "hidden_size": 768,
+            "intermediate_size": 768,
+            "projection_dim": 768,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 12,
+        },
+        "SD 1.x's layout at 0.8x its widths: a 2.2 GB fp32 UNet, just over protobuf's 2 GB "
+        "limit, with a small VAE and a one-layer text tower (512x512 px native)",
+    ),
+    "sd1": RandomPreset(
+        sd1_unet_config(),
+        {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "sample_size": 512},
+        {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "projection_dim": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+        },
+        "SD 1.x itself with random weights: 860 M UNet parameters (3.4 GB fp32), CLIP ViT-L/14 "
+        "text encoder, the SD VAE, 512x512 px native",
+    ),
+}
+
+
+def make_random_model(directory: str | os.PathLike[str], preset: str = "sd1") -> Path:
+    """Write a diffusers Stable Diffusion 1.x pipeline with random weights, of ``preset``'s
+    sizes (``PRESETS``), to ``directory`` (which must not exist or be empty), atomically.
+    Deterministic: the same preset gives the same weights. The real CLIP tokenizer and SD's
+    scheduler, as ``make_tiny_model``; no BLIP captioner. Returns ``Path(directory)``."""
+    if preset not in PRESETS:
+        raise ModelDirectoryError(
+            f"unknown random-model preset {preset!r}; accepted: {', '.join(PRESETS)}"
+        )
+    target = _new_model_dir(directory, "the random model")
+    import torch
+
+    from forgedit.models import quiet_loading
+
+    with _building_next_to(target) as tmp:
+        with torch.random.fork_rng(devices=[]), quiet_loading():
+            _write_stable_diffusion(tmp, preset)
+        fsync_tree(tmp)
+        os.rename(tmp, target)
+    fsync_dir(target.parent)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,6 +593,17 @@ def _check_stamp(target: Path, shown: str) -> None:
             f"({STAMP_FILE}, {SD_SUBDIR}/, {BLIP_SUBDIR}/); remove it so it can be rebuilt, "
             "or choose another directory"
         )
+
+
+def _new_model_dir(directory: str | os.PathLike[str], what: str) -> Path:
+    """``directory`` as a path if it does not exist or is empty, else ``ModelDirectoryError``."""
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ModelDirectoryError(
+            f"cannot write {what} to {os.fspath(directory)!r}: it already exists and is not an "
+            "empty directory; give a new or empty directory"
+        )
+    return target
 
 
 def _is_empty_dir(path: Path) -> bool:

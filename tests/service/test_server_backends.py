@@ -6,6 +6,7 @@ backend reported in ``CompletedEvent`` timings and in the metrics."""
 from __future__ import annotations
 
 import io
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,7 @@ def test_onnxruntime_server_reports_its_backend(onnxruntime_results: dict[str, A
         'forgedit_sampling_image_seconds_count{backend="onnxruntime",method="Sample"} 4.0'
         in metrics
     )
+    assert re.search(r'forgedit_unet_backend_degraded\{base_model="[^"]+"\} 0\.0', metrics)
     # Every fallback series exists, at 0: nothing fell back.
     assert (
         'forgedit_unet_backend_fallbacks_total{backend="tensorrt",reason="canary_failed"} 0.0'
@@ -156,6 +158,7 @@ def test_torch_server_samples_the_same_edits(
     assert max_difference(vs_a, vs_b) > 2
 
 
+@pytest.mark.backend_fallback("tensorrt:no_cuda")
 def test_a_backend_that_cannot_serve_is_counted_and_the_next_one_serves(
     tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -177,3 +180,5 @@ def test_a_backend_that_cannot_serve_is_counted_and_the_next_one_serves(
     assert any(
         "UNet backend tensorrt unavailable (no_cuda)" in r.getMessage() for r in caplog.records
     )
+    # The state the fallback alert reads: this replica serves on a fallback backend.
+    assert re.search(r'forgedit_unet_backend_degraded\{base_model="[^"]+"\} 1\.0', metrics)

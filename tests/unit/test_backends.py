@@ -1,8 +1,10 @@
 """Sampling UNet backends: the refit plan (which tensors, diffed against what a backend holds),
-the ONNX export's name map and cache, ONNX Runtime against torch (UNet outputs per step within
-1e-5, images within 2/255 for vs and vp, several strategies, an edit model from disk and one
-just trained, two edit models back to back), the canary and the fallback chain (ONNX Runtime
-standing in for TensorRT, which cannot be installed here), and the CLI flag."""
+the ONNX export (weights as external data, name map, cache), ONNX Runtime against torch (UNet
+outputs per step within 1e-5, images within 2/255 for vs and vp, several strategies, an edit
+model from disk and one just trained, two edit models back to back), the bounded cache of
+compiled UNets, the canary and the fallbacks (replica-wide at build, per job at refit or run;
+ONNX Runtime standing in for TensorRT, which cannot be installed here), and the CLI flag.
+TensorRT's own pieces that need no GPU are in test_tensorrt.py."""
 
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ from forgedit.backends.base import (
 )
 from forgedit.backends.canary import CanariedBackend
 from forgedit.backends.onnx_export import (
+    CONSTANTS_GRAPH_FILE,
+    DATA_INPUTS,
     GRAPH_FILE,
     MANIFEST_FILE,
+    WEIGHTS_FILE,
     ExportError,
     _graph_inputs,
     check_name_map,
@@ -36,14 +41,6 @@ from forgedit.backends.onnx_export import (
 )
 from forgedit.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forgedit.backends.select import BackendChain, BackendConfig, chain_for
-from forgedit.backends.tensorrt_backend import (
-    PLAN_FILE,
-    plan_identity,
-    plan_key,
-    read_cached_plan,
-    weights_as_initializers,
-    write_plan,
-)
 from forgedit.backends.torch_backend import TorchBackend
 from forgedit.cli.parser import build_parser
 from forgedit.config import SweepConfig, TrainingConfig
@@ -144,34 +141,6 @@ def test_server_setting_accepts_the_backend_names_only(monkeypatch: pytest.Monke
         ServerSettings(unet_backend="trt")
 
 
-def test_plan_cache_key_covers_everything_a_plan_depends_on() -> None:
-    shape = Shape(64, 64, 16)
-    base = plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, shape, False)
-    variants = [
-        plan_identity("NVIDIA H200", "10.9.0", "f" * 64, shape, False),
-        plan_identity("NVIDIA A100-SXM4-80GB", "10.10.0", "f" * 64, shape, False),
-        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "e" * 64, shape, False),
-        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(96, 64, 16), False),
-        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(64, 64, 8), False),
-        plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, shape, True),
-    ]
-    keys = {plan_key(base), *(plan_key(v) for v in variants)}
-    assert len(keys) == 1 + len(variants)
-    assert plan_key(base) == plan_key(dict(base))
-
-
-def test_a_cached_plan_is_trusted_only_when_it_matches(tmp_path: Path) -> None:
-    identity = plan_identity("NVIDIA A100-SXM4-80GB", "10.9.0", "f" * 64, Shape(64, 64, 16), False)
-    entry = tmp_path / plan_key(identity)
-    assert read_cached_plan(entry, identity) is None  # nothing there
-    write_plan(entry, identity, b"serialized engine")
-    assert read_cached_plan(entry, identity) == b"serialized engine"
-    other_gpu = {**identity, "gpu": "NVIDIA H200"}
-    assert read_cached_plan(entry, other_gpu) is None
-    (entry / PLAN_FILE).write_bytes(b"serialized engine, truncated or swapped")
-    assert read_cached_plan(entry, identity) is None
-
-
 # -- the tiny model ---------------------------------------------------------------------------
 
 
@@ -208,11 +177,12 @@ def edit_models(torch_engine: Engine, photo: Any) -> list[Any]:
     return [torch_engine.finetune(photo, "A photo of a dog", quick(seed)) for seed in (1, 2)]
 
 
+@pytest.mark.backend_fallback("tensorrt:no_cuda")
 def test_default_backend_choice_and_tensorrt_fallback_here(
     tiny_model_dir: Path, cache_dir: Path
 ) -> None:
     """On this CPU machine TensorRT cannot serve (no CUDA); asking for it falls back to ONNX
-    Runtime, with the reason reported."""
+    Runtime for the replica, with the reason reported, and the engine says it is degraded."""
     seen: list[Any] = []
     engine = Engine.load(
         tiny_model_dir / "stable-diffusion",
@@ -221,32 +191,80 @@ def test_default_backend_choice_and_tensorrt_fallback_here(
         on_backend_fallback=seen.append,
     )
     assert engine.sampling_backend == "onnxruntime"
-    assert [(f.backend, f.reason) for f in seen] == [("tensorrt", "no_cuda")]
+    assert [(f.backend, f.reason, f.scope) for f in seen] == [("tensorrt", "no_cuda", "replica")]
     assert "CUDA" in seen[0].message
+    assert engine.backend_degraded
     auto = Engine(engine.base, unet_backend="auto", cache_dir=cache_dir)
     assert auto.sampling_backend == "onnxruntime"
-    assert auto.backends.fallbacks == []
+    assert auto.backends.fallbacks == [] and not auto.backend_degraded
 
 
-def test_export_name_map_is_complete_and_cached(ort_engine: Engine, cache_dir: Path) -> None:
+def test_export_keeps_weights_outside_protobuf_with_a_complete_name_map(
+    ort_engine: Engine, cache_dir: Path
+) -> None:
+    """Every weight lives in the external-data file (the graph file holds none), the name map
+    is complete, the cache manifest records what the entry depends on and every file's hash,
+    and TensorRT's graph is the same graph with the weights as initializers only."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
     unet = ort_engine.base.unet
     shape = ort_engine.sampling_shape(SIZE, SIZE, 4)
     export = export_unet(unet, ort_engine.base.fingerprint, shape, cache_dir / "onnx")
     assert export.seconds == 0.0  # the warm-up exported it; this came from the cache
     assert len(export.name_map) == SD1_UNET_TENSORS == sum(1 for _ in unet.parameters())
     assert len(set(export.name_map.values())) == SD1_UNET_TENSORS  # one-to-one
-    manifest = json.loads((export.path.parent / MANIFEST_FILE).read_text())
+    manifest = json.loads((export.directory / MANIFEST_FILE).read_text())
     assert manifest["base_model_fingerprint"] == ort_engine.base.fingerprint
     assert manifest["torch_version"] == torch.__version__
     assert manifest["opset"] >= 17
-    assert manifest["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert manifest["inputs"] == list(DATA_INPUTS)
     assert manifest["name_map"] == export.name_map
-    # TensorRT gets the same graph with the weights as refittable initializers.
+    assert set(manifest["files"]) == {GRAPH_FILE, CONSTANTS_GRAPH_FILE, WEIGHTS_FILE}
+    parameter_bytes = sum(p.numel() * 4 for p in unet.parameters())
+    assert parameter_bytes <= export.weights_bytes < parameter_bytes + 4096 * SD1_UNET_TENSORS
+
+    for graph_file, weight_inputs in ((GRAPH_FILE, True), (CONSTANTS_GRAPH_FILE, False)):
+        graph = onnx.load(str(export.directory / graph_file), load_external_data=False)
+        initializers = {t.name: t for t in graph.graph.initializer}
+        assert set(initializers) == set(export.name_map.values())
+        assert all(uses_external_data(t) and not t.raw_data for t in initializers.values())
+        assert {e.value for t in initializers.values() for e in t.external_data} >= {WEIGHTS_FILE}
+        inputs = [i.name for i in graph.graph.input]
+        assert inputs[:3] == list(DATA_INPUTS)
+        assert (len(inputs) == 3 + SD1_UNET_TENSORS) is weight_inputs
+    # The file holds the base values, in the graph's names.
+    loaded = onnx.load(str(export.directory / CONSTANTS_GRAPH_FILE))
+    values = {t.name: t for t in loaded.graph.initializer}
+    for name in ("conv_in.weight", "up_blocks.3.attentions.2.proj_out.bias"):
+        array = onnx.numpy_helper.to_array(values[export.name_map[name]])
+        assert np.array_equal(array, unet.get_parameter(name).detach().numpy())
+
+
+def test_the_export_writes_base_weights_while_an_edit_model_is_live(
+    ort_engine: Engine, edit_models: list[Any], tmp_path: Path
+) -> None:
+    """An export made while an edit model is written into the live UNet still stores the
+    base: the cache is keyed by the base model, so anything else would poison it."""
     import onnx
 
-    trt_graph = onnx.load_from_string(weights_as_initializers(export.path))
-    assert [i.name for i in trt_graph.graph.input] == manifest["inputs"]
-    assert {i.name for i in trt_graph.graph.initializer} >= set(export.name_map.values())
+    engine = ort_engine
+    unet, weights = engine.base.unet, engine.weights
+    name = next(k.removeprefix("unet.") for k in edit_models[0].delta if k.startswith("unet."))
+    base = weights.base_value(f"unet.{name}").clone()
+    with weights.edit_model(edit_models[0].delta) as live:
+        live.set_forgetting([], 1.0)
+        assert not torch.equal(unet.get_parameter(name), base)
+        export = export_unet(
+            unet,
+            engine.base.fingerprint,
+            engine.sampling_shape(SIZE, SIZE, 1),
+            tmp_path,
+            base_values=lambda n: weights.base_value(f"unet.{n}"),
+        )
+    graph = onnx.load(str(export.constants_path))
+    (tensor,) = [t for t in graph.graph.initializer if t.name == export.name_map[name]]
+    assert np.array_equal(onnx.numpy_helper.to_array(tensor), base.numpy())
 
 
 def test_an_export_cache_entry_that_does_not_match_is_rebuilt(
@@ -256,23 +274,56 @@ def test_an_export_cache_entry_that_does_not_match_is_rebuilt(
     shape = ort_engine.sampling_shape(SIZE, SIZE, 1)
     first = export_unet(unet, fingerprint, shape, tmp_path)
     assert first.seconds > 0
-    manifest_path = first.path.parent / MANIFEST_FILE
+    manifest_path = first.directory / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
     manifest["torch_version"] = "0.0.1"  # written by another torch
     manifest_path.write_text(json.dumps(manifest))
     assert export_unet(unet, fingerprint, shape, tmp_path).seconds > 0
-    with open(first.path, "r+b") as f:  # a corrupt graph file
-        f.seek(100)
-        f.write(b"\0" * 16)
+    for damaged in (GRAPH_FILE, WEIGHTS_FILE, CONSTANTS_GRAPH_FILE):
+        with open(first.directory / damaged, "r+b") as f:  # a corrupt file of the entry
+            f.seek(100)
+            f.write(b"\1" * 16)
+        assert export_unet(unet, fingerprint, shape, tmp_path).seconds > 0
+    (first.directory / WEIGHTS_FILE).unlink()  # a missing weights file
     rebuilt = export_unet(unet, fingerprint, shape, tmp_path)
     assert rebuilt.seconds > 0
     assert export_unet(unet, fingerprint, shape, tmp_path).seconds == 0.0
     other = export_unet(unet, "0" * 64, shape, tmp_path)  # another base model
-    assert other.path.parent != rebuilt.path.parent
+    assert other.directory != rebuilt.directory
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [rebuilt.path.parent.name, other.path.parent.name]
+        [rebuilt.directory.name, other.directory.name]
     )  # no staging directories left behind
-    assert {p.name for p in rebuilt.path.parent.iterdir()} == {GRAPH_FILE, MANIFEST_FILE}
+    assert {p.name for p in rebuilt.directory.iterdir()} == {
+        GRAPH_FILE,
+        CONSTANTS_GRAPH_FILE,
+        WEIGHTS_FILE,
+        MANIFEST_FILE,
+    }
+
+
+@pytest.mark.backend_fallback("onnxruntime:build_failed")
+def test_an_export_that_cannot_be_written_falls_back_for_the_replica(
+    ort_engine: Engine, tmp_path: Path
+) -> None:
+    """A cache that cannot be written (here a file where its directory should be) makes the
+    backend unavailable at warm-up, not the replica: it serves on torch and says why, without
+    a path in the message."""
+    blocked = tmp_path / "engines"
+    blocked.write_text("not a directory")
+    seen: list[Any] = []
+    engine = Engine(
+        ort_engine.base,
+        unet_backend="onnxruntime",
+        cache_dir=blocked,
+        on_backend_fallback=seen.append,
+    )
+    engine.warmup()
+    assert engine.sampling_backend == "torch" and engine.backend_degraded
+    assert [(f.backend, f.reason, f.scope) for f in seen] == [
+        ("onnxruntime", "build_failed", "replica")
+    ]
+    assert "could not be written" in seen[0].message and str(tmp_path) not in seen[0].message
+    assert [(r.backend, r.ready) for r in engine.readiness] == [("torch", True)]
 
 
 def test_an_incomplete_name_map_is_an_error_at_export(ort_engine: Engine, cache_dir: Path) -> None:
@@ -351,7 +402,7 @@ def test_images_match_torch_within_2_of_255(
     config = sweep(interpolation)
     expected = torch_engine.sample(edit_models[0], config, max_batch=4)
     got = ort_engine.sample(edit_models[0], config, max_batch=4)
-    assert ort_engine.sampling_backend == "onnxruntime"
+    assert {e.backend for e in got} == {"onnxruntime"}  # every image, not just the replica's
     assert max_pixel_difference(got, expected) <= 2
 
 
@@ -375,52 +426,157 @@ def test_edit_models_from_disk_back_to_back_leave_no_stale_weights(
 
 
 class _DropsBiasesOnRefit(OnnxRuntimeBackend):
-    """Fault injection: what some refittable TensorRT versions do. The base weights bind
-    correctly; every refit afterwards silently zeroes the biases it was given."""
+    """Fault injection: what some refittable TensorRT versions do. The base weights are
+    right; every refit afterwards silently zeroes the biases it was given."""
 
     def predictor(self, shape: Shape) -> Any:
         predictor = super().predictor(shape)
-        session = self._compiled[shape]
+        session: Any = self.graphs.get(shape).unet
         for name in session.loaded.last_plan:
-            if name.endswith(".bias"):
-                session._bound[session._name_map[name]][0][:] = 0.0
+            bound = session._bound.get(session._name_map[name])
+            if name.endswith(".bias") and bound is not None:
+                bound[0][:] = 0.0
         return predictor
 
 
-def test_canary_passes_on_a_faithful_backend_and_fails_over_on_a_bad_refit(
-    torch_engine: Engine, tiny_model_dir: Path, cache_dir: Path, edit_models: list[Any]
-) -> None:
-    seen: list[Any] = []
+class _FailsToRun(OnnxRuntimeBackend):
+    """Fault injection: the compiled UNet runs ``good_calls`` times, then fails (a lost
+    device, a broken engine)."""
+
+    good_calls = 3
+
+    def predictor(self, shape: Shape) -> Any:
+        predictor = super().predictor(shape)
+        backend = self
+
+        class Failing:
+            device = predictor.device
+
+            def predict(self, *args: Any) -> torch.Tensor:
+                if backend.good_calls <= 0:
+                    raise BackendUnavailableError("the device went away", "run_failed")
+                backend.good_calls -= 1
+                return predictor.predict(*args)
+
+        return Failing()
+
+
+def _faulty_engine(
+    tiny_model_dir: Path, cache_dir: Path, backend: type[OnnxRuntimeBackend], seen: list[Any]
+) -> Engine:
     engine = Engine.load(
         tiny_model_dir / "stable-diffusion",
         unet_backend="onnxruntime",
         cache_dir=cache_dir,
         on_backend_fallback=seen.append,
     )
-    shape = engine.sampling_shape(SIZE, SIZE, 4)
-    reference = TorchBackend(engine.base.unet, engine.weights)
-    faithful = CanariedBackend(engine.backends.current, reference, tolerance=1e-2)
-    faithful.prepare(shape)  # the base passes
-
-    bad = _DropsBiasesOnRefit(
+    bad = backend(
         engine.base.unet,
         engine.weights,
         fingerprint=engine.base.fingerprint,
         cache_dir=cache_dir / "onnx",
     )
+    reference = TorchBackend(engine.base.unet, engine.weights)
     engine.backends.current = CanariedBackend(bad, reference, tolerance=1e-2)
+    return engine
+
+
+@pytest.mark.backend_fallback("onnxruntime:canary_failed")
+def test_a_bad_refit_fails_its_canary_and_the_job_finishes_on_torch(
+    torch_engine: Engine, tiny_model_dir: Path, cache_dir: Path, edit_models: list[Any]
+) -> None:
+    seen: list[Any] = []
+    engine = _faulty_engine(tiny_model_dir, cache_dir, _DropsBiasesOnRefit, seen)
+    shape = engine.sampling_shape(SIZE, SIZE, 4)
     engine.backends.current.prepare(shape)  # the base binds correctly: passes
-    assert engine.sampling_backend == "onnxruntime"
+    build = engine.backends.current.build_id(shape)
     config = sweep("vs", forget=("encoderkv",), gammas=(1.0,))
-    got = engine.sample(edit_models[0], config, max_batch=4)
-    # The first refit of the edit model dropped its biases; the canary caught it, the engine
-    # moved on to torch before sampling anything, and said why.
-    assert engine.sampling_backend == "torch"
-    assert [(f.backend, f.reason) for f in seen] == [("onnxruntime", "canary_failed")]
-    assert "relative error" in seen[0].message
-    assert max_pixel_difference(got, torch_engine.sample(edit_models[0], config, max_batch=4)) == 0
+    expected = torch_engine.sample(edit_models[0], config, max_batch=4)
+    for job in (1, 2):
+        got = engine.sample(edit_models[0], config, max_batch=4)
+        # The first refit of the edit model dropped its biases; the canary caught it before
+        # anything was sampled, and this job went to torch: same images, bit for bit.
+        assert [e.backend for e in got] == ["torch"] * len(got)
+        assert max_pixel_difference(got, expected) == 0
+        assert [(f.backend, f.reason, f.scope) for f in seen] == [
+            ("onnxruntime", "canary_failed", "job")
+        ] * job
+        assert "relative error" in seen[-1].message
+        # The replica keeps its backend; the failed session was dropped and is rebuilt (and
+        # checked on the base again) for the next job.
+        assert engine.sampling_backend == "onnxruntime" and not engine.backend_degraded
+        assert shape not in engine.backends.current.inner.graphs  # type: ignore[attr-defined]
+    engine.prepare_sampling(SIZE, SIZE, 4)
+    assert engine.backends.current.build_id(shape) > build
 
 
+@pytest.mark.backend_fallback("onnxruntime:run_failed")
+def test_a_run_failure_in_a_job_resamples_that_chunk_on_torch(
+    torch_engine: Engine, tiny_model_dir: Path, cache_dir: Path, edit_models: list[Any]
+) -> None:
+    """Three UNet calls succeed (the canary's two and the first denoising step), then the
+    backend breaks mid-chunk: the chunk starts again on torch and the job completes with
+    exactly torch's images, never an INTERNAL error."""
+    seen: list[Any] = []
+    engine = _faulty_engine(tiny_model_dir, cache_dir, _FailsToRun, seen)
+    config = sweep("vs", forget=("encoderkv", "noencoder"), gammas=(1.0,))
+    got = engine.sample(edit_models[1], config, max_batch=4)
+    expected = torch_engine.sample(edit_models[1], config, max_batch=4)
+    assert [e.backend for e in got] == ["torch"] * len(got)
+    assert max_pixel_difference(got, expected) == 0
+    assert [(f.backend, f.reason, f.scope) for f in seen] == [("onnxruntime", "run_failed", "job")]
+    assert engine.sampling_backend == "onnxruntime"
+
+
+def test_compiled_unets_are_a_bounded_lru_that_counts_its_bytes(
+    ort_engine: Engine, tmp_path: Path
+) -> None:
+    """Two resolutions through a cache of one: the second evicts (and closes) the first;
+    resident bytes are the session's base weights plus its edited copies."""
+    engine = Engine(
+        ort_engine.base,
+        unet_backend="onnxruntime",
+        cache_dir=tmp_path,
+        max_compiled_graphs=1,
+    )
+    backend: Any = engine.backends.current.inner  # type: ignore[attr-defined]
+    small, large = engine.sampling_shape(SIZE, SIZE, 1), engine.sampling_shape(96, 64, 1)
+    engine.prepare_sampling(SIZE, SIZE, 1)
+    first = backend.graphs.get(small).unet
+    weights_bytes = backend.last_export.weights_bytes
+    assert engine.compiled_bytes == first.resident_bytes == weights_bytes
+    engine.prepare_sampling(96, 64, 1)
+    assert backend.graphs.shapes() == [large] and backend.graphs.evictions == 1
+    assert not hasattr(first, "_session")  # closed: its weights are released
+    with pytest.raises(ValueError, match="2 resolutions do not fit a cache of 1 compiled UNets"):
+        engine.prepare_resolutions([(SIZE, SIZE), (96, 64)], max_batch=1)
+
+
+def test_warmup_reports_the_readiness_of_every_declared_resolution(ort_engine: Engine) -> None:
+    engine = Engine(ort_engine.base, unet_backend="onnxruntime", max_compiled_graphs=2)
+    engine.warmup([(SIZE, SIZE), (96, 64)])
+    report = engine.readiness
+    assert [(r.height, r.width, r.backend, r.ready) for r in report] == [
+        (SIZE, SIZE, "onnxruntime", True),
+        (96, 64, "onnxruntime", True),
+    ]
+    assert all(r.canary_error is not None and r.canary_error < 1e-4 for r in report)
+    on_torch = Engine(ort_engine.base, unet_backend="torch")
+    on_torch.warmup()
+    assert [(r.backend, r.ready, r.canary_error) for r in on_torch.readiness] == [
+        ("torch", True, None)
+    ]
+
+
+def test_step_cost_scales_with_the_unets_flops_not_just_pixels(ort_engine: Engine) -> None:
+    engine = ort_engine
+    assert engine.relative_step_cost(SIZE, SIZE) == 1.0
+    double = engine.relative_step_cost(2 * SIZE, 2 * SIZE)
+    assert 4.0 < double < 16.0  # convolutions scale with the area, attention faster
+    assert engine.relative_step_cost(SIZE, 2 * SIZE) < double
+
+
+@pytest.mark.backend_fallback("onnxruntime:build_failed")
 def test_chain_gives_up_only_after_the_last_backend(ort_engine: Engine) -> None:
     built: list[str] = []
 
@@ -510,25 +666,75 @@ def test_build_engine_without_tensorrt_says_so_and_exits_2(
     assert "TensorRT is not installed" in err and "build-engine" in err
 
 
+def test_build_engine_onnxruntime_reports_its_figures(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The real-size check's command on the tiny random model: export with external data,
+    session, canary on the base and with a random edit model bound, JSON figures."""
+    code, out, err = _cli(capsys, "make-random-model", "--preset", "tiny", tmp_path / "model")
+    assert code == 0, err
+    assert "tiny" in out
+    build = [
+        "build-engine", "--base-model", tmp_path / "model", "--backend", "onnxruntime",
+        "--max-batch", "1", "--engine-cache", tmp_path / "cache", "--json",
+    ]  # fmt: skip
+    code, out, err = _cli(capsys, *build)
+    assert code == 0, err
+    figures = json.loads(out)
+    assert figures["backend"] == "onnxruntime" and figures["size"] == "64x64"
+    assert figures["unet_parameters"] == 3_257_876
+    assert figures["graph_bytes"] > figures["weights_bytes"] >= 4 * figures["unet_parameters"]
+    assert figures["peak_rss_bytes"] > figures["weights_bytes"]
+    assert figures["export_seconds"] > 0 and figures["build_seconds"] > 0
+    canary = figures["canary"]
+    assert canary["base_relative_error"] < canary["tolerance"] == 1e-4
+    assert 0 < canary["edit_model_relative_error"] < 1e-4
+    assert canary["edit_model_tensors"] == 518  # down/up blocks 1-3, as a joint fine-tune
+    # A second run finds the export in the cache.
+    code, out, _ = _cli(capsys, *build)
+    assert code == 0 and json.loads(out)["export_seconds"] == 0.0
+
+
+def test_make_random_model_refuses_bad_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    for argv, words in (
+        (["make-random-model", tmp_path / "used"], "not an empty directory"),
+        (["make-random-model", "--preset", "sd2", tmp_path / "new"], "sd1"),
+    ):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2 and out == "" and words in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_torch_after_refits(
     tiny_model_dir: Path, tmp_path: Path, edit_models: list[Any]
 ) -> None:
-    """On a CUDA machine with TensorRT: build, canary, refit two edit models, compare."""
+    """On a CUDA machine with TensorRT: build, canary, refit two edit models, compare. Every
+    image must come from TensorRT: a fallback anywhere (build, canary, a refit, a run) fails
+    the test, here and through the conftest guard; it never compares torch with torch."""
     pytest.importorskip("tensorrt")
+    seen: list[Any] = []
     engine = Engine.load(
         tiny_model_dir / "stable-diffusion",
         device="cuda",
         unet_backend="tensorrt",
         cache_dir=tmp_path,
+        on_backend_fallback=seen.append,
     )
     engine.warmup()
-    assert engine.sampling_backend == "tensorrt"
+    (ready,) = engine.readiness
+    assert (ready.backend, ready.ready) == ("tensorrt", True) and seen == []
     reference = Engine.load(
         tiny_model_dir / "stable-diffusion", device="cuda", unet_backend="torch"
     )
     config = sweep("vs", forget=("encoderkv", "noencoder"), gammas=(1.0,))
-    for model in edit_models:
-        assert (
-            max_pixel_difference(engine.sample(model, config), reference.sample(model, config)) <= 8
-        )
+    for model in edit_models + edit_models[:1]:  # A, B, then A again: refits both ways
+        got = engine.sample(model, config)
+        assert [e.backend for e in got] == ["tensorrt"] * len(got), seen
+        assert max_pixel_difference(got, reference.sample(model, config)) <= 8
+    assert seen == [] and engine.sampling_backend == "tensorrt"

@@ -217,3 +217,35 @@ def test_the_one_resolver_of_built_in_names(tmp_path: Path, tiny_model_dir: Path
         ModelDirectoryError, match="'sd99' is not a built-in base model; built in: tiny"
     ):
         builtin_base_model("sd99")
+
+
+def test_random_presets_have_the_sizes_they_claim() -> None:
+    """Built on the meta device (no memory): ``sd1`` is SD 1.x's architecture exactly (its
+    UNet, CLIP ViT-L/14's text tower and VAE parameter counts), ``medium`` a UNet just over
+    protobuf's 2 GB in fp32, ``tiny`` the test model."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from forgedit.zoo.tiny import PRESETS
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    counts = {}
+    with torch.device("meta"):
+        for name, preset in PRESETS.items():
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+                latent_channels=4,
+                **preset.vae,
+            )
+            text = CLIPTextModel(
+                CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **preset.text_encoder)
+            )
+            counts[name] = (count(UNet2DConditionModel(**preset.unet)), count(text), count(vae))
+    assert counts["sd1"] == (859_520_964, 123_060_480, 83_653_863)
+    assert 2**31 < 4 * counts["medium"][0] < 4 * counts["sd1"][0]
+    assert counts["tiny"][0] == 3_257_876
