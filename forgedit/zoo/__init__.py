@@ -1,0 +1,1 @@
+"""Built-in models: ``tiny`` (random, for pipeline tests) and ``shapes`` (the trained toy world)."""
