@@ -748,15 +748,15 @@ def stage_export(cfg: TrainConfig, work: Path, out: Path, times: dict[str, float
     for generated in tmp.rglob("generation_config.json"):
         generated.unlink()  # captioning passes its generation arguments explicitly
 
-    commit, dirty = training_code_commit()
+    commits = stage_commits(work)
     files = manifest_files(tmp)
     manifest = {
         "format": "forgedit.zoo.shapes",
         "version": 1,
         "description": "the toy world (forgedit.zoo.shapes.world) trained from scratch by "
         "forgedit.zoo.shapes.train",
-        "training_code_commit": commit,
-        "training_code_dirty": dirty,
+        # The commit each stage ran at; dirty if the training code differed from it then.
+        "training_code_commit": commits,
         "training_config": cfg.to_dict(),
         "run_times_s": {k: round(v, 1) for k, v in times.items()},
         "environment": {
@@ -875,6 +875,15 @@ def write_json(path: Path, data: Any) -> None:
     write_json_atomic(path, data)
 
 
+# The code whose changes change the trained files.
+TRAINING_CODE = (
+    "forgedit/zoo/shapes/train.py",
+    "forgedit/zoo/shapes/world.py",
+    "forgedit/tiny.py",
+    "forgedit/sampling.py",
+)
+
+
 def training_code_commit() -> tuple[str, bool]:
     """The commit of this checkout and whether the training code differs from it."""
     root = Path(__file__).resolve().parents[3]
@@ -886,7 +895,7 @@ def training_code_commit() -> tuple[str, bool]:
             check=True,
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "forgedit"],
+            ["git", "-C", str(root), "status", "--porcelain", "--", *TRAINING_CODE],
             capture_output=True,
             text=True,
             check=True,
@@ -952,12 +961,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"{stage}: done before ({json.loads(done.read_text())['seconds']:.0f} s), skipped")
             continue
         log(f"{stage}: start")
+        commit, dirty = training_code_commit()  # what this stage runs, recorded with it
         started = time.perf_counter()
         seconds = runners[stage]() or time.perf_counter() - started
         if stage != "export":
-            write_json(done, {"seconds": seconds})
+            write_json(done, {"seconds": seconds, "commit": commit, "dirty": dirty})
         log(f"{stage}: done in {seconds:.0f} s")
     return 0
+
+
+def stage_commits(work: Path) -> dict[str, dict[str, Any]]:
+    """{stage: {"commit", "dirty"}} as recorded when each finished stage started."""
+    out = {}
+    for stage in STAGES:
+        path = work / f"{stage}.done.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            out[stage] = {"commit": record.get("commit"), "dirty": record.get("dirty")}
+    return out
 
 
 def stage_times(work: Path) -> dict[str, float]:
