@@ -88,7 +88,7 @@ class TrainConfig:
     # latents
     unet_images: int = 12000
     # UNet + text encoder
-    unet_steps: int = 4500
+    unet_steps: int = 3500
     unet_batch: int = 32
     unet_lr: float = 5e-4
     unet_warmup: int = 250
