@@ -18,8 +18,9 @@ Loading::
 ``base_model_dir``  the diffusers SD-1.x directory the edit model was fine-tuned on
                     (``FORGEDIT_BASE_MODEL_DIR``). Its fingerprint must match the edit
                     model's, or loading fails with ``BaseModelMismatchError``. Unset: only an
-                    edit model made on the embedded tiny model loads (the tiny model is
-                    deterministic, so it is re-made); any other names this setting.
+                    edit model made on the embedded tiny model (deterministic, so re-made)
+                    or on the shipped toy world loads; any other names this setting. The
+                    name ``shapes`` stands for the shipped toy world.
 ``vae_dir``         a separate VAE directory for a base model shipped without one (Realistic
                     Vision "noVAE"), as the engine CLI's ``--vae`` (``FORGEDIT_VAE_DIR``).
 ``device``          ``FORGEDIT_DEVICE``, default ``cpu``.
@@ -57,12 +58,14 @@ class ForgeditEditModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         from forgedit.artifact import load_edit_model, read_manifest
         from forgedit.engine import Engine
+        from forgedit.zoo.shapes import resolve_base_model
 
         config = dict(context.model_config or {})
         base_dir = config.get("base_model_dir") or os.environ.get("FORGEDIT_BASE_MODEL_DIR")
         vae_dir = config.get("vae_dir") or os.environ.get("FORGEDIT_VAE_DIR") or None
         if not base_dir:
-            base_dir = _tiny_base_model_for(read_manifest(context.artifacts[ARTIFACT_KEY]))
+            base_dir = _builtin_base_model_for(read_manifest(context.artifacts[ARTIFACT_KEY]))
+        base_dir = os.fspath(resolve_base_model(base_dir))  # the name "shapes": the toy world
         device = config.get("device") or os.environ.get("FORGEDIT_DEVICE", "cpu")
         precision = config.get("precision") or os.environ.get("FORGEDIT_PRECISION", "faithful")
         if precision not in ("faithful", "fast"):
@@ -114,22 +117,27 @@ class ForgeditEditModel(PythonModel):
         return pd.DataFrame(out)
 
 
-def _tiny_base_model_for(manifest: Mapping[str, Any]) -> str:
-    """The embedded tiny model's directory (re-made if absent: it is deterministic) when the
-    edit model was made on it; otherwise raise naming the setting that gives a base model."""
+def _builtin_base_model_for(manifest: Mapping[str, Any]) -> str:
+    """The embedded tiny model's directory (re-made if absent: it is deterministic) or the
+    shipped toy world's (``shapes``) when the edit model was made on one of them; otherwise
+    raise naming the setting that gives a base model."""
     from forgedit.errors import ModelDirectoryError
     from forgedit.models import check_base_model_directory
     from forgedit.tiny import SD_SUBDIR, ensure_tiny_model
+    from forgedit.zoo.shapes import shapes_model
 
     base = manifest.get("base_model") or {}
     tiny = ensure_tiny_model() / SD_SUBDIR
     if base.get("fingerprint") == check_base_model_directory(tiny).fingerprint():
         return os.fspath(tiny)
+    shapes = shapes_model().stable_diffusion
+    if base.get("fingerprint") == check_base_model_directory(shapes).fingerprint():
+        return os.fspath(shapes)
     raise ModelDirectoryError(
         f"this edit model was fine-tuned on base model {base.get('name', '?')!r}: pass "
         "model_config={'base_model_dir': DIR} to mlflow.pyfunc.load_model or set "
         "FORGEDIT_BASE_MODEL_DIR to that SD-1.x directory (and vae_dir / FORGEDIT_VAE_DIR if "
-        "it has no VAE); only the embedded tiny model is found without it"
+        "it has no VAE); only the built-in tiny and shapes models are found without it"
     )
 
 

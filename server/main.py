@@ -317,7 +317,9 @@ def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> No
 def resolve_base_models(settings: ServerSettings) -> dict[str, Path]:
     """Name -> directory of every served base model; the tiny model when none is set."""
     if settings.base_models:
-        return dict(settings.base_models)
+        from forgedit.zoo.shapes import resolve_base_model  # the name "shapes": the toy world
+
+        return {name: resolve_base_model(path) for name, path in settings.base_models.items()}
     from forgedit.tiny import ensure_tiny_model
 
     root = ensure_tiny_model(settings.data_dir / "tiny-model")
@@ -364,7 +366,10 @@ def default_engine_factory(
         base = load_base_model(
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
-        captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
+        from forgedit.zoo.shapes import blip_for
+
+        blip = blip_dir if blip_dir is not None else blip_for(base_models[name])
+        captioner = Captioner.load(blip, device=device) if blip is not None else None
         return Engine(
             base,
             captioner,

@@ -31,6 +31,7 @@ from forgedit.requests import (
     default_device,
     random_seed,
 )
+from forgedit.zoo.shapes import is_shapes_name, shapes_model
 
 T = TypeVar("T")
 
@@ -77,6 +78,10 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         check_prompt(p, "--prompt")
     if args.source_prompt is not None:
         check_prompt(args.source_prompt, "--source-prompt")
+    if is_shapes_name(args.base_model):  # the shipped toy world, by name, with its own BLIP
+        shipped = shapes_model()
+        args.base_model = os.fspath(shipped.stable_diffusion)
+        args.blip = args.blip or os.fspath(shipped.blip)
     base_model = existing_dir(args.base_model, "--base-model")
     vae = existing_dir(args.vae, "--vae")
     blip = existing_dir(args.blip, "--blip")

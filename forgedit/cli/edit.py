@@ -191,7 +191,9 @@ def _load_engine(command: EditCommand) -> tuple[Engine, str]:
         base_dir, label = root / SD_SUBDIR, "tiny"
         blip_dir = command.blip or root / BLIP_SUBDIR
     else:
-        base_dir, label = command.base_model, os.fspath(command.base_model)
+        from forgedit.zoo.shapes import display_name
+
+        base_dir, label = command.base_model, display_name(command.base_model)
         blip_dir = command.blip
     needs_caption = command.source_prompt is None and command.load_model is None
     engine = Engine.load(

@@ -14,6 +14,7 @@ from types import FrameType
 from forgedit.cli.arguments import check_edit_args
 from forgedit.cli.commands import run_build_engine, run_make_tiny_model, run_strategies
 from forgedit.cli.edit import one_line, run_edit
+from forgedit.cli.evaluate import run_eval
 from forgedit.cli.output import print_human
 from forgedit.cli.parser import UsageError, build_parser
 from forgedit.errors import CancelledError, ForgeditError
@@ -76,6 +77,9 @@ def main(argv: Sequence[str] | None = None, *, cancel: CancelToken | None = None
         elif args.command == "make-tiny-model":
             _quiet_libraries()
             run_make_tiny_model(args, stdout)
+        elif args.command == "eval":
+            _quiet_libraries()
+            run_eval(args, stdout, stderr)
         elif args.command == "build-engine":
             run_build_engine(args, stdout)
         return EXIT_OK

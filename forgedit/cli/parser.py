@@ -10,6 +10,7 @@ import textwrap
 from typing import Any
 
 from forgedit.backends.names import BACKEND_CHOICES
+from forgedit.cli.evaluate import add_eval_parser
 from forgedit.config import DELTA_FORMATS, INTERPOLATIONS, MAX_BATCH, PRECISIONS, TRAINING_MODES
 from forgedit.forgetting import STRATEGIES
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_edit(sub)
+    add_eval_parser(sub, _Formatter)
 
     tiny = sub.add_parser(
         "make-tiny-model",
@@ -131,7 +133,8 @@ def _add_edit(sub: Any) -> None:
     models.add_argument(
         "--base-model",
         metavar="DIR",
-        help="a diffusers Stable Diffusion 1.x directory; default: the tiny test model",
+        help="a diffusers Stable Diffusion 1.x directory, or shapes (the shipped toy world); "
+        "default: the tiny test model",
     )
     models.add_argument("--vae", metavar="DIR", help="a separate VAE directory (e.g. for *noVAE)")
     models.add_argument(

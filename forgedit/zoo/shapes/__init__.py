@@ -113,3 +113,37 @@ def verify_manifest(root: Path) -> dict[str, Any]:
             "files from the repository or re-train with python -m forgedit.zoo.shapes.train"
         )
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# The name ``shapes`` where a base-model directory is expected (engine CLI, server, pyfunc)
+
+
+def is_shapes_name(value: str | os.PathLike[str] | None) -> bool:
+    """Whether a base-model argument is the name ``shapes`` (write a directory ``./shapes``)."""
+    return value is not None and os.fspath(value) == NAME
+
+
+def resolve_base_model(value: str | os.PathLike[str]) -> Path:
+    """``shapes`` → the shipped pipeline directory (checked against the manifest); any other
+    value is a directory and is returned as given."""
+    return shapes_model().stable_diffusion if is_shapes_name(value) else Path(value)
+
+
+def blip_for(base_model_dir: str | os.PathLike[str]) -> Path | None:
+    """The shipped BLIP captioner when ``base_model_dir`` is the shipped pipeline, else None."""
+    if _is_shipped(base_model_dir):
+        return default_model_dir() / BLIP_SUBDIR
+    return None
+
+
+def display_name(base_model_dir: str | os.PathLike[str]) -> str:
+    """``shapes`` for the shipped pipeline (never its install path), else the path as given."""
+    return NAME if _is_shipped(base_model_dir) else os.fspath(base_model_dir)
+
+
+def _is_shipped(path: str | os.PathLike[str]) -> bool:
+    try:
+        return Path(path).resolve() == (default_model_dir() / SD_SUBDIR).resolve()
+    except OSError:
+        return False
