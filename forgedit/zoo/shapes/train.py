@@ -123,6 +123,7 @@ class TrainConfig:
         }
 
 
+PATCH = 8  # ViT patch size of the scorers' and the captioner's vision towers
 STAGES = ("tokenizer", "clip", "blip", "vae", "latents", "unet", "export")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -317,7 +318,7 @@ def clip_model(cfg: TrainConfig, tokenizer: Any) -> Any:
         num_hidden_layers=cfg.clip_vision_layers,
         num_attention_heads=4,
         image_size=cfg.image_size,
-        patch_size=8,
+        patch_size=PATCH,
         hidden_act="quick_gelu",
     )
     config = CLIPConfig(
@@ -445,7 +446,7 @@ def stage_blip(cfg: TrainConfig, work: Path) -> None:
 def vae_model(cfg: TrainConfig) -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -458,6 +459,11 @@ def vae_model(cfg: TrainConfig) -> Any:
         sample_size=cfg.image_size,
         scaling_factor=1.0,  # set by the latents stage (SD's 0.18215 was found the same way)
     )
+    # Start the posterior nearly deterministic (σ ≈ 0.02): with σ = 1 the decoder sees noise
+    # until the encoder outgrows it, and a 1000-update run stalls there.
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] = -8.0
+    return vae
 
 
 def stage_vae(cfg: TrainConfig, work: Path) -> None:
