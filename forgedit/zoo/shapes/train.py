@@ -80,15 +80,15 @@ class TrainConfig:
     blip_batch: int = 32
     blip_lr: float = 1e-3
     # VAE
-    vae_steps: int = 1000
+    vae_steps: int = 400
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_widths: tuple[int, ...] = (16, 32, 64, 64)
     vae_kl_weight: float = 1e-6
     # latents
-    unet_images: int = 12000
+    unet_images: int = 6000
     # UNet + text encoder
-    unet_steps: int = 3500
+    unet_steps: int = 1800
     unet_batch: int = 32
     unet_lr: float = 5e-4
     unet_warmup: int = 250
