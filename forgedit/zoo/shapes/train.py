@@ -463,8 +463,9 @@ def vae_model(cfg: TrainConfig) -> Any:
     )
     # Start the posterior nearly deterministic (σ ≈ 0.02): with σ = 1 the decoder sees noise
     # until the encoder outgrows it, and a 1000-update run stalls there.
+    quant_conv: Any = vae.quant_conv  # type: ignore[attr-defined]
     with torch.no_grad():
-        vae.quant_conv.bias[4:] = -8.0
+        quant_conv.bias[4:] = -8.0
     return vae
 
 
