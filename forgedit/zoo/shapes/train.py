@@ -80,9 +80,9 @@ class TrainConfig:
     blip_batch: int = 32
     blip_lr: float = 1e-3
     # VAE
-    vae_steps: int = 400
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_steps: int = 1200
+    vae_batch: int = 8
+    vae_lr: float = 5e-4
     vae_widths: tuple[int, ...] = (16, 32, 64, 64)
     vae_kl_weight: float = 1e-6
     # latents
