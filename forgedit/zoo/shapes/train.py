@@ -80,7 +80,7 @@ class TrainConfig:
     blip_batch: int = 32
     blip_lr: float = 1e-3
     # VAE
-    vae_steps: int = 1200
+    vae_steps: int = 900
     vae_batch: int = 8
     vae_lr: float = 5e-4
     vae_widths: tuple[int, ...] = (16, 32, 64, 64)
@@ -88,7 +88,7 @@ class TrainConfig:
     # latents
     unet_images: int = 6000
     # UNet + text encoder
-    unet_steps: int = 1800
+    unet_steps: int = 1400
     unet_batch: int = 32
     unet_lr: float = 5e-4
     unet_warmup: int = 250
