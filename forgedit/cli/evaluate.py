@@ -74,6 +74,12 @@ def add_eval_parser(sub: Any, formatter: Any) -> None:
         help="first write N colour, N shape and N background edits of the toy "
         "world's held-out split to DATASET (new or empty)",
     )
+    parser.add_argument(
+        "--registry",
+        metavar="URI",
+        help="with --target: the MLflow tracking URI of the server's registry; each pair's "
+        "edit-model version is tagged with its best output's scores (forgedit.eval.*)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -90,6 +96,11 @@ def run_eval(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> dict[s
             raise InvalidInputError("--write-shapes-heldout must be at least 1")
         write_shapes_dataset(args.dataset, args.write_shapes_heldout)
     pairs = read_dataset(args.dataset)
+    if args.registry and not args.target:
+        raise InvalidInputError(
+            "--registry needs --target: only a server registers the edit models it trains",
+            field="registry",
+        )
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInputError(f"--out {args.out!r} exists and is not an empty directory")
@@ -117,6 +128,8 @@ def run_eval(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> dict[s
 
     report = evaluate(pairs, editor, scorers, options, dataset=args.dataset, on_pair=progress)
     write_report(report, out)
+    if args.registry:
+        _record_scores(args.registry, report, stderr)
     summary = {"out": args.out, **report.summary()}
     if args.json:
         print(json.dumps(summary, indent=2), file=stdout)
@@ -184,3 +197,24 @@ def _editor(args: argparse.Namespace) -> Any:
         base_dir = Path(name)
     engine = Engine.load(base_dir, blip_dir=blip, device=args.device)
     return InProcessEditor(engine, name)
+
+
+def _record_scores(uri: str, report: Any, stderr: TextIO) -> None:
+    """Tag each pair's edit-model version with its best output's scores. The one place the
+    engine's command line reaches into ``registry`` (imported here, only for ``--registry``)."""
+    import tempfile
+
+    from registry import EditModelRegistry, RegistryConfig
+
+    with (
+        tempfile.TemporaryDirectory(prefix="forgedit-eval-") as scratch,
+        EditModelRegistry(RegistryConfig(data_dir=Path(scratch), tracking_uri=uri)) as registry,
+    ):
+        for pair in report.pairs:
+            if pair.edit.edit_model_id:
+                version = registry.record_scores(
+                    pair.edit.edit_model_id,
+                    pair.best_scores,
+                    source=f"forgedit eval {Path(report.dataset).name} {pair.pair.pair_id}",
+                )
+                print(f"eval: tagged {pair.edit.edit_model_id} (version {version})", file=stderr)
