@@ -72,7 +72,7 @@ class TrainConfig:
     text_width: int = 64
     text_layers: int = 3
     # scoring CLIP
-    clip_steps: int = 6000
+    clip_steps: int = 3000
     clip_lr: float = 1e-3
     clip_vision_layers: int = 3
     # BLIP
