@@ -76,9 +76,9 @@ class TrainConfig:
     clip_lr: float = 1e-3
     clip_vision_layers: int = 3
     # BLIP
-    blip_steps: int = 2000
+    blip_steps: int = 1500
     blip_batch: int = 32
-    blip_lr: float = 1e-3
+    blip_lr: float = 5e-4
     # VAE
     vae_steps: int = 900
     vae_batch: int = 8
@@ -399,6 +399,7 @@ def blip_model(cfg: TrainConfig) -> Any:
         num_attention_heads=4,
         image_size=cfg.image_size,
         patch_size=cfg.vision_patch,
+        hidden_act="quick_gelu",  # as the CLIP vision tower it starts from
     )
     config = BlipConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=cfg.text_width
@@ -414,9 +415,46 @@ def blip_ids(captions: Sequence[str]) -> torch.Tensor:
     return torch.tensor([r + [vocab["[PAD]"]] * (width - len(r)) for r in rows])
 
 
+def clip_vision_to_blip(clip_vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained CLIP vision tower's weights under BLIP's vision names (BLIP fuses q, k, v
+    into ``qkv`` and has no pre-LayerNorm, which is left out; its patch bias starts at 0).
+    Real BLIP starts from a pretrained ViT; the toy one from the toy CLIP's, which learned to
+    tell the shapes apart."""
+    out = {
+        "embeddings.class_embedding": clip_vision["embeddings.class_embedding"][None, None],
+        "embeddings.patch_embedding.weight": clip_vision["embeddings.patch_embedding.weight"],
+        "embeddings.patch_embedding.bias": torch.zeros(
+            clip_vision["embeddings.patch_embedding.weight"].shape[0]
+        ),
+        "embeddings.position_embedding": clip_vision["embeddings.position_embedding.weight"][None],
+        "post_layernorm.weight": clip_vision["post_layernorm.weight"],
+        "post_layernorm.bias": clip_vision["post_layernorm.bias"],
+    }
+    layers = {int(k.split(".")[2]) for k in clip_vision if k.startswith("encoder.layers.")}
+    for i in sorted(layers):
+        src, dst = f"encoder.layers.{i}.", f"encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            out[f"{dst}self_attn.qkv.{part}"] = torch.cat(
+                [clip_vision[f"{src}self_attn.{n}_proj.{part}"] for n in ("q", "k", "v")]
+            )
+            out[f"{dst}self_attn.projection.{part}"] = clip_vision[
+                f"{src}self_attn.out_proj.{part}"
+            ]
+            for name in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+                out[f"{dst}{name}.{part}"] = clip_vision[f"{src}{name}.{part}"]
+    return out
+
+
 def stage_blip(cfg: TrainConfig, work: Path) -> None:
+    from transformers import CLIPModel
+
     torch.manual_seed(cfg.seed + 4)
     model = blip_model(cfg)
+    clip: Any = CLIPModel.from_pretrained(work / "clip")
+    vision = clip_vision_to_blip(clip.vision_model.state_dict())
+    missing, unexpected = model.vision_model.load_state_dict(vision, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"CLIP → BLIP vision: missing {missing}, unexpected {unexpected}")
     model.train()
     pad = blip_vocabulary().index("[PAD]")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.blip_lr, weight_decay=0.05)
