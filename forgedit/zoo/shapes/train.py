@@ -73,6 +73,8 @@ class TrainConfig:
     text_layers: int = 3
     # scoring CLIP
     clip_steps: int = 3000
+    clip_refine_steps: int = 1500
+    clip_refine_lr: float = 3e-4
     clip_lr: float = 1e-3
     clip_vision_layers: int = 3
     # BLIP
@@ -332,17 +334,39 @@ def clip_model(cfg: TrainConfig, tokenizer: Any) -> Any:
 
 
 def stage_clip(cfg: TrainConfig, work: Path) -> None:
+    """Two phases: ``clip_steps`` from scratch (kept in ``clip-phase1/``, so a resumed run
+    skips it), then ``clip_refine_steps`` at the lower ``clip_refine_lr`` on new images."""
+    from transformers import CLIPModel
+
     tokenizer = load_tokenizer(work)
-    torch.manual_seed(cfg.seed + 1)
-    model = clip_model(cfg, tokenizer)
+    phase1 = work / "clip-phase1"
+    if (phase1 / "config.json").is_file():
+        model = CLIPModel.from_pretrained(phase1)
+        log("clip: phase 1 done before, loaded")
+    else:
+        torch.manual_seed(cfg.seed + 1)
+        model = clip_model(cfg, tokenizer)
+        _train_clip(model, tokenizer, cfg, range(cfg.clip_steps), cfg.clip_lr, cfg.seed + 2)
+        save_module(model, phase1)
+    refine = range(cfg.clip_steps, cfg.clip_steps + cfg.clip_refine_steps)
+    _train_clip(model, tokenizer, cfg, refine, cfg.clip_refine_lr, cfg.seed + 12)
+    model.eval()
+    save_module(model, work / "clip")
+
+
+def _train_clip(
+    model: Any, tokenizer: Any, cfg: TrainConfig, steps: range, lr: float, seed: int
+) -> None:
+    """Contrastive updates over ``steps`` (batch k shows every caption once, with the
+    geometry of ``balanced_batch(k)``), cosine schedule over the range."""
     model.train()
     captions = world.all_captions()
     ids = tokenizer(captions, padding=True, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(len(captions))
-    for step in range(cfg.clip_steps):
-        set_lr(optimizer, cosine_lr(step, cfg.clip_steps, cfg.clip_lr, 50))
+    for i, step in enumerate(steps):
+        set_lr(optimizer, cosine_lr(i, len(steps), lr, 50))
         pixels, _ = balanced_batch(step, cfg.seed + 3)
         pixels = normalise(augment(pixels, cfg, generator))
         out = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=pixels)
@@ -352,11 +376,9 @@ def stage_clip(cfg: TrainConfig, work: Path) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == cfg.clip_steps - 1:
+        if i % 100 == 0 or i == len(steps) - 1:
             acc = (logits.argmax(1) == labels).float().mean().item()
             log(f"clip step {step} loss {loss.item():.4f} batch top-1 {acc:.3f}")
-    model.eval()
-    save_module(model, work / "clip")
 
 
 # ----------------------------------------------------------------------------------------------
