@@ -60,7 +60,7 @@ sys.exit("demo: forgedit-server did not become ready in 300 s; see out/demo-serv
 PY
 
 .venv/bin/forgedit --server "localhost:$port" edit "$photo" "$prompt" --out out/demo \
-  --forget donotforget,encoderkv,decoderattn --gammas 0.6,0.8,1.0 --seeds 1,2
+  --forget donotforget,encoderkv,decoderattn --gammas 0.7,1.1,1.5 --seeds 1,2
 stop_server
 mv out/demo-server.log out/demo/server.log
 echo "demo: results in out/demo/ (contact_sheet.png shows the input beside every edit)" >&2
