@@ -186,23 +186,29 @@ def main() -> int:
         "benchmark": "quality of the shapes toy world (held-out split)",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
     }
+    from forgedit.durable import write_json_atomic
+
+    def save() -> None:  # after every part: a long run keeps what it finished
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write_json_atomic(args.out, result)
+
     if "captions" in parts:
         result["captions"] = captions(engine, args.captions)
         print(f"captions: {result['captions']['accuracy']:.3f}", file=sys.stderr)
+        save()
     if "t2i" in parts:
         seeds = [int(s) for s in args.t2i_seeds.split(",")]
         result["text_to_image"] = text_to_image(engine, clip, seeds)
         print(f"t2i: {result['text_to_image']['accuracy']:.3f}", file=sys.stderr)
+        save()
     if "edits" in parts:
         result["edits"] = {}
         for mode in args.modes.split(","):
             per_kind = args.per_kind if mode == "joint" else args.per_kind_slow
             result["edits"][mode] = edits(engine, clip, mode, per_kind)
             print(json.dumps(result["edits"][mode]["summary"], indent=1), file=sys.stderr)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    from forgedit.durable import write_json_atomic
-
-    write_json_atomic(args.out, result)
+            save()
+    save()
     return 0
 
 

@@ -30,8 +30,9 @@ Determinism: every random draw comes from a generator seeded from ``TrainConfig.
 initialisation, data order, noise, timesteps, caption dropout) and scenes from
 ``world.scene("train", i)``; run with one thread (``OMP_NUM_THREADS=1``) for identical bytes.
 
-Measured run time on the project's machine (2 shared cores, one thread): see ``RUN_TIMES``
-in the shipped manifest; the full run took about 1.5 h, the UNet stage most of it.
+Measured run time on the project's machine (2 cores shared with other sessions, one thread):
+about 72 minutes for the shipped files, the UNet stage (23 min) and the CLIP (31 min) most of
+it; each stage's seconds are in the manifest (``run_times_s``) and BENCHMARKS.md.
 """
 
 from __future__ import annotations
