@@ -80,7 +80,8 @@ class ServerSettings(BaseSettings):
     # ----------------------------------------------------------------------------- models
     base_models: dict[str, Path] = Field(
         default_factory=dict,
-        description="Base models served, name -> diffusers SD-1.x directory. Empty: the tiny "
+        description="Base models served, name -> diffusers SD-1.x directory, or 'shapes' for "
+        "the shipped toy world (forgedit.zoo.shapes, with its own BLIP). Empty: the tiny "
         "model, named 'tiny'. The first entry is the default for requests that name none.",
     )
     vae_dirs: dict[str, Path] = Field(
