@@ -93,7 +93,8 @@ class ServerSettings(BaseSettings):
     blip_dir: Path | None = Field(
         default=None,
         description="BLIP captioning model directory. Unset: the tiny BLIP when serving the "
-        "tiny model, otherwise no captioner (requests must then give a source prompt).",
+        "tiny model, the toy world's for 'shapes', otherwise no captioner (requests must then "
+        "give a source prompt).",
     )
     devices: list[str] = Field(
         default_factory=lambda: ["cpu"],
