@@ -219,6 +219,16 @@ class MlflowBackend:
             ),
         )
 
+    def set_version_tags(self, version: ModelVersion, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags on one version of our registered model."""
+        for key, value in tags.items():
+            self._call(
+                "set model version tag",
+                lambda k=key, v=value: self.client.set_model_version_tag(  # type: ignore[misc]
+                    self.config.registered_model, version.version, k, v
+                ),
+            )
+
     def delete_version(self, version: ModelVersion) -> None:
         self._call(
             "delete the model version",

@@ -18,9 +18,10 @@ Loading::
 ``base_model_dir``  the diffusers SD-1.x directory the edit model was fine-tuned on
                     (``FORGEDIT_BASE_MODEL_DIR``). Its fingerprint must match the edit
                     model's, or loading fails with ``BaseModelMismatchError``. Unset: only an
-                    edit model made on a built-in base model (``forgedit.zoo``, e.g. the
-                    tiny model) loads (a generated built-in is deterministic, so it is
-                    re-made); any other names this setting.
+                    edit model made on a built-in base model (``forgedit.zoo``: the
+                    tiny model, re-made as it is deterministic, or the shipped toy world)
+                    loads; any other names this setting. A built-in's name (``shapes``)
+                    stands for its directory.
 ``vae_dir``         a separate VAE directory for a base model shipped without one (Realistic
                     Vision "noVAE"), as the engine CLI's ``--vae`` (``FORGEDIT_VAE_DIR``).
 ``device``          ``FORGEDIT_DEVICE``, default ``cpu``.
@@ -58,12 +59,16 @@ class ForgeditEditModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         from forgedit.artifact import load_edit_model, read_manifest
         from forgedit.engine import Engine
+        from forgedit.zoo import builtin_named
 
         config = dict(context.model_config or {})
         base_dir = config.get("base_model_dir") or os.environ.get("FORGEDIT_BASE_MODEL_DIR")
         vae_dir = config.get("vae_dir") or os.environ.get("FORGEDIT_VAE_DIR") or None
         if not base_dir:
             base_dir = _builtin_base_model_for(read_manifest(context.artifacts[ARTIFACT_KEY]))
+        builtin = builtin_named(base_dir)  # a built-in's name, e.g. "shapes"
+        if builtin is not None:
+            base_dir = os.fspath(builtin.stable_diffusion)
         device = config.get("device") or os.environ.get("FORGEDIT_DEVICE", "cpu")
         precision = config.get("precision") or os.environ.get("FORGEDIT_PRECISION", "faithful")
         if precision not in ("faithful", "fast"):

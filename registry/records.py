@@ -35,6 +35,7 @@ TAG_MODE = "forgedit.training_mode"
 TAG_CONFIG = "forgedit.config_fingerprint"
 TAG_DEDUPE = "forgedit.dedupe_key"
 TAG_MANIFEST = "forgedit.manifest_sha256"
+EVAL_TAG_PREFIX = "forgedit.eval."  # scores recorded by `forgedit eval` (record_scores)
 TAG_BYTES = "forgedit.artifact_bytes"
 TAG_PROMPT = "forgedit.source_prompt"
 TAG_CREATED = "forgedit.created_at"

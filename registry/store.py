@@ -60,6 +60,7 @@ from registry.publish import (
     publish_lock_within,
 )
 from registry.records import (
+    EVAL_TAG_PREFIX,
     TAG_PRINCIPAL,
     EditModelInfo,
     EditModelPage,
@@ -74,6 +75,7 @@ from registry.records import (
     dedupe_inputs,
     dedupe_key,
     describe_manifest,
+    finite,
     info_from_tags,
     registered,
     request_key,
@@ -236,6 +238,28 @@ class EditModelRegistry:
         if not versions:
             raise EditModelNotFoundError(edit_model_id)
         return version_info(versions[0])
+
+    def record_scores(
+        self, edit_model_id: str, scores: Mapping[str, float | None], *, source: str = ""
+    ) -> int:
+        """Tag the edit model's registered version with evaluation scores, one tag per finite
+        score (``forgedit.eval.<name>``, 6 significant digits) plus ``forgedit.eval.source``
+        (what produced them, e.g. a dataset's name); returns the version. Raises
+        ``InvalidEditModelIdError``, ``EditModelNotFoundError`` (not registered, or only
+        spooled so far) and ``RegistryUnavailableError``."""
+        edit_model_id = validate_edit_model_id(edit_model_id)
+        versions = self._backend.find_versions(edit_model_id=edit_model_id)
+        if not versions:
+            raise EditModelNotFoundError(edit_model_id)
+        tags = {
+            f"{EVAL_TAG_PREFIX}{name}": f"{value:.6g}"
+            for name, value in scores.items()
+            if value is not None and finite(value)
+        }
+        if source:
+            tags[f"{EVAL_TAG_PREFIX}source"] = source[:250]
+        self._backend.set_version_tags(versions[0], tags)
+        return int(versions[0].version)
 
     def cached_info(self, edit_model_id: str) -> EditModelInfo | None:
         """Describe the edit model from this replica's own copy, without asking MLflow and

@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from forgedit.zoo import builtin_base_model
+from forgedit.zoo import DEFAULT_BUILTIN, builtin_base_model, builtin_named
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
 from server.estimator import Estimator
@@ -340,10 +340,15 @@ def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> No
 
 
 def resolve_base_models(settings: ServerSettings) -> dict[str, Path]:
-    """Name -> directory of every served base model; the default built-in (``forgedit.zoo``)
-    when none is set."""
+    """Name -> directory of every served base model; a built-in's name (``forgedit.zoo``) as a
+    value stands for its directory, and the default built-in is served when none is set."""
     if settings.base_models:
-        return dict(settings.base_models)
+        return {
+            name: builtin.stable_diffusion
+            if (builtin := builtin_named(path, home=settings.data_dir)) is not None
+            else path
+            for name, path in settings.base_models.items()
+        }
     builtin = builtin_base_model(home=settings.data_dir)
     return {builtin.name: builtin.stable_diffusion}
 
@@ -376,9 +381,14 @@ def default_engine_factory(
     the configured UNet backend (exports and plans cached under ``data_dir/engines``; the
     engine's warm-up builds them, so readiness waits). Backend fallbacks count in
     ``metrics``."""
-    blip_dir = settings.blip_dir
-    if blip_dir is None and not settings.base_models:
-        blip_dir = builtin_base_model(home=settings.data_dir).blip
+    blip_dirs: dict[str, Path | None] = {name: settings.blip_dir for name in base_models}
+    if settings.blip_dir is None:  # a built-in brings its own captioner
+        values: dict[str, Path | str] = {**settings.base_models} or {
+            DEFAULT_BUILTIN: DEFAULT_BUILTIN
+        }
+        for name, value in values.items():
+            builtin = builtin_named(value, home=settings.data_dir)
+            blip_dirs[name] = builtin.blip if builtin is not None else None
 
     def build(name: str, device: str) -> EngineLike:
         from forgedit.backends.select import Fallback
@@ -389,6 +399,7 @@ def default_engine_factory(
         base = load_base_model(
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
+        blip_dir = blip_dirs[name]
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
 
         def on_fallback(fallback: Fallback) -> None:

@@ -80,7 +80,8 @@ class ServerSettings(BaseSettings):
     # ----------------------------------------------------------------------------- models
     base_models: dict[str, Path] = Field(
         default_factory=dict,
-        description="Base models served, name -> diffusers SD-1.x directory. Empty: the tiny "
+        description="Base models served, name -> diffusers SD-1.x directory, or 'shapes' for "
+        "the shipped toy world (forgedit.zoo.shapes, with its own BLIP). Empty: the tiny "
         "model, named 'tiny'. The first entry is the default for requests that name none.",
     )
     vae_dirs: dict[str, Path] = Field(
@@ -92,7 +93,8 @@ class ServerSettings(BaseSettings):
     blip_dir: Path | None = Field(
         default=None,
         description="BLIP captioning model directory. Unset: the tiny BLIP when serving the "
-        "tiny model, otherwise no captioner (requests must then give a source prompt).",
+        "tiny model, the toy world's for 'shapes', otherwise no captioner (requests must then "
+        "give a source prompt).",
     )
     devices: list[str] = Field(
         default_factory=lambda: ["cpu"],

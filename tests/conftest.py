@@ -107,3 +107,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(root / "model")
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def shapes_model_dir() -> Path:
+    """The shipped toy-world model (forgedit/zoo/shapes/model), checked against its manifest."""
+    from forgedit.zoo.shapes import shapes_model
+
+    return shapes_model().root
+
+
+@pytest.fixture(scope="session")
+def shapes_clip(shapes_model_dir: Path) -> object:
+    """The toy world's scoring CLIP, loaded once per session."""
+    from forgedit.eval.scorers import ClipScorer
+
+    return ClipScorer.load(shapes_model_dir / "clip")

@@ -6,6 +6,8 @@
 Subcommands:
     edit             caption → fine-tune → sweep of edits, written as PNGs, a contact sheet and
                      summary.json (or sample from a saved edit model with --load-model)
+    eval             edit and score a TEdBench-layout folder (CLIP score and direction, LPIPS,
+                     SSIM, PSNR; best output per pair), in process or through a server
     make-tiny-model  write the tiny deterministic test model (SD-1.x-shaped UNet + tiny BLIP)
     make-random-model  an SD-1.x pipeline with random weights (--preset sd1: SD 1.x's sizes)
     strategies       what each forgetting strategy reverts, in tensors and parameters

@@ -43,6 +43,7 @@ from forgedit.requests import (
     default_device,
     stage_names,
 )
+from forgedit.zoo import DEFAULT_BUILTIN, is_builtin_name
 
 T = TypeVar("T")
 
@@ -55,7 +56,8 @@ class EditCommand:
     image_arg: str
     image: LoadedImage
     options: EditOptions  # what the flags ask for, as the server's request would
-    base_model: Path | None  # None: the default built-in (``forgedit.zoo``)
+    base_model: Path | None  # None: the built-in ``builtin``
+    builtin: str | None  # a built-in base model's name (``forgedit.zoo``) when base_model is None
     vae: Path | None
     blip: Path | None
     load_model: Path | None
@@ -98,7 +100,8 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
     # 1. The options, read from the flags (their syntax only), and the model directories
     # (their layout, not their weights).
     options = edit_options(args)
-    base_model = existing_dir(args.base_model, "--base-model")
+    builtin = os.fspath(args.base_model) if is_builtin_name(args.base_model) else None
+    base_model = None if builtin is not None else existing_dir(args.base_model, "--base-model")
     vae = existing_dir(args.vae, "--vae")
     blip = existing_dir(args.blip, "--blip")
     load_model = existing_dir(args.load_model, "--load-model")
@@ -162,6 +165,7 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         image=image,
         options=options,
         base_model=base_model,
+        builtin=(builtin or DEFAULT_BUILTIN) if base_model is None else None,
         vae=vae,
         blip=blip,
         load_model=load_model,

@@ -183,9 +183,9 @@ def _load_engine(command: EditCommand) -> tuple[Engine, str]:
 
     blip_dir: Path | None
     if command.base_model is None:
-        from forgedit.zoo import builtin_base_model
+        from forgedit.zoo import DEFAULT_BUILTIN, builtin_base_model
 
-        builtin = builtin_base_model()
+        builtin = builtin_base_model(command.builtin or DEFAULT_BUILTIN)
         base_dir, label = builtin.stable_diffusion, builtin.name
         blip_dir = command.blip or builtin.blip
     else:

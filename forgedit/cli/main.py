@@ -19,6 +19,7 @@ from forgedit.cli.commands import (
     run_strategies,
 )
 from forgedit.cli.edit import one_line, run_edit
+from forgedit.cli.evaluate import run_eval
 from forgedit.cli.output import print_human
 from forgedit.cli.parser import UsageError, build_parser, in_flags
 from forgedit.errors import CancelledError, ForgeditError
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None, *, cancel: CancelToken | None = None
         elif args.command == "make-random-model":
             _quiet_libraries()
             run_make_random_model(args, stdout)
+        elif args.command == "eval":
+            _quiet_libraries()
+            run_eval(args, stdout, stderr)
         elif args.command == "build-engine":
             _quiet_libraries()
             run_build_engine(args, stdout)

@@ -13,6 +13,7 @@ import textwrap
 from typing import NoReturn
 
 from forgedit.backends.names import ACCELERATED_BACKENDS, BACKEND_CHOICES
+from forgedit.cli.evaluate import add_eval_parser
 from forgedit.config import (
     DEFAULT_QUALITY,
     DELTA_FORMATS,
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_edit(sub)
+    add_eval_parser(sub, _Formatter)
 
     tiny = sub.add_parser(
         "make-tiny-model",
@@ -207,15 +209,17 @@ def _add_edit(sub: argparse._SubParsersAction[_Parser]) -> None:
     models = edit.add_argument_group("models")
     models.add_argument(
         "--base-model",
-        metavar="DIR",
-        help="a diffusers Stable Diffusion 1.x directory; default: the tiny test model",
+        metavar="DIR|NAME",
+        help="a diffusers Stable Diffusion 1.x directory, or a built-in's name: tiny (the "
+        "random test model, the default) or shapes (the shipped toy world); ./tiny is a "
+        "directory",
     )
     models.add_argument("--vae", metavar="DIR", help="a separate VAE directory (e.g. for *noVAE)")
     models.add_argument(
         "--blip",
         metavar="DIR",
         help="a BLIP captioning directory (blip-image-captioning-base); needed with "
-        "--base-model unless --source-prompt or --load-model is given",
+        "--base-model DIR unless --source-prompt or --load-model is given",
     )
     models.add_argument(
         "--load-model",

@@ -8,8 +8,15 @@ It returns the built-in's directories, writing them first where the built-in is 
 
 Built-ins:
 
-``tiny``  a random, SD-1.x-shaped pipeline and BLIP captioner in the real on-disk formats
-          (``forgedit.zoo.tiny``): the whole pipeline in seconds; its edits are noise.
+``tiny``    a random, SD-1.x-shaped pipeline and BLIP captioner in the real on-disk formats
+            (``forgedit.zoo.tiny``): the whole pipeline in seconds; its edits are noise.
+``shapes``  the toy world (``forgedit.zoo.shapes``): a pipeline and BLIP trained on renders of
+            one coloured shape on a plain background, shipped with the package and checked
+            against its manifest; its edits are real and measurable (``forgedit eval``).
+
+Where a base-model directory is expected (``--base-model``, ``FORGEDIT_BASE_MODELS``, the
+pyfunc's ``base_model_dir``), a built-in's name stands for it (``builtin_named``); write
+``./tiny`` for a directory of that name.
 
 A new built-in is a module of this package that writes (or ships) it, and one line in
 ``BUILTINS``. Nothing in the engine imports this package: it is for front ends and tests.
@@ -41,10 +48,18 @@ def _tiny(directory: Path | None) -> BuiltinBaseModel:
     return BuiltinBaseModel("tiny", root / SD_SUBDIR, root / BLIP_SUBDIR)
 
 
+def _shapes(directory: Path | None) -> BuiltinBaseModel:
+    from forgedit.zoo.shapes import shapes_model
+
+    model = shapes_model()  # shipped, never written: ``directory`` does not apply
+    return BuiltinBaseModel("shapes", model.stable_diffusion, model.blip)
+
+
 # Name -> how to get it into a directory (None: its default place, ``$FORGEDIT_HOME/<name>-model``
 # or ``~/.local/share/forgedit/<name>-model``). The first one is the default base model.
 BUILTINS: dict[str, Callable[[Path | None], BuiltinBaseModel]] = {
     "tiny": _tiny,
+    "shapes": _shapes,
 }
 DEFAULT_BUILTIN = next(iter(BUILTINS))
 
@@ -67,3 +82,21 @@ def builtin_base_model(
             f"{name!r} is not a built-in base model; built in: {', '.join(BUILTINS)}"
         )
     return make(Path(home) / f"{name}-model" if home is not None else None)
+
+
+def is_builtin_name(value: str | os.PathLike[str] | None) -> bool:
+    """Whether a base-model value is a built-in's name (``tiny``, ``shapes``) rather than a
+    directory. Reads nothing."""
+    return value is not None and os.fspath(value) in BUILTINS
+
+
+def builtin_named(
+    value: str | os.PathLike[str] | None, *, home: str | os.PathLike[str] | None = None
+) -> BuiltinBaseModel | None:
+    """The built-in a base-model value stands for: the default one for None, the named one
+    for a built-in's name; None for anything else (a directory, used as given)."""
+    if value is None:
+        return builtin_base_model(home=home)
+    if is_builtin_name(value):
+        return builtin_base_model(os.fspath(value), home=home)
+    return None

@@ -240,7 +240,7 @@ def _write_stable_diffusion(directory: Path, preset: str = "tiny") -> None:
     # transformers 5 saves a tokenizer as tokenizer.json only; real SD 1.x snapshots carry
     # OpenAI's vocab.json + merges.txt. Write that layout so loading takes the real path.
     shutil.rmtree(directory / "tokenizer")
-    _write_clip_tokenizer_files(directory / "tokenizer")
+    write_clip_tokenizer_files(directory / "tokenizer")
 
 
 def tiny_unet_config() -> JsonObject:
@@ -413,9 +413,14 @@ def clip_tokenizer() -> CLIPTokenizer:
     )
 
 
-def _write_clip_tokenizer_files(directory: Path) -> None:
-    """Write a tokenizer folder as in CompVis/stable-diffusion-v1-4."""
-    merges = clip_bpe_merges()
+def write_clip_tokenizer_files(
+    directory: Path, merges: list[tuple[str, str]] | None = None
+) -> None:
+    """Write a tokenizer folder as in CompVis/stable-diffusion-v1-4: CLIP's vocabulary built
+    from ``merges`` (default: all of CLIP's; a subset gives a smaller vocabulary in the same
+    format and order)."""
+    if merges is None:
+        merges = clip_bpe_merges()
     directory.mkdir(parents=True)
     vocab = clip_vocabulary(merges)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
