@@ -20,6 +20,7 @@ import pytest
 import requests
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prometheus_client import REGISTRY
 from support.registry import random_edit_model, small_config
 
@@ -192,7 +193,8 @@ def test_register_fetch_list_show_delete_round_trip(replicas: Replicas) -> None:
             reg.fetch(model_id)
     assert cached_ids(a) == [] and cached_ids(b) == []
     assert replicas.versions() == []
-    assert client.get_run(info.run_id).info.lifecycle_stage == "deleted"
+    with pytest.raises(MlflowException, match="not found"):
+        client.get_run(info.run_id)  # purged, not soft-deleted (tests/unit/test_deletion.py)
     artifact_dir = Path(run.info.artifact_uri.removeprefix("file://"))
     assert tree_bytes(artifact_dir) == 0
     with pytest.raises(EditModelNotFoundError):
