@@ -101,6 +101,7 @@ class MlflowBackend:
         self._experiment_id: str | None = None
         self._setup_lock = threading.Lock()
         self._purge_store: Any = None
+        self._purge_registry_store: Any = None
 
     # -- error translation ---------------------------------------------------------------
 
@@ -240,12 +241,22 @@ class MlflowBackend:
                 self.client.delete_model_version_tag(name, number, key)
 
     def delete_version(self, version: ModelVersion) -> None:
+        """Delete the version (MLflow keeps a row of its number with the source, run id and
+        description redacted), then redact the one column MLflow 3.17.2 leaves behind, the
+        storage location (the run's artifact path), when the registry can reach MLflow's
+        database."""
+        name, number = self.config.registered_model, str(version.version)
         self._call(
-            "delete the model version",
-            lambda: self.client.delete_model_version(
-                self.config.registered_model, str(version.version)
-            ),
+            "delete the model version", lambda: self.client.delete_model_version(name, number)
         )
+        if self.config.purge_store_uri is None:
+            return
+        with self._calling("redact the deleted model version"):
+            if self._purge_registry_store is None:
+                from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+                self._purge_registry_store = SqlAlchemyStore(self.config.purge_store_uri)
+            _redact_deleted_version(self._purge_registry_store, name, int(number))
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -370,3 +381,17 @@ def _purge(store: Any, run_id: str) -> None:
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
+
+
+def _redact_deleted_version(store: Any, name: str, version: int) -> None:
+    """Redact the storage location of a deleted model version, as ``delete_model_version``
+    redacts its source and run id (MLflow's own placeholder)."""
+    from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+
+    with store.ManagedSessionMaker(read_only=False) as session:
+        session.query(SqlModelVersion).filter(
+            SqlModelVersion.name == name,
+            SqlModelVersion.version == version,
+            SqlModelVersion.current_stage == STAGE_DELETED_INTERNAL,
+        ).update({"storage_location": "REDACTED-SOURCE-PATH"}, synchronize_session=False)

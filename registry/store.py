@@ -439,6 +439,10 @@ class EditModelRegistry:
         ``RegistryUnavailableError``."""
         return self._sweeper.sweep_once()
 
+    def deletion_pending(self, edit_model_id: str) -> bool:
+        """Whether a deletion of the ID was decided here and has not finished."""
+        return self._tombstones.has(validate_edit_model_id(edit_model_id))
+
     def pending_deletions(self) -> list[str]:
         """IDs whose deletion was decided and has not finished (MLflow was down)."""
         return self._tombstones.pending()

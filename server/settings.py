@@ -131,6 +131,28 @@ class ServerSettings(BaseSettings):
         description="MLflow tracking server URI; unset: embedded SQLite under data_dir.",
     )
 
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        default=None,
+        description="MLflow's own database (the --backend-store-uri of `mlflow server`, e.g. "
+        "postgresql://user:pw@db/mlflow): with a tracking server, a deletion needs it to "
+        "purge the edit model's runs from the database (README, 'Deletion'); unset with a "
+        "tracking server: runs are only soft-deleted, and a warning says so at start-up. "
+        "Unneeded for the embedded store.",
+    )
+    edit_model_ttl_s: float | None = Field(
+        default=None,
+        ge=1,
+        le=10 * 365 * 24 * 3600,
+        description="Time-to-live of new edit models whose request leaves ttl_seconds unset; "
+        "unset: kept until deleted.",
+    )
+    retention_sweep_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the registry deletes expired edit models (at most 20 per "
+        "round) and finishes deletions an MLflow outage interrupted.",
+    )
+
     # ----------------------------------------------------------------------------- network
     host: str = Field(
         default="127.0.0.1",
