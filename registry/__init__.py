@@ -6,7 +6,7 @@ Public API (everything a caller needs; see each docstring for contracts and erro
 
     config = RegistryConfig(data_dir=DATA)                 # embedded SQLite + local artifacts
     config = RegistryConfig(data_dir=DATA, tracking_uri="http://mlflow:5000")   # a server
-    registry = EditModelRegistry(config); registry.start()   # the spool flusher, the retention sweep
+    registry = EditModelRegistry(config); registry.start()   # flusher, retention sweep
 
     registry.register(edit_model_or_dir, request_id=..., input_image=..., contact_sheet=...,
                       labels={"k": "v"}, ttl_s=3600)

@@ -3,8 +3,8 @@
 A request message is decoded once, by ``server.wire``, into a call: the engine's typed options
 (``forgedit.options``) and the few fields only the service has (request id, detach, the image
 bytes, a base model's or an edit model's name, and the stored edit model's labels and
-time-to-live, which the registry's rules check: ``registry.records``). ``edit_plan`` and ``sample_plan`` check a call
-and turn it into a plan, as numbered steps, cheapest first:
+time-to-live, which the registry's rules check: ``registry.records``). ``edit_plan`` and
+``sample_plan`` check a call and turn it into a plan, as numbered steps, cheapest first:
 
 1. the service's limits on what was sent (``server.validation``: sizes, counts, lengths);
 2. the engine's rules and defaults (``forgedit.requests``, the builder the engine CLI shares),

@@ -21,9 +21,9 @@ from typing import Any
 
 import grpc
 import pytest
-import requests
 from forgedit_client import AsyncForgeditClient, ForgeditClient, ForgeditRpcError
 from forgedit_client.cli import main as cli_main
+from support.registry import restore, switchable
 from support.server import (
     TOKEN,
     Harness,
@@ -69,25 +69,6 @@ def edit(harness: Harness, **fields: Any) -> str:
     outcome = stream(harness.stub.Edit, edit_request(sample_photo(), **fields))
     assert outcome.code == grpc.StatusCode.OK, outcome.details
     return str(outcome.of("completed")[0].edit_model_id)
-
-
-class MlflowDown:
-    """Makes the server's registry see MLflow as gone (connection refused) while ``down``."""
-
-    def __init__(self, registry: EditModelRegistry) -> None:
-        self._client = registry._backend.client
-        self.down = False
-        registry._backend.client = self  # type: ignore[assignment]
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
-            return attr(*args, **kwargs)
-
-        return call if callable(attr) else attr
 
 
 # -- labels ------------------------------------------------------------------------------------
@@ -185,7 +166,7 @@ def test_delete_during_an_mlflow_outage(harness: Harness) -> None:
     registry = harness.registry
     before = edit(harness, labels={"team": "outage"}, training={"seed": 300})
     cut = edit(harness, labels={"team": "outage"}, training={"seed": 301})
-    mlflow = MlflowDown(registry)
+    mlflow = switchable(registry)
     try:
         # Down before anything is decided: UNAVAILABLE, and the model is still served.
         mlflow.down = True
@@ -235,7 +216,7 @@ def test_delete_during_an_mlflow_outage(harness: Harness) -> None:
         assert done.code == grpc.StatusCode.OK
     finally:
         mlflow.down = False
-        registry._backend.client = mlflow._client
+        restore(registry)
     assert_nothing_left_behind(harness)
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from support.registry import random_edit_model
+from support.registry import random_edit_model, switchable
 
 from forgedit.errors import InvalidInputError
 from registry import (
@@ -85,32 +84,6 @@ def replicas(tmp_path: Path, store: str) -> Iterator[Replicas]:
     yield r
     for reg in r.made:
         reg.close()
-
-
-class DownSwitch:
-    """Wraps an ``MlflowClient``: while ``down``, every call fails as if the server were gone."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
-            return attr(*args, **kwargs)
-
-        return call
-
-
-def switchable(reg: EditModelRegistry) -> DownSwitch:
-    switch = DownSwitch(reg._backend.client)
-    reg._backend.client = switch  # type: ignore[assignment]
-    return switch
 
 
 def expire(seconds: float = 1.0) -> None:
