@@ -141,10 +141,8 @@ class ServerSettings(BaseSettings):
     )
     edit_model_ttl_s: float | None = Field(
         default=None,
-        ge=1,
-        le=10 * 365 * 24 * 3600,
-        description="Time-to-live of new edit models whose request leaves ttl_seconds unset; "
-        "unset: kept until deleted.",
+        description="Time-to-live of new edit models whose request leaves ttl_seconds unset, "
+        "1 s to ten years (the registry's rule); unset: kept until deleted.",
     )
     retention_sweep_interval_s: float = Field(
         default=60.0,
@@ -326,6 +324,10 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 "set both FORGEDIT_TLS_CERT_FILE and FORGEDIT_TLS_KEY_FILE, or neither"
             )
+        if self.edit_model_ttl_s is not None:
+            from registry.records import check_ttl  # the one rule for a time-to-live
+
+            check_ttl(self.edit_model_ttl_s, field="FORGEDIT_EDIT_MODEL_TTL_S")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("mutual TLS (FORGEDIT_TLS_CLIENT_CA_FILE) needs a server certificate")
         if self.max_image_bytes >= self.max_message_bytes:
