@@ -146,7 +146,11 @@ class Deleter:
             ):
                 return False
             if not (pending or versions):
-                if runs and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
+                if (
+                    runs
+                    and all(r.info.lifecycle_stage == "deleted" for r in runs.values())
+                    and self._backend.config.purge_store_uri is not None
+                ):
                     pending = True  # soft-deleted before purging existed: purge them now
                 else:
                     raise EditModelNotFoundError(edit_model_id)
