@@ -168,7 +168,7 @@ def create_server(
     owned_registry = default_registry(settings) if registry is None else None
     registry = registry or owned_registry
     assert registry is not None
-    registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
+    registry.start()  # the spool flusher and the retention sweep (expiry, unfinished deletions)
     registry_client = RegistryClient(
         registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
     )
