@@ -6,18 +6,20 @@ Public API (everything a caller needs; see each docstring for contracts and erro
 
     config = RegistryConfig(data_dir=DATA)                 # embedded SQLite + local artifacts
     config = RegistryConfig(data_dir=DATA, tracking_uri="http://mlflow:5000")   # a server
-    registry = EditModelRegistry(config); registry.start()   # start() runs the spool flusher
+    registry = EditModelRegistry(config); registry.start()   # flusher, retention sweep
 
-    registry.register(edit_model_or_dir, request_id=..., input_image=..., contact_sheet=...)
+    registry.register(edit_model_or_dir, request_id=..., input_image=..., contact_sheet=...,
+                      labels={"k": "v"}, ttl_s=3600)
         -> RegisteredEditModel(edit_model_id, version, deduped, spooled)
     registry.find_existing(image_sha256, base_fingerprint, config_fingerprint, source_prompt)
         -> EditModelInfo | None
     registry.fetch(edit_model_id)  -> FetchedEditModel(edit_model_id, path, source, manifest)
     registry.load(edit_model_id, expected_base_fingerprint=...) -> forgedit EditModel
     registry.show(edit_model_id)   -> EditModelInfo
-    registry.list_models(base_model=..., image_sha256=..., page_size=..., page_token=...)
-        -> EditModelPage(items, next_page_token)
-    registry.delete(edit_model_id)
+    registry.list_models(base_model=..., image_sha256=..., labels=..., page_size=...,
+                         page_token=...) -> EditModelPage(items, next_page_token)
+    registry.delete(edit_model_id)    # nothing of it remains in MLflow or here (deletion.py)
+    registry.sweep_expired() -> [ids]; registry.pending_deletions() -> [ids]
     registry.flush_spool() -> FlushResult;  registry.spool_size() -> (count, bytes)
     registry.close()
 

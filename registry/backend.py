@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -100,6 +100,8 @@ class MlflowBackend:
         )
         self._experiment_id: str | None = None
         self._setup_lock = threading.Lock()
+        self._purge_store: Any = None
+        self._purge_registry_store: Any = None
 
     # -- error translation ---------------------------------------------------------------
 
@@ -229,26 +231,58 @@ class MlflowBackend:
                 ),
             )
 
+    def get_version(self, version: int | str) -> ModelVersion | None:
+        """The version by number, as MLflow has it now; ``None`` if it is gone."""
+        with self._calling("read the model version"):
+            try:
+                return self.client.get_model_version(self.config.registered_model, str(version))
+            except MlflowException as e:
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return None
+                raise
+
+    def delete_version_tags(self, version: ModelVersion) -> None:
+        """Remove every tag of the version. MLflow's ``delete_model_version`` keeps a deleted
+        version's tags in its database (they carry the caption and the image hash), so a
+        deletion removes them first, one by one through the public API."""
+        name, number = self.config.registered_model, str(version.version)
+        with self._calling("delete the model version's tags"):
+            for key in sorted(version.tags):
+                self.client.delete_model_version_tag(name, number, key)
+
     def delete_version(self, version: ModelVersion) -> None:
+        """Delete the version (MLflow keeps a row of its number with the source, run id and
+        description redacted), then redact the one column MLflow 3.17.2 leaves behind, the
+        storage location (the run's artifact path), when the registry can reach MLflow's
+        database."""
+        name, number = self.config.registered_model, str(version.version)
         self._call(
-            "delete the model version",
-            lambda: self.client.delete_model_version(
-                self.config.registered_model, str(version.version)
-            ),
+            "delete the model version", lambda: self.client.delete_model_version(name, number)
         )
+        if self.config.purge_store_uri is None:
+            return
+        with self._calling("redact the deleted model version"):
+            if self._purge_registry_store is None:
+                from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+                self._purge_registry_store = SqlAlchemyStore(self.config.purge_store_uri)
+            _redact_deleted_version(self._purge_registry_store, name, int(number))
 
     # -- runs ----------------------------------------------------------------------------------
 
-    def find_runs(self, edit_model_id: str) -> list[Any]:
-        """Active runs tagged with ``edit_model_id`` (a previous, interrupted attempt)."""
+    def find_runs(self, edit_model_id: str, *, deleted_too: bool = False) -> list[Any]:
+        """Active runs tagged with ``edit_model_id`` (a previous, interrupted attempt); with
+        ``deleted_too``, soft-deleted ones as well (a deletion purges those too)."""
         exp_id = self.experiment_id()
+        view = ViewType.ALL if deleted_too else ViewType.ACTIVE_ONLY
         return self._call(
             "search runs",
             lambda: list(
                 self.client.search_runs(
                     [exp_id],
                     f"tags.`{TAG_ID}` = '{edit_model_id}'",
-                    max_results=10,
+                    run_view_type=view,
+                    max_results=100,
                 )
             ),
         )
@@ -290,14 +324,34 @@ class MlflowBackend:
         self._call("finish the run", lambda: self.client.set_terminated(run_id, "FINISHED"))
 
     def delete_run(self, run: Any) -> None:
-        """Delete a run's artifacts (bytes, not only the record), then the run."""
+        """Delete a run's artifacts (bytes, not only the record), then the run: permanently
+        when the registry can reach MLflow's database (``purge_run``), else MLflow's soft
+        delete (its record stays until ``mlflow gc``)."""
         with self._calling("delete the run's artifacts"):
             repo = get_artifact_repository(
                 run.info.artifact_uri, tracking_uri=self.config.resolved_tracking_uri
             )
             with suppress(FileNotFoundError):
                 repo.delete_artifacts()
-        self._call("delete the run", lambda: self.client.delete_run(run.info.run_id))
+        if run.info.lifecycle_stage != "deleted":
+            self._call("delete the run", lambda: self.client.delete_run(run.info.run_id))
+        store = self.purge_store()
+        if store is not None:
+            self._call("purge the run", lambda: _purge(store, run.info.run_id))
+
+    def purge_store(self) -> Any:
+        """MLflow's tracking store on its database (``RegistryConfig.purge_store_uri``), built
+        once as ``mlflow gc`` builds it; ``None`` when the registry has no database URI."""
+        uri = self.config.purge_store_uri
+        if uri is None:
+            return None
+        if self._purge_store is None:
+            with self._setup_lock, self._calling("open MLflow's database"):
+                if self._purge_store is None:
+                    from mlflow.tracking import _get_store
+
+                    self._purge_store = _get_store(uri)
+        return self._purge_store
 
     # -- artifacts -----------------------------------------------------------------------------
 
@@ -327,3 +381,27 @@ class MlflowBackend:
             lambda: self.client.download_artifacts(run_id, artifact_path, str(destination)),
         )
         return Path(local)
+
+
+def _purge(store: Any, run_id: str) -> None:
+    """Permanently delete one run's record (params, metrics, tags, the run row): the store
+    method ``mlflow gc --run-ids`` calls, for exactly this run. A run already purged is done."""
+    try:
+        store._hard_delete_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def _redact_deleted_version(store: Any, name: str, version: int) -> None:
+    """Redact the storage location of a deleted model version, as ``delete_model_version``
+    redacts its source and run id (MLflow's own placeholder)."""
+    from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+
+    with store.ManagedSessionMaker(read_only=False) as session:
+        session.query(SqlModelVersion).filter(
+            SqlModelVersion.name == name,
+            SqlModelVersion.version == version,
+            SqlModelVersion.current_stage == STAGE_DELETED_INTERNAL,
+        ).update({"storage_location": "REDACTED-SOURCE-PATH"}, synchronize_session=False)

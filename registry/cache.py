@@ -34,7 +34,13 @@ from forgedit.durable import write_json_atomic
 from registry.fsutil import private_dir, read_json, remove_orphans, remove_tree, tree_bytes
 from registry.ids import is_edit_model_id
 from registry.locks import LockBusy, file_lock
-from registry.records import TAG_BASE_FINGERPRINT, TAG_MANIFEST, TAG_PRINCIPAL
+from registry.records import (
+    TAG_BASE_FINGERPRINT,
+    TAG_EXPIRES_AT,
+    TAG_LABEL_PREFIX,
+    TAG_MANIFEST,
+    TAG_PRINCIPAL,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,9 @@ def cache_origin(tags: Mapping[str, str], version: Any = None) -> dict[str, str]
         "base_model_fingerprint": tags.get(TAG_BASE_FINGERPRINT, ""),
         "version": str(version or ""),
         "principal": tags.get(TAG_PRINCIPAL, ""),
+        # Labels and expiry, so that the copy is described (and an expired one refused)
+        # while MLflow is down.
+        **{k: v for k, v in tags.items() if k.startswith(TAG_LABEL_PREFIX) or k == TAG_EXPIRES_AT},
     }
 
 

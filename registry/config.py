@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_REGISTERED_MODEL = "forgedit-edit-models"
@@ -64,6 +64,12 @@ class RegistryConfig:
     ``confirm_cached``: on a cache hit, ask MLflow (one search) whether the ID still exists, so
         a model deleted through another replica stops being served; if MLflow does not answer
         within ``confirm_timeout_s``, the cached copy is served anyway.
+    ``backend_store_uri``: MLflow's own database (``postgresql://…``, ``sqlite:///…``), the
+        ``--backend-store-uri`` of ``mlflow server``; needed with a tracking server for a
+        deletion to purge the runs' records (``purge_store_uri``). Carries credentials: never
+        logged.
+    ``sweep_interval_s`` / ``sweep_batch``: how often the retention thread looks for expired
+        edit models and unfinished deletions, and how many it deletes per round.
     ``lookup_timeout_s``: how long ``find_existing`` and ``register``'s dedupe/idempotency
         lookup wait for MLflow before treating it as unavailable (reuse nothing; spool).
     """
@@ -85,6 +91,9 @@ class RegistryConfig:
     confirm_cached: bool = True
     confirm_timeout_s: float = 2.0
     lookup_timeout_s: float = 10.0
+    backend_store_uri: str | None = field(default=None, repr=False)
+    sweep_interval_s: float = 60.0
+    sweep_batch: int = 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -100,6 +109,8 @@ class RegistryConfig:
             raise ValueError("cache bounds must be >= 0")
         if self.confirm_timeout_s <= 0 or self.lookup_timeout_s <= 0:
             raise ValueError("confirm_timeout_s and lookup_timeout_s must be > 0")
+        if self.sweep_interval_s <= 0 or self.sweep_batch < 1:
+            raise ValueError("sweep_interval_s must be > 0 and sweep_batch >= 1")
         if self.fetch_attempts < 1:
             raise ValueError("fetch_attempts must be >= 1")
         if self.http_timeout_s < 1 or self.http_max_retries < 0 or self.http_backoff_factor < 0:
@@ -114,6 +125,16 @@ class RegistryConfig:
         if self.tracking_uri is not None:
             return self.tracking_uri
         return f"sqlite:///{self.data_dir.resolve() / 'mlflow.db'}"
+
+    @property
+    def purge_store_uri(self) -> str | None:
+        """The database a deletion purges runs from: ``backend_store_uri``, else the tracking
+        URI itself when it names a database (embedded, ``sqlite:``, ``postgresql:``, …);
+        ``None`` for a tracking server without ``backend_store_uri``."""
+        if self.backend_store_uri:
+            return self.backend_store_uri
+        uri = self.resolved_tracking_uri
+        return None if uri.startswith(("http://", "https://", "databricks")) else uri
 
     @property
     def resolved_registry_uri(self) -> str:

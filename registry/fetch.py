@@ -8,6 +8,10 @@ and downloaded again. One file lock per ID makes concurrent fetches of the same 
 processes of a replica) download once. A cached copy is served only while MLflow still has the
 ID, or while MLflow does not answer within ``confirm_timeout_s`` (``confirm_cached``).
 
+Expiry: a copy whose recorded expiry (spool entry tags, ``origin.json``, the version's tags)
+has passed is refused exactly like a deleted one (``EditModelNotFoundError``), without asking
+MLflow; the retention thread deletes it (``registry.retention``).
+
 Deletions (``forget_deleted``): an ID this replica deleted, or found deleted in MLflow, is
 remembered (the last ``DELETED_REMEMBERED`` of them, until the process restarts) and refused
 without asking MLflow, also during an outage; its copies are dropped, and a disk that refuses
@@ -21,6 +25,7 @@ import contextlib
 import logging
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -52,12 +57,15 @@ from registry.lookups import BoundedLookups
 from registry.packaging import EDIT_MODEL_ARTIFACT_PATH
 from registry.publish import publish_lock
 from registry.records import (
+    TAG_EXPIRES_AT,
+    TAG_LABEL_PREFIX,
     TAG_PRINCIPAL,
     EditModelInfo,
     FetchedEditModel,
     Source,
     describe_manifest,
     info_from_tags,
+    is_expired,
 )
 from registry.spool import Spool
 
@@ -79,8 +87,10 @@ class EditModelFetcher:
         memory: MemoryCache,
         lookups: BoundedLookups,
         locks: Path,
+        deletion_pending: Callable[[str], bool] = lambda _: False,
     ) -> None:
         self.config = config
+        self._deletion_pending = deletion_pending
         self._backend = backend
         self._spool = spool
         self._disk = disk
@@ -207,13 +217,25 @@ class EditModelFetcher:
 
     def _refuse_if_deleted(self, edit_model_id: str) -> None:
         """Raise ``EditModelNotFoundError`` for an ID known to be deleted, after trying again
-        to remove a copy the disk refused to let go of before."""
+        to remove a copy the disk refused to let go of before. A deletion in progress
+        (tombstone) and an expiry this replica's own copy records count as deleted."""
         if edit_model_id not in self._deleted:
+            if self._deletion_pending(edit_model_id):
+                raise EditModelNotFoundError(edit_model_id)
+            self._refuse_if_expired(edit_model_id)
             return
         if self._disk.has(edit_model_id):
             with contextlib.suppress(OSError):  # counted when the deletion first failed
                 self.forget_local(edit_model_id)
         raise EditModelNotFoundError(edit_model_id)
+
+    def _refuse_if_expired(self, edit_model_id: str) -> None:
+        """``EditModelNotFoundError`` when this replica's own copy (spool entry or disk cache)
+        records an expiry that has passed: no MLflow call."""
+        entry = self._spool.get(edit_model_id)
+        tags = entry.tags if entry is not None else self._disk.origin(edit_model_id)
+        if tags and is_expired(tags, time.time()):
+            raise EditModelNotFoundError(edit_model_id)
 
     def _describe_cached_copy(self, edit_model_id: str, copy: Path) -> EditModelInfo | None:
         """``cached_info`` of one disk copy (``DiskCache.pinned``); ``None`` if it is
@@ -230,8 +252,16 @@ class EditModelFetcher:
             tags = describe_manifest(read_manifest(path), edit_model_id, "", manifest_sha)
         except (OSError, EditModelError, KeyError, TypeError, ValueError):
             return None  # unreadable: the fetch path will discard and download it
-        # Who made it is a registry tag, not in the manifest: origin.json keeps it.
+        # Who made it, its labels and expiry are registry tags, not in the manifest:
+        # origin.json keeps them.
         tags[TAG_PRINCIPAL] = str(origin["principal"] or "")
+        tags.update(
+            {
+                k: str(v)
+                for k, v in origin.items()
+                if k.startswith(TAG_LABEL_PREFIX) or k == TAG_EXPIRES_AT
+            }
+        )
         version = str(origin.get("version") or "")
         return info_from_tags(
             tags,
@@ -278,7 +308,7 @@ class EditModelFetcher:
                 pass
             self._discard_corrupt(edit_model_id, "cached copy")
         versions = self._backend.find_versions(edit_model_id=edit_model_id)
-        if not versions:
+        if not versions or is_expired(versions[0].tags, time.time()):
             raise EditModelNotFoundError(edit_model_id)
         return self._download(edit_model_id, versions[0]), "download"
 

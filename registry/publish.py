@@ -229,6 +229,7 @@ class Publisher:
                 mine.version,
                 winner.version,
             )
+            self._backend.delete_version_tags(mine)  # a deleted version keeps its tags
             self._backend.delete_version(mine)
             if mine.run_id and mine.run_id != winner.run_id:
                 self._backend.delete_run(self._backend.get_run(mine.run_id))

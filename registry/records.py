@@ -49,12 +49,32 @@ TAG_DELTA_FORMAT = "forgedit.delta_format"
 TAG_DELTA_BYTES = "forgedit.delta_bytes"
 # Run-only tag: params and metrics were logged (a retried upload must not log the curve twice).
 TAG_RUN_DATA = "forgedit.run_data_logged"
+# A caller's label ``key=value`` is the tag ``forgedit.label.<key>`` (``check_labels``).
+TAG_LABEL_PREFIX = "forgedit.label."
+# Expiry: Unix seconds after which the edit model is refused and swept (absent: never), and a
+# marker the sweep searches by (MLflow's tag filters compare strings for equality only).
+TAG_EXPIRES_AT = "forgedit.expires_at"
+TAG_EXPIRING = "forgedit.expiring"
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _BASE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _PRINCIPAL = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 MAX_REQUEST_ID_CHARS = 256
 MAX_USER_TAGS = 20
+# Labels (Kubernetes-like): keys start and end with a lowercase letter or digit and may hold
+# '.', '_' and '-' between; values the same with uppercase letters too. Both alphabets are
+# quote-free, so a label may appear in an MLflow filter string as is.
+MAX_LABELS = 16
+MAX_LABEL_CHARS = 63
+_LABEL_KEY = re.compile(r"\A[a-z0-9](?:[a-z0-9._-]{0,61}[a-z0-9])?\Z")
+_LABEL_VALUE = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z")
+LABEL_RULE = (
+    f"at most {MAX_LABELS} labels; keys of 1-{MAX_LABEL_CHARS} lowercase letters, digits, "
+    f"'.', '_' or '-', values of 1-{MAX_LABEL_CHARS} letters, digits, '.', '_' or '-', each "
+    "starting and ending with a letter or digit"
+)
+# Time-to-live bounds: a second up to ten years.
+MAX_TTL_S = 10 * 365 * 24 * 3600
 _USER_TAG_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 Source = Literal["memory", "spool", "cache", "download"]
@@ -108,6 +128,8 @@ class EditModelInfo:
     principal: str = ""  # who made it; "" if unrecorded
     delta_format: str = ""  # fp32, fp16 or int8; "" if unrecorded
     delta_bytes: int = 0  # size of the stored delta file
+    labels: Mapping[str, str] = field(default_factory=dict)  # the caller's labels
+    expires_at: float | None = None  # Unix seconds; None: never expires
 
 
 @dataclass(frozen=True)
@@ -134,13 +156,27 @@ def request_key(request_id: str) -> str:
 
 
 def dedupe_key(
-    image_sha256: str, base_fingerprint: str, config_fingerprint: str, source_prompt: str
+    image_sha256: str,
+    base_fingerprint: str,
+    config_fingerprint: str,
+    source_prompt: str,
+    governance: str = "",
 ) -> str:
     """Same image bytes, base model, training config (seed included) and source prompt: the
     inputs that determine an edit model. The source prompt initialises the learned embedding,
-    so a caller-given prompt makes a different model from BLIP's caption."""
-    blob = json.dumps([image_sha256, base_fingerprint, config_fingerprint, source_prompt])
+    so a caller-given prompt makes a different model from BLIP's caption. ``governance``
+    (``governance_key``: labels and time-to-live) keeps a model a caller asked to expire or
+    label differently from being handed out as another's; "" leaves the key as before."""
+    parts = [image_sha256, base_fingerprint, config_fingerprint, source_prompt]
+    blob = json.dumps([*parts, governance] if governance else parts)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def governance_key(labels: Mapping[str, str], ttl_s: float | None) -> str:
+    """``dedupe_key``'s governance part: "" without labels and time-to-live."""
+    if not labels and ttl_s is None:
+        return ""
+    return json.dumps({"labels": dict(sorted(labels.items())), "ttl_s": ttl_s}, sort_keys=True)
 
 
 def manifest_training(manifest: Mapping[str, Any]) -> TrainingConfig:
@@ -234,6 +270,67 @@ def check_user_tags(tags: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def check_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, str]:
+    """A caller's labels (``LABEL_RULE``), the one check of them: on an Edit, and as a
+    ``ListEditModels`` filter. Raises ``InvalidInputError`` naming the first bad one and what
+    is accepted."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidInputError(f"{len(labels)} labels given; {LABEL_RULE}", field=field)
+    for key, value in labels.items():
+        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+            raise InvalidInputError(
+                f"label key {str(key)[:80]!r} is not accepted; {LABEL_RULE}", field=field
+            )
+        if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+            raise InvalidInputError(
+                f"label {key!r} has value {str(value)[:80]!r}, which is not accepted; {LABEL_RULE}",
+                field=field,
+            )
+    return dict(sorted(labels.items()))
+
+
+def check_ttl(ttl_s: float, field: str = "ttl_seconds") -> float:
+    """A time-to-live in seconds: 1 s to ten years."""
+    if not isinstance(ttl_s, int | float) or not 1 <= ttl_s <= MAX_TTL_S:
+        raise InvalidInputError(
+            f"time-to-live must be 1..{MAX_TTL_S} seconds (ten years), got {ttl_s!r}",
+            field=field,
+        )
+    return float(ttl_s)
+
+
+def label_tags(labels: Mapping[str, str]) -> dict[str, str]:
+    """Checked labels as tags (``forgedit.label.<key>``)."""
+    return {TAG_LABEL_PREFIX + k: v for k, v in labels.items()}
+
+
+def governance_tags(labels: Mapping[str, str], expires_at: float | None) -> dict[str, str]:
+    """The tags of an edit model's labels and expiry (checked values)."""
+    tags = label_tags(labels)
+    if expires_at is not None:
+        tags[TAG_EXPIRES_AT] = repr(float(expires_at))
+        tags[TAG_EXPIRING] = "true"
+    return tags
+
+
+def expires_at_of(tags: Mapping[str, str]) -> float | None:
+    """The expiry a version's (or spool entry's, or cached copy's) tags record; ``None``:
+    never. An unreadable value counts as already expired: refusing is the safe side."""
+    raw = tags.get(TAG_EXPIRES_AT)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def is_expired(tags: Mapping[str, str], now: float) -> bool:
+    expires_at = expires_at_of(tags)
+    return expires_at is not None and expires_at <= now
+
+
 def check_same_request(tags: Mapping[str, str], dkey: str, principal: str = "") -> None:
     """The edit model ``tags`` describe, found by a request id, is the one this request
     would register (same dedupe key, same principal); else ``RegistryConflictError``."""
@@ -306,6 +403,12 @@ def info_from_tags(
         principal=tags.get(TAG_PRINCIPAL, ""),
         delta_format=tags.get(TAG_DELTA_FORMAT, ""),
         delta_bytes=int(num(TAG_DELTA_BYTES)),
+        labels={
+            k.removeprefix(TAG_LABEL_PREFIX): v
+            for k, v in sorted(tags.items())
+            if k.startswith(TAG_LABEL_PREFIX)
+        },
+        expires_at=expires_at_of(tags),
     )
 
 

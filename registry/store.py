@@ -16,6 +16,11 @@ Registration (``register``, here)
        unavailable at step 1 or 3, the entry stays spooled, ``register`` returns
        ``spooled=True`` at once, and the flusher (``start``) retries with backoff.
 
+Governance: ``register`` takes ``labels`` (``records.check_labels``) and a time-to-live; both
+become tags. ``list_models`` filters by labels. An expired edit model is refused like a
+deleted one and swept (``registry.retention``); ``delete`` purges every record and byte
+(``registry.deletion``).
+
 Fetching (``fetch`` for a verified directory, ``load`` for an ``EditModel``;
 ``registry.fetch``): memory → spool → disk cache → download, every copy verified.
 
@@ -38,6 +43,7 @@ from forgedit.errors import InvalidInputError
 from registry.backend import MlflowBackend
 from registry.cache import DiskCache, MemoryCache
 from registry.config import RegistryConfig
+from registry.deletion import Deleter, Tombstones
 from registry.errors import (
     EditModelNotFoundError,
     RegistryError,
@@ -56,32 +62,39 @@ from registry.publish import (
     FlushResult,
     Publisher,
     SpoolFlusher,
-    publish_lock,
     publish_lock_within,
 )
 from registry.records import (
     EVAL_TAG_PREFIX,
+    TAG_DEDUPE,
+    TAG_LABEL_PREFIX,
     TAG_PRINCIPAL,
     EditModelInfo,
     EditModelPage,
     FetchedEditModel,
     RegisteredEditModel,
     check_base_model_name,
+    check_labels,
     check_principal,
     check_request_id,
     check_same_request,
     check_sha256,
+    check_ttl,
     check_user_tags,
     dedupe_inputs,
     dedupe_key,
     describe_manifest,
     finite,
+    governance_key,
+    governance_tags,
     info_from_tags,
+    is_expired,
     registered,
     request_key,
     training_params,
     version_info,
 )
+from registry.retention import RetentionSweeper
 from registry.spool import EDIT_MODEL_SUBDIR, EXTRAS_DIR, MODEL_DIR, Spool, SpoolEntry
 
 __all__ = ["EditModelRegistry", "FlushResult", "ImageInput"]
@@ -110,24 +123,40 @@ class EditModelRegistry:
         self._disk = DiskCache(data / "cache", self._locks, config.cache_max_bytes)
         self._memory = MemoryCache(config.memory_cache_models)
         self._lookups = BoundedLookups(_LOOKUP_THREADS)
+        self._tombstones = Tombstones(data / "deletions")
         self._fetcher = EditModelFetcher(
-            config, self._backend, self._spool, self._disk, self._memory, self._lookups, self._locks
+            config,
+            self._backend,
+            self._spool,
+            self._disk,
+            self._memory,
+            self._lookups,
+            self._locks,
+            deletion_pending=self._tombstones.has,
         )
         self._publisher = Publisher(config, self._backend, self._spool, self._disk, self._locks)
         self._flusher = SpoolFlusher(config, self._publisher, self._spool)
+        self._deleter = Deleter(
+            self._backend, self._spool, self._fetcher, self._tombstones, self._locks
+        )
+        self._sweeper = RetentionSweeper(config, self._backend, self._spool, self._deleter)
         # Striped locks: bounded memory however many request ids a long-lived server sees.
         self._request_locks = [threading.Lock() for _ in range(_REQUEST_LOCK_STRIPES)]
 
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background flusher (idempotent). It registers spooled edit models as soon
-        as MLflow answers, retrying with exponential backoff."""
+        """Start the background threads (idempotent): the flusher registers spooled edit
+        models as soon as MLflow answers, retrying with exponential backoff; the retention
+        sweep deletes expired edit models and finishes interrupted deletions."""
         self._flusher.start()
+        self._sweeper.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the flusher. Spooled entries stay on disk for the next start."""
+        """Stop the threads. Spooled entries and pending deletions stay on disk for the next
+        start."""
         self._flusher.close(timeout)
+        self._sweeper.close(timeout)
 
     def __enter__(self) -> EditModelRegistry:
         return self
@@ -147,6 +176,8 @@ class EditModelRegistry:
         tags: Mapping[str, str] | None = None,
         dedupe: bool = True,
         principal: str = "",
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
     ) -> RegisteredEditModel:
         """Register an edit model (an ``EditModel`` or an edit-model directory).
 
@@ -161,6 +192,10 @@ class EditModelRegistry:
         ``principal`` (a service's token name) is recorded as ``forgedit.principal``; with it,
         the request id and deduplication only ever match that principal's edit models (another
         principal's request id is a conflict, never its model).
+        ``labels`` (``records.check_labels``) and ``ttl_s`` (seconds from now until it expires;
+        ``None``: never) are stored as tags. Deduplication only returns an edit model
+        registered with the same labels and time-to-live (its expiry counts from its own
+        registration), and never an expired one.
 
         Never raises ``RegistryUnavailableError``: when MLflow does not answer, the edit model
         is spooled and the result says ``spooled=True`` (its ID is usable here at once).
@@ -172,9 +207,12 @@ class EditModelRegistry:
         if principal:
             check_principal(principal)
         user_tags = check_user_tags(tags or {})
+        labels = check_labels(labels or {})
+        if ttl_s is not None:
+            ttl_s = check_ttl(ttl_s)
         rkey = request_key(request_id) if request_id else None
         keys = _keys_of(edit_model)
-        dkey = dedupe_key(*keys)
+        dkey = dedupe_key(*keys, governance_key(labels, ttl_s))
         # Without the image's hash there is nothing to deduplicate on.
         dedupe = dedupe and bool(keys[0])
         with self._request_lock(rkey or dkey):
@@ -184,7 +222,13 @@ class EditModelRegistry:
                 return existing
             # 3. Write-ahead into the spool.
             entry = self._spool_edit_model(
-                edit_model, request_id, input_image, contact_sheet, user_tags, principal
+                edit_model,
+                request_id,
+                input_image,
+                contact_sheet,
+                user_tags,
+                principal,
+                {TAG_DEDUPE: dkey, **self._governance(labels, ttl_s)},
             )
             # 4. Publish now, or leave it to the flusher.
             if reachable:
@@ -204,16 +248,23 @@ class EditModelRegistry:
         config_fingerprint: str,
         source_prompt: str,
         principal: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
     ) -> EditModelInfo | None:
         """An edit model of the same image bytes, base model, training config (seed included)
         and source prompt, registered or spooled here; ``None`` if there is none, or if MLflow
         does not answer (then training again is the safe choice, and ``register`` dedupes
-        later). With ``principal``, only that principal's edit models."""
+        later). With ``principal``, only that principal's edit models; only one registered
+        with the same ``labels`` and ``ttl_s``, and not expired."""
         check_sha256(image_sha256, "image_sha256")
         mine = {} if principal is None else {"principal": check_principal(principal)}
-        dkey = dedupe_key(image_sha256, base_model_fingerprint, config_fingerprint, source_prompt)
+        governance = governance_key(check_labels(labels or {}), ttl_s)
+        dkey = dedupe_key(
+            image_sha256, base_model_fingerprint, config_fingerprint, source_prompt, governance
+        )
+        now = time.time()
         entry = self._spool.find(dedupe_key=dkey, principal=principal)
-        if entry is not None:
+        if entry is not None and not is_expired(entry.tags, now):
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
         try:
             versions = self._lookups.ask(
@@ -223,19 +274,25 @@ class EditModelRegistry:
         except RegistryUnavailableError:
             log.warning("MLflow unavailable: cannot look for an existing edit model to reuse")
             return None
-        return version_info(versions[0]) if versions else None
+        live = [v for v in versions if not is_expired(v.tags, now)]
+        return version_info(live[0]) if live else None
 
     # -- read ----------------------------------------------------------------------------------
 
     def show(self, edit_model_id: str) -> EditModelInfo:
         """Describe one edit model (registered or spooled here). Raises
-        ``InvalidEditModelIdError``, ``EditModelNotFoundError``, ``RegistryUnavailableError``."""
+        ``InvalidEditModelIdError``, ``EditModelNotFoundError`` (also for an expired one, or
+        one being deleted), ``RegistryUnavailableError``."""
         edit_model_id = validate_edit_model_id(edit_model_id)
+        if self._tombstones.has(edit_model_id):
+            raise EditModelNotFoundError(edit_model_id)
         entry = self._spool.get(edit_model_id)
         if entry is not None:
+            if is_expired(entry.tags, time.time()):
+                raise EditModelNotFoundError(edit_model_id)
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
         versions = self._backend.find_versions(edit_model_id=edit_model_id)
-        if not versions:
+        if not versions or is_expired(versions[0].tags, time.time()):
             raise EditModelNotFoundError(edit_model_id)
         return version_info(versions[0])
 
@@ -282,10 +339,13 @@ class EditModelRegistry:
         page_size: int = 50,
         page_token: str | None = None,
         principal: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> EditModelPage:
         """Registered edit models, newest first, optionally filtered by base-model name, image
-        sha256 and the ``principal`` that made them. The first page (no ``page_token``) also
-        lists this replica's spooled edit models that match, ahead of the registered ones.
+        sha256, the ``principal`` that made them and ``labels`` (every one must match). The
+        first page (no ``page_token``) also lists this replica's spooled edit models that
+        match, ahead of the registered ones. Expired edit models are left out (a page may
+        then hold fewer than ``page_size``; its token still leads on).
         Raises ``InvalidInputError`` for a bad filter, page size (1-1000) or token,
         ``RegistryUnavailableError``."""
         if not 1 <= page_size <= 1000:
@@ -299,6 +359,9 @@ class EditModelRegistry:
             wanted["image_sha256"] = check_sha256(image_sha256, "image_sha256")
         if principal is not None:
             wanted["principal"] = check_principal(principal)
+        for key, value in check_labels(labels or {}).items():
+            wanted[TAG_LABEL_PREFIX.removeprefix("forgedit.") + key] = value
+        now = time.time()
         if page_token is not None and (
             not page_token
             or len(page_token) > 512
@@ -309,7 +372,9 @@ class EditModelRegistry:
         if page_token is None:
             for entry in self._spool.entries():
                 tags = entry.tags
-                if all(tags.get(f"forgedit.{k}") == v for k, v in wanted.items()):
+                if not is_expired(tags, now) and all(
+                    tags.get(f"forgedit.{k}") == v for k, v in wanted.items()
+                ):
                     items.append(info_from_tags(tags, status="spooled", version=None, run_id=None))
         try:
             versions, token = self._backend.page_versions(wanted, page_size, page_token)
@@ -319,7 +384,7 @@ class EditModelRegistry:
                     "page token is not one this service issued", field="page_token"
                 ) from e
             raise
-        items += [version_info(v) for v in versions]
+        items += [version_info(v) for v in versions if not is_expired(v.tags, now)]
         return EditModelPage(items, token)
 
     def fetch(self, edit_model_id: str) -> FetchedEditModel:
@@ -378,48 +443,33 @@ class EditModelRegistry:
     # -- delete --------------------------------------------------------------------------------
 
     def delete(self, edit_model_id: str) -> None:
-        """Delete the edit model everywhere: its spool entry, every model version with its ID,
-        its run(s) and their artifact bytes in MLflow (the source of truth), then this
-        replica's cached copies. From then on this replica refuses the ID without asking
-        MLflow; other replicas refuse it at their next use of it (``confirm_cached``). A local
-        copy the disk refuses to remove is logged and counted, not raised
-        (``EditModelFetcher.forget_deleted``).
+        """Delete the edit model so that nothing of it remains: no record in MLflow's database
+        (runs purged, version tags removed), no byte in its artifact store, no copy on this
+        replica (``registry.deletion`` says how, and what an outage part-way means). From then
+        on this replica refuses the ID without asking MLflow; other replicas refuse it at
+        their next use of it (``confirm_cached``). A local copy the disk refuses to remove is
+        logged and counted, not raised (``EditModelFetcher.forget_deleted``).
 
         Raises ``InvalidEditModelIdError``, ``EditModelNotFoundError``, and
-        ``RegistryUnavailableError`` if MLflow does not answer (a spooled copy is deleted even
-        then, and nothing is raised if that was the only copy).
+        ``RegistryUnavailableError`` if MLflow does not answer: before anything was decided
+        (the model is kept and still served), or part-way (the deletion is recorded, the ID
+        refused, and it completes in the background; a retry confirms it).
         """
-        edit_model_id = validate_edit_model_id(edit_model_id)
-        with publish_lock(self._locks, edit_model_id):
-            found = self._spool.get(edit_model_id) is not None
-            if found:
-                self._spool.remove(edit_model_id)
-            try:
-                versions = self._backend.find_versions(edit_model_id=edit_model_id)
-                runs = {r.info.run_id: r for r in self._backend.find_runs(edit_model_id)}
-            except RegistryUnavailableError:
-                if found:
-                    self._fetcher.forget_deleted(edit_model_id)
-                    return
-                # The edit model still exists in MLflow: keep serving this replica's copy.
-                raise
-            if not (found or versions or runs):
-                raise EditModelNotFoundError(edit_model_id)
-            # Versions first: once they are gone no replica serves the ID (each confirms it
-            # with MLflow before using a copy), so this replica's copies can go too.
-            for version in versions:
-                self._backend.delete_version(version)
-                if version.run_id and version.run_id not in runs:
-                    runs[version.run_id] = self._backend.get_run(version.run_id)
-            self._fetcher.forget_deleted(edit_model_id)
-            for run in runs.values():
-                self._backend.delete_run(run)
-            log.info(
-                "deleted edit model %s (%d version(s), %d run(s))",
-                edit_model_id,
-                len(versions),
-                len(runs),
-            )
+        self._deleter.delete(validate_edit_model_id(edit_model_id))
+
+    def sweep_expired(self) -> list[str]:
+        """One round of the retention sweep now (``registry.retention``): finish pending
+        deletions, delete expired edit models; returns the expired IDs it deleted. Raises
+        ``RegistryUnavailableError``."""
+        return self._sweeper.sweep_once()
+
+    def deletion_pending(self, edit_model_id: str) -> bool:
+        """Whether a deletion of the ID was decided here and has not finished."""
+        return self._tombstones.has(validate_edit_model_id(edit_model_id))
+
+    def pending_deletions(self) -> list[str]:
+        """IDs whose deletion was decided and has not finished (MLflow was down)."""
+        return self._tombstones.pending()
 
     # -- spool -----------------------------------------------------------------------------------
 
@@ -433,6 +483,11 @@ class EditModelRegistry:
         return self._publisher.flush()
 
     # -- register: internals ---------------------------------------------------------------------
+
+    @staticmethod
+    def _governance(labels: Mapping[str, str], ttl_s: float | None) -> dict[str, str]:
+        """The label and expiry tags of an edit model registered now."""
+        return governance_tags(labels, None if ttl_s is None else time.time() + ttl_s)
 
     def _note_spooled(self, edit_model_id: str, error: BaseException | None) -> None:
         count, nbytes = self._spool.update_metrics()
@@ -487,6 +542,7 @@ class EditModelRegistry:
         contact_sheet: ImageInput | None,
         user_tags: dict[str, str],
         principal: str = "",
+        extra_tags: Mapping[str, str] | None = None,
     ) -> SpoolEntry:
         """Write the complete entry (pyfunc model, extras, metadata) into the spool; return it.
         Nothing is left behind if writing fails."""
@@ -504,6 +560,7 @@ class EditModelRegistry:
             tags = describe_manifest(manifest, edit_model_id, request_id, manifest_sha)
             if principal:
                 tags[TAG_PRINCIPAL] = principal
+            tags.update(extra_tags or {})
             meta = {
                 "edit_model_id": edit_model_id,
                 "request_id": request_id,

@@ -168,7 +168,7 @@ def create_server(
     owned_registry = default_registry(settings) if registry is None else None
     registry = registry or owned_registry
     assert registry is not None
-    registry.start()  # the spool flusher: registers spooled edit models when MLflow returns
+    registry.start()  # the spool flusher and the retention sweep (expiry, unfinished deletions)
     registry_client = RegistryClient(
         registry, RegistryCalls(settings.registry_threads, settings.registry_timeout_s)
     )
@@ -429,9 +429,19 @@ def default_registry(settings: ServerSettings) -> RegistryLike:
     from registry import EditModelRegistry
     from registry.config import RegistryConfig
 
+    store = settings.mlflow_backend_store_uri
     config = RegistryConfig(
-        data_dir=settings.data_dir / "registry", tracking_uri=settings.mlflow_tracking_uri
+        data_dir=settings.data_dir / "registry",
+        tracking_uri=settings.mlflow_tracking_uri,
+        backend_store_uri=store.get_secret_value() if store is not None else None,
+        sweep_interval_s=settings.retention_sweep_interval_s,
     )
+    if config.purge_store_uri is None:
+        log.warning(
+            "FORGEDIT_MLFLOW_BACKEND_STORE_URI is unset with an MLflow tracking server: "
+            "deleted edit models' runs are only soft-deleted in MLflow's database until an "
+            "`mlflow gc` (README, 'Deletion')"
+        )
     return EditModelRegistry(config)
 
 

@@ -2,8 +2,9 @@
 
 A request message is decoded once, by ``server.wire``, into a call: the engine's typed options
 (``forgedit.options``) and the few fields only the service has (request id, detach, the image
-bytes, a base model's or an edit model's name). ``edit_plan`` and ``sample_plan`` check a call
-and turn it into a plan, as numbered steps, cheapest first:
+bytes, a base model's or an edit model's name, and the stored edit model's labels and
+time-to-live, which the registry's rules check: ``registry.records``). ``edit_plan`` and
+``sample_plan`` check a call and turn it into a plan, as numbered steps, cheapest first:
 
 1. the service's limits on what was sent (``server.validation``: sizes, counts, lengths);
 2. the engine's rules and defaults (``forgedit.requests``, the builder the engine CLI shares),
@@ -17,8 +18,8 @@ client gets one ``BadRequest`` field violation naming the problem and what is ac
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from forgedit.config import (
     DeltaFormat,
@@ -33,6 +34,7 @@ from forgedit.images import LoadedImage, load_image
 from forgedit.options import EditOptions, SampleOptions
 from forgedit.requests import TrainSeedFrom, build_edit, build_sample, training_with_seed
 from registry.ids import validate_edit_model_id
+from registry.records import check_labels, check_ttl
 from server import validation
 from server.catalog import ServedModels
 from server.validation import Limits
@@ -49,6 +51,8 @@ class EditCall:
     base_model: str  # "" = the server's default
     image: bytes
     options: EditOptions
+    labels: Mapping[str, str] = field(default_factory=dict)  # the edit model's labels
+    ttl_seconds: int | None = None  # None: the server's default time-to-live
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Defaults:
 
     precision: Precision = "faithful"  # for training and sampling alike
     delta_format: DeltaFormat | None = None  # None: the precision's default
+    ttl_s: float | None = None  # an edit model's time-to-live; None: kept until deleted
 
 
 # -- plans: a call, checked --------------------------------------------------------------------
@@ -89,6 +94,8 @@ class EditRequestPlan:
     train_seed_from: TrainSeedFrom = "given"
     output: OutputConfig = OutputConfig()  # how images (and previews) are encoded
     preview: PreviewConfig = PreviewConfig(training_free=True)
+    labels: Mapping[str, str] = field(default_factory=dict)  # checked (registry.records)
+    ttl_s: float | None = None  # the edit model's time-to-live; None: kept until deleted
 
     @property
     def images_total(self) -> int:
@@ -152,6 +159,9 @@ def edit_plan(
         )
     validation.check_training_options(options.training, limits)
     validation.check_sweep_options(options.sweep, limits)
+    # The edit model's labels and time-to-live: the registry's rules, which own them.
+    labels = check_labels(call.labels)
+    ttl_s = defaults.ttl_s if call.ttl_seconds is None else check_ttl(call.ttl_seconds)
 
     # 2. The engine's rules and defaults: the fine-tune's config and the sweep, within the
     # service's bounds on the work.
@@ -178,6 +188,8 @@ def edit_plan(
         edit.train_seed_from,
         edit.output,
         edit.preview,
+        labels,
+        ttl_s,
     )
 
 

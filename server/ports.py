@@ -138,6 +138,8 @@ class RegistryLike(Protocol):
         tags: Mapping[str, str] | None = None,
         dedupe: bool = True,
         principal: str = "",
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
     ) -> RegisteredEditModel: ...
 
     def add_contact_sheet(self, edit_model_id: str, contact_sheet: bytes) -> None: ...
@@ -149,6 +151,8 @@ class RegistryLike(Protocol):
         config_fingerprint: str,
         source_prompt: str,
         principal: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
     ) -> EditModelInfo | None: ...
 
     def load(
@@ -167,6 +171,9 @@ class RegistryLike(Protocol):
         page_size: int = 50,
         page_token: str | None = None,
         principal: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> EditModelPage: ...
 
     def delete(self, edit_model_id: str) -> None: ...
+
+    def deletion_pending(self, edit_model_id: str) -> bool: ...

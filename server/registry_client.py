@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
@@ -96,14 +96,27 @@ class RegistryClient:
         self.calls = calls or RegistryCalls(threads=8, timeout_s=10.0)
 
     def register(
-        self, edit_model: EditModel, *, request_id: str, image_bytes: bytes, principal: str
+        self,
+        edit_model: EditModel,
+        *,
+        request_id: str,
+        image_bytes: bytes,
+        principal: str,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
     ) -> RegisteredEditModel:
-        """Store a freshly trained edit model, recording the ``principal`` that made it;
-        returns the registry's ``RegisteredEditModel`` (id, version, deduped, spooled). A retry
-        with the same request id returns the first registration instead of creating a second
-        version; deduplication only returns the same principal's edit models."""
+        """Store a freshly trained edit model, recording the ``principal`` that made it, its
+        ``labels`` and its time-to-live; returns the registry's ``RegisteredEditModel`` (id,
+        version, deduped, spooled). A retry with the same request id returns the first
+        registration instead of creating a second version; deduplication only returns the
+        same principal's edit models."""
         return self.registry.register(
-            edit_model, request_id=request_id, input_image=image_bytes, principal=principal
+            edit_model,
+            request_id=request_id,
+            input_image=image_bytes,
+            principal=principal,
+            labels=labels,
+            ttl_s=ttl_s,
         )
 
     def add_contact_sheet(self, edit_model_id: str, png: bytes) -> bool:
@@ -124,14 +137,22 @@ class RegistryClient:
         source_prompt: str,
         training: TrainingConfig,
         principal: str,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
     ) -> EditModelInfo | None:
         """The registry's record of an edit model already fine-tuned on the same image bytes,
         base model, source prompt and training config (seed included), or None. Training again
         would reproduce exactly that model, so it is reused instead (one fine-tune serves
-        unlimited edits); only ``principal``'s own. None also when the registry cannot be
-        asked."""
+        unlimited edits); only ``principal``'s own, made with the same ``labels`` and
+        time-to-live, and not expired. None also when the registry cannot be asked."""
         return self.registry.find_existing(
-            image_sha256, base_fingerprint, training.fingerprint(), source_prompt, principal
+            image_sha256,
+            base_fingerprint,
+            training.fingerprint(),
+            source_prompt,
+            principal,
+            labels=labels,
+            ttl_s=ttl_s,
         )
 
     def load(self, edit_model_id: str) -> EditModel:
@@ -176,9 +197,11 @@ class RegistryClient:
         page_size: int,
         page_token: str | None,
         principal: Principal,
+        labels: Mapping[str, str] | None = None,
         remaining_s: float | None = None,
     ) -> EditModelPage:
-        """A page of the edit models ``principal`` may see (an admin's: everyone's)."""
+        """A page of the edit models ``principal`` may see (an admin's: everyone's), with
+        every one of ``labels``."""
         return self.calls.run(
             "list edit models",
             lambda: self.registry.list_models(
@@ -187,6 +210,7 @@ class RegistryClient:
                 page_size=page_size,
                 page_token=page_token,
                 principal=None if principal.admin else principal.name,
+                labels=labels,
             ),
             remaining_s,
         )
@@ -194,8 +218,11 @@ class RegistryClient:
     def delete(
         self, edit_model_id: str, principal: Principal, *, remaining_s: float | None = None
     ) -> None:
-        """Delete an edit model ``principal`` may see (else ``EditModelNotFoundError``)."""
-        self.show(edit_model_id, principal, remaining_s=remaining_s)
+        """Delete an edit model ``principal`` may see (else ``EditModelNotFoundError``). A
+        deletion an outage interrupted is finished for whoever retries it: it was decided
+        already, and the ID is refused to everyone meanwhile."""
+        if not self.registry.deletion_pending(edit_model_id):
+            self.show(edit_model_id, principal, remaining_s=remaining_s)
         self.calls.run(
             f"delete edit model {edit_model_id}",
             lambda: self.registry.delete(edit_model_id),

@@ -204,7 +204,13 @@ class JobRunner:
         """(edit model, the registry's record of it when it was stored already, else None).
         A fresh fine-tune emits ``training`` after every update and feeds the estimator."""
         existing = self.registry.find_trained(
-            plan.image.sha256, engine.fingerprint, source_prompt, training, job.principal
+            plan.image.sha256,
+            engine.fingerprint,
+            source_prompt,
+            training,
+            job.principal,
+            labels=plan.labels,
+            ttl_s=plan.ttl_s,
         )
         if existing is not None:
             log.info(
@@ -243,6 +249,8 @@ class JobRunner:
                 request_id=plan.request_id,
                 image_bytes=plan.image_bytes,
                 principal=job.principal,
+                labels=plan.labels,
+                ttl_s=plan.ttl_s,
             )
         job.edit_model_id = registered.edit_model_id
         job.emit(

@@ -107,7 +107,9 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         self.lifecycle = scheduler.lifecycle
         self.registry = registry
         self.limits = Limits.from_settings(settings)
-        self.defaults = Defaults(settings.precision, settings.delta_format)
+        self.defaults = Defaults(
+            settings.precision, settings.delta_format, settings.edit_model_ttl_s
+        )
         self.replay = (settings.replay_max_events, settings.replay_max_bytes)  # per job
         self._owners_lock = threading.Lock()
 
@@ -224,6 +226,7 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             page_size=page_size,
             page_token=request.page_token or None,
             principal=self._principal(context),
+            labels=dict(request.labels) or None,
             remaining_s=context.time_remaining(),
         )
         return pb.ListEditModelsResponse(

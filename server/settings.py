@@ -133,6 +133,26 @@ class ServerSettings(BaseSettings):
         description="MLflow tracking server URI; unset: embedded SQLite under data_dir.",
     )
 
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        default=None,
+        description="MLflow's own database (the --backend-store-uri of `mlflow server`, e.g. "
+        "postgresql://user:pw@db/mlflow): with a tracking server, a deletion needs it to "
+        "purge the edit model's runs from the database (README, 'Deletion'); unset with a "
+        "tracking server: runs are only soft-deleted, and a warning says so at start-up. "
+        "Unneeded for the embedded store.",
+    )
+    edit_model_ttl_s: float | None = Field(
+        default=None,
+        description="Time-to-live of new edit models whose request leaves ttl_seconds unset, "
+        "1 s to ten years (the registry's rule); unset: kept until deleted.",
+    )
+    retention_sweep_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the registry deletes expired edit models (at most 20 per "
+        "round) and finishes deletions an MLflow outage interrupted.",
+    )
+
     # ----------------------------------------------------------------------------- network
     host: str = Field(
         default="127.0.0.1",
@@ -306,6 +326,10 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 "set both FORGEDIT_TLS_CERT_FILE and FORGEDIT_TLS_KEY_FILE, or neither"
             )
+        if self.edit_model_ttl_s is not None:
+            from registry.records import check_ttl  # the one rule for a time-to-live
+
+            check_ttl(self.edit_model_ttl_s, field="FORGEDIT_EDIT_MODEL_TTL_S")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("mutual TLS (FORGEDIT_TLS_CLIENT_CA_FILE) needs a server certificate")
         if self.max_image_bytes >= self.max_message_bytes:

@@ -97,6 +97,8 @@ def edit_call(request: pb.EditRequest) -> EditCall:
         detach=request.detach,
         base_model=request.base_model,
         image=bytes(request.image),
+        labels=dict(request.labels),
+        ttl_seconds=request.ttl_seconds if request.HasField("ttl_seconds") else None,
         options=EditOptions(
             target_prompts=tuple(request.target_prompts),
             source_prompt=request.source_prompt if request.HasField("source_prompt") else None,
@@ -410,6 +412,8 @@ def edit_model_to_proto(info: EditModelInfo) -> pb.EditModel:
         principal=info.principal,
         delta_format=DELTA_FORMAT_NUMBERS.get(info.delta_format, pb.DELTA_FORMAT_UNSPECIFIED),
         delta_bytes=int(info.delta_bytes),
+        labels=dict(info.labels),
+        expire_time=timestamp(info.expires_at) if info.expires_at is not None else None,
     )
 
 

@@ -163,7 +163,14 @@ class PreviewOptions(_message.Message):
     def __init__(self, training_free: _Optional[bool] = ..., x0_every: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("request_id", "image", "target_prompts", "source_prompt", "base_model", "training", "sweep", "detach", "output", "preview")
+    __slots__ = ("request_id", "image", "target_prompts", "source_prompt", "base_model", "training", "sweep", "detach", "output", "preview", "labels", "ttl_seconds")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +181,8 @@ class EditRequest(_message.Message):
     DETACH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image: bytes
     target_prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -184,7 +193,9 @@ class EditRequest(_message.Message):
     detach: bool
     output: OutputOptions
     preview: PreviewOptions
-    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., target_prompts: _Optional[_Iterable[str]] = ..., source_prompt: _Optional[str] = ..., base_model: _Optional[str] = ..., training: _Optional[_Union[TrainingOptions, _Mapping]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., detach: _Optional[bool] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    ttl_seconds: int
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., target_prompts: _Optional[_Iterable[str]] = ..., source_prompt: _Optional[str] = ..., base_model: _Optional[str] = ..., training: _Optional[_Union[TrainingOptions, _Mapping]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., detach: _Optional[bool] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class EditResponse(_message.Message):
     __slots__ = ("event",)
@@ -229,16 +240,25 @@ class GetEditModelResponse(_message.Message):
     def __init__(self, edit_model: _Optional[_Union[EditModel, _Mapping]] = ...) -> None: ...
 
 class ListEditModelsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "base_model", "image_sha256")
+    __slots__ = ("page_size", "page_token", "base_model", "image_sha256", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     base_model: str
     image_sha256: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., base_model: _Optional[str] = ..., image_sha256: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., base_model: _Optional[str] = ..., image_sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListEditModelsResponse(_message.Message):
     __slots__ = ("edit_models", "next_page_token")
@@ -299,7 +319,14 @@ class CancelJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class EditModel(_message.Message):
-    __slots__ = ("edit_model_id", "version", "base_model", "base_fingerprint", "image_sha256", "source_prompt", "training_mode", "width", "height", "train_seed", "create_time", "size_bytes", "training_config_json", "principal", "delta_format", "delta_bytes")
+    __slots__ = ("edit_model_id", "version", "base_model", "base_fingerprint", "image_sha256", "source_prompt", "training_mode", "width", "height", "train_seed", "create_time", "size_bytes", "training_config_json", "principal", "delta_format", "delta_bytes", "labels", "expire_time")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     EDIT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +343,8 @@ class EditModel(_message.Message):
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     DELTA_FORMAT_FIELD_NUMBER: _ClassVar[int]
     DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     edit_model_id: str
     version: int
     base_model: str
@@ -332,7 +361,9 @@ class EditModel(_message.Message):
     principal: str
     delta_format: DeltaFormat
     delta_bytes: int
-    def __init__(self, edit_model_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., image_sha256: _Optional[str] = ..., source_prompt: _Optional[str] = ..., training_mode: _Optional[_Union[TrainingMode, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., train_seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., training_config_json: _Optional[str] = ..., principal: _Optional[str] = ..., delta_format: _Optional[_Union[DeltaFormat, str]] = ..., delta_bytes: _Optional[int] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, edit_model_id: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., image_sha256: _Optional[str] = ..., source_prompt: _Optional[str] = ..., training_mode: _Optional[_Union[TrainingMode, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., train_seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., training_config_json: _Optional[str] = ..., principal: _Optional[str] = ..., delta_format: _Optional[_Union[DeltaFormat, str]] = ..., delta_bytes: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "request_id", "kind", "state", "queue_position", "edit_model_id", "last_sequence", "create_time", "start_time", "end_time", "error_code", "error_message", "principal")

@@ -210,3 +210,39 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class DownSwitch:
+    """Wraps a registry's ``MlflowClient``: while ``down``, every call fails as the ``requests``
+    library fails when the server is gone (connection refused)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                import requests
+
+                raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def switchable(reg: Any) -> DownSwitch:
+    """Put a ``DownSwitch`` between the registry ``reg`` and MLflow; ``restore`` removes it."""
+    switch = DownSwitch(reg._backend.client)
+    reg._backend.client = switch
+    return switch
+
+
+def restore(reg: Any) -> None:
+    client = reg._backend.client
+    if isinstance(client, DownSwitch):
+        reg._backend.client = client.client

@@ -20,8 +20,9 @@ import pytest
 import requests
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prometheus_client import REGISTRY
-from support.registry import random_edit_model, small_config
+from support.registry import DownSwitch, random_edit_model, small_config, switchable
 
 from forgedit.artifact import DELTA_FILE, MANIFEST_FILE, load_edit_model, sha256_file
 from forgedit.errors import BaseModelMismatchError, EditModelError, InvalidInputError
@@ -86,32 +87,6 @@ def replicas(tmp_path: Path, store: str, model_name: str) -> Any:
     yield r
     for reg in r.made:
         reg.close()
-
-
-class DownSwitch:
-    """Wraps an ``MlflowClient``: while ``down``, every call fails as if the server were gone."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
-            return attr(*args, **kwargs)
-
-        return call
-
-
-def switchable(reg: EditModelRegistry) -> DownSwitch:
-    switch = DownSwitch(reg._backend.client)
-    reg._backend.client = switch  # type: ignore[assignment]
-    return switch
 
 
 def flip_byte(path: Path, offset: int = -10) -> None:
@@ -192,7 +167,8 @@ def test_register_fetch_list_show_delete_round_trip(replicas: Replicas) -> None:
             reg.fetch(model_id)
     assert cached_ids(a) == [] and cached_ids(b) == []
     assert replicas.versions() == []
-    assert client.get_run(info.run_id).info.lifecycle_stage == "deleted"
+    with pytest.raises(MlflowException, match="not found"):
+        client.get_run(info.run_id)  # purged, not soft-deleted (tests/unit/test_deletion.py)
     artifact_dir = Path(run.info.artifact_uri.removeprefix("file://"))
     assert tree_bytes(artifact_dir) == 0
     with pytest.raises(EditModelNotFoundError):

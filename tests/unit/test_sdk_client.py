@@ -381,6 +381,33 @@ def test_unknown_option_is_refused_before_sending_and_names_the_accepted() -> No
     assert stub.calls == []
 
 
+def test_labels_and_ttl_reach_the_request_and_bad_types_are_refused_before_sending() -> None:
+    stub = FakeStub({"Edit": [edit_job_events()]})
+    client, _ = client_with(stub)
+    client.edit(b"img", "a dog", labels={"team": "red"}, ttl_seconds=3600).result()
+    ((_, req, _, _),) = stub.calls
+    assert dict(req.labels) == {"team": "red"} and req.ttl_seconds == 3600
+    stub.calls.clear()
+    with pytest.raises(InvalidOptionError, match="labels must be a mapping"):
+        client.edit(b"img", "a dog", labels=["team=red"])  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match=r"labels\['team'\] must be text"):
+        client.edit(b"img", "a dog", labels={"team": 1})  # type: ignore[dict-item]
+    with pytest.raises(InvalidOptionError, match="ttl_seconds must not be negative"):
+        client.edit(b"img", "a dog", ttl_seconds=-1)
+    assert stub.calls == []
+    # Unset: no labels, and the server's default time-to-live.
+    bare = edit_request(
+        b"img",
+        "a dog",
+        options=split_options({}),
+        source_prompt=None,
+        base_model=None,
+        request_id="r",
+        detach=False,
+    )
+    assert dict(bare.labels) == {} and not bare.HasField("ttl_seconds")
+
+
 def test_a_request_id_is_generated_when_none_is_given() -> None:
     stub = FakeStub({"Sample": [[], []]})
     client, _ = client_with(stub)

@@ -94,6 +94,25 @@ def test_a_valid_edit_becomes_a_complete_plan() -> None:
     assert plan.image.width == 32 and plan.image.format == "PNG"
 
 
+def test_labels_and_the_time_to_live_reach_the_plan_with_the_servers_default() -> None:
+    served = ServedModels.of(BASES["tiny"])
+    plan = edit_plan(
+        edit_call(_edit(labels={"team": "red"}, ttl_seconds=60)), Limits(), served, Defaults()
+    )
+    assert dict(plan.labels) == {"team": "red"} and plan.ttl_s == 60
+    unset = edit_call(_edit())
+    assert edit_plan(unset, Limits(), served, Defaults()).ttl_s is None
+    assert edit_plan(unset, Limits(), served, Defaults(ttl_s=3600.0)).ttl_s == 3600.0
+    with pytest.raises(InvalidInputError, match="label key 'Team'") as bad:
+        edit_plan(edit_call(_edit(labels={"Team": "red"})), Limits(), served, Defaults())
+    assert bad.value.field == "labels"
+    with pytest.raises(InvalidInputError) as zero:
+        edit_plan(edit_call(_edit(ttl_seconds=0)), Limits(), served, Defaults(ttl_s=60.0))
+    assert zero.value.field == "ttl_seconds"
+    with pytest.raises(ValidationError, match=r"time-to-live must be 1\.\.315360000 seconds"):
+        ServerSettings(edit_model_ttl_s=0)
+
+
 def test_unset_sampling_seeds_are_drawn_and_the_training_seed_is_the_contents() -> None:
     plan = plan_edit(_edit(sweep=pb.SweepOptions(seed_count=3)), Limits(), BASES, "tiny")
     assert len(plan.sweep.seeds) == 3

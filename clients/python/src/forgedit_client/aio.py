@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -93,6 +93,8 @@ class AsyncForgeditClient(_ClientConfig):
         base_model: str | None = None,
         request_id: str | None = None,
         detach: bool = False,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
         timeout: float | None = _UNSET,
         **options: Any,
     ) -> AsyncEventStream:
@@ -109,6 +111,8 @@ class AsyncForgeditClient(_ClientConfig):
             request_id=request_id,
             detach=detach,
             options=options,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
         )
         return self._job_stream(
             lambda t, md: self._stub.Edit(request, timeout=t, metadata=md),
@@ -127,6 +131,8 @@ class AsyncForgeditClient(_ClientConfig):
         preview: PreviewOptions | None = None,
         request_id: str | None = None,
         detach: bool = False,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
         timeout: float | None = _UNSET,
         **options: Any,
     ) -> AsyncEventStream:
@@ -241,17 +247,13 @@ class AsyncForgeditClient(_ClientConfig):
         *,
         base_model: str | None = None,
         image_sha256: str | None = None,
+        labels: Mapping[str, str] | None = None,
         page_size: int = 0,
         timeout: float | None = _UNSET,
     ) -> AsyncIterator[EditModelInfo]:
         token = ""
         while True:
-            req = pb.ListEditModelsRequest(
-                page_size=page_size,
-                page_token=token,
-                base_model=base_model or "",
-                image_sha256=image_sha256 or "",
-            )
+            req = self.list_request(page_size, token, base_model, image_sha256, labels)
             resp = await self._unary(self._stub.ListEditModels, req, timeout)
             for m in resp.edit_models:
                 yield edit_model_from_proto(m)

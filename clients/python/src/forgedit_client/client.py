@@ -24,7 +24,7 @@ NOT_FOUND for a delete that succeeded).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ from forgedit_client.options import (
     new_request_id,
     sample_request,
     split_options,
+    string_map,
 )
 from forgedit_client.retry import NO_RETRY, RetryPolicy
 from forgedit_client.stream import EventStream, NextCall, ResumeTracker, moved_key
@@ -122,6 +123,8 @@ class _ClientConfig:
         request_id: str | None,
         detach: bool,
         options: dict[str, Any],
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
     ) -> Any:
         return edit_request(
             image,
@@ -131,6 +134,8 @@ class _ClientConfig:
             base_model=base_model,
             request_id=request_id or new_request_id(),
             detach=detach,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
         )
 
     def build_sample(
@@ -151,6 +156,22 @@ class _ClientConfig:
             options=split_options(options, None, sweep, output, preview, allow_training=False),
             request_id=request_id or new_request_id(),
             detach=detach,
+        )
+
+    @staticmethod
+    def list_request(
+        page_size: int,
+        token: str,
+        base_model: str | None,
+        image_sha256: str | None,
+        labels: Mapping[str, str] | None,
+    ) -> Any:
+        return pb.ListEditModelsRequest(
+            page_size=page_size,
+            page_token=token,
+            base_model=base_model or "",
+            image_sha256=image_sha256 or "",
+            labels=string_map("labels", labels),
         )
 
     @staticmethod
@@ -232,6 +253,8 @@ class ForgeditClient(_ClientConfig):
         base_model: str | None = None,
         request_id: str | None = None,
         detach: bool = False,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
         timeout: float | None = _UNSET,
         **options: Any,
     ) -> EventStream:
@@ -246,7 +269,11 @@ class ForgeditClient(_ClientConfig):
         ``training_free_preview``/``x0_every`` (``PreviewOptions``: the stream's ``Preview``
         events; the training-free one is on unless turned off).
         ``request_id``: idempotency key (generated when omitted). ``detach``: keep the job
-        running if this client disconnects. Returns an ``EventStream``; nothing is sent
+        running if this client disconnects. ``labels``: key/value labels stored with the edit
+        model (``EditModelInfo.labels``; ``list_edit_models(labels=...)`` filters by them);
+        ``ttl_seconds``: its time-to-live (unset: the server's default, none unless
+        configured); once expired it is NOT_FOUND and then deleted. The server checks both
+        (INVALID_ARGUMENT naming the accepted values). Returns an ``EventStream``; nothing is sent
         until it is iterated. Raises ``InvalidOptionError`` at once for unknown options;
         the stream raises ``ForgeditRpcError`` for failures reported by the server.
         """
@@ -262,6 +289,8 @@ class ForgeditClient(_ClientConfig):
             request_id=request_id,
             detach=detach,
             options=options,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
         )
         return self._job_stream(
             lambda t, md: self._stub.Edit(request, timeout=t, metadata=md),
@@ -280,6 +309,8 @@ class ForgeditClient(_ClientConfig):
         preview: PreviewOptions | None = None,
         request_id: str | None = None,
         detach: bool = False,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
         timeout: float | None = _UNSET,
         **options: Any,
     ) -> EventStream:
@@ -400,7 +431,10 @@ class ForgeditClient(_ClientConfig):
         return edit_model_from_proto(resp.edit_model)
 
     def delete_edit_model(self, edit_model_id: str, *, timeout: float | None = _UNSET) -> None:
-        """Delete a stored edit model. NOT_FOUND when unknown. Not retried."""
+        """Delete a stored edit model: on success nothing of it remains on the server or in
+        its MLflow registry. NOT_FOUND when unknown. UNAVAILABLE when MLflow is down: either
+        nothing was deleted, or the deletion is under way (the message says so) and a later
+        retry confirms it. Not retried here."""
         req = pb.DeleteEditModelRequest(edit_model_id=edit_model_id)
         self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, key=edit_model_id)
 
@@ -409,18 +443,15 @@ class ForgeditClient(_ClientConfig):
         *,
         base_model: str | None = None,
         image_sha256: str | None = None,
+        labels: Mapping[str, str] | None = None,
         page_size: int = 0,
         timeout: float | None = _UNSET,
     ) -> Iterator[EditModelInfo]:
-        """Stored edit models, newest first, fetching pages lazily (``timeout`` per page)."""
+        """Stored edit models, newest first, fetching pages lazily (``timeout`` per page);
+        with ``labels``, only those carrying every one of them."""
         token = ""
         while True:
-            req = pb.ListEditModelsRequest(
-                page_size=page_size,
-                page_token=token,
-                base_model=base_model or "",
-                image_sha256=image_sha256 or "",
-            )
+            req = self.list_request(page_size, token, base_model, image_sha256, labels)
             resp = self._unary(self._stub.ListEditModels, req, timeout)
             for m in resp.edit_models:
                 yield edit_model_from_proto(m)

@@ -416,10 +416,14 @@ class EditModelInfo:
     principal: str = ""  # the token name that made it (the server shows it only to it / admins)
     delta_format: str = ""  # fp32 | fp16 | int8; "" from a server that does not report it
     delta_bytes: int = 0
+    labels: dict[str, str] = field(default_factory=dict)  # the caller's labels
+    expire_time: datetime | None = None  # when it expires; None: never
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["create_time"] = self.create_time.isoformat() if self.create_time else None
+        d["expire_time"] = self.expire_time.isoformat() if self.expire_time else None
+        d["labels"] = dict(self.labels)
         return d
 
 
@@ -441,6 +445,8 @@ def edit_model_from_proto(m: Any) -> EditModelInfo:
         principal=m.principal,
         delta_format=_name_of(m.delta_format, DELTA_FORMATS),
         delta_bytes=m.delta_bytes,
+        labels=dict(sorted(m.labels.items())),
+        expire_time=_time(m.expire_time) if m.HasField("expire_time") else None,
     )
 
 

@@ -300,6 +300,8 @@ def edit_request(
     base_model: str | None,
     request_id: str,
     detach: bool,
+    labels: Mapping[str, str] | None = None,
+    ttl_seconds: int | None = None,
 ) -> Any:
     """Build an ``EditRequest``."""
     msg = pb.EditRequest(
@@ -312,9 +314,12 @@ def edit_request(
         output=options.output.to_proto(),
         preview=options.preview.to_proto(),
         detach=detach,
+        labels=string_map("labels", labels),
     )
     if source_prompt is not None:
         msg.source_prompt = _str("source_prompt", source_prompt)
+    if ttl_seconds is not None:
+        msg.ttl_seconds = _int("ttl_seconds", ttl_seconds)
     return msg
 
 
@@ -361,6 +366,16 @@ def _float(name: str, value: Any) -> float:
         raise InvalidOptionError(f"{name} must be a number, got {value!r}")
     # NaN and infinities are sent as given: the server owns ranges and says which are valid.
     return float(value)
+
+
+def string_map(name: str, value: Mapping[str, str] | None) -> dict[str, str]:
+    """A ``map<string, string>`` field (labels): text keys and values; the server owns the
+    rules on what they may hold."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidOptionError(f"{name} must be a mapping of text to text")
+    return {_str(f"{name} key", k): _str(f"{name}[{k!r}]", v) for k, v in value.items()}
 
 
 def _str(name: str, value: Any) -> str:

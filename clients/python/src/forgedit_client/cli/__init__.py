@@ -129,6 +129,8 @@ def _run_job(client: ForgeditClient, args: argparse.Namespace) -> int:
             base_model=args.base_model,
             request_id=args.request_id,
             detach=args.detach,
+            labels=dict(args.labels or ()),
+            ttl_seconds=args.ttl,
             timeout=timeout,
             **job_options(args),
         )
@@ -282,7 +284,9 @@ def _models(client: ForgeditClient, args: argparse.Namespace) -> int:
     if args.models_command == "list":
         models = []
         for m in client.list_edit_models(
-            base_model=args.base_model, image_sha256=args.image_sha256
+            base_model=args.base_model,
+            image_sha256=args.image_sha256,
+            labels=dict(args.labels or ()),
         ):
             models.append(m)
             if args.limit and len(models) >= args.limit:
@@ -293,9 +297,10 @@ def _models(client: ForgeditClient, args: argparse.Namespace) -> int:
             for m in models:
                 created = m.create_time.strftime("%Y-%m-%d %H:%M") if m.create_time else "-"
                 size = f"{m.width}x{m.height}" if m.width and m.height else "-"
+                labels = ",".join(f"{k}={v}" for k, v in m.labels.items()) or "-"
                 print(
                     f"{m.edit_model_id}  {m.base_model}  {m.training_mode or '-'}  "
-                    f"{size}  {created}  {m.source_prompt}"
+                    f"{size}  {created}  {labels}  {m.source_prompt}"
                 )
         return EXIT_OK
     if args.models_command == "show":

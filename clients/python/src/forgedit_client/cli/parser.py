@@ -76,6 +76,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the server checks what keys and values may hold)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -316,6 +324,21 @@ def _add_edit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="N[,N]",
         help="batch size of the first stage, or of each stage (two_stage: 1,1)",
     )
+    governance = p.add_argument_group("the edit model")
+    governance.add_argument(
+        "--label",
+        dest="labels",
+        type=label,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label stored with the edit model (repeatable; `models list --label` filters)",
+    )
+    governance.add_argument(
+        "--ttl",
+        type=non_negative_int,
+        metavar="SECONDS",
+        help="time-to-live of the edit model (default: the server's, none unless configured)",
+    )
     _add_sweep_flags(p)
     _add_output_flags(p, edit=True)
     _add_run_flags(p)
@@ -343,6 +366,14 @@ def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     ls = sub.add_parser("list", help="stored edit models, newest first")
     ls.add_argument("--base-model", metavar="NAME", help="only this base model's")
     ls.add_argument("--image-sha256", metavar="HEX", help="only those made on this image")
+    ls.add_argument(
+        "--label",
+        dest="labels",
+        type=label,
+        action="append",
+        metavar="KEY=VALUE",
+        help="only those with this label (repeatable: all must match)",
+    )
     ls.add_argument("--limit", type=non_negative_int, metavar="N", help="at most N (default: all)")
     show = sub.add_parser("show", help="one edit model's metadata")
     show.add_argument("edit_model_id", metavar="MODEL_ID")
