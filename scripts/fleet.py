@@ -76,6 +76,7 @@ OWNED = {
     "FORGEDIT_METRICS_HOST",
     "FORGEDIT_AUTH_TOKENS",
     "FORGEDIT_MLFLOW_TRACKING_URI",
+    "FORGEDIT_MLFLOW_BACKEND_STORE_URI",
     "FORGEDIT_CONFIG_FILE",
 }
 
@@ -601,6 +602,9 @@ class Fleet:
                 "MLFLOW_TRACKING_URI": f"http://{HOST}:{state.mlflow_port}",
                 "MLFLOW_TRACKING_USERNAME": SERVICE_USER,
                 "MLFLOW_TRACKING_PASSWORD": self.secret("mlflow-service-password"),
+                # MLflow's database, so that a deletion purges the runs' records (README,
+                # "Deletion"): on one machine the replicas reach PostgreSQL on loopback.
+                "FORGEDIT_MLFLOW_BACKEND_STORE_URI": self.db_uri(state, "mlflow"),
             }
         )
         return env
