@@ -82,11 +82,21 @@ class RequestConflictError(ServiceError):
 
 
 class JobNotFoundError(ServiceError, LookupError):
-    """No running or retained job has this id (or request id)."""
+    """No running or retained job has this id (or request id), or none this principal may see:
+    the two are worded alike, naming only what the caller asked by (``by_id``,
+    ``by_request_id``), so the answer never reveals another principal's job."""
 
     def __init__(self, what: str) -> None:
         super().__init__(f"job {what} was not found (unknown, or finished and expired)")
         self.what = what
+
+    @classmethod
+    def by_id(cls, job_id: str) -> JobNotFoundError:
+        return cls(repr(job_id[:80]))
+
+    @classmethod
+    def by_request_id(cls, request_id: str) -> JobNotFoundError:
+        return cls(f"with request_id {request_id[:80]!r}")
 
 
 class UnservedBaseModelError(ServiceError):

@@ -50,7 +50,7 @@ class JobTable:
         self.expire()
         job = self._jobs.get(job_id)
         if job is None:
-            raise JobNotFoundError(repr(job_id[:80]))
+            raise JobNotFoundError.by_id(job_id)
         return job
 
     def get_by_request(self, request_id: str) -> Job:
@@ -58,7 +58,7 @@ class JobTable:
         self.expire()
         job = self._by_request.get(request_id)
         if job is None:
-            raise JobNotFoundError(f"with request_id {request_id[:80]!r}")
+            raise JobNotFoundError.by_request_id(request_id)
         return job
 
     def retain(self, job: Job) -> None:
