@@ -12,9 +12,12 @@ InvalidInputError (+ image,    INVALID_ARGUMENT       BadRequest.field_violation
 strategy, edit-model id)
 QueueFullError,                RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
 StreamLimitError
-out of memory (MemoryError,    RESOURCE_EXHAUSTED     QuotaFailure(device-memory)
-torch's OutOfMemoryError or
-allocator failure)
+out of host memory            RESOURCE_EXHAUSTED     QuotaFailure(memory), RetryInfo
+(MemoryError, the CPU
+allocator's failure; also
+behind another error)
+out of device memory          RESOURCE_EXHAUSTED     QuotaFailure(device-memory)
+(torch's OutOfMemoryError)
 RequestConflictError,          ALREADY_EXISTS         ErrorInfo
 RegistryConflictError
 JobNotFoundError,              NOT_FOUND              ResourceInfo
@@ -31,6 +34,11 @@ UnauthenticatedError           UNAUTHENTICATED        ErrorInfo
 anything else                  INTERNAL               ErrorInfo(reference); the message is
                                                       opaque, the traceback only in the log
 =============================  =====================  ========================================
+
+Running out of memory is never the client's fault, wherever it happens in a request (decoding
+its image, parsing its message, inside the registry or the engine): the engine lets
+``MemoryError`` through, and a layer that wraps it in its own error (the registry, a loader)
+keeps it as the cause, which ``to_rpc_status`` follows.
 """
 
 from __future__ import annotations
@@ -197,10 +205,11 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
                 ]
             ),
         )
-    if _out_of_memory(exc):
+    memory = _out_of_memory(exc)
+    if memory == "device":
         # Admission (FORGEDIT_MAX_BATCH_PIXELS) should have refused it; the limit is too high
         # for this device. Still the client's request size, not an internal error.
-        log.warning("a job ran out of memory %s: %s", context, str(exc)[:200])
+        log.warning("a job ran out of device memory %s: %s", context, str(exc)[:200])
         return _status(
             code_pb2.RESOURCE_EXHAUSTED,
             "the device ran out of memory for this request; lower the resolution, the batch "
@@ -209,6 +218,23 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
                 violations=[
                     error_details_pb2.QuotaFailure.Violation(
                         subject="device-memory", description="the request did not fit"
+                    )
+                ]
+            ),
+        )
+    if memory == "host":
+        # The replica's memory, shared by every request: it may pass, so a retry is sensible.
+        log.warning("out of memory %s: %s", context, str(exc)[:200] or type(exc).__name__)
+        return _status(
+            code_pb2.RESOURCE_EXHAUSTED,
+            "the server ran out of memory for this request; retry later or on another "
+            "replica, or request less (a smaller image, a lower resolution, fewer images; the "
+            "operator may lower FORGEDIT_MAX_IMAGE_PIXELS or FORGEDIT_MAX_BATCH_PIXELS)",
+            _retry_info(5.0),
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject="memory", description="the server could not allocate memory"
                     )
                 ]
             ),
@@ -273,12 +299,23 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
     )
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA and others), or the CPU
-    allocator's ``RuntimeError`` ("can't allocate memory"), recognised without importing torch."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+def _out_of_memory(exc: BaseException) -> str | None:
+    """ "device" for torch's ``OutOfMemoryError`` (CUDA and other accelerators); "host" for
+    Python's ``MemoryError`` or the CPU allocator's ``RuntimeError`` ("can't allocate
+    memory"); None otherwise. Recognised without importing torch, on ``exc`` or on the errors
+    it was raised from (its cause or context: a layer that wrapped it in its own error)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ == "OutOfMemoryError":
+            return "device"
+        if isinstance(error, MemoryError) or (
+            isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+        ):
+            return "host"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def cancelled_status(reason: str) -> MappedError:

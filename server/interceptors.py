@@ -23,7 +23,8 @@ configured, else its IP address).
 ``RequestDecodingInterceptor``: a request that is not a valid protobuf of its method's type (or
 has a text field that is not UTF-8) ends INVALID_ARGUMENT naming the problem, with one brief
 WARNING log line (at most one per 10 s, counting the ones left out), instead of gRPC's
-INTERNAL "Exception deserializing request!" and an ERROR traceback.
+INTERNAL "Exception deserializing request!" and an ERROR traceback; one that could not be
+parsed for lack of memory ends RESOURCE_EXHAUSTED (``server.errors``).
 """
 
 from __future__ import annotations
@@ -235,17 +236,30 @@ class LogBudget:
             return True, suppressed
 
 
-class MalformedRequest:
-    """What the tolerant deserializer returns for bytes that are not a valid request, in place
-    of raising (gRPC would log a traceback and answer INTERNAL)."""
+class UnparsedRequest:
+    """What the tolerant deserializer returns, in place of raising (gRPC would log a
+    traceback and answer INTERNAL), for bytes it could not turn into a request: ``error`` says
+    why, an ``InvalidInputError`` naming the problem and the field (``malformed``), or the
+    ``MemoryError`` that parsing ran into (not the client's fault: RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, problem: str, field: str) -> None:
-        self.problem = problem
-        self.field = field
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    @property
+    def malformed(self) -> bool:
+        return isinstance(self.error, InvalidInputError)
+
+    @property
+    def problem(self) -> str:
+        return str(self.error)
+
+    @property
+    def field(self) -> str:
+        return getattr(self.error, "field", None) or "request"
 
 
 def tolerant_deserializer(deserializer: Deserializer) -> Deserializer:
-    """``deserializer`` that returns a ``MalformedRequest`` instead of raising. Protobuf does
+    """``deserializer`` that returns an ``UnparsedRequest`` instead of raising. Protobuf does
     all the parsing: the request type's own ``FromString``, and on a UTF-8 error a second
     parse of the same bytes as an ``Empty`` (every field then unknown, kept as raw bytes) to
     find which top-level text field it was."""
@@ -253,27 +267,30 @@ def tolerant_deserializer(deserializer: Deserializer) -> Deserializer:
     message_type: type[Message] | None = getattr(deserializer, "__self__", None)
     type_name = message_type.DESCRIPTOR.full_name if message_type is not None else "request"
 
+    def malformed(problem: str, field: str = "request") -> UnparsedRequest:
+        return UnparsedRequest(InvalidInputError(problem, field=field))
+
     def parse(data: bytes) -> object:
         try:
             return deserializer(data)
+        except MemoryError as exc:
+            return UnparsedRequest(exc)
         except DecodeError as exc:
             if "UTF-8" not in str(exc):
-                return MalformedRequest(
+                return malformed(
                     f"the request is not a valid {type_name} protobuf message ({len(data)} "
-                    "bytes that do not parse); send a serialized forgedit.v1 request",
-                    "request",
+                    "bytes that do not parse); send a serialized forgedit.v1 request"
                 )
             field = _first_bad_utf8_field(message_type, data) if message_type else None
             if field is not None:
-                return MalformedRequest(
+                return malformed(
                     f"field {field!r} of {type_name} is not valid UTF-8; text fields "
                     "(prompts, ids) must be UTF-8",
                     field,
                 )
-            return MalformedRequest(
+            return malformed(
                 f"a text field of {type_name} is not valid UTF-8; text fields (prompts, "
-                "ids) must be UTF-8",
-                "request",
+                "ids) must be UTF-8"
             )
 
     return parse
@@ -319,8 +336,8 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
         ):
             return handler
 
-        def refuse(request: MalformedRequest, context: grpc.ServicerContext) -> None:
-            allowed, suppressed = self.log_budget.take()
+        def refuse(request: UnparsedRequest, context: grpc.ServicerContext) -> None:
+            allowed, suppressed = self.log_budget.take() if request.malformed else (False, 0)
             if allowed:
                 log.warning(
                     "malformed request to %s from %s: %s%s",
@@ -329,17 +346,17 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
                     request.problem,
                     f" ({suppressed} more since the last such line)" if suppressed else "",
                 )
-            error = InvalidInputError(request.problem, field=request.field)
-            context.abort_with_status(to_rpc_status(error).grpc_status())
+            mapped = to_rpc_status(request.error, context=f"parsing a request to {method}")
+            context.abort_with_status(mapped.grpc_status())
 
         def around(inner: Behavior) -> Behavior:
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, MalformedRequest):
+                if isinstance(request, UnparsedRequest):
                     refuse(request, context)
                 return inner(request, context)
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                if isinstance(request, MalformedRequest):
+                if isinstance(request, UnparsedRequest):
                     refuse(request, context)
                 yield from inner(request, context)
 

@@ -34,7 +34,7 @@ from server.auth import (
 )
 from server.catalog import ServedModels
 from server.errors import QueueFullError, StreamLimitError, UnauthenticatedError, to_rpc_status
-from server.interceptors import LogBudget, MalformedRequest, StreamLimiter, tolerant_deserializer
+from server.interceptors import LogBudget, StreamLimiter, UnparsedRequest, tolerant_deserializer
 from server.plans import Defaults, EditRequestPlan, SampleRequestPlan, edit_plan, sample_plan
 from server.ports import BaseModelInfo
 from server.settings import ServerSettings
@@ -581,21 +581,21 @@ def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
         parse(pb.EditRequest(target_prompts=["ok"]).SerializeToString()), pb.EditRequest
     )
     garbage = parse(b"\xff\xff\xff")
-    assert isinstance(garbage, MalformedRequest) and "forgedit.v1.EditRequest" in garbage.problem
+    assert isinstance(garbage, UnparsedRequest) and "forgedit.v1.EditRequest" in garbage.problem
     number = pb.EditRequest.DESCRIPTOR.fields_by_name["source_prompt"].number
     bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
-    assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
+    assert isinstance(bad, UnparsedRequest) and bad.field == "source_prompt"
     assert "UTF-8" in bad.problem
     # A repeated text field is found too; a nested one is named by its message only.
     prompts = pb.EditRequest.DESCRIPTOR.fields_by_name["target_prompts"].number
     ok = pb.EditRequest(target_prompts=["fine"]).SerializeToString()
     bad = parse(ok + bytes([prompts << 3 | 2, 1, 0xFF]))
-    assert isinstance(bad, MalformedRequest) and bad.field == "target_prompts"
+    assert isinstance(bad, UnparsedRequest) and bad.field == "target_prompts"
     sweep = pb.EditRequest.DESCRIPTOR.fields_by_name["sweep"].number
     strategies = pb.SweepOptions.DESCRIPTOR.fields_by_name["forget_strategies"].number
     nested = bytes([strategies << 3 | 2, 1, 0xFF])
     bad = parse(bytes([sweep << 3 | 2, len(nested)]) + nested)
-    assert isinstance(bad, MalformedRequest) and bad.field == "request"
+    assert isinstance(bad, UnparsedRequest) and bad.field == "request"
     assert "a text field of forgedit.v1.EditRequest is not valid UTF-8" in bad.problem
 
 
@@ -694,3 +694,29 @@ def test_running_out_of_memory_is_resource_exhausted_not_internal(error: Any) ->
     assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "FORGEDIT_MAX_BATCH_PIXELS" in mapped.status.message
     assert mapped.reason == "resource_exhausted"
+
+
+def test_memory_exhaustion_behind_another_error_is_still_resource_exhausted() -> None:
+    """Issue 21.4: a layer that wraps a MemoryError in its own error (the registry's, a
+    loader's) does not turn it into the client's fault or an internal error."""
+    from registry.errors import RegistryError
+
+    try:
+        try:
+            raise MemoryError
+        except MemoryError as e:
+            raise RegistryError("the MLflow registry refused to load (MemoryError)") from e
+    except RegistryError as wrapped:
+        mapped = to_rpc_status(wrapped)
+    assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    kinds = {d.TypeName() for d in mapped.status.details}
+    assert {"google.rpc.QuotaFailure", "google.rpc.RetryInfo"} <= kinds
+
+
+def test_a_request_that_cannot_be_parsed_for_lack_of_memory_is_resource_exhausted() -> None:
+    def no_memory(data: bytes) -> None:
+        raise MemoryError
+
+    parsed = tolerant_deserializer(no_memory)(b"\x0a\x00")
+    assert isinstance(parsed, UnparsedRequest)
+    assert to_rpc_status(parsed.error).code == grpc.StatusCode.RESOURCE_EXHAUSTED
