@@ -40,6 +40,7 @@ class Estimator:
 
     def estimate(self, job: Job) -> float:
         plan = job.plan
+        assert plan is not None, "estimated at submission, before it finished"
         sweep = plan.sweep
         image_steps = sweep.num_images * sweep.steps
         seconds = self.fixed_overhead_s + image_steps * self.seconds_per_image_step

@@ -243,6 +243,7 @@ def scheduler_config(settings: ServerSettings, base_models: dict[str, Path]) -> 
         queue_size=settings.queue_size,
         retention_s=settings.job_retention_s,
         max_retained=settings.max_retained_jobs,
+        max_retained_bytes=settings.max_retained_job_bytes,
         max_training_overtakes=settings.max_training_overtakes,
     )
 

@@ -1,6 +1,8 @@
 """What a device's worker does with one job, step by step, as events.
 
-Edit (``JobRunner._edit``): 1. source prompt (BLIP caption, or the caller's) → ``captioned``;
+Edit (``JobRunner._edit``): 0. decode the input image (its pixels exist only while the job
+runs: a queued or finished job keeps no pixels); 1. source prompt (BLIP caption, or the
+caller's) → ``captioned``;
 2. fine-tune → ``training`` after every update; 3. register → ``registered``; 4. sample the
 sweep → ``sampling`` after every denoising step and ``image`` per finished image; 5. attach a
 contact sheet to the edit model; 6. ``completed`` with the timings of every phase. Each step
@@ -78,7 +80,7 @@ class JobRunner:
         if isinstance(job.plan, EditRequestPlan):
             self._edit(job, job.plan, engines)
         else:
-            assert isinstance(job.plan, SampleRequestPlan)
+            assert isinstance(job.plan, SampleRequestPlan)  # a running job has its plan
             self._sample_stored(job, job.plan, engines)
 
     # -- the two jobs -----------------------------------------------------------------------
@@ -86,14 +88,19 @@ class JobRunner:
     def _edit(self, job: Job, plan: EditRequestPlan, engines: Mapping[str, EngineLike]) -> None:
         engine = engines[plan.base_model]
 
+        # 0. The input image's pixels, for this run only (the plan keeps its checked bytes).
+        image = plan.image.decode().image
+
         # 1. The source prompt: training depends on it, never on the target prompt.
-        source_prompt = self._caption(job, plan, engine)
+        source_prompt = self._caption(job, plan, engine, image)
         job.cancel.check()
 
         # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (the
         # default, content-derived seed makes that the rule for a repeated image).
         training = plan.training_for(engine.fingerprint, source_prompt)
-        edit_model, existing = self._finetune_or_reuse(job, plan, engine, source_prompt, training)
+        edit_model, existing = self._finetune_or_reuse(
+            job, plan, engine, image, source_prompt, training
+        )
 
         # 3. Register a fresh fine-tune; a reused one is registered already.
         if existing is None:
@@ -108,9 +115,7 @@ class JobRunner:
         # 5. The registry keeps a contact sheet of the sampled edits next to the model, for
         # people browsing MLflow. Only a fresh fine-tune gets one: a reused model has its own.
         if existing is None:
-            self.registry.add_contact_sheet(
-                edit_model_id, _contact_sheet_png(plan.image.image, edited)
-            )
+            self.registry.add_contact_sheet(edit_model_id, _contact_sheet_png(image, edited))
 
         # 6. Done.
         self._complete(job, edit_model_id, plan.sweep, train_seed=training.seed)
@@ -142,11 +147,13 @@ class JobRunner:
         if histogram is not None:
             histogram.observe(job.timings.seconds(name))
 
-    def _caption(self, job: Job, plan: EditRequestPlan, engine: EngineLike) -> str:
+    def _caption(
+        self, job: Job, plan: EditRequestPlan, engine: EngineLike, image: Image.Image
+    ) -> str:
         """The caller's source prompt, or BLIP's caption of the image; emits ``captioned``."""
         if plan.source_prompt is None:
             with self._phase(job, "captioning", self.metrics.captioning):
-                source_prompt = engine.source_prompt(plan.image.image, plan.sweep.prompts[0])
+                source_prompt = engine.source_prompt(image, plan.sweep.prompts[0])
         else:
             source_prompt = plan.source_prompt
         job.emit(wire.captioned(source_prompt, from_caption=plan.source_prompt is None))
@@ -157,6 +164,7 @@ class JobRunner:
         job: Job,
         plan: EditRequestPlan,
         engine: EngineLike,
+        image: Image.Image,
         source_prompt: str,
         training: TrainingConfig,
     ) -> tuple[EditModel, EditModelInfo | None]:
@@ -178,7 +186,7 @@ class JobRunner:
         histogram = self.metrics.training.labels(base_model=plan.base_model)
         with self._phase(job, "training", histogram):
             edit_model = engine.finetune(
-                plan.image.image,
+                image,
                 source_prompt,
                 training,
                 image_sha256=plan.image.sha256,
@@ -200,7 +208,7 @@ class JobRunner:
             registered = self.registry.register(
                 edit_model,
                 request_id=plan.request_id,
-                image_bytes=plan.image_bytes,
+                image_bytes=plan.image.data,
                 principal=job.principal,
             )
         job.edit_model_id = registered.edit_model_id

@@ -62,6 +62,7 @@ class SchedulerConfig:
     retention_s: float
     max_retained: int
     max_training_overtakes: int = 4
+    max_retained_bytes: int = 256 * 1024 * 1024
 
 
 class Scheduler:
@@ -85,7 +86,10 @@ class Scheduler:
         self.catalog = ServedModels(config.base_models)
         self._lock = threading.Condition()
         self._queue = JobQueue(config.queue_size, config.max_training_overtakes)
-        self._table = JobTable(config.retention_s, config.max_retained)
+        self._table = JobTable(config.retention_s, config.max_retained, config.max_retained_bytes)
+        # What finished jobs keep, as of each scrape (expiry is lazy: it runs then too).
+        metrics.retained_jobs.set_function(lambda: self._retained()[0])
+        metrics.retained_job_bytes.set_function(lambda: self._retained()[1])
         self._running: dict[str, Job] = {}
         self._stopping = False
         self._workers: list[threading.Thread] = []
@@ -173,7 +177,7 @@ class Scheduler:
             # A job that an idle worker takes at once is "starting now" (0), not first in line.
             idle_workers = len(self.config.devices) - len(self._running)
             position = max(0, job.queue_position - idle_workers)
-            job.emit(wire.accepted(job.job_id, position, job.plan.images_total, job.estimate))
+            job.emit(wire.accepted(job.job_id, position, job.images_total, job.estimate))
             self._lock.notify_all()
             return job, True
 
@@ -205,6 +209,12 @@ class Scheduler:
         """Raises ``JobNotFoundError``."""
         with self._lock:
             return self._table.get_by_request(request_id)
+
+    def _retained(self) -> tuple[int, int]:
+        """(finished jobs kept, the bytes of their events), expired ones forgotten first."""
+        with self._lock:
+            self._table.expire()
+            return self._table.retained, self._table.retained_bytes
 
     def running_jobs(self) -> list[Job]:
         with self._lock:

@@ -263,6 +263,14 @@ class ServerSettings(BaseSettings):
         default=600.0, ge=0, description="Finished jobs stay visible (GetJob, WatchJob)."
     )
     max_retained_jobs: int = Field(default=64, ge=1, description="Finished jobs kept at most.")
+    max_retained_job_bytes: int = Field(
+        default=256 * MIB,
+        ge=MIB,
+        description="Bytes of events (mostly PNGs) that finished jobs keep for replay, in all; "
+        "beyond it the oldest finished jobs are forgotten first (gauge "
+        "forgedit_retained_job_bytes). At least FORGEDIT_REPLAY_MAX_BYTES, so the newest "
+        "finished job always fits. A finished job keeps nothing else of its request.",
+    )
     replay_max_events: int = Field(default=4096, ge=16, description="Events buffered per job.")
     replay_max_bytes: int = Field(
         default=64 * MIB, ge=MIB, description="Event bytes (mostly PNGs) buffered per job."
@@ -308,6 +316,12 @@ class ServerSettings(BaseSettings):
                 )
         if len({e.token.get_secret_value() for e in entries}) != len(entries):
             raise ValueError("FORGEDIT_AUTH_TOKENS: a token is listed twice")
+        if self.max_retained_job_bytes < self.replay_max_bytes:
+            raise ValueError(
+                f"FORGEDIT_MAX_RETAINED_JOB_BYTES ({self.max_retained_job_bytes}) must be at "
+                f"least FORGEDIT_REPLAY_MAX_BYTES ({self.replay_max_bytes}), so the newest "
+                "finished job always fits"
+            )
         if self.max_streams > self.grpc_threads - _RESERVED_THREADS:
             raise ValueError(
                 f"FORGEDIT_MAX_STREAMS ({self.max_streams}) must leave {_RESERVED_THREADS} of "

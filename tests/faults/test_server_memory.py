@@ -1,13 +1,18 @@
 """Memory against a real server (real tiny engine, real embedded registry), one server per
 scenario:
 
+- finished jobs keep only what replay and GetJob need: no input image (neither its bytes nor
+  its decoded pixels), so the server's RSS does not grow with the Edits it has served, and
+  the events they keep are counted against a byte budget, in a gauge (issue 21.2);
 - running out of memory is RESOURCE_EXHAUSTED wherever it happens in a request (decoding the
   image at admission, inside the registry during a job), never INVALID_ARGUMENT "corrupt" or
-  INTERNAL, and the server stays ready (issue 21.4);
+  INTERNAL, and the server stays ready (issue 21.4).
 """
 
 from __future__ import annotations
 
+import gc
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +21,73 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from PIL import ImageFile
+from PIL import Image, ImageFile
 from support import server as support
 
 from server._proto import forgedit_pb2 as pb
 
 stream = support.stream
 QUICK_TRAINING = {"updates": 2, "batch_size": 1}
+MIB = 1024 * 1024
+
+
+def rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def photo_4096() -> bytes:
+    """A 4096x4096 JPEG (a sample photo enlarged): about 1 MiB encoded, 48 MiB decoded."""
+    image = Image.open(support.SAMPLE_PHOTOS / "cat.jpg").convert("RGB")
+    buffer = io.BytesIO()
+    image.resize((4096, 4096), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def metric(h: Any, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{h.server.metrics_port}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not exported")
+
+
+def test_finished_jobs_keep_no_input_image(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Issue 21.2: 70 Edits of a 4096x4096 JPEG took the server from 799 to 5,375 MiB, each
+    finished job holding its request's bytes and the decoded full-resolution pixels. Here a
+    dozen cheap Edits of such a photo (the first trains, the rest reuse its fine-tune) must
+    leave the RSS where it was, every finished job without its image, and the events they
+    keep counted in the retained-bytes gauge, within its budget."""
+    before = support.Resources.now()
+    request = support.edit_request(
+        photo_4096(), training=QUICK_TRAINING, source_prompt="A photo of a cat."
+    )
+    with support.running_server(tmp_path, tiny_model_dir) as h:
+        first = stream(h.stub.Edit, request)
+        assert first.code == grpc.StatusCode.OK, first.details
+        gc.collect()
+        rss_before = rss_mib()
+        job_ids = []
+        for _ in range(12):
+            done = stream(h.stub.Edit, request)
+            assert done.code == grpc.StatusCode.OK, done.details
+            assert done.of("registered")[0].deduplicated  # cheap: the fine-tune is reused
+            job_ids.append(done.events[0].job_id)
+        gc.collect()
+        grown = rss_mib() - rss_before
+        # 12 retained jobs x (48 MiB of pixels + 1 MiB of bytes) grew it by ~600 MiB before.
+        assert grown < 150, f"the server grew by {grown:.0f} MiB over 12 finished Edits"
+        for job_id in job_ids:
+            assert h.scheduler.get(job_id).plan is None, "a finished job kept its request"
+        kept = metric(h, "forgedit_retained_job_bytes")
+        assert 0 < kept <= h.server.settings.max_retained_job_bytes
+        assert metric(h, "forgedit_retained_jobs") == 13
+        support.assert_nothing_left_behind(h)
+    support.assert_resources_back(before)
 
 
 class StarvedRegistry:

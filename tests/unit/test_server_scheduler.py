@@ -93,7 +93,6 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
         plan = EditRequestPlan(
             request_id,
             image,
-            b"",
             "tiny",
             "a photo",
             TrainingConfig.for_mode("joint", height=64, width=64),
@@ -254,6 +253,34 @@ def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
     job.max_bytes = 1  # one large event always stays, so a reader never gets nothing
     job.emit(pb.ImageEvent(png=b"x" * 1000))
     assert [e.sequence for e in job.read(0, timeout=0)[0]] == [6]
+
+
+def test_finished_jobs_keep_no_plan_and_their_events_within_a_byte_budget() -> None:
+    """The job table forgets the oldest finished jobs first once their events exceed its
+    byte budget (or its count), and counts what the rest keep."""
+    from server.errors import JobNotFoundError
+    from server.job_table import JobTable
+
+    table = JobTable(retention_s=600, max_retained=10, max_bytes=2500)
+    jobs = []
+    for _ in range(4):
+        job = _job(request_id=f"r-{len(jobs)}")
+        table.add(job)
+        job.emit(pb.ImageEvent(png=b"x" * 1000))
+        job.finish(JobState.SUCCEEDED)
+        assert job.plan is None  # a finished job keeps no request (an Edit's: its image)
+        table.retain(job)
+        jobs.append(job)
+    assert table.retained == 2 and table.retained_bytes <= 2500
+    assert table.retained_bytes == sum(j.event_bytes for j in jobs[2:])
+    for gone in jobs[:2]:  # the oldest first, by id and by request id
+        with pytest.raises(JobNotFoundError):
+            table.get(gone.job_id)
+        with pytest.raises(JobNotFoundError):
+            table.get_by_request(gone.request_id)
+    assert table.get(jobs[3].job_id) is jobs[3] and table.get_by_request("r-2") is jobs[2]
+    table.retain(jobs[3])  # retaining twice counts once
+    assert table.retained_bytes == sum(j.event_bytes for j in jobs[2:])
 
 
 def test_finish_happens_once_and_wakes_readers() -> None:
