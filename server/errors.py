@@ -10,8 +10,8 @@ error                          status                 details
 =============================  =====================  ========================================
 InvalidInputError (+ image,    INVALID_ARGUMENT       BadRequest.field_violations[field]
 strategy, edit-model id)
-QueueFullError,                RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
-StreamLimitError
+QuotaError (QueueFullError,    RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
+StreamLimitError)                                     (the bound, naming its setting)
 out of host memory            RESOURCE_EXHAUSTED     QuotaFailure(memory), RetryInfo
 (MemoryError, the CPU
 allocator's failure; also
@@ -73,16 +73,24 @@ class ServiceError(Exception):
     """Base of the server's own errors. ``str(err)`` is the client-visible sentence."""
 
 
-class QueueFullError(ServiceError):
-    """Every queue slot is taken; ``retry_after_s`` is the estimated wait for a free one."""
+class QuotaError(ServiceError):
+    """A bounded share is taken (``server.shares``): ``subject`` names the bound for
+    QuotaFailure, ``limit`` and ``setting`` what it is and what sets it, ``retry_after_s``
+    when to try again."""
 
-    def __init__(self, queue_size: int, retry_after_s: float) -> None:
-        super().__init__(
-            f"the job queue is full ({queue_size} jobs waiting); retry in about "
-            f"{max(1, round(retry_after_s))} s or on another replica"
-        )
-        self.queue_size = queue_size
+    def __init__(
+        self, message: str, *, subject: str, limit: int, setting: str, retry_after_s: float
+    ) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.limit = limit
+        self.setting = setting
         self.retry_after_s = retry_after_s
+
+
+class QueueFullError(QuotaError):
+    """The job queue, or this client's share of it, is full (``server.queueing``);
+    ``retry_after_s`` is the estimated wait for a free place."""
 
 
 class RequestConflictError(ServiceError):
@@ -135,13 +143,9 @@ class UnauthenticatedError(ServiceError):
     """No bearer token, or not one the server accepts."""
 
 
-class StreamLimitError(ServiceError):
-    """A new long-lived stream would exceed a bound on open streams (``subject`` names it)."""
-
-    def __init__(self, message: str, *, subject: str, limit: int) -> None:
-        super().__init__(message)
-        self.subject = subject
-        self.limit = limit
+class StreamLimitError(QuotaError):
+    """A new call would exceed a bound on the calls the front door counts: open streams,
+    health calls (``server.interceptors.StreamLimiter``)."""
 
 
 def shown(value: str) -> str:
@@ -179,7 +183,7 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
             str(exc),
             error_details_pb2.BadRequest(field_violations=[violation]),
         )
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QuotaError):
         return _status(
             code_pb2.RESOURCE_EXHAUSTED,
             str(exc),
@@ -187,20 +191,7 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
             error_details_pb2.QuotaFailure(
                 violations=[
                     error_details_pb2.QuotaFailure.Violation(
-                        subject="job-queue", description=f"at most {exc.queue_size} jobs may wait"
-                    )
-                ]
-            ),
-        )
-    if isinstance(exc, StreamLimitError):
-        return _status(
-            code_pb2.RESOURCE_EXHAUSTED,
-            str(exc),
-            _retry_info(5.0),
-            error_details_pb2.QuotaFailure(
-                violations=[
-                    error_details_pb2.QuotaFailure.Violation(
-                        subject=exc.subject, description=f"at most {exc.limit} open streams"
+                        subject=exc.subject, description=f"at most {exc.limit} ({exc.setting})"
                     )
                 ]
             ),

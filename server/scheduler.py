@@ -11,7 +11,8 @@ Contract
   for how long, the job table's (``server.job_table``). The scheduler holds both under one
   lock and turns their answers into events and errors.
 - ``submit`` refuses while the replica is not ready (``Lifecycle.require_ready``), re-attaches
-  a known request id, refuses a full queue (``QueueFullError`` with a retry delay) and a
+  a known request id, refuses a full queue or a client over its fair share of it
+  (``QueueFullError`` naming the bound, with a retry delay) and a
   deadline shorter than the job's estimate with its wait (``DeadlineTooShortError``); a new
   job's first event is ``accepted``, then ``queued(position)`` whenever its position changes.
 - ``cancel`` removes a queued job at once (state CANCELLED) or asks a running job to stop at
@@ -32,7 +33,6 @@ from server import wire
 from server.catalog import ServedModels
 from server.errors import (
     DeadlineTooShortError,
-    QueueFullError,
     UnavailableError,
     cancelled_status,
     to_rpc_status,
@@ -63,6 +63,7 @@ class SchedulerConfig:
     max_retained: int
     max_training_overtakes: int = 4
     max_retained_bytes: int = 256 * 1024 * 1024
+    queue_kept_for_new: int | None = None  # None: a quarter of the queue (server.queueing)
 
 
 class Scheduler:
@@ -85,7 +86,9 @@ class Scheduler:
         self.lifecycle = lifecycle
         self.catalog = ServedModels(config.base_models)
         self._lock = threading.Condition()
-        self._queue = JobQueue(config.queue_size, config.max_training_overtakes)
+        self._queue = JobQueue(
+            config.queue_size, config.max_training_overtakes, config.queue_kept_for_new
+        )
         self._table = JobTable(config.retention_s, config.max_retained, config.max_retained_bytes)
         # What finished jobs keep, as of each scrape (expiry is lazy: it runs then too).
         metrics.retained_jobs.set_function(lambda: self._retained()[0])
@@ -151,7 +154,8 @@ class Scheduler:
 
         Returns (job, is_new). Raises ``UnavailableError`` when not ready or draining,
         ``RequestConflictError`` for a reused request id with another payload,
-        ``QueueFullError`` when the queue is full, and ``DeadlineTooShortError`` when
+        ``QueueFullError`` when the queue is full or the job's client has its share of it
+        (``server.queueing``), and ``DeadlineTooShortError`` when
         ``remaining_s`` (the call's time left) is shorter than the job's estimated run time
         plus its estimated wait in the queue.
         """
@@ -163,8 +167,7 @@ class Scheduler:
                 return existing, False
             self.lifecycle.require_ready()
             running = self._running.values()
-            if self._queue.full:
-                raise QueueFullError(self._queue.max_size, self._queue.retry_after(running))
+            self._queue.admit(job, running)  # the queue's bound and this client's share
             if remaining_s is not None:
                 estimate = self._queue.estimate_with_wait(job, running, len(self.config.devices))
                 if remaining_s < estimate:

@@ -125,7 +125,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         # 2. Check it: cheap, bounded checks first, the image decoded last.
         plan = edit_plan(call, self.limits, self.scheduler.catalog, self.defaults)
         # 3. Queue the job, or re-attach to the one its request id names.
-        job = Job(pb.JOB_KIND_EDIT, plan, digest, *self.replay, principal=principal.name)
+        job = Job(
+            pb.JOB_KIND_EDIT,
+            plan,
+            digest,
+            *self.replay,
+            principal=principal.name,
+            client=self.authenticator.client_of(context),
+        )
         job = self._submit(job, context)
         # 4. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
@@ -160,7 +167,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         check_sampling_memory(int(info.height), int(info.width), self.limits)
         self.scheduler.catalog.require_served(info)
         # 4. Queue the job, or re-attach to the one its request id names.
-        job = Job(pb.JOB_KIND_SAMPLE, plan, digest, *self.replay, principal=principal.name)
+        job = Job(
+            pb.JOB_KIND_SAMPLE,
+            plan,
+            digest,
+            *self.replay,
+            principal=principal.name,
+            client=self.authenticator.client_of(context),
+        )
         job = self._submit(job, context)
         # 5. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
