@@ -17,6 +17,9 @@ Contract
   job's first event is ``accepted``, then ``queued(position)`` whenever its position changes.
 - ``cancel`` removes a queued job at once (state CANCELLED) or asks a running job to stop at
   its next training update or denoising step (the engine checks the job's ``CancelToken``).
+  A job waiting for a UNet build (a new resolution's export or engine) stops waiting at once;
+  the build finishes on the device, and its worker waits for it before the next job
+  (``EngineLike.settle``), which meanwhile stays queued.
 - ``drain`` (once the lifecycle is draining): queued jobs end UNAVAILABLE (the client retries
   on another replica), running jobs get ``grace_s`` to finish and are then cancelled.
 """
@@ -146,6 +149,12 @@ class Scheduler:
             self._lock.notify_all()
         for worker in self._workers:
             worker.join(timeout=15.0)
+            if worker.is_alive():
+                log.warning(
+                    "%s is still finishing a UNet build a cancelled job left; the process "
+                    "exits when it ends",
+                    worker.name,
+                )
 
     # -- submission -------------------------------------------------------------------------
 
@@ -263,6 +272,10 @@ class Scheduler:
                     job.finish(JobState.FAILED, to_rpc_status(RuntimeError("worker failure")))
                     with self._lock:
                         self._running.pop(job.job_id, None)
+                # A build the job stopped waiting for uses the device: the next job waits for
+                # it here, still queued (cancellable, its position told), not on the device.
+                for engine in engines.values():
+                    engine.settle()
 
     def _load_engines(self, device: str) -> dict[str, EngineLike]:
         engines: dict[str, EngineLike] = {}

@@ -57,6 +57,7 @@ def _engine(name: str, device: str) -> Any:
         native_width=64,
         can_caption=False,
         warmup=lambda: None,
+        settle=lambda timeout=None: True,
     )
 
 
