@@ -1,4 +1,6 @@
-"""Load driver: concurrent Sample and Edit clients (grpc.aio) against one replica on loopback.
+"""Load driver: concurrent Sample and Edit clients (grpc.aio) against one replica on loopback,
+or through the SDK against a local fleet (``--fleet``), optionally restarting every replica in
+turn while it runs (``--rolling-restart``).
 
 Reports, as one JSON object:
 - ``status``: per call kind, how many calls ended with each gRPC status;
@@ -16,6 +18,16 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/load_driver.py [--duration 60]
 [--sample-clients 6] [--edit-clients 2] [--max-requests 400] [--out load.json]`` starts its own
 ``forgedit-server`` (tiny model) in a subprocess; ``--target 127.0.0.1:PORT --server-pid PID``
 drives a running one instead.
+
+Fleet mode, ``--fleet .forgedit-data/fleet/env [--rolling-restart]`` (``scripts/fleet.sh up``
+first): the clients are the SDK's ``AsyncForgeditClient`` over ``FORGEDIT_SERVER`` with the
+fleet's load balancing and the SDK's default retry policy, so what is measured is what an
+application sees. With ``--rolling-restart`` a separate task restarts the replicas one at a
+time (``fleet.sh restart N``: SIGTERM, drain, start, wait until ready) while the load runs,
+and the load goes on until the last replica is back. The report adds ``sdk_retries`` (calls
+opened again by the SDK after an error), ``accepted_not_completed`` (calls whose job was
+accepted but that did not end OK: lost jobs), ``restarted`` and ``restart_s``, and ``errors``
+(the first few failures, one line each).
 """
 
 from __future__ import annotations
@@ -256,6 +268,183 @@ async def drive(
     }
 
 
+# -- a fleet, through the SDK -------------------------------------------------------------------
+
+
+def read_fleet_env(path: Path) -> dict[str, str]:
+    """The ``export NAME='value'`` lines that ``scripts/fleet.sh up`` writes."""
+    import shlex
+
+    env = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export":
+            name, _, value = words[1].partition("=")
+            env[name] = value
+    return env
+
+
+@dataclass
+class FleetTally(Tally):
+    sdk_retries: int = 0
+    accepted_not_completed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+async def _sdk_call(kind: str, open_stream: Any, tally: FleetTally) -> bool:
+    """Run one SDK stream to its end and tally it; True when it ended OK."""
+    from forgedit_client import Accepted, Completed
+    from forgedit_client.errors import ForgeditRpcError
+
+    started = time.perf_counter()
+    stream = open_stream()
+    accepted = False
+    code = "OK"
+    try:
+        async for event in stream:
+            accepted = accepted or isinstance(event, Accepted)
+            if isinstance(event, Completed):
+                tally.queue_wait[kind].append(event.timings.queue_wait_seconds)
+    except ForgeditRpcError as e:
+        code = e.code_name
+        if len(tally.errors) < 20:
+            tally.errors.append(f"{kind}: {e.one_line()}")
+        tally.accepted_not_completed += accepted
+    tally.sdk_retries += stream.retries
+    tally.status[kind][code] += 1
+    tally.latency[kind].append(time.perf_counter() - started)
+    return code == "OK"
+
+
+async def drive_fleet(
+    env_file: Path,
+    *,
+    duration_s: float,
+    sample_clients: int,
+    edit_clients: int,
+    max_requests: int,
+    deadline_s: float,
+    updates: int,
+    rolling_restart: bool = False,
+) -> dict[str, Any]:
+    """The load against a local fleet through the SDK (see the module docstring)."""
+    from forgedit_client import AsyncForgeditClient
+
+    env = read_fleet_env(env_file)
+    replicas = env["FORGEDIT_REPLICAS"].split(",")
+    if any(r.rsplit(":", 1)[0] not in LOOPBACK for r in replicas):
+        raise SystemExit("load_driver: refusing a fleet that is not on loopback")
+    image = test_image()
+    tally = FleetTally()
+    restarted: list[int] = []
+    restart_s: list[float] = []
+    async with AsyncForgeditClient(
+        env["FORGEDIT_SERVER"],
+        token=env["FORGEDIT_TOKEN"],
+        load_balancing=env.get("FORGEDIT_LOAD_BALANCING") or "round_robin",
+    ) as client:
+        options = {"updates": updates, "batch_size": 1, "steps": 2, "gammas": [0.6]}
+        first = await client.edit(
+            image,
+            "A photo of a blue square.",
+            source_prompt="A photo of a red square.",
+            train_seed=1,
+            seeds=[1],
+            **options,
+        ).result()
+        edit_model_id = first.edit_model_id
+        stop = asyncio.Event()
+        budget = asyncio.Semaphore(max_requests)
+
+        async def one_client(kind: str) -> None:
+            while not stop.is_set():
+                if budget.locked():
+                    return
+                await budget.acquire()
+                tally.issued += 1
+                n = tally.issued
+                if kind == "Sample":
+                    ok = await _sdk_call(
+                        kind,
+                        lambda n=n: client.sample(
+                            edit_model_id,
+                            "A photo of a green square.",
+                            steps=2,
+                            gammas=[0.5],
+                            seeds=[n],
+                            timeout=deadline_s,
+                        ),
+                        tally,
+                    )
+                else:
+                    ok = await _sdk_call(
+                        kind,
+                        lambda n=n: client.edit(
+                            image,
+                            "A photo of a blue square.",
+                            source_prompt="A photo of a red square.",
+                            train_seed=1000 + n,
+                            seeds=[n],
+                            timeout=deadline_s,
+                            **options,
+                        ),
+                        tally,
+                    )
+                if not ok:
+                    await asyncio.sleep(RETRY_PAUSE_S)
+
+        async def restarter() -> None:
+            fleet_sh = Path(__file__).resolve().parents[1] / "scripts" / "fleet.sh"
+            fleet_dir = env["FORGEDIT_FLEET_DIR"]
+            await asyncio.sleep(min(5.0, duration_s / 4))  # the load is under way first
+            for i in range(len(replicas)):
+                t = time.perf_counter()
+                await asyncio.to_thread(
+                    subprocess.run,
+                    ["bash", str(fleet_sh), "--dir", fleet_dir, "restart", str(i)],
+                    check=True,
+                    capture_output=True,
+                )
+                restart_s.append(time.perf_counter() - t)
+                restarted.append(i)
+                await asyncio.sleep(2.0)  # traffic reaches the restarted replica again
+
+        started = time.perf_counter()
+        clients = [asyncio.create_task(one_client("Sample")) for _ in range(sample_clients)]
+        clients += [asyncio.create_task(one_client("Edit")) for _ in range(edit_clients)]
+        restarts = asyncio.create_task(restarter()) if rolling_restart else None
+        await asyncio.sleep(duration_s)
+        if restarts is not None:
+            await restarts  # the load goes on until the last replica is back
+        stop.set()
+        await asyncio.gather(*clients)
+        elapsed = time.perf_counter() - started
+    return {
+        "config": {
+            "mode": "fleet",
+            "replicas": len(replicas),
+            "load_balancing": env.get("FORGEDIT_LOAD_BALANCING"),
+            "duration_s": duration_s,
+            "sample_clients": sample_clients,
+            "edit_clients": edit_clients,
+            "max_requests": max_requests,
+            "deadline_s": deadline_s,
+            "training_updates": updates,
+            "rolling_restart": rolling_restart,
+        },
+        "elapsed_s": elapsed,
+        "calls": tally.issued,
+        "status": {k: dict(v) for k, v in tally.status.items()},
+        "latency_s": {k: percentiles(v) for k, v in tally.latency.items()},
+        "queue_wait_s": {k: percentiles(v) for k, v in tally.queue_wait.items()},
+        "sdk_retries": tally.sdk_retries,
+        "accepted_not_completed": tally.accepted_not_completed,
+        "restarted": restarted,
+        "restart_s": restart_s,
+        "errors": tally.errors,
+    }
+
+
 # -- a server of our own --------------------------------------------------------------------------
 
 
@@ -317,6 +506,14 @@ def own_server(work: Path, settings: Sequence[str] = ()) -> Iterator[tuple[str, 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="host:port of a running replica (loopback only)")
+    parser.add_argument(
+        "--fleet", type=Path, metavar="ENV", help="a local fleet's env file (scripts/fleet.sh)"
+    )
+    parser.add_argument(
+        "--rolling-restart",
+        action="store_true",
+        help="with --fleet: restart every replica in turn while the load runs",
+    )
     parser.add_argument("--server-pid", type=int, help="its process id (with --target)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of issuing calls")
     parser.add_argument("--sample-clients", type=int, default=6)
@@ -337,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if (args.target is None) != (args.server_pid is None):
         parser.error("--target and --server-pid go together")
+    if args.rolling_restart and args.fleet is None:
+        parser.error("--rolling-restart needs --fleet")
 
     def run(target: str, pid: int) -> dict[str, Any]:
         return asyncio.run(
@@ -356,7 +555,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         )
 
-    if args.target is not None:
+    if args.fleet is not None:
+        report = asyncio.run(
+            drive_fleet(
+                args.fleet,
+                duration_s=args.duration,
+                sample_clients=args.sample_clients,
+                edit_clients=args.edit_clients,
+                max_requests=args.max_requests,
+                deadline_s=args.deadline,
+                updates=args.updates,
+                rolling_restart=args.rolling_restart,
+            )
+        )
+    elif args.target is not None:
         report = run(args.target, args.server_pid)
     else:
         with (

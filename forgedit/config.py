@@ -24,11 +24,13 @@ Precision = Literal["faithful", "fast"]
 Interpolation = Literal["vs", "vp"]
 UnetSubset = Literal["forgedit", "all"]
 DeltaFormat = Literal["fp32", "fp16", "int8"]  # how an edit model stores Δ (forgedit.delta)
+ImageFormat = Literal["png", "webp", "jpeg"]  # how result images are encoded (OutputConfig)
 
 TRAINING_MODES: tuple[str, ...] = get_args(TrainingMode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 DELTA_FORMATS: tuple[str, ...] = get_args(DeltaFormat)
+IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
 
 # Accepted ranges. They bound work and catch typos; the science lives well inside them.
 MAX_SEED = 2**63 - 1
@@ -45,6 +47,9 @@ MAX_BATCH = 64
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_FORGET_DEGREE = 0.0
+# Lossy image encodings (WebP, JPEG): quality 1..100, and the default when a request sets none.
+QUALITY_RANGE = (1, 100)
+DEFAULT_QUALITY = 90
 
 # The Adam eps the original effectively ran with on a GPU: accelerate's GradScaler multiplied
 # the loss by 65536 and the gradients were never unscaled (spec §3.4).
@@ -407,6 +412,55 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    """How result images (and previews) are encoded: PNG (lossless, the default: its bytes
+    depend only on the pixels), or WebP or JPEG at ``quality`` 1..100. Not part of the
+    original, which saved PNGs; the pixels are the same whatever the encoding."""
+
+    format: ImageFormat = "png"
+    quality: int | None = None  # WebP and JPEG only; None there: DEFAULT_QUALITY
+
+    def __post_init__(self) -> None:
+        check_choice("image format", self.format, IMAGE_FORMATS, "format")
+        if self.quality is not None:
+            check_quality(self.quality, self.format)
+
+    @property
+    def lossy_quality(self) -> int:
+        """The quality a lossy encoder uses (PNG has none)."""
+        return self.quality if self.quality is not None else DEFAULT_QUALITY
+
+    @property
+    def suffix(self) -> str:
+        """The file name suffix of this encoding: .png, .webp or .jpg."""
+        return ".jpg" if self.format == "jpeg" else f".{self.format}"
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """Which previews a job streams (``forgedit.preview``; not part of the original
+    Forgedit): the training-free preview before an Edit's fine-tune, and the x0 estimate of
+    each image every ``x0_every`` denoising steps (None: none)."""
+
+    training_free: bool = False
+    x0_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.x0_every is not None:
+            check_x0_every(self.x0_every, MAX_DDIM_STEPS)
+
+    def x0_steps(self, steps: int) -> tuple[int, ...]:
+        """The 1-based denoising steps of a ``steps``-step loop that send an x0 preview."""
+        if self.x0_every is None:
+            return ()
+        return tuple(s for s in range(1, steps + 1) if is_x0_step(s, self.x0_every))
+
+    def x0_count(self, sweep: SweepConfig) -> int:
+        """How many x0 previews ``sweep`` sends: one per image at each ``x0_steps`` step."""
+        return sweep.num_images * len(self.x0_steps(sweep.steps))
+
+
+@dataclass(frozen=True)
 class VariantSweep:
     """What a variant's sweep defaults to, where the variants differ."""
 
@@ -535,6 +589,37 @@ def check_sweep_size(num_images: int, field: str = "sweep", limit: int = MAX_SWE
         raise InvalidInputError(
             f"the sweep has {num_images} images; at most {limit} are accepted "
             "(prompts × strategies × seeds × gammas × alphas)",
+            field=field,
+        )
+
+
+def is_x0_step(step: int, every: int) -> bool:
+    """Whether 1-based denoising ``step`` sends an x0 preview: every ``every``-th step."""
+    return step % every == 0
+
+
+def check_quality(quality: int, image_format: str, field: str = "quality") -> None:
+    """A lossy encoding's quality, 1..100; PNG is lossless and takes none."""
+    if image_format not in ("webp", "jpeg"):
+        raise InvalidInputError(
+            f"{field} applies only to the lossy image formats webp and jpeg; {image_format} is "
+            "lossless (leave the quality unset)",
+            field=field,
+        )
+    lo, hi = QUALITY_RANGE
+    if isinstance(quality, bool) or not isinstance(quality, int) or not lo <= quality <= hi:
+        raise InvalidInputError(
+            f"{field} must be an integer {lo}..{hi} (unset: {DEFAULT_QUALITY}), got {quality!r}",
+            field=field,
+        )
+
+
+def check_x0_every(every: int, steps: int, field: str = "x0_every") -> None:
+    """An x0 preview every 1..``steps`` denoising steps."""
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= steps:
+        raise InvalidInputError(
+            f"{field} must be 1..{steps} (the denoising steps; leave it unset for no x0 "
+            f"previews), got {every!r}",
             field=field,
         )
 

@@ -7,6 +7,10 @@ batched edit sweeps over them.
     images = engine.sample(edit_model, SweepConfig(prompts=("A photo of a sitting dog.",),
                                                    forget=("encoderkv",), seeds=(1, 2)))
 
+Previews (``forgedit.preview``, not part of the original) are the engine's too: ``preview``
+makes the training-free one with the base model before a fine-tune, and ``sample`` hands out
+each image's x0 estimate every ``x0_every`` steps when asked.
+
 Training depends only on the image and its source prompt, never on the target prompt, so
 one edit model serves any number of edits. An edit model is a delta over the base model;
 ``sample`` writes it into the resident UNet in place and restores the base bit-exactly after.
@@ -44,10 +48,19 @@ from forgedit.backends.select import (
 )
 from forgedit.backends.torch_backend import TorchBackend
 from forgedit.background import BackgroundWork
-from forgedit.config import ImageSpec, Precision, SweepConfig, TrainingConfig, check_prompt
+from forgedit.config import (
+    ImageSpec,
+    OutputConfig,
+    Precision,
+    SweepConfig,
+    TrainingConfig,
+    check_prompt,
+    is_x0_step,
+)
 from forgedit.errors import ModelDirectoryError
 from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
 from forgedit.interpolation import vector_projection, vector_subtraction
+from forgedit.preview import PREVIEW_STEPS, LatentRGB, Preview, PreviewCallback, sdedit
 from forgedit.requests import check_device
 from forgedit.sampling import decode, denoise, initial_latents
 from forgedit.text import encode_prompt
@@ -75,6 +88,12 @@ class EditedImage:
 
         return encode_png(self.image)
 
+    def encoded(self, output: OutputConfig) -> bytes:
+        """The image encoded as ``output`` asks (``forgedit.images.encode_image``)."""
+        from forgedit.images import encode_image
+
+        return encode_image(self.image, output)
+
 
 class Engine:
     def __init__(
@@ -100,6 +119,7 @@ class Engine:
         self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
         # UNet exports and builds, which no cancel token can interrupt (``prepare_sampling``).
         self._builds = BackgroundWork("forgedit-unet-build")
+        self._latent_rgb: LatentRGB | None = None  # fitted on first use (``warmup`` does)
         fast_cuda = precision == "fast" and base.device.type == "cuda"
         check_backend_name(unet_backend)
         if cache_dir is None and unet_backend != "torch":
@@ -262,6 +282,67 @@ class Engine:
             image_sha256=image_sha256,
         )
 
+    # -- a first look -------------------------------------------------------------------------
+
+    def preview(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        height: int,
+        width: int,
+        seed: int,
+        vae_seed: int = 0,
+        guidance: float = 7.5,
+        precision: Precision | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Preview:
+        """The training-free preview of editing ``image`` toward ``prompt`` at ``width`` ×
+        ``height``: the base model's SDEdit of the input (``forgedit.preview.sdedit``), from
+        the first sampling ``seed``'s noise and the fine-tune's ``vae_seed``. Not a result,
+        and not part of the original Forgedit. Runs the base weights in eager torch (whatever
+        backend samples), in ``precision`` (default: the engine's); raises ``CancelledError``
+        within one step of ``cancel``."""
+        from forgedit.images import preprocess, to_pil
+
+        check_prompt(prompt, "target prompt")
+        self._builds.settle(cancel)  # a build a cancelled job left running uses the UNet
+        base = self.base
+        pixels = preprocess(image, height, width)
+        fast_cuda = (precision or self.precision) == "fast" and base.device.type == "cuda"
+        unet = TorchBackend(
+            base.unet, self.weights, autocast_dtype=torch.float16 if fast_cuda else None
+        ).predictor(self.sampling_shape(height, width, 1))
+        with torch.no_grad():
+            target = encode_prompt(base.tokenizer, base.text_encoder, prompt).float()
+            unconditional = encode_prompt(base.tokenizer, base.text_encoder, "").float()
+        decoded = sdedit(
+            unet,
+            base.vae,
+            pixels,
+            target,
+            unconditional,
+            seed=seed,
+            vae_seed=vae_seed,
+            guidance=guidance,
+            scaling_factor=base.scaling_factor,
+            cancel=cancel,
+        )
+        return Preview("training_free", to_pil(decoded)[0], PREVIEW_STEPS, PREVIEW_STEPS)
+
+    @property
+    def latent_rgb(self) -> LatentRGB:
+        """The base model's latent → RGB map of x0 previews, fitted once (``LatentRGB.fit``)."""
+        if self._latent_rgb is None:
+            base = self.base
+            self._latent_rgb = LatentRGB.fit(
+                base.vae,
+                base.scaling_factor,
+                base.unet.config["in_channels"],
+                base.vae_scale_factor,
+            )
+        return self._latent_rgb
+
     # -- 3. sampling edits ----------------------------------------------------------------------
 
     def sample(
@@ -274,14 +355,18 @@ class Engine:
         cancel: CancelToken | None = None,
         max_batch: int = 8,
         precision: Precision | None = None,
+        x0_every: int | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[EditedImage]:
         """Sample every image of ``sweep`` from ``edit_model``, in ``precision`` (default: the
         engine's).
 
         Images come strategy by strategy; within a strategy in chunks of at most
         ``max_batch`` images sharing one denoising loop. ``on_image`` is called for each image
-        as its chunk finishes. Raises ``BaseModelMismatchError`` for an edit model of another
-        base model, ``UnknownStrategyError`` for a strategy its variant lacks, and
+        as its chunk finishes; with ``x0_every``, ``on_preview`` gets each image's x0 preview
+        after every ``x0_every``-th denoising step (``latent_rgb``). Raises
+        ``BaseModelMismatchError`` for an edit model of another base model,
+        ``UnknownStrategyError`` for a strategy its variant lacks, and
         ``CancelledError`` within one denoising step of ``cancel``. The base weights are
         restored bit-exactly on every exit.
         """
@@ -322,6 +407,8 @@ class Engine:
                         started=started,
                         on_progress=on_progress,
                         cancel=cancel,
+                        x0_every=x0_every if on_preview is not None else None,
+                        on_preview=on_preview,
                     )
                     for spec, image in zip(chunk, images, strict=True):
                         edited = EditedImage(spec, image)
@@ -356,7 +443,8 @@ class Engine:
         """One small denoising step through every component, so the first request does not
         pay for lazy initialisation (readiness probes wait for this). It also exports or
         builds the UNet backend's graph for the native resolution and ``max_batch`` (and runs
-        its canary), so that never happens inside a request's denoising loop."""
+        its canary), so that never happens inside a request's denoising loop, and fits the
+        x0 previews' ``latent_rgb`` map."""
         base = self.base
         height, width = base.native_height, base.native_width
         self.prepare_sampling(height, width, self.max_batch)
@@ -368,6 +456,7 @@ class Engine:
             unet = self.unet_predictor(height, width, self.max_batch)
             z = denoise(unet, latents, e, e, steps=1, guidance=7.5)
             decode(base.vae, z, base.scaling_factor)
+        self.latent_rgb  # noqa: B018 - fitted now, not in a job's first x0 preview
 
     def sampling_shape(self, height: int, width: int, max_batch: int) -> Shape:
         """The compiled-UNet shape that serves images of ``height`` × ``width`` in chunks of
@@ -435,6 +524,8 @@ class Engine:
         started: float,
         on_progress: SamplingCallback | None,
         cancel: CancelToken | None,
+        x0_every: int | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[Image.Image]:
         from forgedit.images import to_pil
 
@@ -470,6 +561,12 @@ class Engine:
                     )
                 )
 
+        def on_x0(step: int, steps: int, x0: torch.Tensor) -> None:
+            if on_preview is None or x0_every is None or not is_x0_step(step, x0_every):
+                return
+            for spec, image in zip(chunk, to_pil(self.latent_rgb(x0)), strict=True):
+                on_preview(Preview("x0", image, step, steps, spec.index))
+
         z = denoise(
             unet,
             latents,
@@ -478,6 +575,7 @@ class Engine:
             steps=chunk[0].steps,
             guidance=chunk[0].guidance,
             on_step=on_step,
+            on_x0=on_x0 if x0_every is not None else None,
             cancel=cancel,
         )
         return to_pil(decode(base.vae, z, base.scaling_factor))

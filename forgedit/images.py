@@ -1,5 +1,6 @@
 """Images in and out: safe decoding of untrusted input, the original's preprocessing, the
-original's float → uint8 conversion, deterministic PNG bytes, atomic files, a contact sheet,
+original's float → uint8 conversion, deterministic PNG (or WebP/JPEG) bytes, atomic files, a
+contact sheet,
 and what an image is called (its contact-sheet label and its file name).
 
 Decoding is the one place where bytes from outside meet a C parser, so ``load_image`` checks,
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
-from forgedit.config import ImageSpec, check_resolution
+from forgedit.config import ImageSpec, OutputConfig, check_resolution
 from forgedit.durable import write_bytes_atomic
 from forgedit.errors import InvalidImageError
 
@@ -289,6 +290,20 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def encode_image(image: Image.Image, output: OutputConfig = OutputConfig()) -> bytes:
+    """``image`` encoded as ``output`` asks: ``encode_png``, or lossy WebP / baseline JPEG at
+    its quality (4:2:0, no metadata). Same pixels and settings, same bytes."""
+    if output.format == "png":
+        return encode_png(image)
+    clean = Image.frombytes("RGB", image.size, image.convert("RGB").tobytes())
+    buffer = io.BytesIO()
+    if output.format == "webp":
+        clean.save(buffer, format="WEBP", quality=output.lossy_quality, method=4)
+    else:
+        clean.save(buffer, format="JPEG", quality=output.lossy_quality, optimize=False)
+    return buffer.getvalue()
+
+
 def write_png_atomic(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write ``encode_png(image)`` to ``path`` atomically (temporary file in the same
     directory, fsync, rename): a reader sees the old file, no file, or the whole new one."""
@@ -464,10 +479,12 @@ def image_file_name(
     alpha: float,
     seed: int,
     prompt_slug: str | None = None,
+    suffix: str = ".png",
 ) -> str:
-    """``{index:03d}[_{prompt}]_{forget}_{interp}_g{gamma}[_a{alpha}]_s{seed}.png``: safe on
-    every file system, sortable, and every number printed as typed (0.6, not 0.6000000001).
-    ``g`` is γ for vs and β for vp; α appears only for vp (vs ignores it)."""
+    """``{index:03d}[_{prompt}]_{forget}_{interp}_g{gamma}[_a{alpha}]_s{seed}{suffix}``: safe
+    on every file system, sortable, and every number printed as typed (0.6, not
+    0.6000000001). ``g`` is γ for vs and β for vp; α appears only for vp (vs ignores it).
+    ``suffix``: the encoding's (``OutputConfig.suffix``)."""
     parts = [f"{index:03d}"]
     if prompt_slug:
         parts.append(prompt_slug)
@@ -475,7 +492,7 @@ def image_file_name(
     if interpolation == "vp":
         parts.append(f"a{alpha:g}")
     parts.append(f"s{seed}")
-    return "_".join(parts) + ".png"
+    return "_".join(parts) + suffix
 
 
 def slug(text: str, max_chars: int = 32) -> str:

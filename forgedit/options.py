@@ -1,5 +1,6 @@
 """What a caller asks the engine for, as plain typed options named as the gRPC contract names
-them (``proto/forgedit/v1/forgedit.proto``: ``TrainingOptions``, ``SweepOptions``).
+them (``proto/forgedit/v1/forgedit.proto``: ``TrainingOptions``, ``SweepOptions``,
+``OutputOptions``, ``PreviewOptions``).
 
 The server's wire decodes each request message into these once (``server.wire``); the engine
 CLI builds them from its flags (``forgedit.cli.arguments``). ``forgedit.requests`` is the one
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from forgedit.config import DeltaFormat, Interpolation, Precision, TrainingMode
+from forgedit.config import DeltaFormat, ImageFormat, Interpolation, Precision, TrainingMode
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,22 @@ class SweepOptions:
 
 
 @dataclass(frozen=True)
+class OutputOptions:
+    """How the job's images are encoded (``forgedit.v1.OutputOptions``)."""
+
+    format: ImageFormat | None = None  # None: png
+    quality: int | None = None  # webp and jpeg only; None: DEFAULT_QUALITY
+
+
+@dataclass(frozen=True)
+class PreviewOptions:
+    """Which previews the job streams (``forgedit.v1.PreviewOptions``)."""
+
+    training_free: bool | None = None  # None: on for an edit (a sample has no fine-tune)
+    x0_every: int | None = None  # None: no x0 previews
+
+
+@dataclass(frozen=True)
 class EditOptions:
     """An edit: fine-tune on one image, then sample (``forgedit.v1.EditRequest`` less what
     only the service has: the image bytes, the base model's name, request id and detach)."""
@@ -64,6 +81,8 @@ class EditOptions:
     source_prompt: str | None = None  # None: BLIP's caption of the image
     training: TrainingOptions = field(default_factory=TrainingOptions)
     sweep: SweepOptions = field(default_factory=SweepOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    preview: PreviewOptions = field(default_factory=PreviewOptions)
 
 
 @dataclass(frozen=True)
@@ -72,3 +91,5 @@ class SampleOptions:
 
     target_prompts: tuple[str, ...]
     sweep: SweepOptions = field(default_factory=SweepOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    preview: PreviewOptions = field(default_factory=PreviewOptions)

@@ -2,11 +2,14 @@
 engine's configs and seeds out. The engine CLI (``forgedit.cli``) and the server
 (``server.plans``) both call it, so the same options mean the same edit on both.
 
-* ``build_edit``: both of the below for an edit, after its source prompt's checks;
+* ``build_edit``: the below for an edit, after its source prompt's checks (``build_sample``
+  the same for a stored edit model: its sweep, output and previews);
 * ``build_training``: the variant's schedule with the per-stage overrides, the size, the
   precision and delta format, and where the training seed comes from (``TrainSeedFrom``);
 * ``build_sweep``: the variant's sweep defaults, its forgetting strategies, the
   interpolation's coefficients (α only for vp) and the sampling seeds (drawn when unset);
+* ``build_output``: the images' encoding (PNG; WebP or JPEG with a quality);
+* ``build_preview``: which previews the job streams, within the bound on x0 previews;
 * ``training_with_seed``: the final training seed once the content is known;
 * ``check_device``/``default_device``: a device this machine has.
 
@@ -32,12 +35,15 @@ from forgedit.config import (
     DEFAULT_STEPS,
     DELTA_FORMATS,
     GAMMA_RANGE,
+    IMAGE_FORMATS,
     INTERPOLATIONS,
     MAX_SWEEP_IMAGES,
     PRECISIONS,
     TRAINING_MODES,
     DeltaFormat,
+    OutputConfig,
     Precision,
+    PreviewConfig,
     SweepConfig,
     TrainingConfig,
     TrainingMode,
@@ -47,12 +53,14 @@ from forgedit.config import (
     check_guidance,
     check_prompt,
     check_prompts,
+    check_quality,
     check_resolution,
     check_seed,
     check_steps,
     check_sweep_size,
     check_updates,
     check_values,
+    check_x0_every,
     content_seed,
     default_stages,
     default_sweep,
@@ -60,7 +68,14 @@ from forgedit.config import (
     valid_side,
 )
 from forgedit.errors import InvalidInputError
-from forgedit.options import EditOptions, SweepOptions, TrainingOptions
+from forgedit.options import (
+    EditOptions,
+    OutputOptions,
+    PreviewOptions,
+    SampleOptions,
+    SweepOptions,
+    TrainingOptions,
+)
 
 # Random seeds are drawn below this bound: large enough never to repeat by chance in practice,
 # short enough to retype from a summary or a log.
@@ -98,6 +113,9 @@ class Bounds:
     # setting that raises it, named in the error.
     max_batch_pixels: int | None = None
     batch_pixels_setting: str = "max_batch_pixels"
+    # x0 previews one job may send (None: unbounded), and the setting that raises it.
+    max_x0_previews: int | None = None
+    x0_previews_setting: str = "max_x0_previews"
 
 
 def check_batch_pixels(
@@ -120,13 +138,25 @@ def check_batch_pixels(
 
 @dataclass(frozen=True)
 class EditConfigs:
-    """What an edit runs: its fine-tune and its sweep. The training seed is final unless
-    ``train_seed_from`` is "content" (``training_with_seed`` makes it final)."""
+    """What an edit runs: its fine-tune and its sweep, how its images are encoded and which
+    previews it streams. The training seed is final unless ``train_seed_from`` is "content"
+    (``training_with_seed`` makes it final)."""
 
     source_prompt: str | None  # None: caption the image
     training: TrainingConfig
     train_seed_from: TrainSeedFrom
     sweep: SweepConfig
+    output: OutputConfig = OutputConfig()
+    preview: PreviewConfig = PreviewConfig()
+
+
+@dataclass(frozen=True)
+class SampleConfigs:
+    """What sampling a stored edit model runs: the sweep, the encoding, the previews."""
+
+    sweep: SweepConfig
+    output: OutputConfig = OutputConfig()
+    preview: PreviewConfig = PreviewConfig()
 
 
 def build_edit(
@@ -140,7 +170,8 @@ def build_edit(
 ) -> EditConfigs:
     """``build_training`` and then ``build_sweep`` (with the training's variant), after the
     caller's source prompt, if any, passed the prompt checks; and one image at the training's
-    resolution must fit a sampling batch (``bounds``)."""
+    resolution must fit a sampling batch (``bounds``). Then the output and the previews (the
+    training-free preview on unless the options turn it off)."""
     if options.source_prompt is not None:
         check_prompt(options.source_prompt, "source_prompt")
     training, seed_from = build_training(
@@ -153,7 +184,18 @@ def build_edit(
     )
     sweep = build_sweep(options.sweep, options.target_prompts, training.mode, bounds)
     check_batch_pixels(training.height, training.width, 1, bounds, what="sampling", field="sweep")
-    return EditConfigs(options.source_prompt, training, seed_from, sweep)
+    output = build_output(options.output)
+    preview = build_preview(options.preview, sweep, bounds, has_training=True)
+    return EditConfigs(options.source_prompt, training, seed_from, sweep, output, preview)
+
+
+def build_sample(options: SampleOptions, mode: str, bounds: Bounds = Bounds()) -> SampleConfigs:
+    """``build_sweep`` over an edit model trained in ``mode``, the output and the previews (a
+    sample has no fine-tune, so no training-free preview)."""
+    sweep = build_sweep(options.sweep, options.target_prompts, mode, bounds)
+    output = build_output(options.output)
+    preview = build_preview(options.preview, sweep, bounds, has_training=False)
+    return SampleConfigs(sweep, output, preview)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -377,6 +419,57 @@ def _sweep_seeds(options: SweepOptions) -> tuple[int, ...]:
             f"seed_count must be 1..{MAX_SWEEP_IMAGES}, got {count}", field="sweep.seed_count"
         )
     return random_seeds(count)
+
+
+# -- output and previews ----------------------------------------------------------------------
+
+
+def build_output(options: OutputOptions) -> OutputConfig:
+    """The images' encoding: PNG unless the options ask for webp or jpeg; a quality only with
+    those two (1..100, unset: ``DEFAULT_QUALITY``)."""
+    image_format = options.format or "png"
+    check_choice("image format", image_format, IMAGE_FORMATS, "output.format")
+    if options.quality is not None:
+        check_quality(options.quality, image_format, "output.quality")
+    return OutputConfig(image_format, options.quality)
+
+
+def build_preview(
+    options: PreviewOptions, sweep: SweepConfig, bounds: Bounds = Bounds(), *, has_training: bool
+) -> PreviewConfig:
+    """Which previews the job streams. The training-free preview is on by default for a job
+    that fine-tunes (``has_training``: an edit) and refused when asked for one that does not.
+    x0 previews every ``x0_every`` (1..the sweep's steps) denoising steps, at most
+    ``bounds.max_x0_previews`` in all (refused up front, naming the smallest ``x0_every`` that
+    fits, rather than cut short)."""
+    if options.training_free and not has_training:
+        raise InvalidInputError(
+            "preview.training_free previews the edit while an edit model is fine-tuned; a "
+            "sample fine-tunes nothing (leave it unset, or false)",
+            field="preview.training_free",
+        )
+    training_free = has_training and options.training_free is not False
+    preview = PreviewConfig(training_free=training_free)
+    if options.x0_every is None:
+        return preview
+    check_x0_every(options.x0_every, sweep.steps, "preview.x0_every")
+    preview = PreviewConfig(training_free=training_free, x0_every=options.x0_every)
+    limit = bounds.max_x0_previews
+    if limit is not None and preview.x0_count(sweep) > limit:
+        per_image = limit // sweep.num_images  # previews each image may have
+        hint = (
+            # The smallest k with floor(steps / k) <= per_image.
+            f"set preview.x0_every to at least {sweep.steps // (per_image + 1) + 1}"
+            if per_image >= 1
+            else "this sweep has more images than that; leave preview.x0_every unset"
+        )
+        raise InvalidInputError(
+            f"preview.x0_every {options.x0_every} over {sweep.num_images} images of "
+            f"{sweep.steps} steps asks for {preview.x0_count(sweep)} x0 previews; at most "
+            f"{limit} are sent per job ({bounds.x0_previews_setting}); {hint}",
+            field="preview.x0_every",
+        )
+    return preview
 
 
 # -- devices ----------------------------------------------------------------------------------

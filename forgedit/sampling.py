@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
 StepCallback = Callable[[int, int], None]  # (step, steps), 1-based
+# (step, steps, x0): DDIM's estimate of the clean latents after a step, [B, C, h, w]. A
+# by-product of the step (``pred_original_sample``): watching it changes nothing.
+X0Callback = Callable[[int, int, torch.Tensor], None]
 
 
 def make_ddim_scheduler() -> DDIMScheduler:
@@ -67,11 +70,18 @@ def denoise(
     steps: int,
     guidance: float,
     on_step: StepCallback | None = None,
+    on_x0: X0Callback | None = None,
     cancel: CancelToken | None = None,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Run deterministic DDIM (η = 0) from ``latents`` [B, C, h, w] under ``conditioning``
     [B, 77, D]. Guidance is ε_u + w·(ε_c − ε_u) with ``unconditional`` = E("") [1, 77, D];
-    it is skipped for w ≤ 1, as the original. Checks ``cancel`` before every step.
+    it is skipped for w ≤ 1, as the original. Checks ``cancel`` before every step; after
+    each, ``on_step`` hears of it and ``on_x0`` gets the step's x0 estimate.
+
+    ``start_step`` > 0 skips the schedule's first timesteps: ``latents`` are then already
+    noised to timestep ``start_step`` of the schedule (SDEdit, ``forgedit.preview``). The
+    sweep's sampling always starts at 0, from pure noise.
 
     ``unet`` is whichever backend the engine chose (``forgedit.backends``); this loop neither
     knows nor cares. Its ε comes back as fp32 (fast mode's fp16 autocast lives in the torch
@@ -81,11 +91,15 @@ def denoise(
     scheduler.set_timesteps(steps)
     guided = guidance > 1.0
     batch = latents.shape[0]
-    latents = latents.to(device) * scheduler.init_noise_sigma
+    latents = latents.to(device)
+    if start_step == 0:
+        latents = latents * scheduler.init_noise_sigma  # (1 for DDIM)
     if guided:
         conditioning = torch.cat([unconditional.expand(batch, -1, -1), conditioning])
     conditioning = conditioning.to(device)
     for i, t in enumerate(scheduler.timesteps.to(device)):
+        if i < start_step:
+            continue
         if cancel is not None:
             cancel.check()
         model_input = torch.cat([latents] * 2) if guided else latents
@@ -94,9 +108,11 @@ def denoise(
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]  # prev
+        latents, x0 = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)
         if on_step is not None:
             on_step(i + 1, steps)
+        if on_x0 is not None:
+            on_x0(i + 1, steps, x0)
     return latents
 
 

@@ -11,8 +11,9 @@ Disk (``DATA/cache``), bounded in bytes, least recently used first out::
 
 A copy is installed by an atomic rename after verification, and touched (mtime) on every use;
 eviction removes the oldest copies until the total fits, skipping any copy whose lock is held
-(a fetch or load in progress, in any process). Memory: an ``OrderedDict`` of loaded
-``EditModel`` objects bounded by count (an SD-1.x delta is ~1.2 GB).
+(a fetch or load in progress, in any process). A copy only ever appears or disappears whole
+(renamed in; renamed into ``trash/``), so ``pinned`` can read one without its lock. Memory: an
+``OrderedDict`` of loaded ``EditModel`` objects bounded by count (an SD-1.x delta is ~1.2 GB).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,22 @@ CACHE_WRITE_ERRORS = Counter(
     "Edit models registered but not kept in the replica's disk cache (the disk refused)",
 )
 CACHE_WRITE_ERRORS.inc(0)  # exported from start-up, so a rate() sees the first error
+
+CACHE_DELETE_ERRORS = Counter(
+    "forgedit_registry_cache_delete_errors_total",
+    "Deleted edit models whose local copy the disk refused to remove (never served; removal "
+    "is tried again at the next use of the ID)",
+)
+CACHE_DELETE_ERRORS.inc(0)
+
+LOADS = Counter(
+    "forgedit_registry_loads_total",
+    "Edit models loaded for use, by where the copy came from: memory (already loaded), spool, "
+    "cache (verified disk copy) or download; the hit rate of the replica's caches",
+    ["source"],
+)
+for _source in ("memory", "spool", "cache", "download"):
+    LOADS.labels(source=_source).inc(0)
 
 CACHED_MODELS = Gauge(
     "forgedit_registry_cached_edit_models",
@@ -95,6 +112,22 @@ class DiskCache:
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    @contextlib.contextmanager
+    def pinned(self, edit_model_id: str) -> Iterator[Path | None]:
+        """The cached copy as it is now, for reading without the ID's lock (which a loader may
+        hold for seconds): a path through an open descriptor of its directory, which keeps
+        naming this very copy while an install or an eviction renames it, so that its files
+        are never read from two different copies. ``None`` if there is no copy."""
+        try:
+            fd = os.open(self._models / edit_model_id, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            yield None
+            return
+        try:
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
 
     def has(self, edit_model_id: str) -> bool:
         return self.path(edit_model_id).is_dir() and self.origin(edit_model_id) is not None

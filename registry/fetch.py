@@ -7,12 +7,21 @@ retried (``fetch_attempts``), never used; a cached copy that fails verification 
 and downloaded again. One file lock per ID makes concurrent fetches of the same ID (threads or
 processes of a replica) download once. A cached copy is served only while MLflow still has the
 ID, or while MLflow does not answer within ``confirm_timeout_s`` (``confirm_cached``).
+
+Deletions (``forget_deleted``): an ID this replica deleted, or found deleted in MLflow, is
+remembered (the last ``DELETED_REMEMBERED`` of them, until the process restarts) and refused
+without asking MLflow, also during an outage; its copies are dropped, and a disk that refuses
+to let go of one is logged and counted (``forgedit_registry_cache_delete_errors_total``),
+never served, and tried again at the next use of the ID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,10 +36,18 @@ from forgedit.artifact import (
 )
 from forgedit.errors import BaseModelMismatchError, EditModelError
 from registry.backend import MlflowBackend
-from registry.cache import DiskCache, MemoryCache, cache_origin
+from registry.cache import (
+    CACHE_DELETE_ERRORS,
+    EDIT_MODEL_DIR,
+    LOADS,
+    ORIGIN_FILE,
+    DiskCache,
+    MemoryCache,
+    cache_origin,
+)
 from registry.config import RegistryConfig
 from registry.errors import EditModelNotFoundError, RegistryIntegrityError, RegistryUnavailableError
-from registry.locks import LockBusy
+from registry.fsutil import read_json
 from registry.lookups import BoundedLookups
 from registry.packaging import EDIT_MODEL_ARTIFACT_PATH
 from registry.publish import publish_lock
@@ -46,6 +63,8 @@ from registry.spool import Spool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+DELETED_REMEMBERED = 4096  # deleted IDs a replica refuses without asking MLflow (~0.5 MB)
 
 
 class EditModelFetcher:
@@ -68,10 +87,13 @@ class EditModelFetcher:
         self._memory = memory
         self._lookups = lookups
         self._locks = locks
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        self._deleted_lock = threading.Lock()
 
     def fetch(self, edit_model_id: str) -> FetchedEditModel:
         """``EditModelRegistry.fetch`` for a validated ID: every payload hash is checked on
         every call (a cached copy may rot)."""
+        self._refuse_if_deleted(edit_model_id)
         spooled = self._read_spooled(edit_model_id, verify_files)
         if spooled is not None:
             path, manifest = spooled
@@ -93,11 +115,13 @@ class EditModelFetcher:
         path and ``forgedit.artifact.load_edit_model``, which verifies every hash and owns the
         check that the edit model fits ``expected_base_fingerprint``
         (``BaseModelMismatchError``)."""
+        self._refuse_if_deleted(edit_model_id)
         model = self._memory.get(edit_model_id)
         if model is not None and self.still_exists(edit_model_id) is False:
-            self.forget_local(edit_model_id)
+            self.forget_deleted(edit_model_id)
             raise EditModelNotFoundError(edit_model_id)
         if model is not None and expected_base_fingerprint in (None, model.base_model_fingerprint):
+            LOADS.labels(source="memory").inc()
             return model
         # Not in memory, or in memory but for another base model: load_edit_model says which.
 
@@ -105,6 +129,7 @@ class EditModelFetcher:
             return load_edit_model(path, expected_base_fingerprint=expected_base_fingerprint)
 
         spooled = self._read_spooled(edit_model_id, read)
+        source: Source = "spool"
         if spooled is not None:
             model = spooled[1]
         else:
@@ -120,24 +145,47 @@ class EditModelFetcher:
                     self._discard_corrupt(edit_model_id, "cached copy")
                     path, source = self._cached_or_downloaded(edit_model_id)
                     model = read(path)
+        LOADS.labels(source=source).inc()
         self._memory.put(edit_model_id, model)
         return model
 
     def cached_info(self, edit_model_id: str) -> EditModelInfo | None:
-        """``EditModelRegistry.cached_info`` for a validated ID (no MLflow call)."""
+        """``EditModelRegistry.cached_info`` for a validated ID: no MLflow call, and no wait
+        for the copy's lock (a loader may hold it while MLflow does not answer). Raises
+        ``EditModelNotFoundError`` for an ID known to be deleted."""
+        self._refuse_if_deleted(edit_model_id)
         entry = self._spool.get(edit_model_id)
         if entry is not None:
             return info_from_tags(entry.tags, status="spooled", version=None, run_id=None)
-        try:
-            with self._disk.lock(edit_model_id, blocking=False):
-                return self._describe_cached_copy(edit_model_id)
-        except LockBusy:
-            return None
+        with self._disk.pinned(edit_model_id) as copy:
+            return None if copy is None else self._describe_cached_copy(edit_model_id, copy)
 
     def forget_local(self, edit_model_id: str) -> None:
         """Drop this replica's cached copies (memory and disk) of the edit model."""
         self._memory.discard(edit_model_id)
         self._disk.discard(edit_model_id)
+
+    def forget_deleted(self, edit_model_id: str) -> None:
+        """The edit model no longer exists in the registry (deleted through this replica, or
+        found gone): refuse it from now on without asking MLflow, and drop its copies. A disk
+        that refuses is logged and counted, not raised (see the module docstring)."""
+        with self._deleted_lock:
+            self._deleted[edit_model_id] = None
+            self._deleted.move_to_end(edit_model_id)
+            while len(self._deleted) > DELETED_REMEMBERED:
+                self._deleted.popitem(last=False)
+        self._memory.discard(edit_model_id)
+        try:
+            self._disk.discard(edit_model_id)
+        except OSError as e:
+            CACHE_DELETE_ERRORS.inc()
+            log.warning(
+                "edit model %s is deleted but its cached copy could not be removed (%s: %s); "
+                "it is never served, and removed at the next use of the ID",
+                edit_model_id,
+                type(e).__name__,
+                e.strerror or e,
+            )
 
     def still_exists(self, edit_model_id: str) -> bool | None:
         """Whether MLflow still has the ID (``None``: unknown, MLflow did not answer within
@@ -157,14 +205,25 @@ class EditModelFetcher:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _describe_cached_copy(self, edit_model_id: str) -> EditModelInfo | None:
-        """``cached_info`` of the disk copy (caller holds its lock)."""
-        origin = self._disk.origin(edit_model_id)
-        if origin is None or "principal" not in origin or not self._disk.has(edit_model_id):
-            # (a copy cached before origin.json recorded its owner: the registry describes it)
-            return None
-        path = self._disk.path(edit_model_id)
+    def _refuse_if_deleted(self, edit_model_id: str) -> None:
+        """Raise ``EditModelNotFoundError`` for an ID known to be deleted, after trying again
+        to remove a copy the disk refused to let go of before."""
+        if edit_model_id not in self._deleted:
+            return
+        if self._disk.has(edit_model_id):
+            with contextlib.suppress(OSError):  # counted when the deletion first failed
+                self.forget_local(edit_model_id)
+        raise EditModelNotFoundError(edit_model_id)
+
+    def _describe_cached_copy(self, edit_model_id: str, copy: Path) -> EditModelInfo | None:
+        """``cached_info`` of one disk copy (``DiskCache.pinned``); ``None`` if it is
+        unreadable or not what the registry vouched for (the fetch path then replaces it)."""
         try:
+            origin = read_json(copy / ORIGIN_FILE)
+            if not isinstance(origin, dict) or "principal" not in origin:
+                # (a copy cached before origin.json recorded its owner: the registry describes it)
+                return None
+            path = copy / EDIT_MODEL_DIR
             manifest_sha = sha256_file(path / MANIFEST_FILE)
             if manifest_sha != origin.get("manifest_sha256"):
                 return None
@@ -207,7 +266,7 @@ class EditModelFetcher:
         its payload hashes are checked by the caller."""
         if self._disk.has(edit_model_id):
             if self.still_exists(edit_model_id) is False:
-                self.forget_local(edit_model_id)
+                self.forget_deleted(edit_model_id)
                 raise EditModelNotFoundError(edit_model_id)
             path = self._disk.path(edit_model_id)
             origin = self._disk.origin(edit_model_id) or {}

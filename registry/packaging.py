@@ -31,7 +31,9 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_ARTIFACT_PATH = "model"  # the pyfunc model inside the run
 EDIT_MODEL_ARTIFACT_PATH = "model/artifacts/edit_model"
 INPUTS_ARTIFACT_PATH = "inputs"
-CONTACT_SHEET_NAME = "contact_sheet.png"
+# The contact sheet's file name without its suffix, which follows its encoding (the request's
+# image format: contact_sheet.png, .webp or .jpg).
+CONTACT_SHEET_STEM = "contact_sheet"
 # The edit-model files whose sizes prove an upload complete.
 EDIT_MODEL_FILES = (DELTA_FILE, EMBEDDING_FILE, MANIFEST_FILE)
 _PYFUNC_REQUIREMENTS = (
@@ -103,6 +105,21 @@ def write_image(source: ImageInput, directory: Path, name: str, force_name: bool
         data = path.read_bytes()  # an input image or a contact sheet: megabytes at most
     target = directory / (name if force_name else name + _image_suffix(data[:16]))
     return write_bytes_atomic(data, target)
+
+
+def is_contact_sheet(name: str) -> bool:
+    """Whether a file name is a contact sheet's (in any of its encodings)."""
+    return Path(name).stem == CONTACT_SHEET_STEM
+
+
+def write_contact_sheet(source: ImageInput, directory: Path) -> Path:
+    """Store a contact sheet in ``directory`` as ``contact_sheet`` + its encoding's suffix,
+    replacing one there already (of any encoding); return its path."""
+    written = write_image(source, directory, CONTACT_SHEET_STEM)
+    for old in directory.iterdir():
+        if old != written and is_contact_sheet(old.name):
+            old.unlink()
+    return written
 
 
 def _image_suffix(head: bytes) -> str:

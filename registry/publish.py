@@ -33,11 +33,11 @@ from registry.config import RegistryConfig
 from registry.errors import EditModelNotFoundError, RegistryError, RegistryUnavailableError
 from registry.locks import LockBusy, file_lock
 from registry.packaging import (
-    CONTACT_SHEET_NAME,
     EDIT_MODEL_ARTIFACT_PATH,
     EDIT_MODEL_FILES,
     INPUTS_ARTIFACT_PATH,
     MODEL_ARTIFACT_PATH,
+    is_contact_sheet,
 )
 from registry.records import (
     TAG_BASE_NAME,
@@ -203,7 +203,7 @@ class Publisher:
         MLflow then holds every byte of the edit model we meant to store."""
         self._backend.upload_dir(run_id, entry.model_dir, MODEL_ARTIFACT_PATH)
         for extra in sorted(entry.extras_dir.iterdir()):
-            where = None if extra.name == CONTACT_SHEET_NAME else INPUTS_ARTIFACT_PATH
+            where = None if is_contact_sheet(extra.name) else INPUTS_ARTIFACT_PATH
             self._backend.upload_file(run_id, extra, where)
         expected = {name: (entry.edit_model_dir / name).stat().st_size for name in EDIT_MODEL_FILES}
         stored = self._backend.artifact_sizes(run_id, EDIT_MODEL_ARTIFACT_PATH)

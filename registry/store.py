@@ -47,8 +47,8 @@ from registry.fetch import EditModelFetcher
 from registry.ids import new_edit_model_id, validate_edit_model_id
 from registry.lookups import BoundedLookups
 from registry.packaging import (
-    CONTACT_SHEET_NAME,
     ImageInput,
+    write_contact_sheet,
     write_image,
     write_pyfunc_model,
 )
@@ -238,14 +238,16 @@ class EditModelRegistry:
         return version_info(versions[0])
 
     def cached_info(self, edit_model_id: str) -> EditModelInfo | None:
-        """Describe the edit model from this replica's own copy, without asking MLflow: its
-        spool entry, or its disk-cache copy whose manifest still matches the registered one.
-        ``None`` if there is no such copy, or if the copy is busy (being downloaded, installed
-        or evicted right now), so that the caller asks the registry instead.
+        """Describe the edit model from this replica's own copy, without asking MLflow and
+        without waiting for the copy's lock (a loader may hold it for as long as MLflow takes
+        to answer): its spool entry, or its disk-cache copy whose manifest still matches the
+        registered one. ``None`` if there is no such copy, so that the caller asks the
+        registry instead.
 
         A registered copy is reported with status ``cached`` and the version it was cached
         at; a deletion through another replica is noticed when the copy is next loaded
-        (``confirm_cached``). Raises ``InvalidEditModelIdError`` (before any I/O)."""
+        (``confirm_cached``). Raises ``InvalidEditModelIdError`` (before any I/O) and
+        ``EditModelNotFoundError`` for an ID this replica knows to be deleted."""
         return self._fetcher.cached_info(validate_edit_model_id(edit_model_id))
 
     def list_models(
@@ -334,7 +336,7 @@ class EditModelRegistry:
         ):
             entry = self._spool.get(edit_model_id)
             if entry is not None:
-                write_image(contact_sheet, entry.extras_dir, CONTACT_SHEET_NAME, force_name=True)
+                write_contact_sheet(contact_sheet, entry.extras_dir)
                 return
             versions = self._lookups.ask(
                 lambda: self._backend.find_versions(edit_model_id=edit_model_id),
@@ -344,7 +346,7 @@ class EditModelRegistry:
                 raise EditModelNotFoundError(edit_model_id)
             staging = self._spool.new_staging()
             try:
-                sheet = write_image(contact_sheet, staging, CONTACT_SHEET_NAME, force_name=True)
+                sheet = write_contact_sheet(contact_sheet, staging)
                 self._backend.upload_file(versions[0].run_id, sheet, None)
             finally:
                 self._spool.discard_staging(staging)
@@ -353,8 +355,11 @@ class EditModelRegistry:
 
     def delete(self, edit_model_id: str) -> None:
         """Delete the edit model everywhere: its spool entry, every model version with its ID,
-        its run(s) and their artifact bytes, and this replica's cached copies. Other replicas
-        stop serving their cached copies at their next fetch (``confirm_cached``).
+        its run(s) and their artifact bytes in MLflow (the source of truth), then this
+        replica's cached copies. From then on this replica refuses the ID without asking
+        MLflow; other replicas refuse it at their next use of it (``confirm_cached``). A local
+        copy the disk refuses to remove is logged and counted, not raised
+        (``EditModelFetcher.forget_deleted``).
 
         Raises ``InvalidEditModelIdError``, ``EditModelNotFoundError``, and
         ``RegistryUnavailableError`` if MLflow does not answer (a spooled copy is deleted even
@@ -370,19 +375,21 @@ class EditModelRegistry:
                 runs = {r.info.run_id: r for r in self._backend.find_runs(edit_model_id)}
             except RegistryUnavailableError:
                 if found:
-                    self._fetcher.forget_local(edit_model_id)
+                    self._fetcher.forget_deleted(edit_model_id)
                     return
                 # The edit model still exists in MLflow: keep serving this replica's copy.
                 raise
-            self._fetcher.forget_local(edit_model_id)
+            if not (found or versions or runs):
+                raise EditModelNotFoundError(edit_model_id)
+            # Versions first: once they are gone no replica serves the ID (each confirms it
+            # with MLflow before using a copy), so this replica's copies can go too.
             for version in versions:
                 self._backend.delete_version(version)
                 if version.run_id and version.run_id not in runs:
                     runs[version.run_id] = self._backend.get_run(version.run_id)
+            self._fetcher.forget_deleted(edit_model_id)
             for run in runs.values():
                 self._backend.delete_run(run)
-            if not (found or versions or runs):
-                raise EditModelNotFoundError(edit_model_id)
             log.info(
                 "deleted edit model %s (%d version(s), %d run(s))",
                 edit_model_id,
@@ -467,7 +474,7 @@ class EditModelRegistry:
             if input_image is not None:
                 write_image(input_image, extras, "input_image")
             if contact_sheet is not None:
-                write_image(contact_sheet, extras, CONTACT_SHEET_NAME, force_name=True)
+                write_contact_sheet(contact_sheet, extras)
             edit_model_id = new_edit_model_id()
             manifest_sha = sha256_file(staging / MODEL_DIR / EDIT_MODEL_SUBDIR / MANIFEST_FILE)
             tags = describe_manifest(manifest, edit_model_id, request_id, manifest_sha)

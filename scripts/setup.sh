@@ -11,7 +11,7 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 stamp=.venv/.forgedit-installed
-want=$(cat pyproject.toml clients/python/pyproject.toml scripts/setup.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml clients/python/pyproject.toml deploy/mlflow/requirements.txt scripts/setup.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -23,6 +23,9 @@ fi
 # The tiny model uses SD's real CLIP BPE vocabulary, which ships inside this wheel. --no-deps:
 # its dependencies (torchvision) break next to this torch; we only read one data file from it.
 "${PIP[@]}" --no-deps "open-clip-torch==3.3.0"
+# The MLflow tracking server exactly as deploy/mlflow.Dockerfile builds it (basic auth, the
+# PostgreSQL driver): scripts/fleet.sh and the tests run `mlflow server` from this .venv.
+"${PIP[@]}" -r deploy/mlflow/requirements.txt
 if [ -f clients/python/pyproject.toml ]; then
   "${PIP[@]}" -e clients/python
 fi

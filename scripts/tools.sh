@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Non-Python tools the tests use: promtool (validates the Prometheus exposition) from Debian's
-# `prometheus` package, and buf (lints the proto) from the npm registry into .tools/.
+# Non-Python tools the tests use: Debian's `prometheus` (promtool validates the exposition and
+# the alert rules; the fleet runs prometheus itself), Debian's `postgresql` (the fleet's MLflow
+# backend, scripts/fleet.sh), and buf (lints the proto) from the npm registry into .tools/.
 # Installs what is missing when it can (root + apt, npm). In CI (CI=true) a tool that cannot
 # be installed is an error; elsewhere the tests that need it skip and say why.
 set -euo pipefail
@@ -8,11 +9,17 @@ cd "$(dirname "$0")/.."
 BUF_VERSION=1.75.0
 failed=0
 
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages that are missing, installed in one apt run when we are root.
+packages=()
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+# Debian keeps PostgreSQL's server programs off PATH, under /usr/lib/postgresql/VERSION/bin.
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || packages+=(postgresql)
+if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tools: installing Debian prometheus (promtool)" >&2
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || failed=1
+    echo "tools: installing Debian ${packages[*]}" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null; } || failed=1
   else
+    echo "tools: missing Debian packages: ${packages[*]}" >&2
     failed=1
   fi
 fi
@@ -27,7 +34,7 @@ if [ ! -x .tools/node_modules/.bin/buf ] || [ "$(.tools/node_modules/.bin/buf --
 fi
 
 if [ "$failed" = 1 ]; then
-  echo "tools: promtool or buf could not be installed" >&2
+  echo "tools: prometheus, postgresql or buf could not be installed" >&2
   [ "${CI:-}" = "true" ] && exit 1
 fi
 exit 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from forgedit.preview import PREVIEW_DENOISING_STEPS
 from server.plans import EditRequestPlan
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class Estimator:
         assert plan is not None, "estimated at submission, before it finished"
         sweep = plan.sweep
         image_steps = sweep.num_images * sweep.steps
+        if plan.preview.training_free:  # a few guided steps of one image (forgedit.preview)
+            image_steps += PREVIEW_DENOISING_STEPS
         seconds = self.fixed_overhead_s + image_steps * self.seconds_per_image_step
         if isinstance(plan, EditRequestPlan):
             seconds += plan.training.total_samples * self.seconds_per_training_sample

@@ -7,6 +7,9 @@ table counts what its events take against a byte budget (``server.job_table``). 
 of streams read the buffer (the submitting call, re-attached calls, WatchJob), each from its
 own cursor; a reader that falls behind a full buffer loses the oldest events and sees a gap in
 the sequence numbers. Images make events large, so the buffer is bounded by count and bytes.
+A preview is not history worth replaying but a picture of now: a new preview replaces the
+buffered one of the same kind and image, so previews hold at most one slot per image and a
+re-attaching client sees each image's latest preview.
 
 Thread safety: the worker thread appends events and changes state; RPC threads read and wait.
 Everything mutable is guarded by one condition variable per job. The events themselves are
@@ -129,10 +132,13 @@ class Job:
 
     def emit(self, kind: wire.EventKind) -> pb.Event:
         """Append one event (e.g. ``emit(wire.training(progress))``) and wake readers. Oldest
-        events are evicted beyond the count or byte bound."""
+        events are evicted beyond the count or byte bound; a preview evicts the one it
+        replaces first."""
         with self._cond:
             self._sequence += 1
             event = wire.event(self.job_id, self._sequence, kind)
+            if isinstance(kind, pb.PreviewEvent):
+                self._drop_replaced_preview(kind)
             size = event.ByteSize()
             self._events.append(event)
             self._bytes += size
@@ -142,6 +148,18 @@ class Job:
                 self._bytes -= self._events.popleft().ByteSize()
             self._cond.notify_all()
             return event
+
+    def _drop_replaced_preview(self, new: pb.PreviewEvent) -> None:
+        """Forget the buffered preview of the same kind and image as ``new`` (under the lock)."""
+        for i, old in enumerate(self._events):
+            if (
+                old.WhichOneof("kind") == "preview"
+                and old.preview.kind == new.kind
+                and old.preview.index == new.index
+            ):
+                self._bytes -= old.ByteSize()
+                del self._events[i]
+                return
 
     def read(self, after: int, timeout: float) -> tuple[list[pb.Event], bool]:
         """Events with ``sequence > after``; waits up to ``timeout`` s for one if none yet.

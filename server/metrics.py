@@ -3,13 +3,16 @@
 Each server instance has its own ``CollectorRegistry``, so several servers in one process (the
 tests) do not share series. Labels are bounded sets only: ``method`` (the RPC's name),
 ``backend`` (torch, onnxruntime, tensorrt), ``reason`` of a backend fallback (bounded codes),
-``code`` (a gRPC status name), ``reason`` (a cancellation reason or status name) and
-``base_model`` (the configured base models). Never a job, request or edit-model ID.
+``code`` (a gRPC status name), ``reason`` (a cancellation reason or status name),
+``kind`` of a preview (training_free, x0) and ``base_model`` (the configured base models).
+Never a job, request or edit-model ID.
 
 Histograms (seconds): ``forgedit_queue_wait_seconds{method}``, ``forgedit_captioning_seconds``,
 ``forgedit_training_seconds{base_model}``, ``forgedit_registration_seconds``,
 ``forgedit_sampling_image_seconds{method,backend}`` (per image, by the UNet backend that
-sampled it), ``forgedit_time_to_first_image_seconds{method}``,
+sampled it), ``forgedit_time_to_first_image_seconds{method}`` (from accepting a job to its
+first final image), ``forgedit_time_to_first_preview_seconds{method,kind}`` (to its first
+preview of each kind),
 ``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
 Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``, ``forgedit_retained_jobs`` and
 ``forgedit_retained_job_bytes`` (finished jobs kept for replay, and the bytes of their events,
@@ -18,8 +21,10 @@ bounded by FORGEDIT_MAX_RETAINED_JOB_BYTES); cached edit models come from the re
 Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
 reason}``, ``forgedit_images_total{method}``, ``forgedit_unet_backend_fallbacks_total{backend,
 reason}`` (a UNet backend that could not serve: not installed, no CUDA, build failed, canary
-failed). The failure, image and fallback series exist at 0 from start-up (every bounded label
-combination), so alerts over their ``rate()`` see a replica's first event.
+failed), ``forgedit_previews_total{method,kind}`` (previews sent) and
+``forgedit_previews_dropped_total{method}`` (previews past a job's byte budget). The failure,
+image, preview, fallback and time-to-first series exist at 0 from start-up (every bounded label
+combination), so alerts over their ``rate()`` or quantiles see a replica's first event.
 
 The endpoint also serves the process-wide default registry (the registry package's spool and
 cache gauges, and prometheus_client's process and Python collectors).
@@ -44,6 +49,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from forgedit.backends.names import ACCELERATED_BACKENDS, BACKEND_NAMES, FALLBACK_REASONS
+from forgedit.preview import PREVIEW_KINDS
 
 # The label values of the job counters (bounded sets, exported at 0 from start-up):
 # job methods, and failure reasons = lower-case status names (server.errors.MappedError.reason).
@@ -51,6 +57,8 @@ JOB_METHODS = ("Edit", "Sample")
 FAILURE_REASONS = tuple(
     code.name.lower() for code in grpc.StatusCode if code is not grpc.StatusCode.OK
 )
+# The previews each job method can send: only an Edit has a training-free one.
+PREVIEWS_OF = {"Edit": PREVIEW_KINDS, "Sample": ("x0",)}
 
 # From a 64x64 test image (tens of ms) to a 1000-update fine-tune on a slow GPU (minutes).
 _LONG = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
@@ -110,6 +118,22 @@ class Metrics:
             buckets=_LONG,
             registry=r,
         )
+        self.time_to_first_preview = Histogram(
+            "forgedit_time_to_first_preview_seconds",
+            "From accepting a job to its first preview of a kind (training_free, x0).",
+            ["method", "kind"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.previews = Counter(
+            "forgedit_previews", "Previews sent, by kind.", ["method", "kind"], registry=r
+        )
+        self.previews_dropped = Counter(
+            "forgedit_previews_dropped",
+            "Previews not sent because the job's preview byte budget was spent.",
+            ["method"],
+            registry=r,
+        )
         self.rpc_duration = Histogram(
             "forgedit_rpc_duration_seconds",
             "End-to-end duration of an RPC, by final status code.",
@@ -145,12 +169,17 @@ class Metrics:
         self._thread: threading.Thread | None = None
 
     def _initialise_series(self) -> None:
-        """Export every (bounded) labelled counter series at 0 from the start. A series that
-        first appears at its first event has no earlier sample, so ``rate()`` and
-        ``increase()`` over it stay empty and an alert on them never fires for a replica's
-        first failure."""
+        """Export every (bounded) labelled counter and histogram series at 0 from the start.
+        A series that first appears at its first event has no earlier sample, so ``rate()``
+        and ``increase()`` over it stay empty and an alert on them never fires for a
+        replica's first failure (or its first slow preview)."""
         for method in JOB_METHODS:
             self.images.labels(method=method)
+            self.time_to_first_image.labels(method=method)
+            self.previews_dropped.labels(method=method)
+            for kind in PREVIEWS_OF[method]:
+                self.time_to_first_preview.labels(method=method, kind=kind)
+                self.previews.labels(method=method, kind=kind)
             for reason in FAILURE_REASONS:
                 self.failures.labels(method=method, reason=reason)
             for backend in BACKEND_NAMES:

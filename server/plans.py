@@ -22,11 +22,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from forgedit.config import DeltaFormat, Precision, SweepConfig, TrainingConfig
+from forgedit.config import (
+    DeltaFormat,
+    OutputConfig,
+    Precision,
+    PreviewConfig,
+    SweepConfig,
+    TrainingConfig,
+)
 from forgedit.errors import InvalidInputError
 from forgedit.images import ImageLimits, LoadedImage, load_image
 from forgedit.options import EditOptions, SampleOptions
-from forgedit.requests import TrainSeedFrom, build_edit, build_sweep, training_with_seed
+from forgedit.requests import TrainSeedFrom, build_edit, build_sample, training_with_seed
 from registry.ids import validate_edit_model_id
 from server import validation
 from server.catalog import ServedModels
@@ -107,6 +114,8 @@ class EditRequestPlan:
     # "given" (the request's seed), "content" (derived from the content once the source prompt
     # and base model are known: ``training_for``) or "random" (fresh_seed).
     train_seed_from: TrainSeedFrom = "given"
+    output: OutputConfig = OutputConfig()  # how images (and previews) are encoded
+    preview: PreviewConfig = PreviewConfig(training_free=True)
 
     @property
     def images_total(self) -> int:
@@ -138,6 +147,8 @@ class SampleRequestPlan:
     edit_model_id: str
     sweep: SweepConfig
     detach: bool
+    output: OutputConfig = OutputConfig()
+    preview: PreviewConfig = PreviewConfig()
 
     @property
     def images_total(self) -> int:
@@ -191,6 +202,8 @@ def edit_plan(
         edit.sweep,
         call.detach,
         edit.train_seed_from,
+        edit.output,
+        edit.preview,
     )
 
 
@@ -208,5 +221,7 @@ def sample_plan(
 
     # 2. The engine's rules and the edit model's variant's defaults, within the bounds.
     mode = training_mode_of(edit_model_id)
-    sweep = build_sweep(call.options.sweep, call.options.target_prompts, mode, limits.bounds())
-    return SampleRequestPlan(call.request_id, edit_model_id, sweep, call.detach)
+    sample = build_sample(call.options, mode, limits.bounds())
+    return SampleRequestPlan(
+        call.request_id, edit_model_id, sample.sweep, call.detach, sample.output, sample.preview
+    )

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from forgedit.config import Precision, SweepConfig, TrainingConfig
     from forgedit.engine import EditedImage
     from forgedit.events import CancelToken, SamplingCallback, TrainingCallback
+    from forgedit.preview import Preview, PreviewCallback
     from registry import EditModelInfo, EditModelPage, RegisteredEditModel
 
 
@@ -59,6 +60,22 @@ class EngineLike(Protocol):
 
     def source_prompt(self, image: Image.Image, target_prompt: str) -> str: ...
 
+    def preview(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        height: int,
+        width: int,
+        seed: int,
+        vae_seed: int = 0,
+        guidance: float = 7.5,
+        precision: Precision | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Preview:
+        """The training-free preview (``forgedit.preview.sdedit``), before a fine-tune."""
+        ...
+
     def finetune(
         self,
         image: Image.Image,
@@ -80,6 +97,8 @@ class EngineLike(Protocol):
         cancel: CancelToken | None = None,
         max_batch: int = 8,
         precision: Precision | None = None,
+        x0_every: int | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[EditedImage]: ...
 
     def warmup(self) -> None: ...

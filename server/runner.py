@@ -1,14 +1,22 @@
 """What a device's worker does with one job, step by step, as events.
 
 Edit (``JobRunner._edit``): 0. decode the input image (its pixels exist only while the job
-runs: a queued or finished job keeps no pixels); 1. source prompt (BLIP caption, or the
-caller's) → ``captioned``;
-2. fine-tune → ``training`` after every update; 3. register → ``registered``; 4. sample the
-sweep → ``sampling`` after every denoising step and ``image`` per finished image; 5. attach a
-contact sheet to the edit model; 6. ``completed`` with the timings of every phase. Each step
-is one small helper (``_caption``, ``_finetune_or_reuse``, ``_register``, ``_sample``,
-``_complete``); ``_phase`` times a step once (the job's ``PhaseTimer``) for its timings and
-its histogram. Every event is built by ``server.wire``; the runner says which and when.
+runs: a queued or finished job keeps no pixels); 1. the training-free preview → ``preview``
+(unless the request turned it off); 2. source prompt (BLIP caption, or the caller's) →
+``captioned``; 3. fine-tune → ``training`` after every update; 4. register → ``registered``;
+5. sample the sweep → ``sampling`` after every denoising step, ``preview`` every k steps per
+image when the request asked for x0 previews, and ``image`` per finished image; 6. attach a
+contact sheet to the edit model; 7. ``completed`` with the timings of every phase. Each step
+is one small helper (``_first_look``, ``_caption``, ``_finetune_or_reuse``, ``_register``,
+``_sample``, ``_complete``); ``_phase`` times a step once (the job's ``PhaseTimer``) for its
+timings and its histogram. Every event is built by ``server.wire``; the runner says which and when.
+
+Previews are never results (``forgedit.preview``). The training-free one runs on the job's
+own device before the fine-tune: its cost is its own time, a few percent of the job
+(BENCHMARKS.md), reported as the ``preview`` phase. A job's previews are bounded: x0 previews
+by count (refused up front, ``forgedit.requests.build_preview``), all previews by bytes
+(``_PreviewStream``: past the budget they are not sent, and the job goes on). Images and
+previews are encoded as the request asks (PNG, WebP or JPEG), and so is the contact sheet.
 
 An Edit whose fine-tune is stored already (same image bytes, base model, source prompt and
 training config, seed included) reuses it: ``registered(deduplicated=true)`` follows
@@ -38,9 +46,9 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from forgedit.config import Precision, SweepConfig, TrainingConfig
+from forgedit.config import OutputConfig, Precision, SweepConfig, TrainingConfig
 from forgedit.events import SamplingProgress, TrainingProgress
-from forgedit.images import contact_sheet, encode_png, sheet_label
+from forgedit.images import contact_sheet, encode_image, sheet_label
 from server import wire
 from server.estimator import Estimator
 from server.jobs import Job
@@ -56,6 +64,7 @@ if TYPE_CHECKING:
 
     from forgedit.artifact import EditModel
     from forgedit.engine import EditedImage
+    from forgedit.preview import Preview
     from registry import EditModelInfo
 
 log = logging.getLogger("server.runner")
@@ -87,37 +96,49 @@ class JobRunner:
 
     def _edit(self, job: Job, plan: EditRequestPlan, engines: Mapping[str, EngineLike]) -> None:
         engine = engines[plan.base_model]
+        previews = _PreviewStream(job, plan.output, self.metrics, self.limits.max_preview_bytes)
 
         # 0. The input image's pixels, for this run only (the plan keeps its checked bytes).
         image = plan.image.decode().image
 
-        # 1. The source prompt: training depends on it, never on the target prompt.
+        # 1. A first look at the edit within seconds: the base model's training-free preview,
+        # before anything is trained (not part of the original Forgedit).
+        if plan.preview.training_free:
+            self._first_look(job, plan, engine, image, previews)
+            job.cancel.check()
+
+        # 2. The source prompt: training depends on it, never on the target prompt.
         source_prompt = self._caption(job, plan, engine, image)
         job.cancel.check()
 
-        # 2. Fine-tune the edit model, unless the very same fine-tune is stored already (the
+        # 3. Fine-tune the edit model, unless the very same fine-tune is stored already (the
         # default, content-derived seed makes that the rule for a repeated image).
         training = plan.training_for(engine.fingerprint, source_prompt)
         edit_model, existing = self._finetune_or_reuse(
             job, plan, engine, image, source_prompt, training
         )
 
-        # 3. Register a fresh fine-tune; a reused one is registered already.
+        # 4. Register a fresh fine-tune; a reused one is registered already.
         if existing is None:
             edit_model_id = self._register(job, plan, edit_model)
         else:
             edit_model_id = self._announce_reused(job, existing)
         job.cancel.check()
 
-        # 4. Sample the sweep.
-        edited = self._sample(job, engine, edit_model, plan.sweep, training.precision)
+        # 5. Sample the sweep.
+        edited = self._sample(
+            job, engine, edit_model, plan.sweep, plan.output, previews, training.precision
+        )
 
-        # 5. The registry keeps a contact sheet of the sampled edits next to the model, for
-        # people browsing MLflow. Only a fresh fine-tune gets one: a reused model has its own.
+        # 6. The registry keeps a contact sheet of the sampled edits next to the model, for
+        # people browsing MLflow, in the request's image format. Only a fresh fine-tune gets
+        # one: a reused model has its own.
         if existing is None:
-            self.registry.add_contact_sheet(edit_model_id, _contact_sheet_png(image, edited))
+            self.registry.add_contact_sheet(
+                edit_model_id, _contact_sheet(image, edited, plan.output)
+            )
 
-        # 6. Done.
+        # 7. Done.
         self._complete(job, edit_model_id, plan.sweep, train_seed=training.seed)
 
     def _sample_stored(
@@ -131,7 +152,8 @@ class JobRunner:
         job.cancel.check()
 
         # 2. Sample the sweep.
-        self._sample(job, engine, edit_model, plan.sweep)
+        previews = _PreviewStream(job, plan.output, self.metrics, self.limits.max_preview_bytes)
+        self._sample(job, engine, edit_model, plan.sweep, plan.output, previews)
 
         # 3. Done.
         self._complete(job, plan.edit_model_id, plan.sweep)
@@ -146,6 +168,31 @@ class JobRunner:
             yield
         if histogram is not None:
             histogram.observe(job.timings.seconds(name))
+
+    def _first_look(
+        self,
+        job: Job,
+        plan: EditRequestPlan,
+        engine: EngineLike,
+        image: Image.Image,
+        previews: _PreviewStream,
+    ) -> None:
+        """The training-free preview of the first target prompt at the job's resolution,
+        deterministic from its first sampling seed and its VAE seed; emits ``preview``. Timed
+        as the ``preview`` phase: its whole cost to the job."""
+        with self._phase(job, "preview"):
+            shown = engine.preview(
+                image,
+                plan.sweep.prompts[0],
+                height=plan.training.height,
+                width=plan.training.width,
+                seed=plan.sweep.seeds[0],
+                vae_seed=plan.training.vae_seed,
+                guidance=plan.sweep.guidance,
+                precision=plan.training.precision,
+                cancel=job.cancel,
+            )
+            previews.send(shown)  # its encoding is part of its cost
 
     def _caption(
         self, job: Job, plan: EditRequestPlan, engine: EngineLike, image: Image.Image
@@ -248,18 +295,24 @@ class JobRunner:
         engine: EngineLike,
         edit_model: EditModel,
         sweep: SweepConfig,
+        output: OutputConfig,
+        previews: _PreviewStream,
         precision: Precision | None = None,
     ) -> list[EditedImage]:
         """Sample the sweep in ``precision`` (None: the engine's, i.e. the server default),
-        emitting progress and each image as it finishes; return the engine's
-        ``EditedImage``s."""
-        stream = _SamplingStream(job, engine, self.metrics)
+        emitting progress, the x0 previews the request asked for, and each image as it
+        finishes, encoded as ``output`` asks; return the engine's ``EditedImage``s."""
+        stream = _SamplingStream(job, engine, self.metrics, output)
+        assert job.plan is not None  # a running job has its plan (``Job.finish`` drops it)
+        x0_every = job.plan.preview.x0_every
         with self._phase(job, "sampling"):
             edited = engine.sample(
                 edit_model,
                 sweep,
                 on_image=stream.on_image,
                 on_progress=stream.on_progress,
+                x0_every=x0_every,
+                on_preview=previews.send if x0_every is not None else None,
                 cancel=job.cancel,
                 # Batches that fit the device's pixel budget at this resolution.
                 max_batch=sampling_batch_size(
@@ -296,10 +349,11 @@ class _SamplingStream:
     every denoising step, ``image`` per finished image. A batch's images finish together, so
     the first one carries the batch's time, split over its images (one observation each)."""
 
-    def __init__(self, job: Job, engine: EngineLike, metrics: Metrics) -> None:
+    def __init__(self, job: Job, engine: EngineLike, metrics: Metrics, output: OutputConfig):
         self.job = job
         self.engine = engine
         self.metrics = metrics
+        self.output = output
         self.last = time.perf_counter()
         self.pending = 0  # images of the batch that just finished, to split its time
         self.first = True
@@ -322,8 +376,41 @@ class _SamplingStream:
         if self.first:
             self.first = False
             self.metrics.time_to_first_image.labels(method=job.method).observe(job.elapsed_s)
-        job.emit(wire.image(edited))
+        job.emit(wire.image(edited, self.output))
         self.metrics.images.labels(method=job.method).inc()
+
+
+class _PreviewStream:
+    """A job's previews on their way out: each encoded as the job's images are, sent while
+    the job's preview bytes stay within ``max_bytes`` (then dropped, counted, logged once: a
+    preview is never worth failing or slowing a job for), and the time to the first of each
+    kind observed once."""
+
+    def __init__(self, job: Job, output: OutputConfig, metrics: Metrics, max_bytes: int) -> None:
+        self.job = job
+        self.output = output
+        self.metrics = metrics
+        self.budget = max_bytes
+        self.seen: set[str] = set()  # kinds sent so far
+        self.dropping = False
+
+    def send(self, shown: Preview) -> None:
+        job = self.job
+        data = b"" if self.dropping else encode_image(shown.image, self.output)
+        if self.dropping or len(data) > self.budget:
+            if not self.dropping:
+                log.info("preview byte budget of this job spent: later previews are not sent")
+            self.dropping = True
+            self.metrics.previews_dropped.labels(method=job.method).inc()
+            return
+        self.budget -= len(data)
+        job.emit(wire.preview(shown, data, self.output))
+        self.metrics.previews.labels(method=job.method, kind=shown.kind).inc()
+        if shown.kind not in self.seen:
+            self.seen.add(shown.kind)
+            self.metrics.time_to_first_preview.labels(method=job.method, kind=shown.kind).observe(
+                job.elapsed_s
+            )
 
 
 def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> EngineLike:
@@ -340,7 +427,8 @@ def _engine_for(edit_model: EditModel, engines: Mapping[str, EngineLike]) -> Eng
     )
 
 
-def _contact_sheet_png(original: Image.Image, edited: list[EditedImage]) -> bytes:
+def _contact_sheet(original: Image.Image, edited: list[EditedImage], output: OutputConfig) -> bytes:
     """The input beside the sampled edits (as many as a sheet shows), each labelled by its
-    parameters."""
-    return encode_png(contact_sheet(original, [(e.image, sheet_label(e.spec)) for e in edited]))
+    parameters, encoded as the job's images are."""
+    sheet = contact_sheet(original, [(e.image, sheet_label(e.spec)) for e in edited])
+    return encode_image(sheet, output)

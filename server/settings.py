@@ -296,6 +296,19 @@ class ServerSettings(BaseSettings):
     replay_max_bytes: int = Field(
         default=64 * MIB, ge=MIB, description="Event bytes (mostly PNGs) buffered per job."
     )
+    preview_max_x0: int = Field(
+        default=256,
+        ge=0,
+        description="x0 previews one job may send (PreviewOptions.x0_every); a request that "
+        "plans more is refused with INVALID_ARGUMENT naming the x0_every that fits. 0 = none.",
+    )
+    preview_max_bytes: int = Field(
+        default=8 * MIB,
+        ge=0,
+        description="Bytes of previews one job may send, all kinds together; previews past it "
+        "are not sent (the job goes on). In the replay buffer a preview replaces the previous "
+        "one of the same image, so previews hold at most one slot per image there.",
+    )
     time_priors: dict[str, TimePrior] = Field(
         default_factory=lambda: dict(DEFAULT_TIME_PRIORS),
         description="Run-time estimates before any job is measured (deadline check, retry "

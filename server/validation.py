@@ -45,6 +45,8 @@ class Limits:
     max_training_updates: int = 5000
     max_batch_pixels: int = 2048 * 2048
     sampling_batch: int = 8  # images per denoising batch (the server's max_batch)
+    max_x0_previews: int = 256  # x0 previews per job (refused up front beyond it)
+    max_preview_bytes: int = 8 * 1024 * 1024  # preview bytes per job (not sent beyond it)
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> Limits:
@@ -60,17 +62,21 @@ class Limits:
             max_training_updates=settings.max_training_updates,
             max_batch_pixels=settings.max_batch_pixels,
             sampling_batch=settings.max_batch,
+            max_x0_previews=settings.preview_max_x0,
+            max_preview_bytes=settings.preview_max_bytes,
         )
 
     def bounds(self) -> Bounds:
         """The limits on the work a request builds up to (all stages' updates, images per
-        sweep, pixels per batch), which the engine's builder enforces once it knows the
+        sweep, pixels per batch, x0 previews), which the engine's builder enforces once it knows the
         defaults (``forgedit.requests.Bounds``)."""
         return Bounds(
             max_total_updates=self.max_training_updates,
             max_sweep_images=self.max_sweep_images,
             max_batch_pixels=self.max_batch_pixels,
             batch_pixels_setting="FORGEDIT_MAX_BATCH_PIXELS",
+            max_x0_previews=self.max_x0_previews,
+            x0_previews_setting="FORGEDIT_PREVIEW_MAX_X0",
         )
 
 

@@ -8,8 +8,9 @@ table is refused here, naming the field and the accepted values. After this, not
 request message but ``payload_digest``.
 
 Out: every message the server sends that is not a bare RPC envelope: each event of a job's
-stream (``event`` wraps the kinds: ``accepted``, ``queued``, ``captioned``, ``training``,
-``registered``, ``sampling``, ``image``, ``completed``; and ``heartbeat``) and the resources
+stream (``event`` wraps the kinds: ``accepted``, ``queued``, ``preview``, ``captioned``,
+``training``, ``registered``, ``sampling``, ``image``, ``completed``; and ``heartbeat``) and
+the resources
 (``job_message``, ``edit_model_to_proto``). The runner, the scheduler and the job call these
 and build no protobuf themselves. The tables below are the only place that pairs an enum with
 the engine's name, so a new enum value is added once.
@@ -26,9 +27,24 @@ from typing import TYPE_CHECKING, TypeVar
 from google.protobuf import timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from forgedit.config import DeltaFormat, Interpolation, Precision, TrainingMode
+from forgedit.config import (
+    DeltaFormat,
+    ImageFormat,
+    Interpolation,
+    OutputConfig,
+    Precision,
+    TrainingMode,
+)
 from forgedit.errors import InvalidInputError
-from forgedit.options import EditOptions, SampleOptions, SweepOptions, TrainingOptions
+from forgedit.options import (
+    EditOptions,
+    OutputOptions,
+    PreviewOptions,
+    SampleOptions,
+    SweepOptions,
+    TrainingOptions,
+)
+from forgedit.preview import PreviewKind
 from server._proto import forgedit_pb2 as pb
 from server.plans import EditCall, SampleCall
 
@@ -36,6 +52,7 @@ if TYPE_CHECKING:
     from forgedit.config import ImageSpec
     from forgedit.engine import EditedImage
     from forgedit.events import PhaseTimer, SamplingProgress, TrainingProgress
+    from forgedit.preview import Preview
     from registry import EditModelInfo
     from server.errors import MappedError
 
@@ -62,6 +79,15 @@ DELTA_FORMATS: dict[pb.DeltaFormat, DeltaFormat] = {
     pb.DELTA_FORMAT_FP16: "fp16",
     pb.DELTA_FORMAT_INT8: "int8",
 }
+IMAGE_FORMATS: dict[pb.ImageFormat, ImageFormat] = {
+    pb.IMAGE_FORMAT_PNG: "png",
+    pb.IMAGE_FORMAT_WEBP: "webp",
+    pb.IMAGE_FORMAT_JPEG: "jpeg",
+}
+PREVIEW_KINDS: dict[pb.PreviewKind, PreviewKind] = {
+    pb.PREVIEW_KIND_TRAINING_FREE: "training_free",
+    pb.PREVIEW_KIND_X0_ESTIMATE: "x0",
+}
 
 
 def edit_call(request: pb.EditRequest) -> EditCall:
@@ -76,6 +102,8 @@ def edit_call(request: pb.EditRequest) -> EditCall:
             source_prompt=request.source_prompt if request.HasField("source_prompt") else None,
             training=training_options(request.training),
             sweep=sweep_options(request.sweep),
+            output=output_options(request.output),
+            preview=preview_options(request.preview),
         ),
     )
 
@@ -87,7 +115,10 @@ def sample_call(request: pb.SampleRequest) -> SampleCall:
         detach=request.detach,
         edit_model_id=request.edit_model_id,
         options=SampleOptions(
-            target_prompts=tuple(request.target_prompts), sweep=sweep_options(request.sweep)
+            target_prompts=tuple(request.target_prompts),
+            sweep=sweep_options(request.sweep),
+            output=output_options(request.output),
+            preview=preview_options(request.preview),
         ),
     )
 
@@ -130,6 +161,20 @@ def sweep_options(message: pb.SweepOptions) -> SweepOptions:
     )
 
 
+def output_options(message: pb.OutputOptions) -> OutputOptions:
+    return OutputOptions(
+        format=_decode(IMAGE_FORMATS, message.format, "output.format", pb.ImageFormat),
+        quality=message.quality if message.HasField("quality") else None,
+    )
+
+
+def preview_options(message: pb.PreviewOptions) -> PreviewOptions:
+    return PreviewOptions(
+        training_free=message.training_free if message.HasField("training_free") else None,
+        x0_every=message.x0_every if message.HasField("x0_every") else None,
+    )
+
+
 def _decode(table: Mapping[E, N], number: E, field: str, enum: EnumTypeWrapper) -> N | None:
     """The engine's name of an enum value; None for 0 (UNSPECIFIED: unset). A number outside
     the table is refused naming the accepted values, e.g. "unknown delta format 7; accepted:
@@ -169,6 +214,7 @@ EventKind = (
     | pb.RegisteredEvent
     | pb.SamplingEvent
     | pb.ImageEvent
+    | pb.PreviewEvent
     | pb.CompletedEvent
 )
 _KIND_FIELD = {
@@ -243,14 +289,35 @@ def sampling(progress: SamplingProgress) -> pb.SamplingEvent:
     )
 
 
-def image(edited: EditedImage) -> pb.ImageEvent:
-    """One finished image: its PNG and the parameters it was made with."""
-    return pb.ImageEvent(
+def image(edited: EditedImage, output: OutputConfig = OutputConfig()) -> pb.ImageEvent:
+    """One finished image, encoded as ``output`` asks, and the parameters it was made with.
+    PNG goes in ``png`` (the field every client knows), WebP and JPEG in ``data``."""
+    message = pb.ImageEvent(
         index=edited.spec.index,
-        png=edited.png_bytes(),
         width=edited.image.width,
         height=edited.image.height,
         params=image_params(edited.spec),
+        format=IMAGE_FORMAT_NUMBERS[output.format],
+    )
+    if output.format == "png":
+        message.png = edited.encoded(output)
+    else:
+        message.data = edited.encoded(output)
+    return message
+
+
+def preview(shown: Preview, data: bytes, output: OutputConfig) -> pb.PreviewEvent:
+    """A preview (never a result), its image already encoded as ``output`` asks (the runner
+    encodes it once, to count its bytes against the job's budget)."""
+    return pb.PreviewEvent(
+        kind=PREVIEW_KIND_NUMBERS[shown.kind],
+        index=shown.index,
+        data=data,
+        format=IMAGE_FORMAT_NUMBERS[output.format],
+        width=shown.image.width,
+        height=shown.image.height,
+        step=shown.step,
+        steps=shown.steps,
     )
 
 
@@ -263,7 +330,8 @@ def completed(
     train_seed: int = 0,
 ) -> pb.CompletedEvent:
     """The last event: the job's seconds per phase (``PhaseTimer`` names: queue_wait,
-    captioning, training, registration, sampling, total; 0 for a phase it did not have)."""
+    preview, captioning, training, registration, sampling, total; 0 for a phase it did not
+    have)."""
     return pb.CompletedEvent(
         timings=pb.PhaseTimings(
             queue_wait_seconds=timings.seconds("queue_wait"),
@@ -273,6 +341,7 @@ def completed(
             sampling_seconds=timings.seconds("sampling"),
             sampling_backend=sampling_backend,
             total_seconds=timings.seconds("total"),
+            preview_seconds=timings.seconds("preview"),
         ),
         edit_model_id=edit_model_id,
         images=images,
@@ -306,6 +375,8 @@ def _inverse(table: Mapping[E, str]) -> dict[str, E]:
 TRAINING_MODE_NUMBERS = _inverse(TRAINING_MODES)
 INTERPOLATION_NUMBERS = _inverse(INTERPOLATIONS)
 DELTA_FORMAT_NUMBERS = _inverse(DELTA_FORMATS)
+IMAGE_FORMAT_NUMBERS = _inverse(IMAGE_FORMATS)
+PREVIEW_KIND_NUMBERS = _inverse(PREVIEW_KINDS)
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:

@@ -22,7 +22,9 @@ from typing import Literal, TypeVar, cast
 from forgedit.config import (
     MAX_BATCH,
     DeltaFormat,
+    ImageFormat,
     Interpolation,
+    OutputConfig,
     Precision,
     SweepConfig,
     TrainingConfig,
@@ -31,10 +33,11 @@ from forgedit.config import (
 from forgedit.durable import JsonObject
 from forgedit.errors import EditModelError, InvalidInputError, ModelDirectoryError
 from forgedit.images import LoadedImage, load_image
-from forgedit.options import EditOptions, SweepOptions, TrainingOptions
+from forgedit.options import EditOptions, OutputOptions, SweepOptions, TrainingOptions
 from forgedit.requests import (
     TrainSeedFrom,
     build_edit,
+    build_output,
     build_sweep,
     check_device,
     default_device,
@@ -60,6 +63,7 @@ class EditCommand:
     config: TrainingConfig  # height/width provisional when size_given is False
     size_given: bool
     sweep: SweepConfig
+    output: OutputConfig  # how the images and the contact sheet are encoded
     device: str
     precision: Precision
     max_batch: int
@@ -115,6 +119,7 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         manifest = _check_load_model(args, load_model, options.training)
         config = _manifest_training(manifest)
         sweep = build_sweep(options.sweep, options.target_prompts, config.mode)
+        output = build_output(options.output)
         train_seed_from = "edit model"
         trained_on = manifest.get("image_sha256")
     else:
@@ -127,6 +132,7 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         # The native size is known only after loading: 512x512 stands in until then.
         edit = build_edit(options, native_height=512, native_width=512, precision=precision)
         config, sweep, train_seed_from = edit.training, edit.sweep, edit.train_seed_from
+        output = edit.output  # (its previews are the service's: this CLI writes at the end)
         if args.save_model is not None:
             _check_new_model_dir(args.save_model)
         trained_on = None
@@ -163,6 +169,7 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
         config=config,
         size_given=options.training.width is not None or load_model is not None,
         sweep=sweep,
+        output=output,
         device=device,
         precision=precision,
         max_batch=max_batch,
@@ -215,7 +222,15 @@ def edit_options(args: argparse.Namespace) -> EditOptions:
         steps=parse_int(args.steps, "--steps"),
         guidance=parse_float(args.guidance, "--guidance"),
     )
-    return EditOptions(tuple(args.prompt), args.source_prompt, training, sweep)
+    output = OutputOptions(
+        format=cast(ImageFormat | None, args.image_format),
+        quality=(
+            parse_int(args.image_quality, "--image-quality")
+            if args.image_quality is not None
+            else None
+        ),
+    )
+    return EditOptions(tuple(args.prompt), args.source_prompt, training, sweep, output)
 
 
 def parse_device(value: str | None) -> str:

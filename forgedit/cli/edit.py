@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from forgedit.cli.arguments import EditCommand
-from forgedit.cli.output import CONTACT_SHEET, SUMMARY, StagedOutput, display_path
+from forgedit.cli.output import CONTACT_SHEET_STEM, SUMMARY, StagedOutput, display_path
 from forgedit.cli.progress import Progress
 from forgedit.durable import JsonObject
 from forgedit.events import CancelToken, PhaseTimer
 from forgedit.images import (
     CONTACT_SHEET_MAX_IMAGES,
     contact_sheet,
-    encode_png,
+    encode_image,
     image_file_name,
     sheet_label,
     slug,
@@ -61,8 +61,9 @@ class SweepOutput:
             spec.alpha,
             spec.seed,
             slug(spec.prompt) if self.with_prompt else None,
+            self.command.output.suffix,
         )
-        self.output.write(name, encode_png(edited.image))
+        self.output.write(name, encode_image(edited.image, self.command.output))
         self.files.append({"path": display_path(self.command.out, name), **spec.to_dict()})
         if len(self.tiles) < CONTACT_SHEET_MAX_IMAGES:
             self.tiles.append((edited.image, sheet_label(spec, self.with_prompt)))
@@ -103,7 +104,7 @@ def run_edit(command: EditCommand, cancel: CancelToken, stderr: TextIO) -> JsonO
         # 4. The contact sheet and the summary; then move everything into --out.
         with timer.phase("contact_sheet"):
             sheet = contact_sheet(command.image.image, images.tiles)
-            output.write(CONTACT_SHEET, encode_png(sheet))
+            output.write(_sheet_name(command), encode_image(sheet, command.output))
         timer.record("total", time.perf_counter() - started)
         summary = _summary(command, engine, base_dir_label, edit_model, edit_model_dir, images)
         summary["timings"] = {name: round(s, 4) for name, s in timer.timings.items()}
@@ -128,7 +129,7 @@ def _summary(
     config = edit_model.training
     return {
         "images": sorted(images.files, key=lambda f: f["index"]),
-        "contact_sheet": display_path(command.out, CONTACT_SHEET),
+        "contact_sheet": display_path(command.out, _sheet_name(command)),
         "contact_sheet_images": len(images.tiles),
         "summary": display_path(command.out, SUMMARY),
         "edit_model": edit_model_dir,
@@ -164,7 +165,13 @@ def _summary(
         "training": config.to_dict(),
         "loss_curve": [float(x) for x in edit_model.loss_curve],
         "sweep": command.sweep.to_dict(),
+        "output": {"format": command.output.format, "quality": command.output.quality},
     }
+
+
+def _sheet_name(command: EditCommand) -> str:
+    """contact_sheet.png, or .webp / .jpg: encoded as the images are."""
+    return CONTACT_SHEET_STEM + command.output.suffix
 
 
 def _load_engine(command: EditCommand) -> tuple[Engine, str]:

@@ -12,7 +12,7 @@ from typing import TextIO
 
 from forgedit.durable import JsonObject, fsync_dir, write_bytes_atomic
 
-CONTACT_SHEET = "contact_sheet.png"
+CONTACT_SHEET_STEM = "contact_sheet"  # + the encoding's suffix: contact_sheet.png by default
 SUMMARY = "summary.json"
 
 

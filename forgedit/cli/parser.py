@@ -13,7 +13,15 @@ import textwrap
 from typing import NoReturn
 
 from forgedit.backends.names import BACKEND_CHOICES
-from forgedit.config import DELTA_FORMATS, INTERPOLATIONS, MAX_BATCH, PRECISIONS, TRAINING_MODES
+from forgedit.config import (
+    DEFAULT_QUALITY,
+    DELTA_FORMATS,
+    IMAGE_FORMATS,
+    INTERPOLATIONS,
+    MAX_BATCH,
+    PRECISIONS,
+    TRAINING_MODES,
+)
 from forgedit.forgetting import STRATEGIES
 
 PROG = "python -m forgedit"
@@ -42,9 +50,14 @@ FLAGS = {
     "sweep.seeds": "--seeds",
     "sweep.steps": "--steps",
     "sweep.guidance": "--guidance",
+    "output.format": "--image-format",
+    "output.quality": "--image-quality",
 }
-# Options with no flag: the CLI keeps their defaults (VAE seed 0; one random sampling seed).
-UNFLAGGED = frozenset({"training.vae_seed", "sweep.seed_count"})
+# Options with no flag: the CLI keeps their defaults (VAE seed 0; one random sampling seed),
+# and it makes no previews: it writes its results only when the whole sweep is done.
+UNFLAGGED = frozenset(
+    {"training.vae_seed", "sweep.seed_count", "preview.training_free", "preview.x0_every"}
+)
 _OPTION = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, FLAGS)) + r")(?!\w|\.\w)")
 
 
@@ -136,7 +149,8 @@ def _add_edit(sub: argparse._SubParsersAction[_Parser]) -> None:
         description=(
             "Fine-tune an edit model on IMAGE and sample a sweep of edits toward --prompt:\n"
             "every combination of --forget × --seeds × --gammas (× --alphas for vp).\n"
-            "Writes one PNG per edit, contact_sheet.png and summary.json into --out."
+            "Writes one PNG per edit (or WebP/JPEG: --image-format), contact_sheet.png and\n"
+            "summary.json into --out."
         ),
         epilog=(
             "forgetting strategies (--forget):\n"
@@ -287,6 +301,17 @@ def _add_edit(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     run.add_argument(
         "--out", metavar="DIR", default="out", help="output directory, new or empty (default: out)"
+    )
+    run.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        help="how the edits and the contact sheet are encoded: png (lossless, default), webp or "
+        "jpeg (lossy, at --image-quality)",
+    )
+    run.add_argument(
+        "--image-quality",
+        metavar="N",
+        help=f"webp/jpeg quality 1..100 (default: {DEFAULT_QUALITY}); not with png",
     )
     run.add_argument(
         "--unet-backend",

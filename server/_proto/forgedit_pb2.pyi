@@ -36,6 +36,13 @@ class DeltaFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DELTA_FORMAT_FP16: _ClassVar[DeltaFormat]
     DELTA_FORMAT_INT8: _ClassVar[DeltaFormat]
 
+class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_WEBP: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
+
 class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_KIND_UNSPECIFIED: _ClassVar[JobKind]
@@ -51,6 +58,12 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class PreviewKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREVIEW_KIND_UNSPECIFIED: _ClassVar[PreviewKind]
+    PREVIEW_KIND_TRAINING_FREE: _ClassVar[PreviewKind]
+    PREVIEW_KIND_X0_ESTIMATE: _ClassVar[PreviewKind]
 TRAINING_MODE_UNSPECIFIED: TrainingMode
 TRAINING_MODE_JOINT: TrainingMode
 TRAINING_MODE_TWO_STAGE: TrainingMode
@@ -65,6 +78,10 @@ DELTA_FORMAT_UNSPECIFIED: DeltaFormat
 DELTA_FORMAT_FP32: DeltaFormat
 DELTA_FORMAT_FP16: DeltaFormat
 DELTA_FORMAT_INT8: DeltaFormat
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat
+IMAGE_FORMAT_PNG: ImageFormat
+IMAGE_FORMAT_WEBP: ImageFormat
+IMAGE_FORMAT_JPEG: ImageFormat
 JOB_KIND_UNSPECIFIED: JobKind
 JOB_KIND_EDIT: JobKind
 JOB_KIND_SAMPLE: JobKind
@@ -75,6 +92,9 @@ JOB_STATE_CANCELLING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+PREVIEW_KIND_UNSPECIFIED: PreviewKind
+PREVIEW_KIND_TRAINING_FREE: PreviewKind
+PREVIEW_KIND_X0_ESTIMATE: PreviewKind
 
 class TrainingOptions(_message.Message):
     __slots__ = ("mode", "seed", "vae_seed", "width", "height", "precision", "updates", "batch_size", "stage2_updates", "stage2_batch_size", "fresh_seed", "delta_format")
@@ -126,8 +146,24 @@ class SweepOptions(_message.Message):
     guidance: float
     def __init__(self, interpolation: _Optional[_Union[Interpolation, str]] = ..., gammas: _Optional[_Iterable[float]] = ..., alphas: _Optional[_Iterable[float]] = ..., forget_strategies: _Optional[_Iterable[str]] = ..., forget_degree: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., seed_count: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
 
+class OutputOptions(_message.Message):
+    __slots__ = ("format", "quality")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    format: ImageFormat
+    quality: int
+    def __init__(self, format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ...) -> None: ...
+
+class PreviewOptions(_message.Message):
+    __slots__ = ("training_free", "x0_every")
+    TRAINING_FREE_FIELD_NUMBER: _ClassVar[int]
+    X0_EVERY_FIELD_NUMBER: _ClassVar[int]
+    training_free: bool
+    x0_every: int
+    def __init__(self, training_free: _Optional[bool] = ..., x0_every: _Optional[int] = ...) -> None: ...
+
 class EditRequest(_message.Message):
-    __slots__ = ("request_id", "image", "target_prompts", "source_prompt", "base_model", "training", "sweep", "detach")
+    __slots__ = ("request_id", "image", "target_prompts", "source_prompt", "base_model", "training", "sweep", "detach", "output", "preview")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +172,8 @@ class EditRequest(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DETACH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image: bytes
     target_prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -144,7 +182,9 @@ class EditRequest(_message.Message):
     training: TrainingOptions
     sweep: SweepOptions
     detach: bool
-    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., target_prompts: _Optional[_Iterable[str]] = ..., source_prompt: _Optional[str] = ..., base_model: _Optional[str] = ..., training: _Optional[_Union[TrainingOptions, _Mapping]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., detach: _Optional[bool] = ...) -> None: ...
+    output: OutputOptions
+    preview: PreviewOptions
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., target_prompts: _Optional[_Iterable[str]] = ..., source_prompt: _Optional[str] = ..., base_model: _Optional[str] = ..., training: _Optional[_Union[TrainingOptions, _Mapping]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., detach: _Optional[bool] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ...) -> None: ...
 
 class EditResponse(_message.Message):
     __slots__ = ("event",)
@@ -153,18 +193,22 @@ class EditResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("request_id", "edit_model_id", "target_prompts", "sweep", "detach")
+    __slots__ = ("request_id", "edit_model_id", "target_prompts", "sweep", "detach", "output", "preview")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EDIT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     DETACH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     edit_model_id: str
     target_prompts: _containers.RepeatedScalarFieldContainer[str]
     sweep: SweepOptions
     detach: bool
-    def __init__(self, request_id: _Optional[str] = ..., edit_model_id: _Optional[str] = ..., target_prompts: _Optional[_Iterable[str]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., detach: _Optional[bool] = ...) -> None: ...
+    output: OutputOptions
+    preview: PreviewOptions
+    def __init__(self, request_id: _Optional[str] = ..., edit_model_id: _Optional[str] = ..., target_prompts: _Optional[_Iterable[str]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., detach: _Optional[bool] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("event",)
@@ -321,7 +365,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., edit_model_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("job_id", "sequence", "time", "accepted", "queued", "captioned", "training", "registered", "sampling", "image", "heartbeat", "completed")
+    __slots__ = ("job_id", "sequence", "time", "accepted", "queued", "captioned", "training", "registered", "sampling", "image", "heartbeat", "completed", "preview")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +378,7 @@ class Event(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -346,7 +391,8 @@ class Event(_message.Message):
     image: ImageEvent
     heartbeat: HeartbeatEvent
     completed: CompletedEvent
-    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[AcceptedEvent, _Mapping]] = ..., queued: _Optional[_Union[QueuedEvent, _Mapping]] = ..., captioned: _Optional[_Union[CaptionedEvent, _Mapping]] = ..., training: _Optional[_Union[TrainingEvent, _Mapping]] = ..., registered: _Optional[_Union[RegisteredEvent, _Mapping]] = ..., sampling: _Optional[_Union[SamplingEvent, _Mapping]] = ..., image: _Optional[_Union[ImageEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatEvent, _Mapping]] = ..., completed: _Optional[_Union[CompletedEvent, _Mapping]] = ...) -> None: ...
+    preview: PreviewEvent
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[AcceptedEvent, _Mapping]] = ..., queued: _Optional[_Union[QueuedEvent, _Mapping]] = ..., captioned: _Optional[_Union[CaptionedEvent, _Mapping]] = ..., training: _Optional[_Union[TrainingEvent, _Mapping]] = ..., registered: _Optional[_Union[RegisteredEvent, _Mapping]] = ..., sampling: _Optional[_Union[SamplingEvent, _Mapping]] = ..., image: _Optional[_Union[ImageEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatEvent, _Mapping]] = ..., completed: _Optional[_Union[CompletedEvent, _Mapping]] = ..., preview: _Optional[_Union[PreviewEvent, _Mapping]] = ...) -> None: ...
 
 class AcceptedEvent(_message.Message):
     __slots__ = ("job_id", "queue_position", "images_total", "estimated_seconds")
@@ -437,18 +483,42 @@ class ImageParams(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., forget: _Optional[str] = ..., interpolation: _Optional[_Union[Interpolation, str]] = ..., gamma: _Optional[float] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., steps: _Optional[int] = ..., forget_degree: _Optional[float] = ...) -> None: ...
 
 class ImageEvent(_message.Message):
-    __slots__ = ("index", "png", "params", "width", "height")
+    __slots__ = ("index", "png", "data", "params", "width", "height", "format")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     index: int
     png: bytes
+    data: bytes
     params: ImageParams
     width: int
     height: int
-    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., params: _Optional[_Union[ImageParams, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    format: ImageFormat
+    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., data: _Optional[bytes] = ..., params: _Optional[_Union[ImageParams, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+
+class PreviewEvent(_message.Message):
+    __slots__ = ("kind", "index", "data", "format", "width", "height", "step", "steps")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    kind: PreviewKind
+    index: int
+    data: bytes
+    format: ImageFormat
+    width: int
+    height: int
+    step: int
+    steps: int
+    def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class HeartbeatEvent(_message.Message):
     __slots__ = ("state", "queue_position")
@@ -459,7 +529,7 @@ class HeartbeatEvent(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class PhaseTimings(_message.Message):
-    __slots__ = ("queue_wait_seconds", "captioning_seconds", "training_seconds", "registration_seconds", "sampling_seconds", "total_seconds", "sampling_backend")
+    __slots__ = ("queue_wait_seconds", "captioning_seconds", "training_seconds", "registration_seconds", "sampling_seconds", "total_seconds", "sampling_backend", "preview_seconds")
     QUEUE_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPTIONING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +537,7 @@ class PhaseTimings(_message.Message):
     SAMPLING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queue_wait_seconds: float
     captioning_seconds: float
     training_seconds: float
@@ -474,7 +545,8 @@ class PhaseTimings(_message.Message):
     sampling_seconds: float
     total_seconds: float
     sampling_backend: str
-    def __init__(self, queue_wait_seconds: _Optional[float] = ..., captioning_seconds: _Optional[float] = ..., training_seconds: _Optional[float] = ..., registration_seconds: _Optional[float] = ..., sampling_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., sampling_backend: _Optional[str] = ...) -> None: ...
+    preview_seconds: float
+    def __init__(self, queue_wait_seconds: _Optional[float] = ..., captioning_seconds: _Optional[float] = ..., training_seconds: _Optional[float] = ..., registration_seconds: _Optional[float] = ..., sampling_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., sampling_backend: _Optional[str] = ..., preview_seconds: _Optional[float] = ...) -> None: ...
 
 class CompletedEvent(_message.Message):
     __slots__ = ("timings", "edit_model_id", "images", "train_seed")

@@ -229,3 +229,51 @@ def test_mlflow_hung_requests_end_unavailable_before_their_deadline(
             support.assert_resources_back(before)
     finally:
         registry.close()
+
+
+def test_mlflow_hung_every_sample_of_a_cached_model_is_served(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    mlflow: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 21.7: a cached, verified edit model is sampled without MLflow, always; also while
+    another job holds its cache lock (loading it from disk, which asks MLflow whether it still
+    exists and waits out ``confirm_timeout_s`` on a hung MLflow). Three cached models through
+    a memory cache of two, so loads keep going to disk while other Samples of the same model
+    are described."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    registry = _registry(tmp_path, mlflow.uri)
+    photo = support.encoded("PNG", (64, 64))
+    try:
+        with support.running_server(tmp_path, tiny_model_dir, registry=registry) as h:
+            models = [_edit_and_register(h, photo, seed=s).edit_model_id for s in (7, 8, 9)]
+            before = support.Resources.now()
+            assert mlflow.pgid is not None
+            os.killpg(mlflow.pgid, signal.SIGSTOP)
+
+            outcomes: list[support.Outcome] = []
+            lock = threading.Lock()
+
+            def client(i: int) -> None:
+                for n in range(3):
+                    edit_model_id = models[(i + n) % len(models)]
+                    result = support.stream(h.stub.Sample, _sample(edit_model_id), timeout=120)
+                    with lock:
+                        outcomes.append(result)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            codes = [(o.code, o.details) for o in outcomes if o.code != grpc.StatusCode.OK]
+            assert len(outcomes) == 12 and not codes, codes
+            assert all(len(o.of("image")) == 1 for o in outcomes)
+
+            os.killpg(mlflow.pgid, signal.SIGCONT)
+            support.assert_nothing_left_behind(h, timeout=120)
+            support.assert_resources_back(before)
+    finally:
+        registry.close()

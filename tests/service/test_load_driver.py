@@ -6,26 +6,13 @@ answers every call OK under the load, and that the report is complete JSON."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from support import server as support
-
-DRIVER = Path(__file__).resolve().parents[2] / "benchmarks" / "load_driver.py"
-
-
-def _driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("load_driver", DRIVER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from support.load import load_driver as _driver
 
 
 @pytest.mark.slow

@@ -24,11 +24,15 @@ import pytest
 from forgedit_client import (
     Accepted,
     AsyncForgeditClient,
+    Captioned,
     Completed,
     ForgeditClient,
     ForgeditRpcError,
     Heartbeat,
     ImageReady,
+    InvalidOptionError,
+    OutputOptions,
+    Preview,
     Registered,
     RetryPolicy,
     TrainingProgress,
@@ -68,6 +72,11 @@ def edited(client: ForgeditClient, photo: Path) -> tuple[list[Any], Any]:
 def test_edit_yields_typed_events_and_a_result(edited: tuple[list[Any], Any]) -> None:
     events, result = edited
     assert isinstance(events[0], Accepted) and isinstance(events[-1], Completed)
+    # The first look comes before the caption: a preview, never a result.
+    steps = [e for e in events if not isinstance(e, Heartbeat)]
+    assert isinstance(steps[1], Preview) and isinstance(steps[2], Captioned)
+    assert steps[1].kind == "training_free" and steps[1].format == "png"
+    assert result.previews == [steps[1]] and steps[1] not in result.images
     assert [type(e).__name__ for e in events if isinstance(e, TrainingProgress)] == [
         "TrainingProgress"
     ] * 2
@@ -150,6 +159,63 @@ def test_async_client_edits_and_samples(harness: Harness, photo: Path) -> None:
     assert len(result.images) == 1 and len(sampled.images) == 1
 
 
+def test_sdk_previews_and_image_formats_sync_and_async(
+    harness: Harness, client: ForgeditClient, photo: Path, tmp_path: Path
+) -> None:
+    stream = client.edit(
+        photo,
+        "A photo of a fig.",
+        image_format="webp",
+        image_quality=50,
+        x0_every=1,
+        gammas=[0.6],
+        **QUICK,
+    )
+    result = stream.result()
+    (image,) = result.images
+    assert image.format == "webp" and image.suffix == ".webp"
+    with Image.open(io.BytesIO(image.data)) as img:
+        assert img.format == "WEBP"
+    with pytest.raises(ValueError, match="not png"):
+        _ = image.png
+    kinds = sorted((p.kind, p.index, p.step) for p in result.previews)
+    assert kinds == [("training_free", 0, 10), ("x0", 0, 1), ("x0", 0, 2)]
+    assert result.previews[0].save(tmp_path / "p.webp").read_bytes() == result.previews[0].data
+
+    async def run() -> Any:
+        async with AsyncForgeditClient(f"127.0.0.1:{harness.port}", token=TOKEN) as c:
+            stream = c.edit(
+                photo.read_bytes(),
+                "A photo of a fig.",
+                output=OutputOptions(format="jpeg"),
+                training_free_preview=False,
+                gammas=[0.6],
+                **QUICK,
+            )
+            events = [e async for e in stream]
+            return events, await stream.result()
+
+    events, jpeg = asyncio.run(run())
+    assert not [e for e in events if isinstance(e, Preview)]
+    assert [i.format for i in jpeg.images] == ["jpeg"]
+    with Image.open(io.BytesIO(jpeg.images[0].data)) as img:
+        assert img.format == "JPEG"
+
+    # Bad choices: caught by the SDK when it can tell, else by the server, naming the field.
+    with pytest.raises(InvalidOptionError, match="accepted: png, webp, jpeg"):
+        client.edit(photo, "A photo of a fig.", image_format="gif")
+    with pytest.raises(ForgeditRpcError) as refused:
+        client.sample(
+            result.edit_model_id, "A photo of a fig.", training_free_preview=True
+        ).result()
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in refused.value.field_violations] == ["preview.training_free"]
+    with pytest.raises(ForgeditRpcError) as lossless:
+        client.edit(photo, "A photo of a fig.", image_quality=80, **QUICK).result()
+    assert [v.field for v in lossless.value.field_violations] == ["output.quality"]
+    assert_nothing_left_behind(harness)
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 
@@ -191,6 +257,7 @@ def test_cli_edit_writes_images_sheet_and_json(
     assert summary["edit_model_id"] and len(summary["images"]) == 4
     names = sorted(p.name for p in out.iterdir())
     assert "contact_sheet.png" in names and "results.json" in names
+    assert "preview.png" in names and summary["preview"] == "preview.png"
     assert sorted(summary["files"].values()) == sorted(n for n in names if n[0].isdigit())
     assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
     with Image.open(out / "contact_sheet.png") as sheet:
@@ -234,6 +301,33 @@ def test_cli_edit_writes_images_sheet_and_json(
     )
     assert status == 0
     assert json.loads(capsys.readouterr().out)["edit_model_id"] == summary["edit_model_id"]
+
+
+def test_cli_writes_the_format_asked_and_the_latest_x0_preview_per_image(
+    harness: Harness, photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "jpeg"
+    args = ["--server", f"127.0.0.1:{harness.port}", "--token", TOKEN, "--json", "edit"]
+    args += [str(photo), "A photo of a pear.", "--out", str(out), "--updates", "2"]
+    args += ["--batch-size", "1", "--steps", "2", "--gammas", "0.5,0.7", "--seeds", "3"]
+    status = cli_main([*args, "--image-format", "jpeg", "--x0-every", "1", "--no-preview"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    summary = json.loads(captured.out)
+    names = sorted(p.name for p in out.iterdir())
+    assert sorted(summary["files"].values()) == [n for n in names if n.endswith(".jpg")]
+    assert len(summary["files"]) == 2 and "preview" not in summary
+    assert not [n for n in names if n.startswith("preview.")]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["x0-000.jpg", "x0-001.jpg"]
+    with Image.open(out / "previews" / "x0-000.jpg") as shown:
+        assert shown.format == "JPEG" and shown.size == (8, 8)
+    with Image.open(out / "contact_sheet.png") as sheet:  # built here, from the JPEGs
+        assert sheet.format == "PNG"
+
+    status = cli_main([*args, "--image-quality", "50"])  # with png, the default
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert "INVALID_ARGUMENT" in err[0] and "output.quality" in err[0]
 
 
 def test_cli_reports_invalid_input_in_one_line_with_exit_2(
@@ -339,8 +433,9 @@ def test_sdk_reattaches_by_itself_after_the_connection_drops(harness: Harness, p
             result = stream.result()
     finally:
         proxy.close()
-    sequences = [e.sequence for e in events]
-    assert sequences == sorted(set(sequences))  # each event once, in order
+    # Each event once, in order (a heartbeat repeats the latest sequence: it is not one).
+    sequences = [e.sequence for e in events if not isinstance(e, Heartbeat)]
+    assert sequences == sorted(set(sequences))
     assert isinstance(events[-1], Completed) and result.completed
     assert len([e for e in events if isinstance(e, ImageReady)]) == 2
     assert stream.reattaches >= 1 and stream.gaps == 0

@@ -53,8 +53,9 @@ def test_edit_streams_every_phase_in_order(harness: Harness, edited: tuple) -> N
     assert kinds[0] == "accepted"
     assert kinds[-1] == "completed"
     phases = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
-    assert phases[:4] == ["accepted", "captioned", "training", "registered"]
-    assert set(phases[4:-1]) == {"sampling", "image"}
+    # The training-free preview comes first, before the source prompt is even known.
+    assert phases[:5] == ["accepted", "preview", "captioned", "training", "registered"]
+    assert set(phases[5:-1]) == {"sampling", "image"}
     assert [e.sequence for e in events if e.WhichOneof("kind") != "heartbeat"] == list(
         range(1, len(kinds) + 1)
     )
@@ -63,7 +64,11 @@ def test_edit_streams_every_phase_in_order(harness: Harness, edited: tuple) -> N
     training = [e.training for e in events if e.WhichOneof("kind") == "training"]
     assert [t.update for t in training] == [1, 2] and training[0].total == 2
     assert all(t.stage == "joint" and t.loss > 0 for t in training)
-    assert events[1].captioned.from_caption and events[1].captioned.source_prompt
+    assert events[2].captioned.from_caption and events[2].captioned.source_prompt
+    preview = events[1].preview
+    assert preview.kind == pb.PREVIEW_KIND_TRAINING_FREE and preview.format == pb.IMAGE_FORMAT_PNG
+    with Image.open(io.BytesIO(preview.data)) as shown:
+        assert shown.format == "PNG" and shown.size == (64, 64) == (preview.width, preview.height)
 
     completed = events[-1].completed
     registered = next(e.registered for e in events if e.WhichOneof("kind") == "registered")
@@ -72,7 +77,8 @@ def test_edit_streams_every_phase_in_order(harness: Harness, edited: tuple) -> N
     assert completed.images == 4 and completed.train_seed == 7
     t = completed.timings
     assert t.training_seconds > 0 and t.sampling_seconds > 0 and t.registration_seconds > 0
-    assert t.total_seconds >= t.training_seconds + t.sampling_seconds
+    assert t.preview_seconds > 0
+    assert t.total_seconds >= t.preview_seconds + t.training_seconds + t.sampling_seconds
     assert_nothing_left_behind(harness)
 
 
@@ -83,6 +89,7 @@ def test_edit_images_are_pngs_with_their_parameters(edited: tuple) -> None:
     grid = {(i.params.seed, round(i.params.gamma, 3)) for i in images}
     assert grid == {(3, 0.5), (3, 0.7), (4, 0.5), (4, 0.7)}
     for image in images:
+        assert image.WhichOneof("encoded") == "png" and image.format == pb.IMAGE_FORMAT_PNG
         decoded = Image.open(io.BytesIO(image.png))
         assert decoded.format == "PNG" and decoded.size == (64, 64) == (image.width, image.height)
         p = image.params

@@ -154,6 +154,10 @@ def test_bad_images(capsys, tmp_path, monkeypatch, no_model_loading, content, ne
         (["--source-prompt", " "], ["--source-prompt must be non-empty text"]),
         (["--vae", "."], ["--vae needs --base-model"]),
         (["--gammas", ",".join(["0.5"] * 4097)], ["at most 4096 are accepted"]),
+        (["--image-format", "gif"], ["--image-format", "invalid choice: 'gif'", "webp"]),
+        (["--image-quality", "80"], ["--image-quality applies only to", "webp and jpeg"]),
+        (["--image-format", "jpeg", "--image-quality", "0"], ["--image-quality must be", "1..100"]),
+        (["--image-format", "webp", "--image-quality", "x"], ["--image-quality takes whole"]),
     ],
 )
 def test_bad_arguments(capsys, tmp_path, photo, no_model_loading, extra, needles):
@@ -400,6 +404,43 @@ def test_reloaded_edit_model_gives_the_same_images(
     first = json.loads(first_run["out"])["images"]
     (same,) = [i for i in first if (i["forget"], i["gamma"], i["seed"]) == ("encoderkv", 1.0, 2)]
     assert Path(image["path"]).read_bytes() == Path(same["path"]).read_bytes()
+
+
+def test_webp_and_jpeg_images_and_their_contact_sheet(
+    capsys, first_run, tiny_model_dir, photos_dir, tmp_path
+):
+    """The same pixels as the PNG run, encoded as asked: the files and the contact sheet."""
+    root: Path = first_run["root"]
+    first = json.loads(first_run["out"])["images"]
+    (png,) = [i for i in first if (i["forget"], i["gamma"], i["seed"]) == ("encoderkv", 1.0, 2)]
+    for fmt, pil, suffix in (("webp", "WEBP", ".webp"), ("jpeg", "JPEG", ".jpg")):
+        out = tmp_path / fmt
+        code, stdout, err = run(
+            capsys,
+            "edit",
+            photos_dir / "cat.jpg",
+            "--prompt",
+            "A photo of a sitting dog.",
+            "--out",
+            out,
+            *("--base-model", tiny_model_dir / "stable-diffusion", "--load-model", root / "model"),
+            *("--forget", "encoderkv", "--gammas", "1.0", "--seeds", "2", "--steps", "4"),
+            *("--image-format", fmt, "--image-quality", "95", "--json"),
+        )
+        assert code == 0, err
+        summary = json.loads(stdout)
+        assert summary["output"] == {"format": fmt, "quality": 95}
+        (image,) = summary["images"]
+        assert image["path"].endswith(suffix) and summary["contact_sheet"].endswith(suffix)
+        with Image.open(image["path"]) as im, Image.open(png["path"]) as ref:
+            assert im.format == pil and im.size == ref.size
+            diff = np.abs(np.asarray(im, np.int16) - np.asarray(ref, np.int16))
+            # Lossy, yet the same picture: the tiny model's images are noise-like (hard for
+            # WebP's 4:2:0 chroma), and two unrelated ones differ by about 85 on average.
+            assert diff.max() > 0 and diff.mean() < 24
+        with Image.open(summary["contact_sheet"]) as sheet:
+            assert sheet.format == pil
+        assert sorted(p.suffix for p in out.iterdir()) == sorted([suffix, suffix, ".json"])
 
 
 def test_int8_edit_model_is_a_quarter_and_samples_within_one_level(

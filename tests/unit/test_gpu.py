@@ -83,3 +83,29 @@ def test_the_requested_precision_is_the_sampling_precision(
     default = images()
     assert images(precision="faithful") == default
     assert images(precision="fast") != default
+
+
+def test_cuda_previews_match_cpu_and_x0_previews_change_nothing(
+    tiny_model_dir: Path, photos_dir: Path
+) -> None:
+    """The training-free preview and x0 previews on CUDA: the same CPU draws, so the preview is
+    within a few 8-bit levels of the CPU's; fast mode's fp16 autocast runs it too."""
+    photo = load_image(photos_dir / "cat.jpg").image
+    sd = tiny_model_dir / "stable-diffusion"
+    cpu, gpu = Engine.load(sd), Engine.load(sd, device="cuda")
+    kw = {"height": 64, "width": 64, "seed": 3}
+    a = np.asarray(cpu.preview(photo, "A photo of a dog.", **kw).image, dtype=np.int16)  # type: ignore[arg-type]
+    b = np.asarray(gpu.preview(photo, "A photo of a dog.", **kw).image, dtype=np.int16)  # type: ignore[arg-type]
+    assert int(np.abs(a - b).max()) <= 4
+    fast = gpu.preview(photo, "A photo of a dog.", precision="fast", **kw)  # type: ignore[arg-type]
+    assert fast.image.size == (64, 64)
+    model = gpu.finetune(photo, "A photo of a dog", _config("faithful"))
+    sweep = SweepConfig(prompts=("A photo of a sitting dog.",), seeds=(1, 2), steps=10)
+    seen: list = []  # type: ignore[type-arg]
+    watched = gpu.sample(model, sweep, x0_every=5, on_preview=seen.append)
+    plain = gpu.sample(model, sweep)
+    # (Two CUDA runs need not be bit-identical: kernels may reorder sums.)
+    for x, y in zip(watched, plain, strict=True):
+        diff = np.abs(np.asarray(x.image, np.int16) - np.asarray(y.image, np.int16))
+        assert int(diff.max()) <= 1
+    assert len(seen) == sweep.num_images * 2 and seen[0].image.size == (8, 8)

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from forgedit.config import OutputConfig
 from forgedit.errors import InvalidImageError, InvalidInputError
 from forgedit.images import (
     MIN_TILE,
     ImageLimits,
     contact_sheet,
+    encode_image,
     encode_png,
     load_image,
     preprocess,
@@ -336,3 +338,24 @@ def test_contact_sheet_wraps_long_labels_without_widening():
     assert long.height > short.height  # more label lines
     unbreakable = contact_sheet(Image.new("RGB", (64, 64)), [(results[0][0], "x" * 200)])
     assert unbreakable.width == short.width
+
+
+def test_images_encode_as_png_webp_or_jpeg_with_the_same_pixels_and_stable_bytes() -> None:
+    gradient = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    image = Image.fromarray(gradient)
+    image.info["comment"] = b"not to be copied"
+    png = encode_image(image)
+    assert png == encode_png(image) and png[:8] == b"\x89PNG\r\n\x1a\n"
+    for fmt, pil in (("webp", "WEBP"), ("jpeg", "JPEG")):
+        low = encode_image(image, OutputConfig(fmt, 10))  # type: ignore[arg-type]
+        high = encode_image(image, OutputConfig(fmt, 95))  # type: ignore[arg-type]
+        assert high == encode_image(image, OutputConfig(fmt, 95))  # type: ignore[arg-type]
+        assert len(low) < len(high)
+        with Image.open(io.BytesIO(high)) as decoded:
+            assert decoded.format == pil and decoded.size == (64, 48)
+            assert "comment" not in decoded.info and "exif" not in decoded.info
+            error = np.abs(np.asarray(decoded, np.int16) - gradient.astype(np.int16))
+            assert error.mean() < 3  # a smooth image survives quality 95
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 128))
+    with Image.open(io.BytesIO(encode_image(rgba, OutputConfig("jpeg")))) as jpeg:
+        assert jpeg.mode == "RGB"  # JPEG has no alpha: the colour is kept, alpha dropped

@@ -50,9 +50,11 @@ def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return matches[0]
 
 
-def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+def pod_specs(
+    docs: list[dict[str, Any]], kinds: tuple[str, ...] = ("Deployment", "StatefulSet")
+) -> Iterator[tuple[str, dict[str, Any]]]:
     for d in docs:
-        if d["kind"] in ("Deployment", "StatefulSet"):
+        if d["kind"] in kinds:
             yield d["metadata"]["name"], d["spec"]["template"]["spec"]
 
 
@@ -497,7 +499,15 @@ def test_network_policies_confine_the_server_and_mlflow(
     mlflow = _policy_for(docs, "mlflow")
     assert set(mlflow["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert [rule["from"] for rule in mlflow["spec"]["ingress"]] == [
-        [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "forgedit-server"}}}]
+        [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "forgedit-server"}}},
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow-bootstrap"}}},
+        ]
+    ]
+    bootstrap = _policy_for(docs, "mlflow-bootstrap")
+    assert bootstrap["spec"]["ingress"] == []
+    assert bootstrap["spec"]["egress"][0]["to"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
     ]
     postgres = _policy_for(docs, "mlflow-postgres")
     assert [rule["from"] for rule in postgres["spec"]["ingress"]] == [
@@ -531,3 +541,46 @@ def test_mlflow_runs_basic_auth_and_the_server_signs_in_from_a_secret(
         }
     template = (K8S / "extras" / "mlflow-secrets.example.env").read_text()
     assert "MLFLOW_AUTH_ADMIN_PASSWORD=" in template
+    # Nobody, the servers included, gets anything MLflow does not grant explicitly.
+    assert "default_permission = NO_PERMISSIONS" in init["args"][0]
+
+
+def _env_file(name: str) -> dict[str, str]:
+    lines = (K8S / "extras" / name).read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_the_server_signs_in_as_a_non_admin_user_the_bootstrap_job_creates(
+    build: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = build
+    job = find(docs, "Job", "mlflow-bootstrap")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"].split("/")[-1].startswith("forgedit-mlflow:")
+    assert container["command"] == ["python", "/opt/forgedit-mlflow/bootstrap.py"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    # Signs in as the admin; creates the user the servers sign in with.
+    assert refs == {
+        "MLFLOW_TRACKING_USERNAME": {"name": "mlflow-secrets", "key": "MLFLOW_AUTH_ADMIN_USERNAME"},
+        "MLFLOW_TRACKING_PASSWORD": {"name": "mlflow-secrets", "key": "MLFLOW_AUTH_ADMIN_PASSWORD"},
+        "FORGEDIT_MLFLOW_USERNAME": {
+            "name": "forgedit-server-secrets",
+            "key": "MLFLOW_TRACKING_USERNAME",
+        },
+        "FORGEDIT_MLFLOW_PASSWORD": {
+            "name": "forgedit-server-secrets",
+            "key": "MLFLOW_TRACKING_PASSWORD",
+        },
+    }
+    # Re-applied after it finished and was cleaned up: a Job's template is immutable.
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    dockerfile = (REPO / "deploy" / "mlflow.Dockerfile").read_text()
+    assert "COPY mlflow/bootstrap.py /opt/forgedit-mlflow/bootstrap.py" in dockerfile
+    # The templates name two different users: the servers are not MLflow's admin.
+    admin = _env_file("mlflow-secrets.example.env")["MLFLOW_AUTH_ADMIN_USERNAME"]
+    server = _env_file("forgedit-server-secrets.example.env")["MLFLOW_TRACKING_USERNAME"]
+    assert admin != server
+    for name, spec in pod_specs(docs, ("Job",)):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        (c,) = spec["containers"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, name

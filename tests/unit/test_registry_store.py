@@ -9,6 +9,7 @@ are injected by switching the registry's ``MlflowClient`` to raise the connectio
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -221,6 +222,32 @@ def test_a_contact_sheet_is_attached_after_sampling(replicas: Replicas) -> None:
     assert local.read_bytes() == PNG + b"v2"
     with pytest.raises(EditModelNotFoundError):
         reg.add_contact_sheet("em_" + "a" * 26, PNG)
+
+
+def test_a_contact_sheet_keeps_its_encodings_suffix(replicas: Replicas) -> None:
+    """A request's image format reaches the contact sheet: its name follows its bytes, and a
+    spooled entry's sheet replaced in another format leaves one sheet, not two."""
+    webp = b"RIFF\x10\x00\x00\x00WEBPVP8 fake image bytes"
+    jpeg = b"\xff\xd8\xff\xe0fake image bytes"
+    reg = replicas("a")
+    client = MlflowClient(replicas.store, replicas.store)
+    registered = reg.register(random_edit_model(72)).edit_model_id
+    reg.add_contact_sheet(registered, webp)
+    run_id = reg.show(registered).run_id
+    assert run_id is not None
+    assert "contact_sheet.webp" in {f.path for f in client.list_artifacts(run_id)}
+
+    switch = switchable(reg)
+    switch.down = True
+    spooled = reg.register(random_edit_model(73)).edit_model_id
+    reg.add_contact_sheet(spooled, PNG)
+    reg.add_contact_sheet(spooled, jpeg)
+    switch.down = False
+    assert reg.flush_spool().registered == [spooled]
+    run_id = reg.show(spooled).run_id
+    assert run_id is not None
+    sheets = {f.path for f in client.list_artifacts(run_id) if f.path.startswith("contact")}
+    assert sheets == {"contact_sheet.jpg"}
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])
@@ -783,6 +810,67 @@ def test_a_cached_copy_is_described_with_its_principal(replicas: Replicas) -> No
         info = replica.cached_info(model_id)
         assert info is not None and info.status == "cached"
         assert info.principal == "alice"
+
+
+def test_a_cached_copy_is_described_while_a_loader_holds_its_lock(replicas: Replicas) -> None:
+    """Issue 21.7: a loader holds the copy's lock while it asks MLflow whether the ID still
+    exists (seconds, when MLflow hangs); describing the copy must not need that lock, or the
+    caller falls back to MLflow."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(21), principal="alice").edit_model_id
+    with a._disk.lock(model_id):  # as load() holds it, from another open file description
+        info = a.cached_info(model_id)
+    assert info is not None and info.status == "cached" and info.principal == "alice"
+    assert info.edit_model_id == model_id
+
+
+def test_a_copy_replaced_while_it_is_described_is_read_whole(replicas: Replicas) -> None:
+    """``cached_info`` reads origin.json and the manifest without the lock, from one pinned
+    directory: a copy renamed away in between (an eviction, a re-install) is still read whole,
+    and a copy that is gone is simply not described."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(22)).edit_model_id
+    with a._disk.pinned(model_id) as copy:
+        assert copy is not None
+        a._disk.discard(model_id)  # renamed into trash and deleted meanwhile
+        assert not a._disk.has(model_id)
+    with a._disk.pinned(model_id) as copy:
+        assert copy is None
+    assert a.cached_info(model_id) is None
+
+
+def test_a_deleted_model_is_refused_without_mlflow_and_its_copy_removed_later(
+    replicas: Replicas,
+) -> None:
+    """Issue 21.6: a delete removes the model from MLflow even when the disk refuses to remove
+    the local copy; the copy is never served (also while MLflow is down), is counted, and goes
+    at the next use once the disk lets go."""
+    a = replicas("a")
+    model_id = a.register(random_edit_model(23)).edit_model_id
+    a.load(model_id)
+    trash = a._disk.root / "trash"
+    shutil.rmtree(trash)
+    trash.write_bytes(b"")  # every removal renames into trash first: now each one fails
+    errors = REGISTRY.get_sample_value("forgedit_registry_cache_delete_errors_total") or 0.0
+    try:
+        a.delete(model_id)
+        assert (
+            REGISTRY.get_sample_value("forgedit_registry_cache_delete_errors_total") == errors + 1
+        )
+        assert model_id in cached_ids(a)
+        with pytest.raises(EditModelNotFoundError):
+            a.show(model_id)
+        switchable(a).down = True  # refused from what this replica knows, not from MLflow
+        for use in (a.load, a.fetch, a.cached_info):
+            with pytest.raises(EditModelNotFoundError):
+                use(model_id)
+        assert model_id in cached_ids(a)
+    finally:
+        trash.unlink()
+        trash.mkdir()
+    with pytest.raises(EditModelNotFoundError):
+        a.load(model_id)
+    assert cached_ids(a) == []
 
 
 def test_register_and_find_existing_do_not_wait_out_a_hung_mlflow(replicas: Replicas) -> None:

@@ -5,17 +5,35 @@ option by its request field path."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import fields
 
 import pytest
 import torch
 
-from forgedit.config import SweepConfig, TrainingConfig, content_seed
+from forgedit.config import (
+    DEFAULT_QUALITY,
+    OutputConfig,
+    PreviewConfig,
+    SweepConfig,
+    TrainingConfig,
+    content_seed,
+)
 from forgedit.errors import InvalidInputError, UnknownStrategyError
 from forgedit.images import sheet_label
-from forgedit.options import EditOptions, SweepOptions, TrainingOptions
+from forgedit.options import (
+    EditOptions,
+    OutputOptions,
+    PreviewOptions,
+    SampleOptions,
+    SweepOptions,
+    TrainingOptions,
+)
 from forgedit.requests import (
     RANDOM_SEED_BOUND,
+    Bounds,
     build_edit,
+    build_output,
+    build_preview,
     build_sweep,
     build_training,
     check_device,
@@ -168,10 +186,13 @@ def test_a_request_option_is_one_name_from_the_proto_to_the_cli_and_the_sdk() ->
     from forgedit.cli.parser import FLAGS, UNFLAGGED
     from server._proto import forgedit_pb2 as pb
 
-    for message, engine, client, prefix in (
+    groups = (
         (pb.TrainingOptions, TrainingOptions, sdk.TrainingOptions, "training"),
         (pb.SweepOptions, SweepOptions, sdk.SweepOptions, "sweep"),
-    ):
+        (pb.OutputOptions, OutputOptions, sdk.OutputOptions, "output"),
+        (pb.PreviewOptions, PreviewOptions, sdk.PreviewOptions, "preview"),
+    )
+    for message, engine, client, prefix in groups:
         proto = [f.name for f in message.DESCRIPTOR.fields]
         assert [f.name for f in dataclasses.fields(engine)] == proto
         for name in proto:
@@ -179,6 +200,69 @@ def test_a_request_option_is_one_name_from_the_proto_to_the_cli_and_the_sdk() ->
             assert (path in FLAGS) != (path in UNFLAGGED), f"{path}: a CLI flag, or UNFLAGGED"
             sdk_name = sdk._ALIASES.get(name, name)  # the SDK spells forget_strategies forget
             assert sdk_name in {f.name for f in dataclasses.fields(client)}, f"SDK: {path}"
-    assert set(FLAGS) - {f"training.{n}" for n in TrainingOptions.__dataclass_fields__} - {
-        f"sweep.{n}" for n in SweepOptions.__dataclass_fields__
-    } == {"target_prompts", "source_prompt"}
+    grouped = {f"{prefix}.{f.name}" for _, engine, _, prefix in groups for f in fields(engine)}
+    assert set(FLAGS) - grouped == {"target_prompts", "source_prompt"}
+    # Every group is a field of both requests' options, named as the request names it.
+    for request, options in ((pb.EditRequest, EditOptions), (pb.SampleRequest, SampleOptions)):
+        names = {f.name for f in fields(options)}
+        for _, _, _, prefix in groups[1:]:
+            assert prefix in request.DESCRIPTOR.fields_by_name and prefix in names, prefix
+    # And every flat SDK keyword lands in its group.
+    assert set(sdk._OUTPUT_KEYWORDS.values()) == {f.name for f in fields(sdk.OutputOptions)}
+    assert set(sdk._PREVIEW_KEYWORDS.values()) == {f.name for f in fields(sdk.PreviewOptions)}
+
+
+def test_output_is_png_unless_asked_and_quality_belongs_to_the_lossy_formats() -> None:
+    assert build_output(OutputOptions()) == OutputConfig("png", None)
+    webp = build_output(OutputOptions(format="webp"))
+    assert webp.lossy_quality == DEFAULT_QUALITY and webp.suffix == ".webp"
+    assert build_output(OutputOptions(format="jpeg", quality=1)).suffix == ".jpg"
+    for options, needles in (
+        (OutputOptions(quality=80), ("webp and jpeg", "png is lossless")),
+        (OutputOptions(format="png", quality=80), ("webp and jpeg",)),
+        (OutputOptions(format="jpeg", quality=0), ("1..100", "got 0")),
+        (OutputOptions(format="webp", quality=101), ("1..100", "got 101")),
+        (OutputOptions(format="gif"), ("accepted: png, webp, jpeg",)),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidInputError) as e:
+            build_output(options)
+        assert e.value.field == ("output.format" if options.format == "gif" else "output.quality")
+        assert all(n in str(e.value) for n in needles), str(e.value)
+    with pytest.raises(InvalidInputError):  # the config checks itself too
+        OutputConfig("png", 80)
+
+
+def test_previews_default_to_the_training_free_one_for_an_edit_only() -> None:
+    sweep = build_sweep(SweepOptions(seeds=(1, 2), steps=10), ("a",), "joint")  # 6 images
+    assert build_preview(PreviewOptions(), sweep, has_training=True) == PreviewConfig(True)
+    assert build_preview(PreviewOptions(), sweep, has_training=False) == PreviewConfig(False)
+    off = build_preview(PreviewOptions(training_free=False), sweep, has_training=True)
+    assert not off.training_free and off.x0_every is None
+    with pytest.raises(InvalidInputError, match="fine-tunes nothing") as e:
+        build_preview(PreviewOptions(training_free=True), sweep, has_training=False)
+    assert e.value.field == "preview.training_free"
+    x0 = build_preview(PreviewOptions(x0_every=4), sweep, has_training=False)
+    assert x0.x0_steps(10) == (4, 8) and x0.x0_count(sweep) == 12
+    for every in (0, 11, -1):
+        with pytest.raises(InvalidInputError, match=r"must be 1\.\.10") as e:
+            build_preview(PreviewOptions(x0_every=every), sweep, has_training=True)
+        assert e.value.field == "preview.x0_every"
+    edit = build_edit(EditOptions(("a",), preview=PreviewOptions(x0_every=25)), **NATIVE)
+    assert edit.preview == PreviewConfig(True, 25) and edit.output.format == "png"
+
+
+@pytest.mark.parametrize("limit", [6, 7, 13, 29, 60, 299])
+def test_too_many_x0_previews_are_refused_naming_the_smallest_every_that_fits(limit: int) -> None:
+    sweep = build_sweep(SweepOptions(seeds=(1, 2), steps=50), ("a",), "joint")  # 6 images
+    bounds = Bounds(max_x0_previews=limit, x0_previews_setting="FORGEDIT_PREVIEW_MAX_X0")
+    fits = [k for k in range(1, 51) if PreviewConfig(x0_every=k).x0_count(sweep) <= limit]
+    with pytest.raises(InvalidInputError) as e:
+        build_preview(PreviewOptions(x0_every=1), sweep, bounds, has_training=True)
+    assert e.value.field == "preview.x0_every"
+    assert f"asks for 300 x0 previews; at most {limit} are sent per job" in str(e.value)
+    assert "FORGEDIT_PREVIEW_MAX_X0" in str(e.value)
+    assert f"at least {min(fits)}" in str(e.value)
+    build_preview(PreviewOptions(x0_every=min(fits)), sweep, bounds, has_training=True)
+    tight = Bounds(max_x0_previews=5)  # fewer than one per image
+    with pytest.raises(InvalidInputError, match=r"leave preview\.x0_every unset"):
+        build_preview(PreviewOptions(x0_every=50), sweep, tight, has_training=True)

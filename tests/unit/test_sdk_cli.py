@@ -219,6 +219,50 @@ def test_edit_writes_every_image_results_and_sheet(
     assert stub.calls[0][1].image == photo.read_bytes()
 
 
+def test_previews_are_written_as_they_come_and_images_by_their_format(
+    monkeypatch: pytest.MonkeyPatch,
+    photo: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    events = real_png_events()
+    for e in events:  # this server answered in WebP
+        if e.WhichOneof("kind") == "image":
+            e.image.data, e.image.format = png("blue"), pb.IMAGE_FORMAT_WEBP
+    shown = [
+        pb.PreviewEvent(kind=pb.PREVIEW_KIND_TRAINING_FREE, data=b"first", format=2, step=10),
+        pb.PreviewEvent(kind=pb.PREVIEW_KIND_X0_ESTIMATE, index=1, data=b"early", format=2),
+        pb.PreviewEvent(kind=pb.PREVIEW_KIND_X0_ESTIMATE, index=1, data=b"late", format=2),
+        pb.PreviewEvent(kind=7, data=b"from a newer server", format=2),  # skipped
+    ]
+    for i, preview in enumerate(shown):
+        events.insert(1 + i, event(2 + i, "job-1", preview=preview))
+    out = tmp_path / "out"
+    argv = ["--json", "edit", str(photo), "a dog", "--out", str(out), "--image-format", "webp"]
+    status = run_cli(monkeypatch, FakeStub({"Edit": [events]}), [*argv, "--x0-every", "4"])
+    assert status == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["preview"] == "preview.webp" and summary["previews"] == 4
+    assert (out / "preview.webp").read_bytes() == b"first"
+    assert (out / "previews" / "x0-001.webp").read_bytes() == b"late"  # the latest only
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-donotforget-g0.5-seed0.webp",
+        "001-donotforget-g0.6-seed1.webp",
+        "contact_sheet.png",
+        "preview.webp",
+        "previews",
+        "results.json",
+    ]
+    args = build_parser().parse_args([*argv[1:], "--image-quality", "70", "--no-preview"])
+    assert cli.job_options(args) == {
+        "image_format": "webp",
+        "image_quality": 70,
+        "training_free_preview": False,
+    }
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "em-1", "a dog", "--out", "o", "--no-preview"])
+
+
 def test_invalid_argument_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
     photo: Path,
@@ -342,7 +386,7 @@ def test_per_stage_flags_and_a_fresh_seed_mean_what_the_engine_cli_means(
         "batch_size": 2,
         "fresh_seed": True,
     }
-    training, _ = split_options(options)
+    training = split_options(options).training
     msg = training.to_proto()
     assert (msg.updates, msg.stage2_updates, msg.batch_size, msg.fresh_seed) == (5, 7, 2, True)
     assert not msg.HasField("stage2_batch_size") and not msg.HasField("seed")

@@ -22,6 +22,8 @@ from forgedit_client import (
     Heartbeat,
     ImageReady,
     InvalidOptionError,
+    OutputOptions,
+    Preview,
     Registered,
     RetryPolicy,
     TrainingProgress,
@@ -29,6 +31,7 @@ from forgedit_client import (
 )
 from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client.events import event_from_proto
+from forgedit_client.options import edit_request, split_options
 from forgedit_client.stream import ResumeTracker
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -460,19 +463,78 @@ def test_reattach_budget_resets_after_progress() -> None:
 
 
 def test_reattach_that_finds_no_job_explains_the_drop() -> None:
+    """A watch has no request to submit again: NOT_FOUND after a drop is final."""
     events = edit_job_events()
     stub = FakeStub(
         {
-            "Edit": [[events[0], unavailable()]],
-            "WatchJob": [[FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")]],
+            "WatchJob": [
+                [events[0], unavailable()],
+                [FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")],
+            ]
         }
     )
     client, _ = client_with(stub)
     with pytest.raises(
         ForgeditRpcError, match="connection dropped and job job-1 could not be re-attached"
     ) as info:
-        client.edit(b"img", "a dog").result()
+        client.watch_job(request_id="req-1").result()
     assert info.value.job_id == "job-1"
+    # Both calls went to the job's replica: a watch never moves its key.
+    assert [_key(c) for c in stub.calls] == ["req-1", "req-1"]
+
+
+def test_a_job_lost_with_its_replica_is_submitted_again_elsewhere() -> None:
+    """The connection dropped and the re-attach finds no job: the replica went away with the
+    job. The stream submits the request again (same request id, moved key), the events start
+    over, and the result is the new job's alone."""
+    events = edit_job_events()
+    again = edit_job_events("job-2")
+    stub = FakeStub(
+        {
+            "Edit": [[*events[:7], unavailable()], again],
+            "WatchJob": [[FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown job")]],
+        }
+    )
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog", request_id="req-9")
+    result = stream.result()
+    assert stub.methods() == ["Edit", "WatchJob", "Edit"]
+    assert [c[1].request_id for c in stub.calls if c[0] == "Edit"] == ["req-9", "req-9"]
+    assert [_key(c) for c in stub.calls] == ["req-9", "req-9", "req-9~1"]
+    assert result.completed and result.job_id == "job-2"
+    assert len(result.images) == 2  # the lost job's image is not counted twice
+    assert stream.resubmits == 1 and stream.job_id == "job-2"
+
+
+def test_a_reattach_refused_by_a_draining_replica_submits_the_request_elsewhere() -> None:
+    """A draining replica refuses every call with UNAVAILABLE and a retry hint (its queued jobs
+    have ended; it is about to close): waiting for it is pointless, the request goes again
+    elsewhere. A dropped connection (UNAVAILABLE without a hint) is re-attached again."""
+    events = edit_job_events()
+    draining = FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; retry on another replica",
+        retry_info(1),
+    )
+    stub = FakeStub(
+        {
+            "Sample": [[*events[:2], unavailable()], edit_job_events("job-2")],
+            "WatchJob": [[unavailable()], [draining]],
+        }
+    )
+    client, _ = client_with(stub)
+    stream = client.sample("em_model", "a dog")
+    result = stream.result()
+    assert stub.methods() == ["Sample", "WatchJob", "WatchJob", "Sample"]
+    assert [_key(c) for c in stub.calls] == ["em_model", "em_model", "em_model", "em_model~1"]
+    assert result.job_id == "job-2" and stream.resubmits == 1
+
+
+def test_a_refused_start_moves_the_key_to_another_replica() -> None:
+    stub = FakeStub({"Sample": [[unavailable()], [unavailable()], edit_job_events()]})
+    client, _ = client_with(stub)
+    client.sample("em_model", "a dog").result()
+    assert [_key(c) for c in stub.calls] == ["em_model", "em_model~1", "em_model~2"]
 
 
 def test_the_deadline_covers_all_attempts() -> None:
@@ -578,7 +640,102 @@ def test_token_goes_in_metadata_on_plaintext_channels() -> None:
     stub = FakeStub({"Sample": [[]]})
     client, _ = client_with(stub, token="s3cret")
     client.sample("em-1", "a dog").result()
-    assert stub.calls[0][3] == (("authorization", "Bearer s3cret"),)
+    assert ("authorization", "Bearer s3cret") in stub.calls[0][3]
+
+
+# -------------------------------------------------------------------------------- affinity
+
+
+def _key(call: tuple[str, Any, Any, Any]) -> str | None:
+    """The affinity key a recorded call carried (``forgedit-affinity``), if any."""
+    keys = [v for k, v in call[3] or () if k == "forgedit-affinity"]
+    return keys[0] if keys else None
+
+
+def test_sample_and_its_reattach_and_cancel_are_keyed_by_edit_model() -> None:
+    events = edit_job_events()
+    job = pb.Job(job_id="job-1", state=pb.JOB_STATE_CANCELLING)
+    stub = FakeStub(
+        {"Sample": [[*events[:2], unavailable()]], "WatchJob": [events[1:4]]},
+        unary={"CancelJob": [pb.CancelJobResponse(job=job)]},
+    )
+    client, _ = client_with(stub, token="s3cret")
+    stream = client.sample("em_model", "a dog", request_id="req-1")
+    for _ in range(3):
+        next(iter(stream))
+    stream.cancel()
+    assert stub.methods() == ["Sample", "WatchJob", "CancelJob"]
+    # Every call of the job reaches the replica its edit model hashes to.
+    assert [_key(c) for c in stub.calls] == ["em_model"] * 3
+    assert all(("authorization", "Bearer s3cret") in c[3] for c in stub.calls)
+
+
+def test_edit_is_keyed_by_request_id_and_reads_by_what_they_name() -> None:
+    model = pb.EditModel(edit_model_id="em_x")
+    stub = FakeStub(
+        {"Edit": [[unavailable()], edit_job_events()], "WatchJob": [[]]},
+        unary={
+            "GetEditModel": [pb.GetEditModelResponse(edit_model=model)],
+            "DeleteEditModel": [pb.DeleteEditModelResponse()],
+            "ListEditModels": [pb.ListEditModelsResponse()],
+            "GetJob": [pb.GetJobResponse(job=pb.Job(job_id="j"))] * 2,
+        },
+    )
+    client, _ = client_with(stub)
+    client.edit(b"img", "a dog", request_id="req-7").result()
+    client.get_edit_model("em_x")
+    client.delete_edit_model("em_x")
+    list(client.list_edit_models())
+    client.get_job("j")
+    client.get_job("j", affinity="em_x")
+    client.watch_job(request_id="req-7").result()
+    assert [(c[0], _key(c)) for c in stub.calls] == [
+        ("Edit", "req-7"),
+        ("Edit", "req-7~1"),  # refused: the retry tries another point on the ring
+        ("GetEditModel", "em_x"),
+        ("DeleteEditModel", "em_x"),
+        ("ListEditModels", None),  # no key: a random replica
+        ("GetJob", None),
+        ("GetJob", "em_x"),
+        ("WatchJob", "req-7"),
+    ]
+
+
+def test_affinity_channel_uses_ring_hash_on_the_header_and_enables_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from forgedit_client.channel import RING_HASH_HEADER_ENV, channel_options
+
+    monkeypatch.delenv(RING_HASH_HEADER_ENV, raising=False)
+    options = dict(channel_options(load_balancing="affinity"))
+    config = json.loads(str(options["grpc.service_config"]))
+    assert config == {
+        "loadBalancingConfig": [
+            {"ring_hash_experimental": {"requestHashHeader": "forgedit-affinity"}}
+        ]
+    }
+    assert "grpc.lb_policy_name" not in options
+    # gRPC C-core ignores requestHashHeader without it (and then no call can be placed).
+    import os
+
+    assert os.environ[RING_HASH_HEADER_ENV] == "true"
+    assert dict(channel_options(load_balancing="round_robin"))["grpc.lb_policy_name"] == (
+        "round_robin"
+    )
+
+
+def test_affinity_is_refused_when_grpc_was_told_not_to_read_the_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from forgedit_client.channel import RING_HASH_HEADER_ENV, channel_options
+
+    monkeypatch.setenv(RING_HASH_HEADER_ENV, "false")
+    with pytest.raises(ValueError, match=RING_HASH_HEADER_ENV):
+        channel_options(load_balancing="affinity")
+    with pytest.raises(ValueError, match="load_balancing must be one of"):
+        channel_options(load_balancing="ring_hash")
 
 
 # ------------------------------------------------------------------------------ asyncio
@@ -729,3 +886,69 @@ def test_async_result_after_cancel_or_close_raises(how: str) -> None:
 
     error = asyncio.run(run())
     assert error.code == grpc.StatusCode.CANCELLED and error.job_id == "job-1"
+
+
+# ------------------------------------------------------------------- previews and formats
+
+
+def test_previews_and_encoded_images_become_typed_events() -> None:
+    preview = event_from_proto(
+        event(
+            2,
+            "job-1",
+            preview=pb.PreviewEvent(
+                kind=pb.PREVIEW_KIND_X0_ESTIMATE,
+                index=3,
+                data=b"RIFF-webp",
+                format=pb.IMAGE_FORMAT_WEBP,
+                width=8,
+                height=8,
+                step=5,
+                steps=50,
+            ),
+        )
+    )
+    assert isinstance(preview, Preview) and not isinstance(preview, ImageReady)
+    assert (preview.kind, preview.index, preview.step, preview.steps) == ("x0", 3, 5, 50)
+    assert preview.format == "webp" and preview.suffix == ".webp"
+    # An image from a server older than OutputOptions: PNG in `png`, no format.
+    old = event_from_proto(event(3, "job-1", image=pb.ImageEvent(index=0, png=b"\x89PNG")))
+    assert isinstance(old, ImageReady) and old.format == "png" and old.png == old.data
+    jpeg = event_from_proto(
+        event(4, "job-1", image=pb.ImageEvent(index=1, data=b"\xff\xd8", format=3))
+    )
+    assert isinstance(jpeg, ImageReady) and jpeg.data == b"\xff\xd8" and jpeg.suffix == ".jpg"
+    with pytest.raises(ValueError, match="not png"):
+        _ = jpeg.png
+
+
+def test_output_and_preview_options_build_their_messages() -> None:
+    options = split_options(
+        {"image_format": "WebP", "image_quality": 70, "x0_every": 5, "gammas": [0.6]}
+    )
+    assert options.output == OutputOptions("WebP", 70) and options.preview.x0_every == 5
+    request = edit_request(
+        b"img",
+        "a dog",
+        options=options,
+        source_prompt=None,
+        base_model=None,
+        request_id="r-1",
+        detach=False,
+    )
+    assert request.output.format == pb.IMAGE_FORMAT_WEBP and request.output.quality == 70
+    assert request.preview.x0_every == 5 and not request.preview.HasField("training_free")
+    off = split_options({"training_free_preview": False}).preview.to_proto()
+    assert off.HasField("training_free") and not off.training_free
+    for bad, match in (
+        ({"image_format": "gif"}, "accepted: png, webp, jpeg"),
+        ({"image_quality": -1}, "must not be negative"),
+        ({"training_free_preview": "no"}, "True or False"),
+        ({"x0_every": 1.5}, "must be an integer"),
+    ):
+        with pytest.raises(InvalidOptionError, match=match):
+            o = split_options(bad)
+            o.output.to_proto()
+            o.preview.to_proto()
+    with pytest.raises(InvalidOptionError, match="image_format"):
+        split_options({"format": "png"})  # unknown; the accepted names are listed

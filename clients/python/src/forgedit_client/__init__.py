@@ -26,13 +26,14 @@ from forgedit_client.events import (
     ImageReady,
     JobInfo,
     PhaseTimings,
+    Preview,
     Queued,
     Registered,
     SamplingProgress,
     TrainingProgress,
     UnknownEvent,
 )
-from forgedit_client.options import SweepOptions, TrainingOptions
+from forgedit_client.options import OutputOptions, PreviewOptions, SweepOptions, TrainingOptions
 from forgedit_client.results import JobResult
 from forgedit_client.retry import RetryPolicy
 from forgedit_client.stream import AsyncEventStream, EventStream
@@ -58,7 +59,10 @@ __all__ = [
     "InvalidOptionError",
     "JobInfo",
     "JobResult",
+    "OutputOptions",
     "PhaseTimings",
+    "Preview",
+    "PreviewOptions",
     "Queued",
     "Registered",
     "RetryPolicy",

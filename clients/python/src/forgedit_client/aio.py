@@ -27,9 +27,15 @@ from forgedit_client.channel import TlsConfig, aio_channel
 from forgedit_client.client import _UNSET, DEFAULT_TARGET, Timeouts, _ClientConfig
 from forgedit_client.errors import ForgeditRpcError
 from forgedit_client.events import EditModelInfo, JobInfo, edit_model_from_proto, job_from_proto
-from forgedit_client.options import ImageInput, SweepOptions, TrainingOptions
+from forgedit_client.options import (
+    ImageInput,
+    OutputOptions,
+    PreviewOptions,
+    SweepOptions,
+    TrainingOptions,
+)
 from forgedit_client.retry import NO_RETRY, RetryPolicy
-from forgedit_client.stream import AsyncEventStream, NextCall, ResumeTracker
+from forgedit_client.stream import AsyncEventStream, NextCall, ResumeTracker, moved_key
 
 
 class AsyncForgeditClient(_ClientConfig):
@@ -81,6 +87,8 @@ class AsyncForgeditClient(_ClientConfig):
         *,
         training: TrainingOptions | None = None,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         source_prompt: str | None = None,
         base_model: str | None = None,
         request_id: str | None = None,
@@ -94,6 +102,8 @@ class AsyncForgeditClient(_ClientConfig):
             prompts,
             training=training,
             sweep=sweep,
+            output=output,
+            preview=preview,
             source_prompt=source_prompt,
             base_model=base_model,
             request_id=request_id,
@@ -101,9 +111,10 @@ class AsyncForgeditClient(_ClientConfig):
             options=options,
         )
         return self._job_stream(
-            lambda t: self._stub.Edit(request, timeout=t, metadata=self.metadata),
+            lambda t, md: self._stub.Edit(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.edit),
+            key=request.request_id,
         )
 
     def sample(
@@ -112,6 +123,8 @@ class AsyncForgeditClient(_ClientConfig):
         prompts: str | Iterable[str],
         *,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         request_id: str | None = None,
         detach: bool = False,
         timeout: float | None = _UNSET,
@@ -122,14 +135,17 @@ class AsyncForgeditClient(_ClientConfig):
             edit_model_id,
             prompts,
             sweep=sweep,
+            output=output,
+            preview=preview,
             request_id=request_id,
             detach=detach,
             options=options,
         )
         return self._job_stream(
-            lambda t: self._stub.Sample(request, timeout=t, metadata=self.metadata),
+            lambda t, md: self._stub.Sample(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.sample),
+            key=request.edit_model_id,
         )
 
     def watch_job(
@@ -138,12 +154,15 @@ class AsyncForgeditClient(_ClientConfig):
         *,
         request_id: str | None = None,
         after_sequence: int = 0,
+        affinity: str | None = None,
         timeout: float | None = _UNSET,
     ) -> AsyncEventStream:
         """See ``ForgeditClient.watch_job``."""
         first = self.watch_request(job_id, request_id, after_sequence)
         tracker = ResumeTracker(
-            self.retry, deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch))
+            self.retry,
+            deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch)),
+            key=affinity or request_id,
         )
         tracker.last_sequence = after_sequence
 
@@ -151,50 +170,71 @@ class AsyncForgeditClient(_ClientConfig):
             req = pb.WatchJobRequest()
             req.CopyFrom(first)
             req.after_sequence = max(plan.after_sequence, after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=self.metadata)
+            md = self.metadata_for(plan.key)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return AsyncEventStream(
-            open_call, request_id=request_id or "", tracker=tracker, canceller=self.cancel_job
+            open_call,
+            request_id=request_id or "",
+            tracker=tracker,
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
         )
 
     def _job_stream(
-        self, start: Callable[[float | None], Any], request_id: str, timeout: float | None
+        self,
+        start: Callable[[float | None, tuple[tuple[str, str], ...]], Any],
+        request_id: str,
+        timeout: float | None,
+        *,
+        key: str,
     ) -> AsyncEventStream:
-        tracker = ResumeTracker(self.retry, deadline=self.deadline_of(timeout))
+        """See ``ForgeditClient._job_stream``."""
+        tracker = ResumeTracker(
+            self.retry, deadline=self.deadline_of(timeout), key=key, resubmit=True
+        )
 
         def open_call(plan: NextCall) -> Any:
+            md = self.metadata_for(plan.key)
             if plan.kind == "start":
-                return start(plan.timeout)
+                return start(plan.timeout, md)
             req = pb.WatchJobRequest(request_id=request_id, after_sequence=plan.after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=self.metadata)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return AsyncEventStream(
-            open_call, request_id=request_id, tracker=tracker, canceller=self.cancel_job
+            open_call,
+            request_id=request_id,
+            tracker=tracker,
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
         )
 
     # ----------------------------------------------------------------------------- unary
 
-    async def get_job(self, job_id: str, *, timeout: float | None = _UNSET) -> JobInfo:
-        resp = await self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
+    async def get_job(
+        self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
+    ) -> JobInfo:
+        req = pb.GetJobRequest(job_id=job_id)
+        resp = await self._unary(self._stub.GetJob, req, timeout, key=affinity)
         return job_from_proto(resp.job)
 
-    async def cancel_job(self, job_id: str, *, timeout: float | None = _UNSET) -> JobInfo:
+    async def cancel_job(
+        self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
+    ) -> JobInfo:
         req = pb.CancelJobRequest(job_id=job_id)
-        resp = await self._unary(self._stub.CancelJob, req, timeout)
+        resp = await self._unary(self._stub.CancelJob, req, timeout, key=affinity)
         return job_from_proto(resp.job)
 
     async def get_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> EditModelInfo:
         req = pb.GetEditModelRequest(edit_model_id=edit_model_id)
-        resp = await self._unary(self._stub.GetEditModel, req, timeout)
+        resp = await self._unary(self._stub.GetEditModel, req, timeout, key=edit_model_id)
         return edit_model_from_proto(resp.edit_model)
 
     async def delete_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> None:
         req = pb.DeleteEditModelRequest(edit_model_id=edit_model_id)
-        await self._unary(self._stub.DeleteEditModel, req, timeout, retry=False)
+        await self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, key=edit_model_id)
 
     async def list_edit_models(
         self,
@@ -226,7 +266,9 @@ class AsyncForgeditClient(_ClientConfig):
         timeout: Any,
         *,
         retry: bool = True,
+        key: str | None = None,
     ) -> Any:
+        """See ``ForgeditClient._unary``."""
         policy = self.retry if retry else NO_RETRY
         timeout = self._timeout(timeout, self.timeouts.unary)
         deadline = self.deadline_of(timeout)
@@ -235,7 +277,8 @@ class AsyncForgeditClient(_ClientConfig):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await method(request, timeout=remaining, metadata=self.metadata)
+                md = self.metadata_for(moved_key(key, attempt - 1))
+                return await method(request, timeout=remaining, metadata=md)
             except grpc.RpcError as exc:
                 error = ForgeditRpcError.from_grpc(exc)
             if not policy.should_retry(error.code, attempt):

@@ -32,7 +32,7 @@ import grpc
 
 from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client._proto import forgedit_pb2_grpc as pb_grpc
-from forgedit_client.channel import TlsConfig, call_metadata, sync_channel
+from forgedit_client.channel import TlsConfig, affinity_metadata, call_metadata, sync_channel
 from forgedit_client.errors import ForgeditRpcError, InvalidOptionError
 from forgedit_client.events import (
     EditModelInfo,
@@ -42,6 +42,8 @@ from forgedit_client.events import (
 )
 from forgedit_client.options import (
     ImageInput,
+    OutputOptions,
+    PreviewOptions,
     SweepOptions,
     TrainingOptions,
     check_request_id,
@@ -51,7 +53,7 @@ from forgedit_client.options import (
     split_options,
 )
 from forgedit_client.retry import NO_RETRY, RetryPolicy
-from forgedit_client.stream import EventStream, NextCall, ResumeTracker
+from forgedit_client.stream import EventStream, NextCall, ResumeTracker, moved_key
 
 DEFAULT_TARGET = "localhost:50051"
 T = TypeVar("T")
@@ -93,6 +95,11 @@ class _ClientConfig:
         self.load_balancing = load_balancing
         self.metadata = tuple(call_metadata(tls=self.tls, token=self.token))
 
+    def metadata_for(self, affinity: str | None) -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the token header (plaintext) and the call's affinity key, which
+        the ``affinity`` policy hashes to pick a replica (``forgedit_client.channel``)."""
+        return self.metadata + affinity_metadata(affinity)
+
     @staticmethod
     def _timeout(given: Any, default: float | None) -> float | None:
         return default if given is _UNSET else given
@@ -108,18 +115,18 @@ class _ClientConfig:
         *,
         training: TrainingOptions | None,
         sweep: SweepOptions | None,
+        output: OutputOptions | None,
+        preview: PreviewOptions | None,
         source_prompt: str | None,
         base_model: str | None,
         request_id: str | None,
         detach: bool,
         options: dict[str, Any],
     ) -> Any:
-        t, s = split_options(options, training, sweep)
         return edit_request(
             image,
             prompts,
-            training=t,
-            sweep=s,
+            options=split_options(options, training, sweep, output, preview),
             source_prompt=source_prompt,
             base_model=base_model,
             request_id=request_id or new_request_id(),
@@ -132,15 +139,16 @@ class _ClientConfig:
         prompts: str | Iterable[str],
         *,
         sweep: SweepOptions | None,
+        output: OutputOptions | None,
+        preview: PreviewOptions | None,
         request_id: str | None,
         detach: bool,
         options: dict[str, Any],
     ) -> Any:
-        _, s = split_options(options, None, sweep, allow_training=False)
         return sample_request(
             edit_model_id,
             prompts,
-            sweep=s,
+            options=split_options(options, None, sweep, output, preview, allow_training=False),
             request_id=request_id or new_request_id(),
             detach=detach,
         )
@@ -159,10 +167,12 @@ class _ClientConfig:
 class ForgeditClient(_ClientConfig):
     """Synchronous client of one Forgedit service (thread-safe; share one per process).
 
-    ``target``: ``host:port`` or any gRPC target (``dns:///svc:50051``). ``token``: bearer
-    token. ``tls``: False (plaintext, loopback/dev), True (system roots) or a ``TlsConfig``
-    (own CA, mutual TLS). ``load_balancing``: e.g. ``"round_robin"`` across a headless
-    Service's addresses. ``stub``: a ready ``ForgeditServiceStub``-like object (tests).
+    ``target``: ``host:port`` or any gRPC target (``dns:///svc:50051``,
+    ``ipv4:10.0.0.1:50051,10.0.0.2:50051``). ``token``: bearer token. ``tls``: False
+    (plaintext, loopback/dev), True (system roots) or a ``TlsConfig`` (own CA, mutual TLS).
+    ``load_balancing``: ``"round_robin"`` or ``"affinity"`` (Sample lands where its edit model
+    is hot; see ``forgedit_client.channel``) over several replicas; default ``pick_first``.
+    ``stub``: a ready ``ForgeditServiceStub``-like object (tests).
     """
 
     def __init__(
@@ -216,6 +226,8 @@ class ForgeditClient(_ClientConfig):
         *,
         training: TrainingOptions | None = None,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         source_prompt: str | None = None,
         base_model: str | None = None,
         request_id: str | None = None,
@@ -229,7 +241,10 @@ class ForgeditClient(_ClientConfig):
         ``options``: any field of ``TrainingOptions`` (``mode``, ``train_seed``, ``width``,
         ``height``, ``precision``, ``delta_format``, ``updates``, ``batch_size``, ``vae_seed``) or
         ``SweepOptions`` (``interpolation``, ``gammas``, ``alphas``, ``forget``,
-        ``forget_degree``, ``seeds``, ``seed_count``, ``steps``, ``guidance``).
+        ``forget_degree``, ``seeds``, ``seed_count``, ``steps``, ``guidance``), and
+        ``image_format``/``image_quality`` (``OutputOptions``: png, webp, jpeg) and
+        ``training_free_preview``/``x0_every`` (``PreviewOptions``: the stream's ``Preview``
+        events; the training-free one is on unless turned off).
         ``request_id``: idempotency key (generated when omitted). ``detach``: keep the job
         running if this client disconnects. Returns an ``EventStream``; nothing is sent
         until it is iterated. Raises ``InvalidOptionError`` at once for unknown options;
@@ -240,6 +255,8 @@ class ForgeditClient(_ClientConfig):
             prompts,
             training=training,
             sweep=sweep,
+            output=output,
+            preview=preview,
             source_prompt=source_prompt,
             base_model=base_model,
             request_id=request_id,
@@ -247,9 +264,10 @@ class ForgeditClient(_ClientConfig):
             options=options,
         )
         return self._job_stream(
-            lambda t: self._stub.Edit(request, timeout=t, metadata=self.metadata),
+            lambda t, md: self._stub.Edit(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.edit),
+            key=request.request_id,
         )
 
     def sample(
@@ -258,25 +276,32 @@ class ForgeditClient(_ClientConfig):
         prompts: str | Iterable[str],
         *,
         sweep: SweepOptions | None = None,
+        output: OutputOptions | None = None,
+        preview: PreviewOptions | None = None,
         request_id: str | None = None,
         detach: bool = False,
         timeout: float | None = _UNSET,
         **options: Any,
     ) -> EventStream:
         """Sample edits from a stored edit model (no training). ``options``: fields of
-        ``SweepOptions``. Otherwise as ``edit``."""
+        ``SweepOptions``, ``image_format``/``image_quality`` and ``x0_every`` (a Sample has no
+        training-free preview). Otherwise as ``edit``."""
         request = self.build_sample(
             edit_model_id,
             prompts,
             sweep=sweep,
+            output=output,
+            preview=preview,
             request_id=request_id,
             detach=detach,
             options=options,
         )
+        # Routed by edit model: with load_balancing="affinity" its replica has it hot.
         return self._job_stream(
-            lambda t: self._stub.Sample(request, timeout=t, metadata=self.metadata),
+            lambda t, md: self._stub.Sample(request, timeout=t, metadata=md),
             request.request_id,
             self._timeout(timeout, self.timeouts.sample),
+            key=request.edit_model_id,
         )
 
     def watch_job(
@@ -285,14 +310,20 @@ class ForgeditClient(_ClientConfig):
         *,
         request_id: str | None = None,
         after_sequence: int = 0,
+        affinity: str | None = None,
         timeout: float | None = _UNSET,
     ) -> EventStream:
         """Re-attach to a running or recently finished job (by ``job_id`` or the
         ``request_id`` it was submitted with): replays buffered events after
-        ``after_sequence``, then follows it live. Watching never cancels the job."""
+        ``after_sequence``, then follows it live. Watching never cancels the job.
+        ``affinity``: the key the job was submitted under, to reach its replica with
+        ``load_balancing="affinity"`` (default: ``request_id``, an Edit's key; a Sample's is
+        its edit-model ID)."""
         first = self.watch_request(job_id, request_id, after_sequence)
         tracker = ResumeTracker(
-            self.retry, deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch))
+            self.retry,
+            deadline=self.deadline_of(self._timeout(timeout, self.timeouts.watch)),
+            key=affinity or request_id,
         )
         tracker.last_sequence = after_sequence
 
@@ -300,59 +331,78 @@ class ForgeditClient(_ClientConfig):
             req = pb.WatchJobRequest()
             req.CopyFrom(first)
             req.after_sequence = max(plan.after_sequence, after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=self.metadata)
+            md = self.metadata_for(plan.key)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return EventStream(
             open_call,
             request_id=request_id or "",
             tracker=tracker,
-            canceller=self.cancel_job,
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
             sleep=self._sleep,
         )
 
     def _job_stream(
-        self, start: Callable[[float | None], Any], request_id: str, timeout: float | None
+        self,
+        start: Callable[[float | None, tuple[tuple[str, str], ...]], Any],
+        request_id: str,
+        timeout: float | None,
+        *,
+        key: str,
     ) -> EventStream:
-        tracker = ResumeTracker(self.retry, deadline=self.deadline_of(timeout))
+        """The stream of one Edit or Sample (``forgedit_client.stream``): every call carries
+        the tracker's affinity key, so a re-attach and a cancel reach the replica running
+        the job, and a refused start tries another."""
+        tracker = ResumeTracker(
+            self.retry, deadline=self.deadline_of(timeout), key=key, resubmit=True
+        )
 
         def open_call(plan: NextCall) -> Any:
+            md = self.metadata_for(plan.key)
             if plan.kind == "start":
-                return start(plan.timeout)
+                return start(plan.timeout, md)
             req = pb.WatchJobRequest(request_id=request_id, after_sequence=plan.after_sequence)
-            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=self.metadata)
+            return self._stub.WatchJob(req, timeout=plan.timeout, metadata=md)
 
         return EventStream(
             open_call,
             request_id=request_id,
             tracker=tracker,
-            canceller=self.cancel_job,
+            canceller=lambda job: self.cancel_job(job, affinity=tracker.key),
             sleep=self._sleep,
         )
 
     # ----------------------------------------------------------------------------- unary
 
-    def get_job(self, job_id: str, *, timeout: float | None = _UNSET) -> JobInfo:
-        """The job's state. NOT_FOUND when unknown or expired."""
-        resp = self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
-        return job_from_proto(resp.job)
+    def get_job(
+        self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
+    ) -> JobInfo:
+        """The job's state. NOT_FOUND when unknown or expired (or, behind a balancer, when
+        the call reached another replica: pass the job's ``affinity`` key, see
+        ``watch_job``)."""
+        req = pb.GetJobRequest(job_id=job_id)
+        return job_from_proto(self._unary(self._stub.GetJob, req, timeout, key=affinity).job)
 
-    def cancel_job(self, job_id: str, *, timeout: float | None = _UNSET) -> JobInfo:
+    def cancel_job(
+        self, job_id: str, *, affinity: str | None = None, timeout: float | None = _UNSET
+    ) -> JobInfo:
         """Ask the job to stop (it stops within one step); returns its state (CANCELLING
-        until stopped). Cancelling a finished job is a no-op."""
-        resp = self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout)
-        return job_from_proto(resp.job)
+        until stopped). Cancelling a finished job is a no-op. ``affinity`` as ``get_job``."""
+        req = pb.CancelJobRequest(job_id=job_id)
+        return job_from_proto(self._unary(self._stub.CancelJob, req, timeout, key=affinity).job)
 
     def get_edit_model(
         self, edit_model_id: str, *, timeout: float | None = _UNSET
     ) -> EditModelInfo:
         """Metadata of a stored edit model. NOT_FOUND when unknown."""
         req = pb.GetEditModelRequest(edit_model_id=edit_model_id)
-        return edit_model_from_proto(self._unary(self._stub.GetEditModel, req, timeout).edit_model)
+        resp = self._unary(self._stub.GetEditModel, req, timeout, key=edit_model_id)
+        return edit_model_from_proto(resp.edit_model)
 
     def delete_edit_model(self, edit_model_id: str, *, timeout: float | None = _UNSET) -> None:
         """Delete a stored edit model. NOT_FOUND when unknown. Not retried."""
         req = pb.DeleteEditModelRequest(edit_model_id=edit_model_id)
-        self._unary(self._stub.DeleteEditModel, req, timeout, retry=False)
+        self._unary(self._stub.DeleteEditModel, req, timeout, retry=False, key=edit_model_id)
 
     def list_edit_models(
         self,
@@ -379,8 +429,17 @@ class ForgeditClient(_ClientConfig):
                 return
 
     def _unary(
-        self, method: Callable[..., T], request: Any, timeout: Any, *, retry: bool = True
+        self,
+        method: Callable[..., T],
+        request: Any,
+        timeout: Any,
+        *,
+        retry: bool = True,
+        key: str | None = None,
     ) -> T:
+        """One unary call with the retry policy. ``key``: the call's affinity key; a retry
+        after UNAVAILABLE moves it (``moved_key``), so it does not wait on the same refusing
+        replica."""
         policy = self.retry if retry else NO_RETRY
         timeout = self._timeout(timeout, self.timeouts.unary)
         deadline = self.deadline_of(timeout)
@@ -389,7 +448,8 @@ class ForgeditClient(_ClientConfig):
             attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return method(request, timeout=remaining, metadata=self.metadata)
+                md = self.metadata_for(moved_key(key, attempt - 1))
+                return method(request, timeout=remaining, metadata=md)
             except grpc.RpcError as exc:
                 error = ForgeditRpcError.from_grpc(exc)
             if not policy.should_retry(error.code, attempt):

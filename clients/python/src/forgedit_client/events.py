@@ -5,9 +5,11 @@ dataclass per kind instead, so ``match``/``isinstance`` works and no protobuf ty
 user code. Every event carries ``job_id`` and ``sequence`` (1, 2, 3, … within a job), which
 is what re-attaching uses to skip events already seen.
 
-Order of an Edit job (ARCHITECTURE.md): ``Accepted`` → ``Queued``* → ``Captioned`` →
-``TrainingProgress``* → ``Registered`` → ``SamplingProgress``*/``ImageReady``* → ``Completed``,
-with ``Heartbeat`` in silences. A Sample job has no captioning, training or registration.
+Order of an Edit job (ARCHITECTURE.md): ``Accepted`` → ``Queued``* → ``Preview``
+(training-free) → ``Captioned`` → ``TrainingProgress``* → ``Registered`` →
+``SamplingProgress``*/``Preview`` (x0)*/``ImageReady``* → ``Completed``, with ``Heartbeat`` in
+silences. A Sample job has no captioning, training or registration, and no training-free
+preview. A ``Preview`` is never a result: only ``ImageReady`` is.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ DELTA_FORMATS: dict[str, int] = {
     "fp32": pb.DELTA_FORMAT_FP32,
     "fp16": pb.DELTA_FORMAT_FP16,
     "int8": pb.DELTA_FORMAT_INT8,
+}
+IMAGE_FORMATS: dict[str, int] = {
+    "png": pb.IMAGE_FORMAT_PNG,
+    "webp": pb.IMAGE_FORMAT_WEBP,
+    "jpeg": pb.IMAGE_FORMAT_JPEG,
+}
+# File name suffix per image format.
+SUFFIXES: dict[str, str] = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+PREVIEW_KINDS: dict[str, int] = {
+    "training_free": pb.PREVIEW_KIND_TRAINING_FREE,
+    "x0": pb.PREVIEW_KIND_X0_ESTIMATE,
 }
 JOB_STATES: dict[int, str] = {
     pb.JOB_STATE_QUEUED: "queued",
@@ -168,17 +181,56 @@ class ImageParams:
 
 @dataclass(frozen=True)
 class ImageReady(Event):
-    """One finished image: PNG bytes and the parameters that made it."""
+    """One finished image: its encoded bytes (``format``: png, webp or jpeg, as the request's
+    ``image_format`` asked) and the parameters that made it."""
 
     index: int
-    png: bytes = field(repr=False)
+    data: bytes = field(repr=False)
     params: ImageParams
     width: int
     height: int
+    format: str = "png"
+
+    @property
+    def png(self) -> bytes:
+        """The PNG bytes (the field's name before other formats existed); raises
+        ``ValueError`` for a WebP or JPEG image: read ``data`` instead."""
+        if self.format != "png":
+            raise ValueError(f"this image is {self.format}, not png: read .data")
+        return self.data
+
+    @property
+    def suffix(self) -> str:
+        """The file name suffix of its format: .png, .webp or .jpg."""
+        return SUFFIXES.get(self.format, ".bin")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the PNG atomically (temp file, fsync, rename); returns the path."""
-        return write_atomic(Path(path), self.png)
+        """Write the image atomically (temp file, fsync, rename); returns the path."""
+        return write_atomic(Path(path), self.data)
+
+
+@dataclass(frozen=True)
+class Preview(Event):
+    """A preview, NEVER a result. ``kind``: ``training_free`` (an Edit's first look by the
+    base model, before the fine-tune) or ``x0`` (image ``index``'s x0 estimate at denoising
+    ``step`` of ``steps``, at 1/8 of its size). Encoded like the job's images (``format``)."""
+
+    kind: str
+    index: int
+    data: bytes = field(repr=False)
+    format: str
+    width: int
+    height: int
+    step: int
+    steps: int
+
+    @property
+    def suffix(self) -> str:
+        return SUFFIXES.get(self.format, ".bin")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the preview atomically; returns the path."""
+        return write_atomic(Path(path), self.data)
 
 
 @dataclass(frozen=True)
@@ -202,6 +254,7 @@ class PhaseTimings:
     sampling_seconds: float = 0.0
     total_seconds: float = 0.0
     sampling_backend: str = ""
+    preview_seconds: float = 0.0  # the training-free preview (Edit)
 
     def to_dict(self) -> dict[str, float | str]:
         return dict(self.__dict__)
@@ -273,13 +326,28 @@ def event_from_proto(message: Any) -> Event:
         )
     if kind == "image":
         i = message.image
+        encoded = i.WhichOneof("encoded")
         return ImageReady(
             **common,
             index=i.index,
-            png=i.png,
+            data=i.data if encoded == "data" else i.png,
             params=image_params_from_proto(i.params),
             width=i.width,
             height=i.height,
+            format=_name_of(i.format, IMAGE_FORMATS) or "png",  # unset: an older server's PNG
+        )
+    if kind == "preview":
+        v = message.preview
+        return Preview(
+            **common,
+            kind=_name_of(v.kind, PREVIEW_KINDS),
+            index=v.index,
+            data=v.data,
+            format=_name_of(v.format, IMAGE_FORMATS) or "png",
+            width=v.width,
+            height=v.height,
+            step=v.step,
+            steps=v.steps,
         )
     if kind == "heartbeat":
         h = message.heartbeat
@@ -321,6 +389,7 @@ def timings_from_proto(t: Any) -> PhaseTimings:
         sampling_seconds=t.sampling_seconds,
         total_seconds=t.total_seconds,
         sampling_backend=t.sampling_backend,
+        preview_seconds=t.preview_seconds,
     )
 
 

@@ -19,7 +19,13 @@ from typing import Any, BinaryIO
 
 from forgedit_client._proto import forgedit_pb2 as pb
 from forgedit_client.errors import InvalidOptionError
-from forgedit_client.events import DELTA_FORMATS, INTERPOLATIONS, PRECISIONS, TRAINING_MODES
+from forgedit_client.events import (
+    DELTA_FORMATS,
+    IMAGE_FORMATS,
+    INTERPOLATIONS,
+    PRECISIONS,
+    TRAINING_MODES,
+)
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -113,33 +119,98 @@ class SweepOptions:
         return msg
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the job's images (and previews) are encoded. ``format``: png (lossless, the
+    default) | webp | jpeg; ``quality``: webp/jpeg only, 1..100 (unset: the server's 90). The
+    server refuses a quality with png, or out of range, naming the accepted values. Flat
+    keywords: ``image_format=``, ``image_quality=``."""
+
+    format: str | None = None
+    quality: int | None = None
+
+    def to_proto(self) -> Any:
+        msg: Any = pb.OutputOptions()
+        if self.format is not None:
+            msg.format = _enum("image_format", self.format, IMAGE_FORMATS)
+        if self.quality is not None:
+            msg.quality = _int("image_quality", self.quality)
+        return msg
+
+
+@dataclass(frozen=True)
+class PreviewOptions:
+    """Previews while the job runs (``Preview`` events; never results). ``training_free``: an
+    Edit's preview by the base model before the fine-tune (unset: on for Edit; a Sample has
+    no fine-tune and refuses True); ``x0_every``: every this many denoising steps, a
+    low-resolution x0 preview of each image (unset: none). Flat keywords:
+    ``training_free_preview=``, ``x0_every=``."""
+
+    training_free: bool | None = None
+    x0_every: int | None = None
+
+    def to_proto(self) -> Any:
+        msg: Any = pb.PreviewOptions()
+        if self.training_free is not None:
+            if not isinstance(self.training_free, bool):
+                raise InvalidOptionError(
+                    f"training_free_preview must be True or False, got {self.training_free!r}"
+                )
+            msg.training_free = self.training_free
+        if self.x0_every is not None:
+            msg.x0_every = _int("x0_every", self.x0_every)
+        return msg
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Every option group of one Edit or Sample request."""
+
+    training: TrainingOptions
+    sweep: SweepOptions
+    output: OutputOptions
+    preview: PreviewOptions
+
+
 _TRAINING_FIELDS = {f.name for f in fields(TrainingOptions)}
 _SWEEP_FIELDS = {f.name for f in fields(SweepOptions)}
 # Keyword aliases callers reach for naturally (the CLI's --train-seed, the proto's name).
 _ALIASES = {"train_seed": "seed", "forget_strategies": "forget", "training_mode": "mode"}
+# Flat keywords of the output and preview groups (their field names alone would be vague).
+_OUTPUT_KEYWORDS = {"image_format": "format", "image_quality": "quality"}
+_PREVIEW_KEYWORDS = {"training_free_preview": "training_free", "x0_every": "x0_every"}
 
 
 def split_options(
     options: Mapping[str, Any],
     training: TrainingOptions | None = None,
     sweep: SweepOptions | None = None,
+    output: OutputOptions | None = None,
+    preview: PreviewOptions | None = None,
     *,
     allow_training: bool = True,
-) -> tuple[TrainingOptions, SweepOptions]:
-    """Merge flat keyword options (``gammas=[0.5], mode="joint"``) into the two option groups.
+) -> JobOptions:
+    """Merge flat keyword options (``gammas=[0.5], mode="joint", image_format="webp"``) into
+    the option groups.
 
-    Keywords override fields of ``training``/``sweep``. Raises ``InvalidOptionError`` for an
+    Keywords override fields of the groups given. Raises ``InvalidOptionError`` for an
     unknown name, naming the accepted ones. ``allow_training=False`` (Sample) rejects training
     options, since a stored edit model is never re-trained.
     """
     t: dict[str, Any] = dict((training or TrainingOptions()).__dict__)
     s: dict[str, Any] = dict((sweep or SweepOptions()).__dict__)
+    o: dict[str, Any] = dict((output or OutputOptions()).__dict__)
+    p: dict[str, Any] = dict((preview or PreviewOptions()).__dict__)
     for key, value in options.items():
         name = _ALIASES.get(key, key)
         if name == "seed" and key == "seed":
             # A bare `seed` is ambiguous; say which one is meant.
             raise InvalidOptionError("use train_seed= for training or seeds=[...] for sampling")
-        if name in _SWEEP_FIELDS:
+        if key in _OUTPUT_KEYWORDS:
+            o[_OUTPUT_KEYWORDS[key]] = value
+        elif key in _PREVIEW_KEYWORDS:
+            p[_PREVIEW_KEYWORDS[key]] = value
+        elif name in _SWEEP_FIELDS:
             s[name] = tuple(value) if isinstance(value, list | tuple) else value
         elif name in _TRAINING_FIELDS and allow_training:
             t[name] = value
@@ -155,11 +226,13 @@ def split_options(
         if isinstance(s[name], str | int | float):
             s[name] = (s[name],)
         s[name] = tuple(s[name])
-    return TrainingOptions(**t), SweepOptions(**s)
+    return JobOptions(
+        TrainingOptions(**t), SweepOptions(**s), OutputOptions(**o), PreviewOptions(**p)
+    )
 
 
 def _accepted(allow_training: bool) -> list[str]:
-    names = set(_SWEEP_FIELDS)
+    names = set(_SWEEP_FIELDS) | set(_OUTPUT_KEYWORDS) | set(_PREVIEW_KEYWORDS)
     if allow_training:
         names |= (_TRAINING_FIELDS - {"seed"}) | {"train_seed"}
     return sorted(names)
@@ -222,8 +295,7 @@ def edit_request(
     image: ImageInput,
     prompts: str | Iterable[str],
     *,
-    training: TrainingOptions,
-    sweep: SweepOptions,
+    options: JobOptions,
     source_prompt: str | None,
     base_model: str | None,
     request_id: str,
@@ -235,8 +307,10 @@ def edit_request(
         image=image_bytes(image),
         target_prompts=list(prompts_tuple(prompts)),
         base_model=base_model or "",
-        training=training.to_proto(),
-        sweep=sweep.to_proto(),
+        training=options.training.to_proto(),
+        sweep=options.sweep.to_proto(),
+        output=options.output.to_proto(),
+        preview=options.preview.to_proto(),
         detach=detach,
     )
     if source_prompt is not None:
@@ -248,16 +322,18 @@ def sample_request(
     edit_model_id: str,
     prompts: str | Iterable[str],
     *,
-    sweep: SweepOptions,
+    options: JobOptions,
     request_id: str,
     detach: bool,
 ) -> Any:
-    """Build a ``SampleRequest``."""
+    """Build a ``SampleRequest`` (the training options are not part of it)."""
     return pb.SampleRequest(
         request_id=check_request_id(request_id),
         edit_model_id=_str("edit_model_id", edit_model_id),
         target_prompts=list(prompts_tuple(prompts)),
-        sweep=sweep.to_proto(),
+        sweep=options.sweep.to_proto(),
+        output=options.output.to_proto(),
+        preview=options.preview.to_proto(),
         detach=detach,
     )
 

@@ -12,6 +12,7 @@ from forgedit_client.events import (
     Event,
     ImageReady,
     PhaseTimings,
+    Preview,
     Registered,
     TrainingProgress,
 )
@@ -24,7 +25,8 @@ class JobResult:
     ``images`` are in arrival order (sort by ``index`` for sweep order); ``losses`` holds the
     training loss after each update (Edit only); ``timings`` and ``train_seed`` come from the
     final ``Completed`` event; ``registered`` is the ``Registered`` event of an Edit job
-    (``deduplicated``/``spooled`` tell how the registry stored it).
+    (``deduplicated``/``spooled`` tell how the registry stored it); ``previews`` are the
+    ``Preview`` events in arrival order (never results; the server bounds them per job).
     """
 
     request_id: str
@@ -32,6 +34,7 @@ class JobResult:
     edit_model_id: str = ""
     source_prompt: str | None = None
     images: list[ImageReady] = field(default_factory=list)
+    previews: list[Preview] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     registered: Registered | None = None
     timings: PhaseTimings | None = None
@@ -51,9 +54,16 @@ class JobResult:
             "spooled": self.registered.spooled if self.registered else None,
             "timings": self.timings.to_dict() if self.timings else None,
             "images": [
-                {"index": i.index, "width": i.width, "height": i.height, **i.params.to_dict()}
+                {
+                    "index": i.index,
+                    "width": i.width,
+                    "height": i.height,
+                    "format": i.format,
+                    **i.params.to_dict(),
+                }
                 for i in sorted(self.images, key=lambda i: i.index)
             ],
+            "previews": len(self.previews),
         }
 
 
@@ -77,6 +87,8 @@ class ResultCollector:
             r.edit_model_id = event.edit_model_id
         elif isinstance(event, ImageReady):
             r.images.append(event)
+        elif isinstance(event, Preview):
+            r.previews.append(event)
         elif isinstance(event, Completed):
             r.timings = event.timings
             r.edit_model_id = event.edit_model_id or r.edit_model_id

@@ -13,6 +13,18 @@ The loop, for one Edit or Sample:
    if events have arrived, re-attach with ``WatchJob(request_id, after_sequence=last)``.
    Each retry waits the policy's backoff; the attempt count resets whenever an event arrives.
    Any other status, an exhausted budget or the overall deadline raises ``ForgeditRpcError``.
+4. Over several replicas (``forgedit_client.channel``) a job lives on the replica that took it:
+   its re-attach and cancel carry the stream's affinity key, so they reach that replica. A
+   replica that refuses the start (UNAVAILABLE: still loading its models, draining, gone)
+   keeps refusing for a while, and the key would keep choosing it: each retry of ``start``
+   therefore moves the key (``KEY~1``, ``KEY~2``, …, another point on the ring). A re-attach
+   that finds no job (NOT_FOUND), or that the job's replica refuses outright (UNAVAILABLE with
+   the server's retry hint: draining or restarting), means the job's replica went away or is
+   going (restarted, killed, scaled in) and its job with it: the stream submits the request
+   again under the same ``request_id`` (and a moved key), within the same retry budget. Events then
+   start over with the new job (a new ``job_id``, ``Accepted`` first) and ``result()`` is the
+   new job's. The request id keeps this safe: an Edit registers one edit model per request id
+   whichever replica ends up running it, and a request's training seed depends on that id only.
 
 Cancellation: ``close()`` (or leaving a ``with stream:`` block, or the stream being garbage
 collected) cancels the gRPC call; without ``detach`` the server then cancels the job. A plain
@@ -46,12 +58,21 @@ CallKind = Literal["start", "watch"]
 @dataclass(frozen=True)
 class NextCall:
     """What to open next: ``kind`` after ``delay`` seconds, with ``timeout`` left (None = no
-    deadline) and, for ``watch``, the last sequence already seen."""
+    deadline), for ``watch`` the last sequence already seen, the affinity ``key`` the call
+    carries (None: the stream has none), and whether this ``start`` submits the request again
+    after its job was lost (``resubmit``: the events start over)."""
 
     kind: CallKind
     delay: float
     timeout: float | None
     after_sequence: int
+    key: str | None = None
+    resubmit: bool = False
+
+
+def moved_key(key: str | None, moves: int) -> str | None:
+    """The affinity key after ``moves`` refusals: another point on the hash ring."""
+    return key if key is None or moves == 0 else f"{key}~{moves}"
 
 
 class ResumeTracker:
@@ -66,8 +87,15 @@ class ResumeTracker:
         *,
         deadline: float | None,
         clock: Callable[[], float] = time.monotonic,
+        key: str | None = None,
+        resubmit: bool = False,
     ) -> None:
         self.policy = policy
+        self.key = key  # the affinity key calls carry now (moved after refused starts)
+        self.base_key = key
+        self.moves = 0
+        self.can_resubmit = resubmit  # a stream that has a request to submit again
+        self.resubmits = 0  # requests submitted again because their job was lost
         self.deadline = deadline
         self.clock = clock
         self.job_id: str | None = None
@@ -79,7 +107,7 @@ class ResumeTracker:
         self.reattaches = 0  # of which WatchJob re-attaches after events had arrived
 
     def first_call(self) -> NextCall:
-        return NextCall("start", 0.0, self._remaining(), 0)
+        return NextCall("start", 0.0, self._remaining(), 0, self.key)
 
     def accept(self, event: Event) -> bool:
         """Record ``event``; False when it is a replayed duplicate to be skipped.
@@ -104,18 +132,29 @@ class ResumeTracker:
     def after_error(self, error: ForgeditRpcError) -> NextCall:
         """Plan the next call after ``error``, or raise it (with context) when it is final."""
         self.failures += 1
-        if not self.policy.should_retry(error.code, self.failures):
+        lost = self.can_resubmit and self.reattaching and _job_unreachable(error)
+        if not lost and not self.policy.should_retry(error.code, self.failures):
+            raise self._final(error)
+        if lost and self.failures >= self.policy.max_attempts:
             raise self._final(error)
         delay = self.policy.backoff(self.failures, server_hint=error.retry_delay)
         remaining = self._remaining()
         if remaining is not None and remaining <= delay:
             raise self._final(error)
         timeout = None if remaining is None else remaining - delay
+        if lost:  # the job went with its replica: submit the request again
+            self.last_sequence = 0
+            self.job_id = None
+            self.resubmits += 1
         kind: CallKind = "watch" if self.last_sequence else "start"
+        if kind == "start" and self.can_resubmit:
+            # Refused, or lost, where the key pointed: the next start tries another replica.
+            self.moves += 1
+            self.key = moved_key(self.base_key, self.moves)
         self.reattaching = kind == "watch"
         self.retries += 1
         self.reattaches += self.reattaching
-        return NextCall(kind, delay, timeout, self.last_sequence)
+        return NextCall(kind, delay, timeout, self.last_sequence, self.key, lost)
 
     def _remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -131,6 +170,18 @@ class ResumeTracker:
                 job_id=self.job_id,
             )
         return error
+
+
+def _job_unreachable(error: ForgeditRpcError) -> bool:
+    """A re-attach's failure that says the job's replica cannot give its events back: it has
+    no such job (NOT_FOUND: it restarted, or the call reached another replica because the
+    job's is gone), or the replica itself refuses every call (UNAVAILABLE with the server's
+    retry hint: it is draining, so its queued jobs have ended and its connections are about to
+    close, or it is still starting after a restart). A dropped connection is UNAVAILABLE
+    without a hint and is re-attached again."""
+    if error.code == grpc.StatusCode.NOT_FOUND:
+        return True
+    return error.code == grpc.StatusCode.UNAVAILABLE and error.retry_delay is not None
 
 
 Opener = Callable[[NextCall], Any]
@@ -177,6 +228,18 @@ class EventStream:
         """How often the stream re-attached with WatchJob after a dropped connection."""
         return self._tracker.reattaches
 
+    @property
+    def retries(self) -> int:
+        """How often a call of this stream was opened again after an error (re-attaches
+        included)."""
+        return self._tracker.retries
+
+    @property
+    def resubmits(self) -> int:
+        """How often the request was submitted again because its job was lost with its
+        replica (see the module docstring)."""
+        return self._tracker.resubmits
+
     def __iter__(self) -> Iterator[Event]:
         return self._events
 
@@ -188,6 +251,8 @@ class EventStream:
         while True:
             if plan.delay:
                 self._sleep(plan.delay)
+            if plan.resubmit:
+                self._collector = ResultCollector(self.request_id)
             try:
                 self._call = self._open(plan)
                 for response in self._call:
@@ -264,6 +329,14 @@ class AsyncEventStream:
     def reattaches(self) -> int:
         return self._tracker.reattaches
 
+    @property
+    def retries(self) -> int:
+        return self._tracker.retries
+
+    @property
+    def resubmits(self) -> int:
+        return self._tracker.resubmits
+
     def __aiter__(self) -> AsyncGenerator[Event, None]:
         return self._events
 
@@ -275,6 +348,8 @@ class AsyncEventStream:
         while True:
             if plan.delay:
                 await asyncio.sleep(plan.delay)
+            if plan.resubmit:
+                self._collector = ResultCollector(self.request_id)
             call = None
             try:
                 call = self._open(plan)

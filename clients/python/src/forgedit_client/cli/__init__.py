@@ -25,7 +25,7 @@ from forgedit_client.cli.progress import ProgressDisplay
 from forgedit_client.cli.sheet import contact_sheet
 from forgedit_client.client import _UNSET, ForgeditClient
 from forgedit_client.errors import ForgeditClientError, ForgeditRpcError, InvalidOptionError
-from forgedit_client.events import ImageReady
+from forgedit_client.events import ImageReady, Preview
 from forgedit_client.files import write_atomic
 from forgedit_client.options import image_bytes
 from forgedit_client.results import JobResult
@@ -65,7 +65,9 @@ def _client(args: argparse.Namespace) -> ForgeditClient:
         if bool(args.cert) != bool(args.key):
             raise InvalidOptionError("mutual TLS needs both --cert and --key")
         tls = TlsConfig.from_files(args.ca, args.cert, args.key)
-    return ForgeditClient(args.server, token=args.token, tls=tls)
+    return ForgeditClient(
+        args.server, token=args.token, tls=tls, load_balancing=args.load_balancing
+    )
 
 
 def _dispatch(client: ForgeditClient, args: argparse.Namespace) -> int:
@@ -94,10 +96,15 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed_count",
         "steps",
         "guidance",
+        "image_format",
+        "image_quality",
+        "x0_every",
     ]
     if args.command == "edit":
         names += ["mode", "train_seed", "vae_seed", "precision", "delta_format"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "no_preview", False):
+        options["training_free_preview"] = False
     if options.get("train_seed") == "random":
         del options["train_seed"]
         options["fresh_seed"] = True
@@ -154,6 +161,8 @@ def _follow(
             display.show(event)
             if writer is not None and isinstance(event, ImageReady):
                 writer.write(event)
+            elif writer is not None and isinstance(event, Preview):
+                writer.write_preview(event)
         result = stream.result()
     except KeyboardInterrupt:
         display.close()
@@ -163,6 +172,8 @@ def _follow(
     summary = result.to_dict()
     if writer is not None:
         summary["files"] = writer.files
+        if writer.preview is not None:
+            summary["preview"] = writer.preview
         writer.write_manifest(summary)
         if result.images and not getattr(args, "no_sheet", False):
             sheet = writer.write_sheet(result, source)
@@ -207,25 +218,45 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9+._-]+")
 
 def image_filename(event: ImageReady) -> str:
     """A stable, filesystem-safe name that says what the image is, e.g.
-    ``003-encoderkv-g0.6-seed1.png`` (vp: ``b1.2-a0.9``). Prompts are left to results.json."""
+    ``003-encoderkv-g0.6-seed1.png`` (vp: ``b1.2-a0.9``; ``.webp``/``.jpg`` by its format).
+    Prompts are left to results.json."""
     p = event.params
     forget = _UNSAFE.sub("_", p.forget)[:60] or "default"
     sweep = f"b{p.gamma:g}-a{p.alpha:g}" if p.interpolation == "vp" else f"g{p.gamma:g}"
-    return f"{event.index:03d}-{forget}-{sweep}-seed{p.seed}.png"
+    return f"{event.index:03d}-{forget}-{sweep}-seed{p.seed}{event.suffix}"
+
+
+def preview_filename(event: Preview) -> str:
+    """``preview.png`` for the training-free preview, ``previews/x0-003.png`` for image 3's
+    x0 previews (each replaces the last: the folder shows the latest); suffix by format."""
+    if event.kind == "x0":
+        return f"previews/x0-{event.index:03d}{event.suffix}"
+    return f"preview{event.suffix}"
 
 
 class ImageWriter:
-    """Writes each image atomically into ``out`` as it arrives, then ``results.json`` and
-    ``contact_sheet.png``."""
+    """Writes each image atomically into ``out`` as it arrives (and each preview, replacing
+    the previous one of the same image), then ``results.json`` and ``contact_sheet.png``."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.files: dict[str, str] = {}  # sweep index -> file name
+        self.preview: str | None = None  # the training-free preview's file name
         out.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: ImageReady) -> Path:
         path = event.save(self.out / image_filename(event))
         self.files[str(event.index)] = path.name
+        return path
+
+    def write_preview(self, event: Preview) -> Path | None:
+        """Write a preview; one of a kind this CLI does not know is skipped."""
+        if event.kind not in ("training_free", "x0"):
+            return None
+        name = preview_filename(event)
+        path = event.save(self.out / name)
+        if event.kind == "training_free":
+            self.preview = name
         return path
 
     def write_manifest(self, summary: dict[str, Any]) -> Path:
@@ -240,7 +271,7 @@ class ImageWriter:
             label = i.params.label()
             if several_prompts:
                 label = f"{i.params.prompt[:40]} · {label}"
-            tiles.append((i.png, label))
+            tiles.append((i.data, label))
         return write_atomic(self.out / "contact_sheet.png", contact_sheet(tiles))
 
 

@@ -13,8 +13,15 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from forgedit_client.channel import LOAD_BALANCING_POLICIES
 from forgedit_client.client import DEFAULT_TARGET
-from forgedit_client.events import DELTA_FORMATS, INTERPOLATIONS, PRECISIONS, TRAINING_MODES
+from forgedit_client.events import (
+    DELTA_FORMATS,
+    IMAGE_FORMATS,
+    INTERPOLATIONS,
+    PRECISIONS,
+    TRAINING_MODES,
+)
 
 PROG = "forgedit"
 T = TypeVar("T")
@@ -98,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} edit dog.jpg 'A sitting dog' --gammas 0.5,0.6 --forget encoderkv "
             "--seeds 1,2 --out out/\n"
             f"  {PROG} sample EDIT_MODEL_ID 'A jumping dog' --out out2/\n"
+            f"  {PROG} edit cat.jpg 'A cat wearing a hat' --image-format webp --x0-every 10 "
+            "--out out3/\n"
             f"  {PROG} --json models list --image-sha256 HEX"
         ),
         formatter_class=_Formatter,
@@ -123,6 +132,14 @@ def add_connection_flags(parser: argparse.ArgumentParser, *, suppress: bool = Fa
         "--server",
         default=default(os.environ.get("FORGEDIT_SERVER", DEFAULT_TARGET)),
         help="host:port of the service (env FORGEDIT_SERVER; default localhost:50051)",
+    )
+    conn.add_argument(
+        "--load-balancing",
+        choices=LOAD_BALANCING_POLICIES,
+        default=default(os.environ.get("FORGEDIT_LOAD_BALANCING") or None),
+        help="over several replicas (a dns:/// or ipv4:a,b target): round_robin, or affinity "
+        "(Sample lands where its edit model is hot) (env FORGEDIT_LOAD_BALANCING; "
+        "default pick_first)",
     )
     conn.add_argument(
         "--token",
@@ -197,13 +214,44 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
     sweep.add_argument("--guidance", type=float, metavar="S", help="CFG scale (default: 7.5)")
 
 
+def _add_output_flags(p: argparse.ArgumentParser, *, edit: bool) -> None:
+    output = p.add_argument_group("images and previews")
+    output.add_argument(
+        "--image-format",
+        choices=sorted(IMAGE_FORMATS),
+        help="how the server encodes the images (and previews): png (lossless, default), "
+        "webp or jpeg (lossy, at --image-quality); files get the matching suffix",
+    )
+    output.add_argument(
+        "--image-quality",
+        type=non_negative_int,
+        metavar="N",
+        help="webp/jpeg quality 1..100 (server default: 90); refused with png",
+    )
+    if edit:
+        output.add_argument(
+            "--no-preview",
+            action="store_true",
+            help="skip the training-free preview: by default the server first shows the base "
+            "model's take on the edit, within seconds, written to preview.png (never the "
+            "result)",
+        )
+    output.add_argument(
+        "--x0-every",
+        type=non_negative_int,
+        metavar="K",
+        help="every K denoising steps, a low-resolution preview of each image's current "
+        "estimate, written to previews/x0-NNN.png (the latest per image; default: none)",
+    )
+
+
 def _add_run_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     run = p.add_argument_group("run")
     run.add_argument(
         "--out",
         metavar="DIR",
         required=out_required,
-        help="directory for the images, results.json and contact_sheet.png (created)",
+        help="directory for the images, results.json, contact_sheet.png and the previews (created)",
     )
     run.add_argument(
         "--detach",
@@ -228,7 +276,9 @@ def _add_edit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "edit",
         help="fine-tune an edit model on IMAGE and sample edits",
         description="Fine-tune an edit model on IMAGE (BLIP caption unless --source-prompt), "
-        "register it, and sample the sweep toward each PROMPT.",
+        "register it, and sample the sweep toward each PROMPT. Within seconds, before the "
+        "fine-tune ends, the server sends a training-free preview of the first PROMPT (the "
+        "base model's own edit, written to preview.png; never the result).",
         formatter_class=_Formatter,
     )
     p.add_argument("image", metavar="IMAGE", help="the photo to edit (PNG, JPEG or WebP)")
@@ -267,6 +317,7 @@ def _add_edit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="batch size of the first stage, or of each stage (two_stage: 1,1)",
     )
     _add_sweep_flags(p)
+    _add_output_flags(p, edit=True)
     _add_run_flags(p)
     add_connection_flags(p, suppress=True)
 
@@ -281,6 +332,7 @@ def _add_sample(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("edit_model_id", metavar="MODEL_ID", help="as printed by `forgedit edit`")
     p.add_argument("prompts", metavar="PROMPT", nargs="+", help="target prompt(s)")
     _add_sweep_flags(p)
+    _add_output_flags(p, edit=False)
     _add_run_flags(p)
     add_connection_flags(p, suppress=True)
 

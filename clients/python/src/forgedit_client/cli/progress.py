@@ -16,6 +16,7 @@ from forgedit_client.events import (
     Event,
     Heartbeat,
     ImageReady,
+    Preview,
     Queued,
     Registered,
     SamplingProgress,
@@ -55,6 +56,12 @@ class ProgressDisplay:
                 bar.refresh()
             elif event.state == "queued" and event.queue_position:
                 self.say(f"waiting: queue position {event.queue_position}")
+        elif isinstance(event, Preview):
+            if event.kind == "training_free":
+                self.say(
+                    f"preview ready ({event.width}x{event.height}, training-free: the base "
+                    "model's take, not the result)"
+                )
         elif isinstance(event, Captioned):
             origin = "caption" if event.from_caption else "given"
             self.say(f"source prompt ({origin}): {event.source_prompt}")
