@@ -559,7 +559,7 @@ class Fleet:
             [
                 sys.executable,
                 "-c",
-                "import sys; from forgedit.tiny import ensure_tiny_model; "
+                "import sys; from forgedit.zoo.tiny import ensure_tiny_model; "
                 "ensure_tiny_model(sys.argv[1])",
                 str(tiny),
             ],
