@@ -10,14 +10,23 @@ Reports, as one JSON object:
   load (after warm-up), the maximum seen during it (sampled every ``--probe-interval``), and
   after it (once the server is idle again).
 
+Floods beside the normal traffic (``--floods``): the driver starts its replica with two
+principals' tokens and measures twice in one run, first the normal traffic alone ("quiet"),
+then the same traffic beside ``--anonymous-streams`` unauthenticated streams held open
+(reflection and ``Health.Watch``, on connections of their own, each reopened at once when it
+ends) and ``--detached-clients`` clients of a second principal that submit detached Samples
+back to back (each accepted job left to run; refusals retried after a pause). The report has
+both phases, the floods' outcomes (``flood``: per flood kind, how each opening ended) and
+``ratios`` (flooded over quiet: the normal traffic's p50 latency and OK calls per second).
+
 Bounded by construction: at most ``--max-requests`` calls in all and ``--duration`` seconds of
 issuing them; calls carry a ``--deadline``; the driver then waits for the calls in flight (each
 bounded by its deadline) and stops by itself. Loopback only: it refuses any other target.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/load_driver.py [--duration 60]
-[--sample-clients 6] [--edit-clients 2] [--max-requests 400] [--out load.json]`` starts its own
-``forgedit-server`` (tiny model) in a subprocess; ``--target 127.0.0.1:PORT --server-pid PID``
-drives a running one instead.
+[--sample-clients 6] [--edit-clients 2] [--max-requests 400] [--floods] [--out load.json]``
+starts its own ``forgedit-server`` (tiny model) in a subprocess; ``--target 127.0.0.1:PORT
+--server-pid PID`` drives a running one instead.
 
 Fleet mode, ``--fleet .forgedit-data/fleet/env [--rolling-restart]`` (``scripts/fleet.sh up``
 first): the clients are the SDK's ``AsyncForgeditClient`` over ``FORGEDIT_SERVER`` with the
@@ -37,6 +46,7 @@ import asyncio
 import io
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -51,6 +61,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from server._proto import forgedit_pb2 as pb
 from server._proto import forgedit_pb2_grpc as pb_grpc
@@ -58,6 +70,8 @@ from server.transport import client_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 RETRY_PAUSE_S = 0.5  # a client's pause after a refused or failed call
+FLOOD_PAUSE_S = 0.05  # a flood's: it reopens at once, as an attacker would
+REFLECTION = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
 
 # -- process resources --------------------------------------------------------------------------
@@ -113,11 +127,12 @@ def edit_request(image: bytes, seed: int, updates: int) -> pb.EditRequest:
     )
 
 
-def sample_request(edit_model_id: str, seed: int) -> pb.SampleRequest:
+def sample_request(edit_model_id: str, seed: int, detach: bool = False) -> pb.SampleRequest:
     return pb.SampleRequest(
         edit_model_id=edit_model_id,
         target_prompts=["A photo of a green square."],
         sweep=pb.SweepOptions(steps=2, gammas=[0.5], seeds=[seed]),
+        detach=detach,
     )
 
 
@@ -130,6 +145,14 @@ class Tally:
     latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     queue_wait: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     issued: int = 0
+    flood: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    flood_jobs: list[str] = field(default_factory=list)  # detached jobs it left running
+    details: dict[str, str] = field(default_factory=dict)  # the first of each failure
+    flood_details: dict[str, str] = field(default_factory=dict)  # the first of each ending
+
+    def flood_ended(self, kind: str, error: grpc.aio.AioRpcError) -> None:
+        self.flood[kind][error.code().name] += 1
+        self.flood_details.setdefault(f"{kind} {error.code().name}", error.details() or "")
 
 
 Metadata = tuple[tuple[str, str], ...]
@@ -149,6 +172,7 @@ async def _one_call(
                 tally.queue_wait[kind].append(event.completed.timings.queue_wait_seconds)
     except grpc.aio.AioRpcError as e:
         code = e.code().name
+        tally.details.setdefault(f"{kind} {code}", e.details() or "")
     tally.status[kind][code] += 1
     tally.latency[kind].append(time.perf_counter() - started)
     return code == "OK"
@@ -174,6 +198,58 @@ async def _client(
             await asyncio.sleep(RETRY_PAUSE_S)  # as a client would, rather than spin
 
 
+async def _anonymous_stream(channel: Any, kind: str, stop_at: float, tally: Tally) -> None:
+    """Open one kind of unauthenticated stream (``reflection`` or ``health-watch``) again and
+    again until ``stop_at``: an open one is held to the end, a refused one reopened at once."""
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    stop = asyncio.Event()
+
+    async def held_requests() -> Any:
+        yield listing
+        await stop.wait()
+
+    while (left := stop_at - time.monotonic()) > 0:
+        if kind == "reflection":
+            call = channel.stream_stream(
+                REFLECTION,
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )(held_requests(), timeout=left + 5)
+        else:
+            call = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=left + 5
+            )
+        try:
+            await call.read()
+        except grpc.aio.AioRpcError as e:
+            tally.flood_ended(kind, e)
+            await asyncio.sleep(FLOOD_PAUSE_S)
+            continue
+        tally.flood[kind]["OK (held open)"] += 1
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        call.cancel()
+    stop.set()
+
+
+async def _detached_client(
+    stub: Any, edit_model_id: str, stop_at: float, metadata: Metadata, tally: Tally
+) -> None:
+    """Submit detached Samples back to back as the flood's principal: each accepted job is left
+    to run (the call hangs up after ``accepted``); a refused one is retried after a pause."""
+    while time.monotonic() < stop_at:
+        request = sample_request(edit_model_id, seed=len(tally.flood_jobs), detach=True)
+        call = stub.Sample(request, timeout=30, metadata=metadata)
+        try:
+            response = await call.read()
+        except grpc.aio.AioRpcError as e:
+            tally.flood_ended("detached-sample", e)
+            await asyncio.sleep(RETRY_PAUSE_S)
+            continue
+        call.cancel()
+        tally.flood["detached-sample"]["OK (accepted)"] += 1
+        tally.flood_jobs.append(response.event.job_id)
+
+
 async def _probe(pid: int, interval: float, samples: list[dict[str, float]], stop: Any) -> None:
     while not stop.is_set():
         samples.append(resources(pid))
@@ -194,22 +270,33 @@ async def drive(
     probe_interval_s: float,
     settle_s: float,
     token: str = "",
+    anonymous_streams: int = 0,
+    detached_clients: int = 0,
+    flood_token: str = "",
 ) -> dict[str, Any]:
-    """Run the load against ``target`` and return the report (see the module docstring)."""
+    """Run the load against ``target`` and return the report (see the module docstring),
+    beside ``anonymous_streams`` unauthenticated streams and ``detached_clients`` clients of
+    the principal of ``flood_token`` flooding the queue with detached Samples."""
     metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    flood_metadata: Metadata = (("authorization", f"Bearer {flood_token}"),)
+    if detached_clients and not flood_token:
+        raise SystemExit("load_driver: a detached-job flood needs the flood principal's token")
     host = target.rsplit(":", 1)[0]
     if host not in LOOPBACK:
         raise SystemExit(f"load_driver: refusing non-loopback target {target!r}")
     image = test_image()
-    async with grpc.aio.insecure_channel(target, options=client_options()) as channel:
+    async with (
+        grpc.aio.insecure_channel(target, options=client_options()) as channel,
+        grpc.aio.insecure_channel(target, options=client_options()) as flood_channel,
+    ):
         stub = pb_grpc.ForgeditServiceStub(channel)
-        # One edit model for the Sample clients, trained before the measurement starts.
-        edit_model_id = ""
-        async for response in stub.Edit(
-            edit_request(image, seed=1, updates=updates), timeout=300, metadata=metadata
-        ):
-            if response.event.WhichOneof("kind") == "registered":
-                edit_model_id = response.event.registered.edit_model_id
+        flood_stub = pb_grpc.ForgeditServiceStub(flood_channel)
+        # One edit model for the Sample clients (and one of the flood's principal's own, whose
+        # edit models are its own), trained before the measurement starts.
+        edit_model_id = await _train(stub, image, updates, metadata)
+        flood_model_id = (
+            await _train(flood_stub, image, updates, flood_metadata) if detached_clients else ""
+        )
         before = resources(pid)
         tally = Tally()
         samples: list[dict[str, float]] = []
@@ -244,10 +331,23 @@ async def drive(
             )
             for _ in range(edit_clients)
         ]
-        await asyncio.gather(*clients)
+        floods = [
+            _anonymous_stream(flood_channel, ("reflection", "health-watch")[i % 2], stop_at, tally)
+            for i in range(anonymous_streams)
+        ] + [
+            _detached_client(flood_stub, flood_model_id, stop_at, flood_metadata, tally)
+            for _ in range(detached_clients)
+        ]
+        await asyncio.gather(*clients, *floods)
         elapsed = time.perf_counter() - started
         stop_probe.set()
         await probe
+        # The flood's detached jobs still waiting or running end now, so "after" is idle.
+        for job_id in tally.flood_jobs:
+            with suppress(grpc.aio.AioRpcError):
+                await flood_stub.CancelJob(
+                    pb.CancelJobRequest(job_id=job_id), timeout=30, metadata=flood_metadata
+                )
         await asyncio.sleep(settle_s)  # let the server go idle before "after"
         after = resources(pid)
     return {
@@ -258,14 +358,46 @@ async def drive(
             "max_requests": max_requests,
             "deadline_s": deadline_s,
             "training_updates": updates,
+            "anonymous_streams": anonymous_streams,
+            "detached_clients": detached_clients,
         },
         "elapsed_s": elapsed,
         "calls": tally.issued,
+        "ok_per_s": {k: v["OK"] / elapsed for k, v in tally.status.items()},
+        "flood": {k: dict(v) for k, v in tally.flood.items()},
+        "flood_jobs_accepted": len(tally.flood_jobs),
+        "flood_details": tally.flood_details,
         "status": {k: dict(v) for k, v in tally.status.items()},
+        "details": tally.details,
         "latency_s": {k: percentiles(v) for k, v in tally.latency.items()},
         "queue_wait_s": {k: percentiles(v) for k, v in tally.queue_wait.items()},
         "resources": {"before": before, "during_max": _max_of(samples), "after": after},
     }
+
+
+async def _train(stub: Any, image: bytes, updates: int, metadata: Metadata) -> str:
+    """The id of an edit model trained (or reused) for ``metadata``'s principal."""
+    edit_model_id = ""
+    async for response in stub.Edit(
+        edit_request(image, seed=1, updates=updates), timeout=300, metadata=metadata
+    ):
+        if response.event.WhichOneof("kind") == "registered":
+            edit_model_id = response.event.registered.edit_model_id
+    return edit_model_id
+
+
+def flood_ratios(quiet: dict[str, Any], flooded: dict[str, Any]) -> dict[str, Any]:
+    """The normal traffic beside the floods over the same traffic alone, per call kind: p50
+    latency and OK calls per second."""
+    ratios: dict[str, Any] = {}
+    for kind, latency in quiet["latency_s"].items():
+        with_floods = flooded["latency_s"].get(kind, {})
+        if "p50" in latency and "p50" in with_floods:
+            ratios[f"{kind}_p50_latency"] = with_floods["p50"] / latency["p50"]
+        if quiet["ok_per_s"].get(kind):
+            ok_per_s = flooded["ok_per_s"].get(kind, 0.0)
+            ratios[f"{kind}_ok_per_s"] = ok_per_s / quiet["ok_per_s"][kind]
+    return ratios
 
 
 # -- a fleet, through the SDK -------------------------------------------------------------------
@@ -449,10 +581,13 @@ async def drive_fleet(
 
 
 @contextmanager
-def own_server(work: Path, settings: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+def own_server(
+    work: Path, settings: Sequence[str] = (), tokens: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
     """``forgedit-server`` on the tiny model in a subprocess on a free loopback port, with extra
-    ``NAME=VALUE`` settings (as ``FORGEDIT_NAME``); yields (target, pid) once it is ready, and
-    stops it (SIGTERM, then SIGKILL) on exit."""
+    ``NAME=VALUE`` settings (as ``FORGEDIT_NAME``) and ``tokens`` (principal -> token; none:
+    no authentication); yields (target, pid) once it is ready, and stops it (SIGTERM, then
+    SIGKILL) on exit."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with socket.socket() as s:
@@ -470,6 +605,10 @@ def own_server(work: Path, settings: Sequence[str] = ()) -> Iterator[tuple[str, 
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
         }
     )
+    if tokens:
+        env["FORGEDIT_AUTH_TOKENS"] = json.dumps(
+            [{"name": name, "token": token} for name, token in tokens.items()]
+        )
     for setting in settings:
         name, _, value = setting.partition("=")
         env[f"FORGEDIT_{name.upper()}"] = value
@@ -523,6 +662,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--updates", type=int, default=4, help="training updates per Edit")
     parser.add_argument("--probe-interval", type=float, default=0.5)
     parser.add_argument("--settle", type=float, default=2.0, help="idle seconds before 'after'")
+    parser.add_argument(
+        "--floods",
+        action="store_true",
+        help="measure the traffic alone, then beside an unauthenticated stream flood and a "
+        "detached-job flood (own server only)",
+    )
+    parser.add_argument("--anonymous-streams", type=int, default=64, help="with --floods")
+    parser.add_argument("--detached-clients", type=int, default=2, help="with --floods")
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
     parser.add_argument(
         "--server-setting",
@@ -536,8 +683,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--target and --server-pid go together")
     if args.rolling_restart and args.fleet is None:
         parser.error("--rolling-restart needs --fleet")
+    if args.floods and (args.fleet is not None or args.target is not None):
+        parser.error("--floods starts its own server (it needs two principals' tokens)")
 
-    def run(target: str, pid: int) -> dict[str, Any]:
+    def run(target: str, pid: int, **floods: Any) -> dict[str, Any]:
         return asyncio.run(
             drive(
                 target,
@@ -551,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 probe_interval_s=args.probe_interval,
                 settle_s=args.settle,
                 # A token for a replica that requires one; never on the command line.
-                token=os.environ.get("LOAD_DRIVER_TOKEN", "") if args.target else "",
+                token=floods.pop("token", None)
+                or (os.environ.get("LOAD_DRIVER_TOKEN", "") if args.target else ""),
+                **floods,
             )
         )
 
@@ -570,6 +721,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     elif args.target is not None:
         report = run(args.target, args.server_pid)
+    elif args.floods:
+        # Fresh tokens for this run only: one principal for the traffic, one for the flood.
+        tokens = {name: secrets.token_urlsafe(24) for name in ("traffic", "flood")}
+        with (
+            tempfile.TemporaryDirectory() as work,
+            own_server(Path(work), args.server_setting, tokens) as (target, pid),
+        ):
+            quiet = run(target, pid, token=tokens["traffic"])
+            flooded = run(
+                target,
+                pid,
+                token=tokens["traffic"],
+                anonymous_streams=args.anonymous_streams,
+                detached_clients=args.detached_clients,
+                flood_token=tokens["flood"],
+            )
+        report = {
+            "quiet": quiet,
+            "flooded": flooded,
+            "ratios": flood_ratios(quiet, flooded),
+            "config": {**flooded["config"], "server_settings": args.server_setting},
+        }
     else:
         with (
             tempfile.TemporaryDirectory() as work,

@@ -17,7 +17,10 @@ one edit model serves any number of edits. An edit model is a delta over the bas
 Whatever just trained is sampled through the same delta path as an edit model loaded from
 disk, so both give identical images.
 
-Not thread-safe: one job at a time per Engine.
+Not thread-safe: one job at a time per Engine. The one step a job cannot interrupt, exporting
+or building the sampling UNet for a new resolution, runs off the job's thread
+(``forgedit.background``): a cancelled job stops waiting for it at once, the build finishes in
+the background, and the engine's next call (or ``settle``) waits for it first.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from forgedit.backends.select import (
     check_backend_name,
 )
 from forgedit.backends.torch_backend import TorchBackend
+from forgedit.background import BackgroundWork
 from forgedit.config import (
     ImageSpec,
     OutputConfig,
@@ -142,6 +146,8 @@ class Engine:
         # Per declared resolution: built, canary passed (``warmup``; empty before it).
         self.readiness: list[ResolutionReadiness] = []
         self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
+        # UNet exports and builds, which no cancel token can interrupt (``prepare_sampling``).
+        self._builds = BackgroundWork("forgedit-unet-build")
         self._latent_rgb: LatentRGB | None = None  # fitted on first use (``warmup`` does)
         fast_cuda = precision == "fast" and base.device.type == "cuda"
         check_backend_name(unet_backend)
@@ -240,6 +246,7 @@ class Engine:
         """BLIP's caption of the (un-resized) image, with the "A photo of " rule (spec §2)."""
         from forgedit.caption import source_prompt_for
 
+        self.settle()
         if self.captioner is None:
             raise ModelDirectoryError(
                 "no BLIP captioner is loaded: give a source prompt, or a BLIP directory "
@@ -266,6 +273,7 @@ class Engine:
         from forgedit.images import preprocess
 
         check_prompt(source_prompt, "source prompt")
+        self._builds.settle(cancel)  # a build a cancelled job left running uses the UNet
         base = self.base
         started = time.perf_counter()
         pixels = preprocess(image, config.height, config.width)
@@ -329,6 +337,7 @@ class Engine:
         from forgedit.images import preprocess, to_pil
 
         check_prompt(prompt, "target prompt")
+        self._builds.settle(cancel)  # a build a cancelled job left running uses the UNet
         base = self.base
         pixels = preprocess(image, height, width)
         fast_cuda = (precision or self.precision) == "fast" and base.device.type == "cuda"
@@ -408,8 +417,8 @@ class Engine:
         done: list[EditedImage] = []
         started = time.perf_counter()
         # 2. Prepare the UNet backend: export or build on first use of this resolution,
-        # before any denoising loop.
-        self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
+        # before any denoising loop (a cancel stops the wait for it at once).
+        self.prepare_sampling(edit_model.height, edit_model.width, max_batch, cancel=cancel)
         shape = self.sampling_shape(edit_model.height, edit_model.width, max_batch)
         with (
             self._sampling_precision(precision or self.precision),
@@ -489,6 +498,7 @@ class Engine:
         self.readiness = self.prepare_resolutions(sizes)
         base = self.base
         height, width = base.native_height, base.native_width
+        self.prepare_sampling(height, width, self.max_batch)
         with torch.no_grad():
             e = encode_prompt(base.tokenizer, base.text_encoder, "")
             latents = initial_latents(
@@ -573,11 +583,28 @@ class Engine:
         scale = self.base.vae_scale_factor
         return Shape(height // scale, width // scale, 2 * max_batch)
 
-    def prepare_sampling(self, height: int, width: int, max_batch: int) -> None:
+    def prepare_sampling(
+        self, height: int, width: int, max_batch: int, *, cancel: CancelToken | None = None
+    ) -> None:
         """Export, build or load the backend's UNet for this shape (seconds, once): called
-        before any denoising loop. A backend that cannot serve is replaced by the next one."""
+        before any denoising loop. A backend that cannot serve is replaced by the next one.
+
+        The build runs on a thread of its own (``forgedit.background``): ``CancelledError``
+        within 50 ms of ``cancel``, while the build goes on to its end and is kept for the
+        next job at this shape; every later call of this engine waits for it first
+        (``settle``), as the build uses the UNet."""
         shape = self.sampling_shape(height, width, max_batch)
-        self._with_fallback(lambda: self.backends.current.prepare(shape))
+        self._builds.run(
+            lambda: self._with_fallback(lambda: self.backends.current.prepare(shape)),
+            f"the UNet build for {shape.describe()}",
+            cancel,
+        )
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for a UNet build that a cancelled job left running (True once none is), at
+        most ``timeout`` seconds (False then). The server's worker calls it after every job,
+        so the next job waits in the queue, where it can be cancelled or moved, not here."""
+        return self._builds.settle(timeout=timeout)
 
     def unet_predictor(self, height: int, width: int, max_batch: int) -> NoisePredictor:
         """The current backend's UNet, synced to the live weights (outside a job: warm-up,

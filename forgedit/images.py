@@ -8,6 +8,8 @@ in this order and before any pixel is decoded: that there are bytes at all, that
 too many, that they are an image of an accepted format (by content, not by file name), and
 that the header does not claim more pixels than we accept (a decompression bomb). Only then
 are the pixels decoded, and a truncated or corrupt stream is an error, never half an image.
+Running out of memory is not the image's fault: a ``MemoryError`` goes through as itself
+(the server answers RESOURCE_EXHAUSTED), never as "corrupt".
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def load_image(
     Raises ``InvalidImageError`` (one sentence naming the problem and what is accepted) when
     the file is missing or unreadable, empty, larger than ``limits.max_bytes``, not an image,
     of a format not in ``limits.formats``, claims more than ``limits.max_pixels`` pixels
-    (refused from the header, before decoding), or is truncated or corrupt. Multi-frame images
+    (refused from the header, before decoding), or is truncated or corrupt; ``MemoryError``
+    when there is not enough memory to decode it. Multi-frame images
     (animated WEBP/PNG, MPO) give their first frame. Error messages echo a path exactly as the
     caller gave it and nothing else of the file system.
     """
@@ -119,6 +122,8 @@ def load_image(
         image.load()
         upright = ImageOps.exif_transpose(image) or image
         rgb = upright.convert("RGB")
+    except MemoryError:
+        raise  # the machine's state, not the image's: the caller decides (see the docstring)
     except Exception as e:  # Pillow raises many kinds on malformed input; all mean "corrupt"
         raise InvalidImageError(
             f"{name} could not be decoded: it is truncated or corrupt ({_pil_reason(e)}); "
@@ -185,7 +190,7 @@ def _open_checked(data: bytes, name: str, limits: ImageLimits) -> ImageFile.Imag
             f"{name} claims too many pixels to decode safely ({_pil_reason(e)}); at most "
             f"{limits.max_pixels:,} pixels (width × height) are accepted"
         ) from None
-    except InvalidImageError:
+    except (InvalidImageError, MemoryError):
         raise
     except Exception as e:  # a header parser failing on garbage that looked like a format
         raise InvalidImageError(
@@ -216,6 +221,8 @@ def _identify_any(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as other:
             return str(other.format)
+    except MemoryError:
+        raise
     except Exception:
         return None
 

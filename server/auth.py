@@ -13,8 +13,17 @@ Checking
     Every call must carry ``authorization: Bearer <token>`` metadata naming one of the tokens;
     otherwise it ends UNAUTHENTICATED. Tokens are compared with ``hmac.compare_digest`` against
     every configured token (no early exit, so the time taken does not reveal which or how much
-    of a token matched). Health checks and reflection are exempt: probes and tooling must work
-    without credentials. Tokens are never logged.
+    of a token matched). Only health (``grpc.health.v1``) is exempt: probes and load balancers
+    must work without credentials. Reflection on the gRPC port needs a token like any other
+    call: a reflection stream holds a server thread for as long as its client keeps it open, so
+    an exempt one would be capacity any anonymous client could claim; tooling has a token, and
+    the probes' own port (``FORGEDIT_HEALTH_PORT``, never reachable by clients in deploy/k8s)
+    still answers reflection without one. Tokens are never logged.
+
+Clients
+    Fair shares (``server.shares``: open streams, queued jobs) count per client: its principal
+    with tokens, else its IP address (``client_of``); calls that need no token count by
+    address (``address_of``), so one host's many connections share.
 
 Before the payload (what gRPC Python allows)
     A server interceptor runs when the call's headers have arrived, before any request message
@@ -45,11 +54,8 @@ from server.errors import UnauthenticatedError, to_rpc_status
 
 log = logging.getLogger("server.auth")
 
-EXEMPT_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
+# The only calls that need no token (see the module docstring, "Checking").
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 # gRPC metadata: text values, and bytes ones under keys ending in -bin.
 Metadata = Sequence[tuple[str, str | bytes]] | None
@@ -144,6 +150,20 @@ class Authenticator:
     def principal_of(self, context: grpc.ServicerContext) -> Principal:
         """The principal of a running call (the interceptor already refused bad tokens)."""
         return self.identify(context.invocation_metadata())
+
+    def client_of(self, context: grpc.ServicerContext) -> str:
+        """Who a call counts against for fair shares: its principal with tokens, else its
+        peer's IP address (``address_of``)."""
+        if self.enabled:
+            return "principal:" + self.principal_of(context).name
+        return address_of(context)
+
+
+def address_of(context: grpc.ServicerContext) -> str:
+    """The peer's IP address (``ipv4:127.0.0.1:54321`` -> ``address:ipv4:127.0.0.1``), so one
+    host's many connections count as one client."""
+    peer = context.peer() or "unknown"
+    return "address:" + (peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

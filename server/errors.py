@@ -10,11 +10,14 @@ error                          status                 details
 =============================  =====================  ========================================
 InvalidInputError (+ image,    INVALID_ARGUMENT       BadRequest.field_violations[field]
 strategy, edit-model id)
-QueueFullError,                RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
-StreamLimitError
-out of memory (MemoryError,    RESOURCE_EXHAUSTED     QuotaFailure(device-memory)
-torch's OutOfMemoryError or
-allocator failure)
+QuotaError (QueueFullError,    RESOURCE_EXHAUSTED     RetryInfo(retry_delay), QuotaFailure
+StreamLimitError)                                     (the bound, naming its setting)
+out of host memory            RESOURCE_EXHAUSTED     QuotaFailure(memory), RetryInfo
+(MemoryError, the CPU
+allocator's failure; also
+behind another error)
+out of device memory          RESOURCE_EXHAUSTED     QuotaFailure(device-memory)
+(torch's OutOfMemoryError)
 RequestConflictError,          ALREADY_EXISTS         ErrorInfo
 RegistryConflictError
 JobNotFoundError,              NOT_FOUND              ResourceInfo
@@ -31,6 +34,11 @@ UnauthenticatedError           UNAUTHENTICATED        ErrorInfo
 anything else                  INTERNAL               ErrorInfo(reference); the message is
                                                       opaque, the traceback only in the log
 =============================  =====================  ========================================
+
+Running out of memory is never the client's fault, wherever it happens in a request (decoding
+its image, parsing its message, inside the registry or the engine): the engine lets
+``MemoryError`` through, and a layer that wraps it in its own error (the registry, a loader)
+keeps it as the cause, which ``to_rpc_status`` follows.
 """
 
 from __future__ import annotations
@@ -65,16 +73,24 @@ class ServiceError(Exception):
     """Base of the server's own errors. ``str(err)`` is the client-visible sentence."""
 
 
-class QueueFullError(ServiceError):
-    """Every queue slot is taken; ``retry_after_s`` is the estimated wait for a free one."""
+class QuotaError(ServiceError):
+    """A bounded share is taken (``server.shares``): ``subject`` names the bound for
+    QuotaFailure, ``limit`` and ``setting`` what it is and what sets it, ``retry_after_s``
+    when to try again."""
 
-    def __init__(self, queue_size: int, retry_after_s: float) -> None:
-        super().__init__(
-            f"the job queue is full ({queue_size} jobs waiting); retry in about "
-            f"{max(1, round(retry_after_s))} s or on another replica"
-        )
-        self.queue_size = queue_size
+    def __init__(
+        self, message: str, *, subject: str, limit: int, setting: str, retry_after_s: float
+    ) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.limit = limit
+        self.setting = setting
         self.retry_after_s = retry_after_s
+
+
+class QueueFullError(QuotaError):
+    """The job queue, or this client's share of it, is full (``server.queueing``);
+    ``retry_after_s`` is the estimated wait for a free place."""
 
 
 class RequestConflictError(ServiceError):
@@ -82,11 +98,21 @@ class RequestConflictError(ServiceError):
 
 
 class JobNotFoundError(ServiceError, LookupError):
-    """No running or retained job has this id (or request id)."""
+    """No running or retained job has this id (or request id), or none this principal may see:
+    the two are worded alike, naming only what the caller asked by (``by_id``,
+    ``by_request_id``), so the answer never reveals another principal's job."""
 
     def __init__(self, what: str) -> None:
         super().__init__(f"job {what} was not found (unknown, or finished and expired)")
         self.what = what
+
+    @classmethod
+    def by_id(cls, job_id: str) -> JobNotFoundError:
+        return cls(repr(job_id[:80]))
+
+    @classmethod
+    def by_request_id(cls, request_id: str) -> JobNotFoundError:
+        return cls(f"with request_id {request_id[:80]!r}")
 
 
 class UnservedBaseModelError(ServiceError):
@@ -117,13 +143,9 @@ class UnauthenticatedError(ServiceError):
     """No bearer token, or not one the server accepts."""
 
 
-class StreamLimitError(ServiceError):
-    """A new long-lived stream would exceed a bound on open streams (``subject`` names it)."""
-
-    def __init__(self, message: str, *, subject: str, limit: int) -> None:
-        super().__init__(message)
-        self.subject = subject
-        self.limit = limit
+class StreamLimitError(QuotaError):
+    """A new call would exceed a bound on the calls the front door counts: open streams,
+    health calls (``server.interceptors.StreamLimiter``)."""
 
 
 def shown(value: str) -> str:
@@ -161,7 +183,7 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
             str(exc),
             error_details_pb2.BadRequest(field_violations=[violation]),
         )
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QuotaError):
         return _status(
             code_pb2.RESOURCE_EXHAUSTED,
             str(exc),
@@ -169,28 +191,16 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
             error_details_pb2.QuotaFailure(
                 violations=[
                     error_details_pb2.QuotaFailure.Violation(
-                        subject="job-queue", description=f"at most {exc.queue_size} jobs may wait"
+                        subject=exc.subject, description=f"at most {exc.limit} ({exc.setting})"
                     )
                 ]
             ),
         )
-    if isinstance(exc, StreamLimitError):
-        return _status(
-            code_pb2.RESOURCE_EXHAUSTED,
-            str(exc),
-            _retry_info(5.0),
-            error_details_pb2.QuotaFailure(
-                violations=[
-                    error_details_pb2.QuotaFailure.Violation(
-                        subject=exc.subject, description=f"at most {exc.limit} open streams"
-                    )
-                ]
-            ),
-        )
-    if _out_of_memory(exc):
+    memory = _out_of_memory(exc)
+    if memory == "device":
         # Admission (FORGEDIT_MAX_BATCH_PIXELS) should have refused it; the limit is too high
         # for this device. Still the client's request size, not an internal error.
-        log.warning("a job ran out of memory %s: %s", context, str(exc)[:200])
+        log.warning("a job ran out of device memory %s: %s", context, str(exc)[:200])
         return _status(
             code_pb2.RESOURCE_EXHAUSTED,
             "the device ran out of memory for this request; lower the resolution, the batch "
@@ -199,6 +209,23 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
                 violations=[
                     error_details_pb2.QuotaFailure.Violation(
                         subject="device-memory", description="the request did not fit"
+                    )
+                ]
+            ),
+        )
+    if memory == "host":
+        # The replica's memory, shared by every request: it may pass, so a retry is sensible.
+        log.warning("out of memory %s: %s", context, str(exc)[:200] or type(exc).__name__)
+        return _status(
+            code_pb2.RESOURCE_EXHAUSTED,
+            "the server ran out of memory for this request; retry later or on another "
+            "replica, or request less (a smaller image, a lower resolution, fewer images; the "
+            "operator may lower FORGEDIT_MAX_IMAGE_PIXELS or FORGEDIT_MAX_BATCH_PIXELS)",
+            _retry_info(5.0),
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject="memory", description="the server could not allocate memory"
                     )
                 ]
             ),
@@ -263,12 +290,23 @@ def to_rpc_status(exc: BaseException, *, context: str = "") -> MappedError:
     )
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA and others), or the CPU
-    allocator's ``RuntimeError`` ("can't allocate memory"), recognised without importing torch."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+def _out_of_memory(exc: BaseException) -> str | None:
+    """ "device" for torch's ``OutOfMemoryError`` (CUDA and other accelerators); "host" for
+    Python's ``MemoryError`` or the CPU allocator's ``RuntimeError`` ("can't allocate
+    memory"); None otherwise. Recognised without importing torch, on ``exc`` or on the errors
+    it was raised from (its cause or context: a layer that wrapped it in its own error)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ == "OutOfMemoryError":
+            return "device"
+        if isinstance(error, MemoryError) or (
+            isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+        ):
+            return "host"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def cancelled_status(reason: str) -> MappedError:

@@ -41,6 +41,7 @@ class Estimator:
 
     def estimate(self, job: Job) -> float:
         plan = job.plan
+        assert plan is not None, "estimated at submission, before it finished"
         sweep = plan.sweep
         image_steps = sweep.num_images * sweep.steps
         if plan.preview.training_free:  # a few guided steps of one image (forgedit.preview)

@@ -13,17 +13,23 @@ retries them on another replica.
 ``server.auth.BearerTokenInterceptor`` (when tokens are configured): UNAUTHENTICATED before the
 payload is read.
 
-``StreamLimitInterceptor``: bounds the long-lived streams of our service (Edit, Sample,
-WatchJob): each holds a server thread while open, so without a bound they could take every
-thread and starve unary calls, health checks and reflection. Over the bound a new stream ends
-RESOURCE_EXHAUSTED naming the limit (``FORGEDIT_MAX_STREAMS`` in all,
-``FORGEDIT_MAX_STREAMS_PER_CLIENT`` per client; a client is its principal when tokens are
-configured, else its IP address).
+``CallLimitInterceptor``: bounds every call that can hold the server for long, on every port,
+exempt from tokens or not: every stream (Edit, Sample, WatchJob, reflection; each holds a
+server thread while open) and every health call (``Check`` and ``Watch``, which need no token).
+gRPC admits at most ``FORGEDIT_GRPC_THREADS`` calls at once and refuses the rest; these pools
+(``server.main`` builds them) add up to less, so they can never take the capacity that unary
+calls of authenticated clients need. Each pool is shared fairly (``server.shares``): a limit
+in all, one per client (its principal with tokens, else its IP address; a health call's
+address) and the last slots kept for clients that hold none. A call takes its slot *before
+its request is read* (a client that holds its message back holds a slot, not an uncounted
+thread) and keeps it until it ends; over a bound it ends RESOURCE_EXHAUSTED naming the bound's
+setting, with QuotaFailure and RetryInfo.
 
 ``RequestDecodingInterceptor``: a request that is not a valid protobuf of its method's type (or
 has a text field that is not UTF-8) ends INVALID_ARGUMENT naming the problem, with one brief
 WARNING log line (at most one per 10 s, counting the ones left out), instead of gRPC's
-INTERNAL "Exception deserializing request!" and an ERROR traceback.
+INTERNAL "Exception deserializing request!" and an ERROR traceback; one that could not be
+parsed for lack of memory ends RESOURCE_EXHAUSTED (``server.errors``).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -41,10 +48,11 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from forgedit.errors import InvalidInputError
-from server.auth import Authenticator, refusing_handler
+from server.auth import Authenticator, address_of, refusing_handler
 from server.errors import StreamLimitError, UnavailableError, to_rpc_status
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
+from server.shares import Refusal, ShareRule
 
 log = logging.getLogger("server.interceptors")
 
@@ -96,46 +104,28 @@ class DrainingInterceptor(grpc.ServerInterceptor):
         )
 
 
-# ------------------------------------------------------------------------------- streams
+# ------------------------------------------------------------------------------- call pools
 
 
-class StreamLimiter:
-    """Counts open streams, in all and per client; ``acquire`` refuses beyond the bounds."""
+class CallLimiter:
+    """One pool of call slots (open streams, health calls) shared by clients under a
+    ``ShareRule`` (``server.shares``). Thread-safe."""
 
-    def __init__(
-        self,
-        max_total: int,
-        max_per_client: int,
-        *,
-        total_setting: str = "FORGEDIT_MAX_STREAMS",
-        client_setting: str = "FORGEDIT_MAX_STREAMS_PER_CLIENT",
-    ) -> None:
-        self.max_total = max_total
-        self.max_per_client = max_per_client
-        self.total_setting = total_setting  # what the refusal names as the limit
-        self.client_setting = client_setting
+    def __init__(self, rule: ShareRule, *, noun: str, subject: str) -> None:
+        self.rule = rule
+        self.noun = noun  # "open streams": what the refusal says there are too many of
+        self.subject = subject  # "streams": the QuotaFailure subject of its bounds
         self._lock = threading.Lock()
         self._total = 0
         self._per_client: Counter[str] = Counter()
 
     def acquire(self, client: str) -> Callable[[], None]:
         """Take a slot for ``client``; returns its release (idempotent) or raises
-        ``StreamLimitError`` naming the bound that was reached."""
+        ``StreamLimitError`` naming the bound that was reached and its setting."""
         with self._lock:
-            if self._per_client[client] >= self.max_per_client:
-                raise StreamLimitError(
-                    f"too many open streams from this client: at most {self.max_per_client} "
-                    f"({self.client_setting}); close one, or retry when one ends",
-                    subject="streams-per-client",
-                    limit=self.max_per_client,
-                )
-            if self._total >= self.max_total:
-                raise StreamLimitError(
-                    f"too many open streams on this replica: at most {self.max_total} "
-                    f"({self.total_setting}); retry later or on another replica",
-                    subject="streams",
-                    limit=self.max_total,
-                )
+            refusal = self.rule.refusal(self._per_client[client], self._total)
+            if refusal is not None:
+                raise self._refused(refusal)
             self._total += 1
             self._per_client[client] += 1
         released = threading.Event()
@@ -153,56 +143,142 @@ class StreamLimiter:
         return release
 
     @property
-    def open_streams(self) -> int:
+    def open_calls(self) -> int:
         with self._lock:
             return self._total
 
+    def _refused(self, refusal: Refusal) -> StreamLimitError:
+        limit, setting, noun = refusal.limit, refusal.setting, self.noun
+        if refusal.bound == "capacity":
+            message = (
+                f"too many {noun} on this replica: at most {limit} ({setting}); retry later "
+                "or on another replica"
+            )
+        elif refusal.bound == "per-client":
+            message = (
+                f"too many {noun} from this client: at most {limit} ({setting}); close one, "
+                "or retry when one ends"
+            )
+        else:
+            message = (
+                f"this client has {refusal.held} {noun} and the last {limit} of this "
+                f"replica's are kept for clients with none ({setting}); close one, or retry "
+                "when one ends or on another replica"
+            )
+        subject = self.subject if refusal.bound == "capacity" else f"{self.subject}-{refusal.bound}"
+        return StreamLimitError(
+            message, subject=subject, limit=limit, setting=setting, retry_after_s=5.0
+        )
 
-def client_key(authenticator: Authenticator, context: grpc.ServicerContext) -> str:
-    """Who a stream counts against: its principal with tokens, else the peer's IP address
-    (``ipv4:127.0.0.1:54321`` -> ``ipv4:127.0.0.1``), so one host's many connections share."""
-    if authenticator.enabled:
-        return "principal:" + authenticator.principal_of(context).name
-    peer = context.peer() or "unknown"
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+@dataclass(frozen=True)
+class Pool:
+    """Which calls a ``CallLimiter`` counts: those whose method starts with ``prefix`` ("":
+    any), streaming ones only unless ``unary``; a call's client is its address when
+    ``by_address`` (calls that need no token), else ``Authenticator.client_of``."""
+
+    prefix: str
+    limiter: CallLimiter
+    by_address: bool = False
+    unary: bool = False
 
 
-class StreamLimitInterceptor(grpc.ServerInterceptor):
-    """Bound the response-streaming calls of our service (see the module docstring)."""
+class CallLimitInterceptor(grpc.ServerInterceptor):
+    """Every call a pool counts takes a slot of it before its request is read, and holds it
+    until the call ends (see the module docstring). The first pool that matches counts it."""
 
-    def __init__(self, limiter: StreamLimiter, authenticator: Authenticator, prefix: str) -> None:
-        self.limiter = limiter
+    def __init__(self, pools: Sequence[Pool], authenticator: Authenticator) -> None:
+        self.pools = tuple(pools)
         self.authenticator = authenticator
-        self.prefix = prefix
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if (
-            handler is None
-            or not handler.response_streaming
-            or not handler_call_details.method.startswith(self.prefix)
-        ):
-            return handler
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        streaming = handler.request_streaming or handler.response_streaming
+        for pool in self.pools:
+            if method.startswith(pool.prefix) and (streaming or pool.unary):
+                return self._admitting(handler, pool, method)
+        return handler
 
-        def around(inner: Behavior) -> Behavior:
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                try:
-                    release = self.limiter.acquire(client_key(self.authenticator, context))
-                except StreamLimitError as exc:
-                    log.info("refused %s: %s", handler_call_details.method, exc)
-                    context.abort_with_status(to_rpc_status(exc).grpc_status())
-                    raise  # unreachable: abort raises
-                context.add_callback(release)  # whichever way the call ends
-                try:
-                    yield from inner(request, context)
-                finally:
-                    release()
+    def _admit(self, pool: Pool, method: str, context: grpc.ServicerContext) -> None:
+        """Take the call's slot (released when the call ends, whichever way), or end it
+        RESOURCE_EXHAUSTED."""
+        client = address_of(context) if pool.by_address else self.authenticator.client_of(context)
+        try:
+            release = pool.limiter.acquire(client)
+        except StreamLimitError as exc:
+            log.info("refused %s: %s", method, exc)
+            context.abort_with_status(to_rpc_status(exc).grpc_status())
+            raise  # unreachable: abort raises
+        if not context.add_callback(release):
+            release()  # the call has ended already
 
-            return stream
+    def _admitting(
+        self, handler: grpc.RpcMethodHandler, pool: Pool, method: str
+    ) -> grpc.RpcMethodHandler:
+        """``handler`` behind admission. A unary-request handler would make gRPC receive and
+        parse the whole request before any behaviour runs, holding a server thread for as
+        long as a client takes to send it; so it becomes request-streaming (the request
+        iterator is lazy), admits first, then reads the one request message itself. A
+        non-blocking behaviour (``Health.Watch``) stays non-blocking."""
+        admit = self._admit
+        if handler.request_streaming:
 
-        return wrap_behavior(handler, around)
+            def around(inner: Behavior) -> Behavior:
+                def streaming(requests: Any, context: grpc.ServicerContext) -> Any:
+                    admit(pool, method, context)
+                    return inner(requests, context)
+
+                return streaming
+
+            return wrap_behavior(handler, around)
+
+        deserialize = handler.request_deserializer
+        serialize = handler.response_serializer
+        inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if getattr(inner, "experimental_non_blocking", False):
+
+            def non_blocking(
+                requests: Any, context: grpc.ServicerContext, send_response_callback: Any = None
+            ) -> None:
+                admit(pool, method, context)
+                inner(_one_request(requests, deserialize, context), context, send_response_callback)
+
+            non_blocking.experimental_non_blocking = True  # type: ignore[attr-defined]
+            return grpc.stream_stream_rpc_method_handler(
+                non_blocking, response_serializer=serialize
+            )
+
+        def behavior(requests: Any, context: grpc.ServicerContext) -> Any:
+            admit(pool, method, context)
+            return inner(_one_request(requests, deserialize, context), context)
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serialize)
+        return grpc.stream_unary_rpc_method_handler(behavior, response_serializer=serialize)
+
+
+def _one_request(
+    requests: Iterator[bytes], deserialize: Deserializer | None, context: grpc.ServicerContext
+) -> Any:
+    """The one request message of a unary-request call, read from its request stream and
+    parsed by the method's own deserializer (``RequestDecodingInterceptor``'s tolerant one for
+    our service). A call that carried none, or bytes that do not parse, is INVALID_ARGUMENT."""
+    data = next(requests, None)
+    if data is None:
+        problem = "the call carried no request message; send exactly one"
+    else:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except DecodeError:
+            problem = f"the request is not a valid protobuf message ({len(data)} bytes)"
+    error = InvalidInputError(problem, field="request")
+    context.abort_with_status(to_rpc_status(error).grpc_status())
+    raise AssertionError("unreachable: abort raises")
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -235,17 +311,30 @@ class LogBudget:
             return True, suppressed
 
 
-class MalformedRequest:
-    """What the tolerant deserializer returns for bytes that are not a valid request, in place
-    of raising (gRPC would log a traceback and answer INTERNAL)."""
+class UnparsedRequest:
+    """What the tolerant deserializer returns, in place of raising (gRPC would log a
+    traceback and answer INTERNAL), for bytes it could not turn into a request: ``error`` says
+    why, an ``InvalidInputError`` naming the problem and the field (``malformed``), or the
+    ``MemoryError`` that parsing ran into (not the client's fault: RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, problem: str, field: str) -> None:
-        self.problem = problem
-        self.field = field
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    @property
+    def malformed(self) -> bool:
+        return isinstance(self.error, InvalidInputError)
+
+    @property
+    def problem(self) -> str:
+        return str(self.error)
+
+    @property
+    def field(self) -> str:
+        return getattr(self.error, "field", None) or "request"
 
 
 def tolerant_deserializer(deserializer: Deserializer) -> Deserializer:
-    """``deserializer`` that returns a ``MalformedRequest`` instead of raising. Protobuf does
+    """``deserializer`` that returns an ``UnparsedRequest`` instead of raising. Protobuf does
     all the parsing: the request type's own ``FromString``, and on a UTF-8 error a second
     parse of the same bytes as an ``Empty`` (every field then unknown, kept as raw bytes) to
     find which top-level text field it was."""
@@ -253,27 +342,30 @@ def tolerant_deserializer(deserializer: Deserializer) -> Deserializer:
     message_type: type[Message] | None = getattr(deserializer, "__self__", None)
     type_name = message_type.DESCRIPTOR.full_name if message_type is not None else "request"
 
+    def malformed(problem: str, field: str = "request") -> UnparsedRequest:
+        return UnparsedRequest(InvalidInputError(problem, field=field))
+
     def parse(data: bytes) -> object:
         try:
             return deserializer(data)
+        except MemoryError as exc:
+            return UnparsedRequest(exc)
         except DecodeError as exc:
             if "UTF-8" not in str(exc):
-                return MalformedRequest(
+                return malformed(
                     f"the request is not a valid {type_name} protobuf message ({len(data)} "
-                    "bytes that do not parse); send a serialized forgedit.v1 request",
-                    "request",
+                    "bytes that do not parse); send a serialized forgedit.v1 request"
                 )
             field = _first_bad_utf8_field(message_type, data) if message_type else None
             if field is not None:
-                return MalformedRequest(
+                return malformed(
                     f"field {field!r} of {type_name} is not valid UTF-8; text fields "
                     "(prompts, ids) must be UTF-8",
                     field,
                 )
-            return MalformedRequest(
+            return malformed(
                 f"a text field of {type_name} is not valid UTF-8; text fields (prompts, "
-                "ids) must be UTF-8",
-                "request",
+                "ids) must be UTF-8"
             )
 
     return parse
@@ -319,8 +411,8 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
         ):
             return handler
 
-        def refuse(request: MalformedRequest, context: grpc.ServicerContext) -> None:
-            allowed, suppressed = self.log_budget.take()
+        def refuse(request: UnparsedRequest, context: grpc.ServicerContext) -> None:
+            allowed, suppressed = self.log_budget.take() if request.malformed else (False, 0)
             if allowed:
                 log.warning(
                     "malformed request to %s from %s: %s%s",
@@ -329,17 +421,17 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
                     request.problem,
                     f" ({suppressed} more since the last such line)" if suppressed else "",
                 )
-            error = InvalidInputError(request.problem, field=request.field)
-            context.abort_with_status(to_rpc_status(error).grpc_status())
+            mapped = to_rpc_status(request.error, context=f"parsing a request to {method}")
+            context.abort_with_status(mapped.grpc_status())
 
         def around(inner: Behavior) -> Behavior:
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, MalformedRequest):
+                if isinstance(request, UnparsedRequest):
                     refuse(request, context)
                 return inner(request, context)
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                if isinstance(request, MalformedRequest):
+                if isinstance(request, UnparsedRequest):
                     refuse(request, context)
                 yield from inner(request, context)
 

@@ -1,6 +1,9 @@
 """A job: one Edit or Sample request on its way through the scheduler.
 
-A job owns its cancel token and a bounded replay buffer of the events it produced. Any number
+A job owns its plan (the checked request) while it waits and runs, its cancel token and a
+bounded replay buffer of the events it produced. Once finished it keeps only what replay and
+``GetJob`` need: its plan, with the input image's bytes, is dropped (``finish``), and the job
+table counts what its events take against a byte budget (``server.job_table``). Any number
 of streams read the buffer (the submitting call, re-attached calls, WatchJob), each from its
 own cursor; a reader that falls behind a full buffer loses the oldest events and sees a gap in
 the sequence numbers. Images make events large, so the buffer is bounded by count and bytes.
@@ -52,7 +55,8 @@ class Job:
     it, the runner runs it."""
 
     kind: pb.JobKind  # pb.JOB_KIND_EDIT or pb.JOB_KIND_SAMPLE
-    plan: EditRequestPlan | SampleRequestPlan
+    # What to do; None once the job has finished (``finish`` drops it with its image).
+    plan: EditRequestPlan | SampleRequestPlan | None
     payload_digest: str  # identifies the request for idempotency checks
     max_events: int  # the replay buffer's bounds (FORGEDIT_REPLAY_MAX_EVENTS, _BYTES)
     max_bytes: int
@@ -62,6 +66,8 @@ class Job:
     estimated_s: float | None = None
     detach: bool = False
     principal: str = ""  # who submitted it (server.auth.Principal.name)
+    # Who it counts against for fair shares of the queue (``Authenticator.client_of``).
+    client: str = ""
     state: JobState = JobState.QUEUED
     queue_position: int = 0
     edit_model_id: str = ""
@@ -78,18 +84,20 @@ class Job:
     # Streams whose disconnect cancels the job (the submitting call, re-attached
     # submissions); WatchJob never counts.
     owners: int = 0
+    # From the plan, kept after it is dropped.
+    request_id: str = field(init=False)
+    images_total: int = field(init=False)
     _events: deque[pb.Event] = field(default_factory=deque)
     _bytes: int = 0
     _sequence: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
+        assert self.plan is not None, "a new job has a plan"
+        self.request_id = self.plan.request_id
+        self.images_total = self.plan.images_total
         # Detached from the start when its request asked; a re-attaching request may detach it.
         self.detach = self.detach or self.plan.detach
-
-    @property
-    def request_id(self) -> str:
-        return self.plan.request_id
 
     @property
     def estimate(self) -> float:
@@ -113,6 +121,12 @@ class Job:
     def last_sequence(self) -> int:
         with self._cond:
             return self._sequence
+
+    @property
+    def event_bytes(self) -> int:
+        """Bytes of the events in the replay buffer (what a finished job keeps, mostly PNGs)."""
+        with self._cond:
+            return self._bytes
 
     # -- events -----------------------------------------------------------------------------
 
@@ -184,7 +198,9 @@ class Job:
             self._cond.notify_all()
 
     def finish(self, state: JobState, error: MappedError | None = None) -> None:
-        """Move to a final state exactly once; later calls are ignored."""
+        """Move to a final state exactly once; later calls are ignored. The plan goes: a
+        finished job keeps only its events and status (an Edit's plan holds its input
+        image)."""
         with self._cond:
             if self.state.finished:
                 return
@@ -192,6 +208,7 @@ class Job:
             self.error = error
             self.queue_position = 0
             self.ended_at = time.time()
+            self.plan = None
             self._cond.notify_all()
 
     def wait_finished(self, timeout: float | None = None) -> bool:

@@ -14,6 +14,15 @@ service name is SERVING in the states listed for it, NOT_SERVING otherwise.
 
 Who asks: the servicer and the scheduler (``require_ready``: UNAVAILABLE unless READY), and
 ``DrainingInterceptor`` (``draining``: new calls end UNAVAILABLE once draining started).
+
+Readiness and capacity: readiness does not measure the gRPC port's free capacity, because that
+capacity is reserved instead. Every call that can hold the port for long (every stream, every
+health call, counted before its request is read) takes a slot of a bounded pool
+(``server.interceptors.CallLimitInterceptor``), and the pools add up to less than the calls
+gRPC admits at once (``ServerSettings``: FORGEDIT_GRPC_THREADS leaves 8 beyond them), so a READY
+replica can always take an authenticated unary call and, within the fair shares, a new stream.
+A readiness that followed momentary capacity would let a flood take replicas out of the
+Service one after the other; a reservation keeps the flood's effect on the flooder.
 """
 
 from __future__ import annotations

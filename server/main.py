@@ -36,11 +36,12 @@ from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
 from server.estimator import Estimator
 from server.interceptors import (
+    CallLimiter,
+    CallLimitInterceptor,
     DrainingInterceptor,
     MetricsInterceptor,
+    Pool,
     RequestDecodingInterceptor,
-    StreamLimiter,
-    StreamLimitInterceptor,
 )
 from server.lifecycle import Lifecycle
 from server.logs import configure_logging
@@ -50,14 +51,18 @@ from server.registry_client import RegistryCalls, RegistryClient
 from server.runner import JobRunner
 from server.scheduler import Scheduler, SchedulerConfig
 from server.service import SERVICE_NAME, ForgeditServicer
-from server.settings import ServerSettings
+from server.settings import HEALTH_CALLS, ServerSettings
+from server.shares import ShareRule, quarter
 from server.transport import server_credentials, server_options
 from server.validation import Limits
 
 log = logging.getLogger("server.main")
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+# The probes' own port: its reflection streams and health calls at once (by client address).
 HEALTH_PORT_REFLECTION_STREAMS = 2
+HEALTH_PORT_HEALTH_CALLS = 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Serving:
     scheduler: Scheduler
     registry: RegistryClient
     metrics: Metrics
-    streams: StreamLimiter
+    streams: CallLimiter
     owned_registry: RegistryLike | None  # made by create_server, so closed on stop
 
 
@@ -82,6 +87,8 @@ class Listeners:
     health_server: grpc.Server | None
     health_port: int | None
     metrics_port: int | None
+    # The servers' thread pools: gRPC never shuts down the pool it is given, so ``stop`` does.
+    thread_pools: tuple[futures.ThreadPoolExecutor, ...] = ()
 
 
 class ForgeditServer:
@@ -115,7 +122,8 @@ class ForgeditServer:
         return self.serving.scheduler
 
     @property
-    def streams(self) -> StreamLimiter:
+    def streams(self) -> CallLimiter:
+        """The gRPC port's pool of open streams."""
         return self.serving.streams
 
     def wait_ready(self, timeout: float) -> bool:
@@ -141,6 +149,8 @@ class ForgeditServer:
         self.listeners.grpc_server.stop(grace).wait()
         if self.listeners.health_server is not None:
             self.listeners.health_server.stop(0).wait()
+        for pool in self.listeners.thread_pools:
+            pool.shutdown(wait=False)  # idle threads go; a handler still unwinding finishes
         self.scheduler.stop()
         self.serving.metrics.close()
         self.serving.registry.close()
@@ -192,11 +202,12 @@ def create_server(
 
     # 4. The front door and the gRPC server behind it: the service, health and reflection.
     authenticator = Authenticator(settings.auth_tokens)
-    streams = StreamLimiter(settings.max_streams, settings.max_streams_per_client)
+    streams = CallLimiter(stream_share(settings), noun="open streams", subject="streams")
+    rpc_threads = futures.ThreadPoolExecutor(
+        max_workers=settings.grpc_threads, thread_name_prefix="forgedit-rpc"
+    )
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.grpc_threads, thread_name_prefix="forgedit-rpc"
-        ),
+        rpc_threads,
         interceptors=front_door(lifecycle, metrics, authenticator, streams),
         options=server_options(
             settings.max_message_bytes,
@@ -212,7 +223,7 @@ def create_server(
 
     # 5. The ports: gRPC (TLS when configured), the probes' own, metrics.
     port = bind(grpc_server, settings)
-    health_server, health_port = start_health_server(settings, health_servicer)
+    health_server, health_port, health_threads = start_health_server(settings, health_servicer)
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
@@ -231,7 +242,14 @@ def create_server(
     server = ForgeditServer(
         settings,
         Serving(lifecycle, scheduler, registry_client, metrics, streams, owned_registry),
-        Listeners(grpc_server, port, health_server, health_port, metrics_port),
+        Listeners(
+            grpc_server,
+            port,
+            health_server,
+            health_port,
+            metrics_port,
+            (rpc_threads,) if health_threads is None else (rpc_threads, health_threads),
+        ),
     )
     return server, port
 
@@ -243,17 +261,52 @@ def scheduler_config(settings: ServerSettings, base_models: dict[str, Path]) -> 
         queue_size=settings.queue_size,
         retention_s=settings.job_retention_s,
         max_retained=settings.max_retained_jobs,
+        max_retained_bytes=settings.max_retained_job_bytes,
         max_training_overtakes=settings.max_training_overtakes,
+        queue_kept_for_new=settings.queue_kept,
     )
+
+
+def stream_share(settings: ServerSettings) -> ShareRule:
+    """The fair share of the gRPC port's open streams (``server.shares``)."""
+    return ShareRule(
+        capacity=settings.max_streams,
+        per_client=settings.max_streams_per_client,
+        kept_for_new=settings.streams_kept,
+        capacity_setting="FORGEDIT_MAX_STREAMS",
+        per_client_setting="FORGEDIT_MAX_STREAMS_PER_CLIENT",
+        kept_setting="FORGEDIT_STREAMS_KEPT_FOR_NEW_CLIENTS",
+    )
+
+
+def health_calls(capacity: int, where: str) -> CallLimiter:
+    """A pool of health calls (``Check`` while it runs, ``Watch`` while it is open), counted
+    by client address as they need no token: ``capacity`` in all, a quarter of it (at least
+    one) per address and the last quarter kept for addresses with none. Fixed, not
+    settings: a probe needs one call at a time."""
+    what = f"health calls on {where} at once"
+    rule = ShareRule(
+        capacity=capacity,
+        per_client=max(1, quarter(capacity)),
+        kept_for_new=quarter(capacity),
+        capacity_setting=f"{capacity} {what}, fixed",
+        per_client_setting=f"a quarter of the {what}",
+        kept_setting=f"a quarter of the {what}",
+    )
+    return CallLimiter(rule, noun="health calls", subject="health-calls")
 
 
 def front_door(
     lifecycle: Lifecycle,
     metrics: Metrics,
     authenticator: Authenticator,
-    streams: StreamLimiter,
+    streams: CallLimiter,
 ) -> list[grpc.ServerInterceptor]:
-    """The interceptors, outermost first (``server.interceptors`` says what each does)."""
+    """The interceptors, outermost first (``server.interceptors`` says what each does). Every
+    call that can hold the port for long is counted: health calls (no token) in their own
+    small pool by address, every other stream (Edit, Sample, WatchJob, reflection) in
+    ``streams``; together they leave the unary calls of authenticated clients their threads
+    (``ServerSettings``' check of FORGEDIT_GRPC_THREADS)."""
     prefix = f"/{SERVICE_NAME}/"
     interceptors: list[grpc.ServerInterceptor] = [
         MetricsInterceptor(metrics, prefix),
@@ -261,8 +314,14 @@ def front_door(
     ]
     if authenticator.enabled:
         interceptors.append(BearerTokenInterceptor(authenticator))
+    pools = [
+        Pool(
+            HEALTH_PREFIX, health_calls(HEALTH_CALLS, "the gRPC port"), by_address=True, unary=True
+        ),
+        Pool("", streams),
+    ]
     interceptors += [
-        StreamLimitInterceptor(streams, authenticator, prefix),
+        CallLimitInterceptor(pools, authenticator),
         RequestDecodingInterceptor(prefix),
     ]
     return interceptors
@@ -287,30 +346,44 @@ def bind(grpc_server: grpc.Server, settings: ServerSettings) -> int:
 
 def start_health_server(
     settings: ServerSettings, servicer: health.HealthServicer
-) -> tuple[grpc.Server | None, int | None]:
+) -> tuple[grpc.Server | None, int | None, futures.ThreadPoolExecutor | None]:
     """The probes' own server (``FORGEDIT_HEALTH_PORT``): the same health servicer, and
-    reflection, on their own few threads with no concurrency limit, so they answer whatever
-    application calls hold. A reflection stream holds a thread while open, so at most
-    ``HEALTH_PORT_REFLECTION_STREAMS`` may be open at once, leaving threads for health checks
-    (non-blocking, brief). No authentication. Plaintext even with TLS, as kubelet's gRPC probes
-    do not speak TLS; reachable by no pod in deploy/k8s (NetworkPolicy)."""
+    reflection, on their own few threads, so they answer whatever application calls hold.
+    Every call is counted, before its request is read, by client address: at most
+    ``HEALTH_PORT_REFLECTION_STREAMS`` reflection streams (each holds a thread while open) and
+    ``HEALTH_PORT_HEALTH_CALLS`` health calls at once, and two threads are left beyond both. No
+    authentication. Plaintext even with TLS, as kubelet's gRPC probes do not speak TLS;
+    reachable by no pod in deploy/k8s (NetworkPolicy)."""
     if settings.health_port is None:
-        return None, None
-    reflection_bound = StreamLimitInterceptor(
-        StreamLimiter(
-            HEALTH_PORT_REFLECTION_STREAMS,
-            HEALTH_PORT_REFLECTION_STREAMS,
-            total_setting="reflection streams on the health port",
-            client_setting="reflection streams on the health port",
+        return None, None, None
+    reflection = ShareRule(
+        capacity=HEALTH_PORT_REFLECTION_STREAMS,
+        per_client=HEALTH_PORT_REFLECTION_STREAMS,
+        kept_for_new=0,
+        capacity_setting="reflection streams on the health port, fixed",
+        per_client_setting="reflection streams on the health port, fixed",
+        kept_setting="reflection streams on the health port, fixed",
+    )
+    pools = [
+        Pool(
+            HEALTH_PREFIX,
+            health_calls(HEALTH_PORT_HEALTH_CALLS, "the health port"),
+            by_address=True,
+            unary=True,
         ),
-        Authenticator([]),
-        "/grpc.reflection.",
+        Pool(
+            "",
+            CallLimiter(reflection, noun="reflection streams", subject="reflection-streams"),
+            by_address=True,
+        ),
+    ]
+    threads = futures.ThreadPoolExecutor(
+        max_workers=HEALTH_PORT_REFLECTION_STREAMS + HEALTH_PORT_HEALTH_CALLS + 2,
+        thread_name_prefix="forgedit-health",
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=HEALTH_PORT_REFLECTION_STREAMS + 2, thread_name_prefix="forgedit-health"
-        ),
-        interceptors=[reflection_bound],
+        threads,
+        interceptors=[CallLimitInterceptor(pools, Authenticator([]))],
         options=server_options(4 * 1024 * 1024),
     )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -319,7 +392,7 @@ def start_health_server(
     if port == 0:
         raise RuntimeError(f"could not listen on health port {settings.health_port}")
     server.start()
-    return server, port
+    return server, port, threads
 
 
 def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> None:

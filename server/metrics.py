@@ -15,8 +15,10 @@ first final image), ``forgedit_time_to_first_preview_seconds{method,kind}`` (to 
 preview of each kind),
 ``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
 Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``, ``forgedit_unet_backend_degraded{
-base_model}`` (1 while a base model samples on a fallback backend); cached edit models come from
-the registry's own ``forgedit_registry_cached_edit_models{tier}``.
+base_model}`` (1 while a base model samples on a fallback backend), ``forgedit_retained_jobs``
+and ``forgedit_retained_job_bytes`` (finished jobs kept for replay, and the bytes of their
+events, bounded by FORGEDIT_MAX_RETAINED_JOB_BYTES); cached edit models come from the
+registry's own ``forgedit_registry_cached_edit_models{tier}``.
 Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
 reason}``, ``forgedit_images_total{method}``, ``forgedit_unet_backend_fallbacks_total{backend,
 reason}`` (a UNet backend that could not serve: not installed, no CUDA, build failed, canary
@@ -149,6 +151,16 @@ class Metrics:
         )
         self.queue_depth = Gauge("forgedit_queue_depth", "Jobs waiting for a device.", registry=r)
         self.running_jobs = Gauge("forgedit_running_jobs", "Jobs running on a device.", registry=r)
+        self.retained_jobs = Gauge(
+            "forgedit_retained_jobs",
+            "Finished jobs kept for re-attaching and GetJob.",
+            registry=r,
+        )
+        self.retained_job_bytes = Gauge(
+            "forgedit_retained_job_bytes",
+            "Bytes of the events (mostly images) that finished jobs keep for replay.",
+            registry=r,
+        )
         self.cancellations = Counter(
             "forgedit_cancellations", "Jobs cancelled, by reason.", ["reason"], registry=r
         )

@@ -10,7 +10,9 @@ time-to-live, which the registry's rules check: ``registry.records``). ``edit_pl
 2. the engine's rules and defaults (``forgedit.requests``, the builder the engine CLI shares),
    whose errors already name the request field (``sweep.gammas``), with the service's limits
    on the work as the builder's ``Bounds`` (all updates, images per sweep, pixels per batch);
-3. for an Edit, only then, the image decoded under the service's byte, pixel and format limits.
+3. for an Edit, only then, the image decoded under the service's byte, pixel and format limits,
+   to refuse a corrupt one before it is queued; the plan keeps the checked bytes
+   (``CheckedImage``), not the pixels, which the job decodes again only while it runs.
 
 Every refusal is an ``InvalidInputError`` whose ``field`` is the request field's path, so the
 client gets one ``BadRequest`` field violation naming the problem and what is accepted.
@@ -30,7 +32,7 @@ from forgedit.config import (
     TrainingConfig,
 )
 from forgedit.errors import InvalidInputError
-from forgedit.images import LoadedImage, load_image
+from forgedit.images import ImageLimits, LoadedImage, load_image
 from forgedit.options import EditOptions, SampleOptions
 from forgedit.requests import TrainSeedFrom, build_edit, build_sample, training_with_seed
 from registry.ids import validate_edit_model_id
@@ -78,12 +80,37 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class CheckedImage:
+    """An input image that passed every check, kept as its encoded bytes: a decoded
+    full-resolution image is 48 MiB at 4096x4096, so a queued job holds only ``data`` (at most
+    FORGEDIT_MAX_IMAGE_BYTES) and what identifies it, and ``decode`` brings the pixels back,
+    identical, for the job that runs (``server.runner``)."""
+
+    data: bytes
+    sha256: str
+    format: str
+    width: int
+    height: int
+    limits: ImageLimits
+
+    @classmethod
+    def of(cls, data: bytes, limits: ImageLimits) -> CheckedImage:
+        """Decode ``data`` once to check it (``load_image``: ``InvalidImageError`` naming the
+        problem), then let the pixels go."""
+        loaded = load_image(data, limits=limits)
+        return cls(data, loaded.sha256, loaded.format, loaded.width, loaded.height, limits)
+
+    def decode(self) -> LoadedImage:
+        """The pixels, decoded again (the bytes passed the same checks at admission)."""
+        return load_image(self.data, limits=self.limits)
+
+
+@dataclass(frozen=True)
 class EditRequestPlan:
     """A validated Edit request: everything the worker needs, nothing left to check."""
 
     request_id: str
-    image: LoadedImage
-    image_bytes: bytes
+    image: CheckedImage
     base_model: str
     source_prompt: str | None  # None: caption with BLIP
     training: TrainingConfig  # its seed is a placeholder while train_seed_from is "content"
@@ -175,11 +202,10 @@ def edit_plan(
     )
 
     # 3. Only now, with every cheap check passed, meet the image decoder.
-    image = load_image(call.image, limits=validation.image_limits(limits))
+    image = CheckedImage.of(call.image, validation.image_limits(limits))
     return EditRequestPlan(
         call.request_id,
         image,
-        call.image,
         base.name,
         edit.source_prompt,
         edit.training,

@@ -103,6 +103,12 @@ class EngineLike(Protocol):
 
     def warmup(self) -> None: ...
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` s) for work a cancelled job left running on the engine,
+        an uninterruptible UNet build; True once none is. ``sample`` stops waiting for such a
+        build as soon as its job is cancelled; the worker settles before its next job."""
+        ...
+
 
 # Builds the engine of one base model on one device: (base model name, device) -> engine.
 # Called in the device's worker thread, so loading never blocks the RPC threads.

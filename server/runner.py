@@ -1,14 +1,15 @@
 """What a device's worker does with one job, step by step, as events.
 
-Edit (``JobRunner._edit``): 1. the training-free preview → ``preview`` (unless the request
-turned it off); 2. source prompt (BLIP caption, or the caller's) → ``captioned``; 3. fine-tune
-→ ``training`` after every update; 4. register → ``registered``; 5. sample the sweep →
-``sampling`` after every denoising step, ``preview`` every k steps per image when the request
-asked for x0 previews, and ``image`` per finished image; 6. attach a contact sheet to the edit
-model; 7. ``completed`` with the timings of every phase. Each step is one small helper
-(``_first_look``, ``_caption``, ``_finetune_or_reuse``, ``_register``, ``_sample``,
-``_complete``); ``_phase`` times a step once (the job's ``PhaseTimer``) for its timings and
-its histogram. Every event is built by ``server.wire``; the runner says which and when.
+Edit (``JobRunner._edit``): 0. decode the input image (its pixels exist only while the job
+runs: a queued or finished job keeps no pixels); 1. the training-free preview → ``preview``
+(unless the request turned it off); 2. source prompt (BLIP caption, or the caller's) →
+``captioned``; 3. fine-tune → ``training`` after every update; 4. register → ``registered``;
+5. sample the sweep → ``sampling`` after every denoising step, ``preview`` every k steps per
+image when the request asked for x0 previews, and ``image`` per finished image; 6. attach a
+contact sheet to the edit model; 7. ``completed`` with the timings of every phase. Each step
+is one small helper (``_first_look``, ``_caption``, ``_finetune_or_reuse``, ``_register``,
+``_sample``, ``_complete``); ``_phase`` times a step once (the job's ``PhaseTimer``) for its
+timings and its histogram. Every event is built by ``server.wire``; the runner says which and when.
 
 Previews are never results (``forgedit.preview``). The training-free one runs on the job's
 own device before the fine-tune: its cost is its own time, a few percent of the job
@@ -88,7 +89,7 @@ class JobRunner:
         if isinstance(job.plan, EditRequestPlan):
             self._edit(job, job.plan, engines)
         else:
-            assert isinstance(job.plan, SampleRequestPlan)
+            assert isinstance(job.plan, SampleRequestPlan)  # a running job has its plan
             self._sample_stored(job, job.plan, engines)
 
     # -- the two jobs -----------------------------------------------------------------------
@@ -97,20 +98,25 @@ class JobRunner:
         engine = engines[plan.base_model]
         previews = _PreviewStream(job, plan.output, self.metrics, self.limits.max_preview_bytes)
 
+        # 0. The input image's pixels, for this run only (the plan keeps its checked bytes).
+        image = plan.image.decode().image
+
         # 1. A first look at the edit within seconds: the base model's training-free preview,
         # before anything is trained (not part of the original Forgedit).
         if plan.preview.training_free:
-            self._first_look(job, plan, engine, previews)
+            self._first_look(job, plan, engine, image, previews)
             job.cancel.check()
 
         # 2. The source prompt: training depends on it, never on the target prompt.
-        source_prompt = self._caption(job, plan, engine)
+        source_prompt = self._caption(job, plan, engine, image)
         job.cancel.check()
 
         # 3. Fine-tune the edit model, unless the very same fine-tune is stored already (the
         # default, content-derived seed makes that the rule for a repeated image).
         training = plan.training_for(engine.fingerprint, source_prompt)
-        edit_model, existing = self._finetune_or_reuse(job, plan, engine, source_prompt, training)
+        edit_model, existing = self._finetune_or_reuse(
+            job, plan, engine, image, source_prompt, training
+        )
 
         # 4. Register a fresh fine-tune; a reused one is registered already.
         if existing is None:
@@ -129,7 +135,7 @@ class JobRunner:
         # one: a reused model has its own.
         if existing is None:
             self.registry.add_contact_sheet(
-                edit_model_id, _contact_sheet(plan.image.image, edited, plan.output)
+                edit_model_id, _contact_sheet(image, edited, plan.output)
             )
 
         # 7. Done.
@@ -164,14 +170,19 @@ class JobRunner:
             histogram.observe(job.timings.seconds(name))
 
     def _first_look(
-        self, job: Job, plan: EditRequestPlan, engine: EngineLike, previews: _PreviewStream
+        self,
+        job: Job,
+        plan: EditRequestPlan,
+        engine: EngineLike,
+        image: Image.Image,
+        previews: _PreviewStream,
     ) -> None:
         """The training-free preview of the first target prompt at the job's resolution,
         deterministic from its first sampling seed and its VAE seed; emits ``preview``. Timed
         as the ``preview`` phase: its whole cost to the job."""
         with self._phase(job, "preview"):
             shown = engine.preview(
-                plan.image.image,
+                image,
                 plan.sweep.prompts[0],
                 height=plan.training.height,
                 width=plan.training.width,
@@ -183,11 +194,13 @@ class JobRunner:
             )
             previews.send(shown)  # its encoding is part of its cost
 
-    def _caption(self, job: Job, plan: EditRequestPlan, engine: EngineLike) -> str:
+    def _caption(
+        self, job: Job, plan: EditRequestPlan, engine: EngineLike, image: Image.Image
+    ) -> str:
         """The caller's source prompt, or BLIP's caption of the image; emits ``captioned``."""
         if plan.source_prompt is None:
             with self._phase(job, "captioning", self.metrics.captioning):
-                source_prompt = engine.source_prompt(plan.image.image, plan.sweep.prompts[0])
+                source_prompt = engine.source_prompt(image, plan.sweep.prompts[0])
         else:
             source_prompt = plan.source_prompt
         job.emit(wire.captioned(source_prompt, from_caption=plan.source_prompt is None))
@@ -198,6 +211,7 @@ class JobRunner:
         job: Job,
         plan: EditRequestPlan,
         engine: EngineLike,
+        image: Image.Image,
         source_prompt: str,
         training: TrainingConfig,
     ) -> tuple[EditModel, EditModelInfo | None]:
@@ -225,7 +239,7 @@ class JobRunner:
         histogram = self.metrics.training.labels(base_model=plan.base_model)
         with self._phase(job, "training", histogram):
             edit_model = engine.finetune(
-                plan.image.image,
+                image,
                 source_prompt,
                 training,
                 image_sha256=plan.image.sha256,
@@ -247,7 +261,7 @@ class JobRunner:
             registered = self.registry.register(
                 edit_model,
                 request_id=plan.request_id,
-                image_bytes=plan.image_bytes,
+                image_bytes=plan.image.data,
                 principal=job.principal,
                 labels=plan.labels,
                 ttl_s=plan.ttl_s,
@@ -297,6 +311,7 @@ class JobRunner:
         emitting progress, the x0 previews the request asked for, and each image as it
         finishes, encoded as ``output`` asks; return the engine's ``EditedImage``s."""
         stream = _SamplingStream(job, engine, self.metrics, output)
+        assert job.plan is not None  # a running job has its plan (``Job.finish`` drops it)
         x0_every = job.plan.preview.x0_every
         with self._phase(job, "sampling"):
             edited = engine.sample(

@@ -11,11 +11,15 @@ Contract
   for how long, the job table's (``server.job_table``). The scheduler holds both under one
   lock and turns their answers into events and errors.
 - ``submit`` refuses while the replica is not ready (``Lifecycle.require_ready``), re-attaches
-  a known request id, refuses a full queue (``QueueFullError`` with a retry delay) and a
+  a known request id, refuses a full queue or a client over its fair share of it
+  (``QueueFullError`` naming the bound, with a retry delay) and a
   deadline shorter than the job's estimate with its wait (``DeadlineTooShortError``); a new
   job's first event is ``accepted``, then ``queued(position)`` whenever its position changes.
 - ``cancel`` removes a queued job at once (state CANCELLED) or asks a running job to stop at
   its next training update or denoising step (the engine checks the job's ``CancelToken``).
+  A job waiting for a UNet build (a new resolution's export or engine) stops waiting at once;
+  the build finishes on the device, and its worker waits for it before the next job
+  (``EngineLike.settle``), which meanwhile stays queued.
 - ``drain`` (once the lifecycle is draining): queued jobs end UNAVAILABLE (the client retries
   on another replica), running jobs get ``grace_s`` to finish and are then cancelled.
 """
@@ -32,7 +36,6 @@ from server import wire
 from server.catalog import ServedModels
 from server.errors import (
     DeadlineTooShortError,
-    QueueFullError,
     UnavailableError,
     cancelled_status,
     to_rpc_status,
@@ -62,6 +65,8 @@ class SchedulerConfig:
     retention_s: float
     max_retained: int
     max_training_overtakes: int = 4
+    max_retained_bytes: int = 256 * 1024 * 1024
+    queue_kept_for_new: int | None = None  # None: a quarter of the queue (server.queueing)
 
 
 class Scheduler:
@@ -84,8 +89,13 @@ class Scheduler:
         self.lifecycle = lifecycle
         self.catalog = ServedModels(config.base_models)
         self._lock = threading.Condition()
-        self._queue = JobQueue(config.queue_size, config.max_training_overtakes)
-        self._table = JobTable(config.retention_s, config.max_retained)
+        self._queue = JobQueue(
+            config.queue_size, config.max_training_overtakes, config.queue_kept_for_new
+        )
+        self._table = JobTable(config.retention_s, config.max_retained, config.max_retained_bytes)
+        # What finished jobs keep, as of each scrape (expiry is lazy: it runs then too).
+        metrics.retained_jobs.set_function(lambda: self._retained()[0])
+        metrics.retained_job_bytes.set_function(lambda: self._retained()[1])
         self._running: dict[str, Job] = {}
         self._stopping = False
         self._workers: list[threading.Thread] = []
@@ -139,6 +149,12 @@ class Scheduler:
             self._lock.notify_all()
         for worker in self._workers:
             worker.join(timeout=15.0)
+            if worker.is_alive():
+                log.warning(
+                    "%s is still finishing a UNet build a cancelled job left; the process "
+                    "exits when it ends",
+                    worker.name,
+                )
 
     # -- submission -------------------------------------------------------------------------
 
@@ -147,7 +163,8 @@ class Scheduler:
 
         Returns (job, is_new). Raises ``UnavailableError`` when not ready or draining,
         ``RequestConflictError`` for a reused request id with another payload,
-        ``QueueFullError`` when the queue is full, and ``DeadlineTooShortError`` when
+        ``QueueFullError`` when the queue is full or the job's client has its share of it
+        (``server.queueing``), and ``DeadlineTooShortError`` when
         ``remaining_s`` (the call's time left) is shorter than the job's estimated run time
         plus its estimated wait in the queue.
         """
@@ -159,8 +176,7 @@ class Scheduler:
                 return existing, False
             self.lifecycle.require_ready()
             running = self._running.values()
-            if self._queue.full:
-                raise QueueFullError(self._queue.max_size, self._queue.retry_after(running))
+            self._queue.admit(job, running)  # the queue's bound and this client's share
             if remaining_s is not None:
                 estimate = self._queue.estimate_with_wait(job, running, len(self.config.devices))
                 if remaining_s < estimate:
@@ -173,7 +189,7 @@ class Scheduler:
             # A job that an idle worker takes at once is "starting now" (0), not first in line.
             idle_workers = len(self.config.devices) - len(self._running)
             position = max(0, job.queue_position - idle_workers)
-            job.emit(wire.accepted(job.job_id, position, job.plan.images_total, job.estimate))
+            job.emit(wire.accepted(job.job_id, position, job.images_total, job.estimate))
             self._lock.notify_all()
             return job, True
 
@@ -205,6 +221,12 @@ class Scheduler:
         """Raises ``JobNotFoundError``."""
         with self._lock:
             return self._table.get_by_request(request_id)
+
+    def _retained(self) -> tuple[int, int]:
+        """(finished jobs kept, the bytes of their events), expired ones forgotten first."""
+        with self._lock:
+            self._table.expire()
+            return self._table.retained, self._table.retained_bytes
 
     def running_jobs(self) -> list[Job]:
         with self._lock:
@@ -250,6 +272,10 @@ class Scheduler:
                     job.finish(JobState.FAILED, to_rpc_status(RuntimeError("worker failure")))
                     with self._lock:
                         self._running.pop(job.job_id, None)
+                # A build the job stopped waiting for uses the device: the next job waits for
+                # it here, still queued (cancellable, its position told), not on the device.
+                for engine in engines.values():
+                    engine.settle()
 
     def _load_engines(self, device: str) -> dict[str, EngineLike]:
         engines: dict[str, EngineLike] = {}

@@ -127,7 +127,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         # 2. Check it: cheap, bounded checks first, the image decoded last.
         plan = edit_plan(call, self.limits, self.scheduler.catalog, self.defaults)
         # 3. Queue the job, or re-attach to the one its request id names.
-        job = Job(pb.JOB_KIND_EDIT, plan, digest, *self.replay, principal=principal.name)
+        job = Job(
+            pb.JOB_KIND_EDIT,
+            plan,
+            digest,
+            *self.replay,
+            principal=principal.name,
+            client=self.authenticator.client_of(context),
+        )
         job = self._submit(job, context)
         # 4. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
@@ -162,7 +169,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
         check_sampling_memory(int(info.height), int(info.width), self.limits)
         self.scheduler.catalog.require_served(info)
         # 4. Queue the job, or re-attach to the one its request id names.
-        job = Job(pb.JOB_KIND_SAMPLE, plan, digest, *self.replay, principal=principal.name)
+        job = Job(
+            pb.JOB_KIND_SAMPLE,
+            plan,
+            digest,
+            *self.replay,
+            principal=principal.name,
+            client=self.authenticator.client_of(context),
+        )
         job = self._submit(job, context)
         # 5. Stream its events until it ends.
         for event in self._follow(job, context, owner=True):
@@ -177,9 +191,9 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
             raise InvalidInputError("set job_id or request_id to name the job", field="job")
         principal = self._principal(context)
         if which == "request_id":
-            job = self._visible(self.scheduler.get_by_request(request.request_id), principal)
+            job = self._job(principal, request_id=request.request_id)
         else:
-            job = self._visible(self.scheduler.get(request.job_id), principal)
+            job = self._job(principal, job_id=request.job_id)
         for event in self._follow(job, context, owner=False, after=request.after_sequence):
             yield pb.WatchJobResponse(event=event)
 
@@ -187,14 +201,14 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
 
     @_unary
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
-        job = self._visible(self.scheduler.get(request.job_id), self._principal(context))
+        job = self._job(self._principal(context), job_id=request.job_id)
         return pb.GetJobResponse(job=job.to_proto())
 
     @_unary
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext
     ) -> pb.CancelJobResponse:
-        self._visible(self.scheduler.get(request.job_id), self._principal(context))
+        self._job(self._principal(context), job_id=request.job_id)
         job = self.scheduler.cancel(request.job_id, "client cancelled")
         with job_context(job.job_id):
             log.info("cancel requested by a client")
@@ -250,12 +264,27 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
     def _principal(self, context: grpc.ServicerContext) -> Principal:
         return self.authenticator.principal_of(context)
 
-    @staticmethod
-    def _visible(job: Job, principal: Principal) -> Job:
-        """``job`` if ``principal`` may see it; otherwise NOT_FOUND, worded as for a job that
-        does not exist (its existence is not revealed)."""
+    def _job(
+        self, principal: Principal, *, job_id: str | None = None, request_id: str | None = None
+    ) -> Job:
+        """The job named by ``job_id`` or ``request_id``, if ``principal`` may see it. Otherwise
+        NOT_FOUND worded exactly as for a job that does not exist, naming only what the caller
+        asked by: another principal's job, or the job id behind its request id, is never
+        revealed. Every job lookup of the service comes through here."""
+        if job_id is not None:
+            not_found = JobNotFoundError.by_id(job_id)
+        else:
+            assert request_id is not None
+            not_found = JobNotFoundError.by_request_id(request_id)
+        try:
+            if job_id is not None:
+                job = self.scheduler.get(job_id)
+            else:
+                job = self.scheduler.get_by_request(request_id or "")
+        except JobNotFoundError:
+            raise not_found from None
         if not principal.may_see(job.principal):
-            raise JobNotFoundError(repr(job.job_id[:80]))
+            raise not_found
         return job
 
     def _submit(self, job: Job, context: grpc.ServicerContext) -> Job:

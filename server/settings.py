@@ -25,10 +25,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forgedit.config import DeltaFormat
 from server.auth import TokenEntry, token_entries
+from server.shares import quarter
 from server.transport import MAX_MESSAGE_BYTES, MIB
 
-# Threads that long-lived streams may never take (unary calls, health, reflection).
-_RESERVED_THREADS = 8
+# Of FORGEDIT_GRPC_THREADS (gRPC's bound on calls at once, see ``server.interceptors``): at most
+# HEALTH_CALLS health calls (they need no token; a quarter of them per client address), and at
+# least UNARY_THREADS left for the other unary calls, beside FORGEDIT_MAX_STREAMS streams.
+HEALTH_CALLS = 8
+UNARY_THREADS = 8
 
 LogFormat = Literal["json", "text"]
 
@@ -186,26 +190,36 @@ class ServerSettings(BaseSettings):
     grpc_threads: int = Field(
         default=64,
         ge=4,
-        description="Threads serving RPCs; each open stream holds one while it runs.",
+        description="Threads serving RPCs, and the most calls gRPC admits at once; each open "
+        "stream holds one while it runs. At least FORGEDIT_MAX_STREAMS + 16: 8 for health "
+        "calls (no token needed, 2 per client address), 8 for other unary calls.",
     )
     health_port: int | None = Field(
         default=50052,
         ge=0,
         le=65535,
         description="Port of a second gRPC server that answers grpc.health.v1 and reflection "
-        "on its own threads, for probes: it answers whatever application calls do. 0 = any "
-        "free; 'none' = off (both are always also served on the gRPC port).",
+        "(no token needed) on its own threads, for probes: it answers whatever application "
+        "calls do. 0 = any free; 'none' = off (health is always also served on the gRPC port, "
+        "reflection there with a token when tokens are configured).",
     )
     max_streams: int = Field(
         default=48,
         ge=1,
-        description="Open Edit/Sample/WatchJob streams in all; more -> RESOURCE_EXHAUSTED. "
-        "Must leave FORGEDIT_GRPC_THREADS room for unary calls, health and reflection.",
+        description="Open streams (Edit, Sample, WatchJob, reflection) in all; more -> "
+        "RESOURCE_EXHAUSTED. At most FORGEDIT_GRPC_THREADS - 16 (see there).",
     )
     max_streams_per_client: int = Field(
         default=16,
         ge=1,
         description="Open streams per client (its principal with tokens, else its IP address).",
+    )
+    streams_kept_for_new_clients: int | None = Field(
+        default=None,
+        ge=0,
+        description="The last this many of FORGEDIT_MAX_STREAMS open only for clients with no "
+        "stream open, so however many streams a few clients hold, others still get one. "
+        "Unset: a quarter of FORGEDIT_MAX_STREAMS.",
     )
     max_connection_age_s: float | None = Field(
         default=300.0,
@@ -226,7 +240,7 @@ class ServerSettings(BaseSettings):
         description="Accepted bearer tokens (JSON list): objects "
         '{"name": principal, "token": ..., "admin": false}, or plain token strings (principal '
         "'token-<sha256 prefix>'). Empty: no authentication, one anonymous principal. Health "
-        "checks and reflection never need one.",
+        "checks never need one; reflection needs one on the gRPC port, none on the health port.",
     )
     tls_cert_file: Path | None = Field(default=None, description="PEM server certificate.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of the cert.")
@@ -273,6 +287,13 @@ class ServerSettings(BaseSettings):
     queue_size: int = Field(
         default=16, ge=0, description="Jobs waiting (not running); more -> RESOURCE_EXHAUSTED."
     )
+    queue_kept_for_new_clients: int | None = Field(
+        default=None,
+        ge=0,
+        description="The last this many places of FORGEDIT_QUEUE_SIZE take only jobs of "
+        "clients with none waiting, so a client that queues many (detached) jobs cannot lock "
+        "others out; queued jobs start round-robin by client. Unset: a quarter of the queue.",
+    )
 
     # ----------------------------------------------------------------------------- jobs
     heartbeat_interval_s: float = Field(
@@ -285,6 +306,14 @@ class ServerSettings(BaseSettings):
         default=600.0, ge=0, description="Finished jobs stay visible (GetJob, WatchJob)."
     )
     max_retained_jobs: int = Field(default=64, ge=1, description="Finished jobs kept at most.")
+    max_retained_job_bytes: int = Field(
+        default=256 * MIB,
+        ge=MIB,
+        description="Bytes of events (mostly PNGs) that finished jobs keep for replay, in all; "
+        "beyond it the oldest finished jobs are forgotten first (gauge "
+        "forgedit_retained_job_bytes). At least FORGEDIT_REPLAY_MAX_BYTES, so the newest "
+        "finished job always fits. A finished job keeps nothing else of its request.",
+    )
     replay_max_events: int = Field(default=4096, ge=16, description="Events buffered per job.")
     replay_max_bytes: int = Field(
         default=64 * MIB, ge=MIB, description="Event bytes (mostly PNGs) buffered per job."
@@ -347,12 +376,41 @@ class ServerSettings(BaseSettings):
                 )
         if len({e.token.get_secret_value() for e in entries}) != len(entries):
             raise ValueError("FORGEDIT_AUTH_TOKENS: a token is listed twice")
-        if self.max_streams > self.grpc_threads - _RESERVED_THREADS:
+        if self.max_retained_job_bytes < self.replay_max_bytes:
             raise ValueError(
-                f"FORGEDIT_MAX_STREAMS ({self.max_streams}) must leave {_RESERVED_THREADS} of "
-                f"FORGEDIT_GRPC_THREADS ({self.grpc_threads}) for unary calls and health"
+                f"FORGEDIT_MAX_RETAINED_JOB_BYTES ({self.max_retained_job_bytes}) must be at "
+                f"least FORGEDIT_REPLAY_MAX_BYTES ({self.replay_max_bytes}), so the newest "
+                "finished job always fits"
+            )
+        if self.max_streams > self.grpc_threads - HEALTH_CALLS - UNARY_THREADS:
+            raise ValueError(
+                f"FORGEDIT_MAX_STREAMS ({self.max_streams}) must leave "
+                f"{HEALTH_CALLS + UNARY_THREADS} of FORGEDIT_GRPC_THREADS ({self.grpc_threads}): "
+                f"{HEALTH_CALLS} for health calls and {UNARY_THREADS} for other unary calls"
+            )
+        if self.streams_kept >= self.max_streams:
+            raise ValueError(
+                f"FORGEDIT_STREAMS_KEPT_FOR_NEW_CLIENTS ({self.streams_kept}) must be below "
+                f"FORGEDIT_MAX_STREAMS ({self.max_streams})"
+            )
+        if self.queue_size and self.queue_kept >= self.queue_size:
+            raise ValueError(
+                f"FORGEDIT_QUEUE_KEPT_FOR_NEW_CLIENTS ({self.queue_kept}) must be below "
+                f"FORGEDIT_QUEUE_SIZE ({self.queue_size})"
             )
         return self
+
+    @property
+    def streams_kept(self) -> int:
+        """FORGEDIT_STREAMS_KEPT_FOR_NEW_CLIENTS, or its default (``server.shares.quarter``)."""
+        kept = self.streams_kept_for_new_clients
+        return quarter(self.max_streams) if kept is None else kept
+
+    @property
+    def queue_kept(self) -> int:
+        """FORGEDIT_QUEUE_KEPT_FOR_NEW_CLIENTS, or its default (``server.shares.quarter``)."""
+        kept = self.queue_kept_for_new_clients
+        return quarter(self.queue_size) if kept is None else kept
 
     @property
     def tls(self) -> bool:

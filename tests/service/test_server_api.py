@@ -341,7 +341,9 @@ def test_health_liveness_and_readiness_need_no_token(harness: Harness) -> None:
 def test_reflection_lists_the_service(harness: Harness) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
     responses = stub.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+        metadata=AUTH,  # tokens are configured: reflection on the gRPC port needs one
+        timeout=10,
     )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert "forgedit.v1.ForgeditService" in names and "grpc.health.v1.Health" in names

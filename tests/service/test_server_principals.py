@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from support import server as support
 
 from server._proto import forgedit_pb2 as pb
@@ -87,6 +88,28 @@ def test_another_principal_sees_nothing_of_them(harness: Any, alices: tuple) -> 
     # Still there for alice: bob's delete did nothing.
     mine, _ = support.unary(s.ListEditModels, pb.ListEditModelsRequest(), metadata=ALICE)
     assert edit_model_id in {m.edit_model_id for m in mine.edit_models}
+
+
+def test_another_principals_request_id_is_answered_as_an_unknown_one(
+    harness: Any, alices: tuple
+) -> None:
+    """Issue 21.5: WatchJob by another principal's request id must not reveal the job id it
+    names; the answer is the one for a request id nobody used (only the id differs)."""
+    job_id, _ = alices
+    s = harness.stub
+    theirs = support.stream(s.WatchJob, pb.WatchJobRequest(request_id="alice-1"), metadata=BOB)
+    nobody = support.stream(s.WatchJob, pb.WatchJobRequest(request_id="nobody-1"), metadata=BOB)
+    assert theirs.code == nobody.code == grpc.StatusCode.NOT_FOUND
+    assert job_id not in theirs.details, theirs.details
+    assert theirs.details.replace("alice-1", "X") == nobody.details.replace("nobody-1", "X")
+    mine, nothing = (o.detail(error_details_pb2.ResourceInfo) for o in (theirs, nobody))
+    assert job_id not in str(mine)
+    assert str(mine).replace("alice-1", "X") == str(nothing).replace("nobody-1", "X")
+    # The same for a job id: another principal's is worded as one that does not exist.
+    unknown = "job_" + "0" * 32
+    theirs = support.stream(s.WatchJob, pb.WatchJobRequest(job_id=job_id), metadata=BOB)
+    nobody = support.stream(s.WatchJob, pb.WatchJobRequest(job_id=unknown), metadata=BOB)
+    assert theirs.details.replace(job_id, "X") == nobody.details.replace(unknown, "X")
 
 
 def test_a_request_id_cannot_reach_another_principals_work(harness: Any, alices: tuple) -> None:

@@ -96,6 +96,9 @@ class _Engine:
     def warmup(self) -> None:
         pass
 
+    def settle(self, timeout: float | None = None) -> bool:
+        return True
+
 
 def _serve(tmp_path: Path, pki: dict[str, Path], mutual: bool) -> tuple:
     settings = ServerSettings(

@@ -128,6 +128,31 @@ def test_truncation_is_refused_even_if_someone_set_the_pillow_flag(
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
+def test_running_out_of_memory_while_decoding_is_not_called_corrupt(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Issue 21.4: a decoder that cannot allocate the pixels raises MemoryError, which must
+    reach the caller as what it is (the server answers RESOURCE_EXHAUSTED), never as an
+    InvalidImageError blaming the image."""
+    data = _encoded(_noise(128, 128), "PNG")
+
+    def no_memory(self: ImageFile.ImageFile) -> None:
+        raise MemoryError  # what Pillow raises when the image buffer cannot be allocated
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load_prepare", no_memory)
+    with pytest.raises(MemoryError):
+        load_image(data)
+    monkeypatch.undo()
+    assert load_image(data).width == 128  # the same bytes decode with memory to spare
+
+    def no_memory_for_the_header(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(Image, "open", no_memory_for_the_header)
+    with pytest.raises(MemoryError):
+        load_image(data)
+
+
 def test_truncated_png_is_an_error():
     data = _encoded(_noise(128, 128), "PNG")
     with pytest.raises(InvalidImageError, match="truncated or corrupt"):

@@ -125,14 +125,14 @@ def test_the_catalog_resolves_names_and_applies_the_engines_compatibility_rule()
 
 def _job(job_id: str, request_id: str = "", digest: str = "d") -> Any:
     return SimpleNamespace(
-        job_id=job_id, request_id=request_id, payload_digest=digest, ended_at=None
+        job_id=job_id, request_id=request_id, payload_digest=digest, ended_at=None, event_bytes=10
     )
 
 
 def test_the_job_table_finds_reattaches_refuses_conflicts_and_forgets_old_jobs() -> None:
     from server.job_table import JobTable
 
-    table = JobTable(retention_s=60.0, max_retained=2)
+    table = JobTable(retention_s=60.0, max_retained=2, max_bytes=1 << 20)
     first = _job("job_1", "r-1", "same")
     table.add(first)
     assert table.get("job_1") is first and table.get_by_request("r-1") is first

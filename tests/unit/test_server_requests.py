@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,10 +35,12 @@ from server.auth import (
 )
 from server.catalog import ServedModels
 from server.errors import QueueFullError, StreamLimitError, UnauthenticatedError, to_rpc_status
-from server.interceptors import LogBudget, MalformedRequest, StreamLimiter, tolerant_deserializer
+from server.interceptors import CallLimiter, LogBudget, UnparsedRequest, tolerant_deserializer
+from server.main import stream_share
 from server.plans import Defaults, EditRequestPlan, SampleRequestPlan, edit_plan, sample_plan
 from server.ports import BaseModelInfo
 from server.settings import ServerSettings
+from server.shares import Refusal, ShareRule
 from server.transport import MIB, server_options
 from server.validation import Limits
 from server.wire import edit_call, payload_digest, sample_call
@@ -361,7 +364,11 @@ def test_payload_digest_ignores_request_id_and_detach() -> None:
             code_pb2.INVALID_ARGUMENT,
             error_details_pb2.BadRequest,
         ),
-        (QueueFullError(4, 12.0), code_pb2.RESOURCE_EXHAUSTED, error_details_pb2.RetryInfo),
+        (
+            QueueFullError("full", subject="job-queue", limit=4, setting="Q", retry_after_s=12.0),
+            code_pb2.RESOURCE_EXHAUSTED,
+            error_details_pb2.RetryInfo,
+        ),
         (
             EditModelNotFoundError("em_" + "a" * 26),
             code_pb2.NOT_FOUND,
@@ -484,30 +491,75 @@ def test_token_settings_objects_and_plain_strings(monkeypatch: pytest.MonkeyPatc
             ServerSettings()
 
 
+def _share(capacity: int, per_client: int, kept: int) -> ShareRule:
+    return ShareRule(capacity, per_client, kept, "CAPACITY", "PER_CLIENT", "KEPT")
+
+
 def test_stream_limiter_bounds_per_client_and_in_all() -> None:
-    limiter = StreamLimiter(max_total=3, max_per_client=2)
+    limiter = CallLimiter(
+        stream_share(ServerSettings(max_streams=3, max_streams_per_client=2)),
+        noun="open streams",
+        subject="streams",
+    )
     a1, a2 = limiter.acquire("a"), limiter.acquire("a")
-    with pytest.raises(StreamLimitError, match="FORGEDIT_MAX_STREAMS_PER_CLIENT"):
+    with pytest.raises(StreamLimitError, match="FORGEDIT_MAX_STREAMS_PER_CLIENT") as refused:
         limiter.acquire("a")
+    assert refused.value.subject == "streams-per-client"
     b1 = limiter.acquire("b")
     with pytest.raises(StreamLimitError, match=r"FORGEDIT_MAX_STREAMS\b"):
         limiter.acquire("c")
     a1()
     a1()  # releasing twice frees one slot only
-    assert limiter.open_streams == 2
+    assert limiter.open_calls == 2
     limiter.acquire("c")
     with pytest.raises(StreamLimitError):
         limiter.acquire("a")
     a2(), b1()
-    assert limiter.open_streams == 1
-    mapped = to_rpc_status(StreamLimitError("x", subject="streams", limit=3))
+    assert limiter.open_calls == 1
+    mapped = to_rpc_status(refused.value)
     assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    quota = error_details_pb2.QuotaFailure()
+    assert any(d.Unpack(quota) for d in mapped.status.details)
+    assert quota.violations[0].subject == "streams-per-client"
+    assert "FORGEDIT_MAX_STREAMS_PER_CLIENT" in quota.violations[0].description
+
+
+def test_the_last_slots_are_kept_for_clients_that_hold_none() -> None:
+    """Three greedy clients cannot take every slot (issue 21.3): with 12 slots, 4 per client
+    and 3 kept for new clients, they get 4 + 4 + 1, and three more clients one each."""
+    rule = _share(12, 4, 3)
+    held: Counter[str] = Counter()
+
+    def take(client: str) -> bool:
+        if rule.refusal(held[client], sum(held.values())) is not None:
+            return False
+        held[client] += 1
+        return True
+
+    for greedy in ("a", "b", "c"):
+        while take(greedy):
+            pass
+    assert (held["a"], held["b"], held["c"]) == (4, 4, 1)
+    assert rule.refusal(held["c"], 9) == Refusal("kept-for-new-clients", 3, "KEPT", 1)
+    assert [take(new) for new in ("d", "e", "f", "g")] == [True, True, True, False]
+    assert rule.refusal(0, 12) == Refusal("capacity", 12, "CAPACITY", 0)
+    # A slot that frees while the pool is that full goes to a client that holds none.
+    held["a"] -= 1
+    assert not take("a") and not take("d") and take("h")
+    with pytest.raises(ValueError, match="KEPT"):
+        _share(4, 4, 4)
 
 
 def test_streams_must_leave_threads_for_unary_calls_and_health() -> None:
     with pytest.raises(ValidationError, match="FORGEDIT_MAX_STREAMS"):
-        ServerSettings(grpc_threads=16, max_streams=16)
-    ServerSettings(grpc_threads=16, max_streams=8)
+        ServerSettings(grpc_threads=24, max_streams=16)
+    ServerSettings(grpc_threads=24, max_streams=8)
+    with pytest.raises(ValidationError, match="FORGEDIT_STREAMS_KEPT_FOR_NEW_CLIENTS"):
+        ServerSettings(streams_kept_for_new_clients=48)
+    with pytest.raises(ValidationError, match="FORGEDIT_QUEUE_KEPT_FOR_NEW_CLIENTS"):
+        ServerSettings(queue_size=4, queue_kept_for_new_clients=4)
+    defaults = ServerSettings(_env_file=None)  # type: ignore[call-arg]
+    assert (defaults.streams_kept, defaults.queue_kept) == (12, 4)  # a quarter of each
 
 
 def test_max_connection_age_becomes_channel_arguments() -> None:
@@ -600,21 +652,21 @@ def test_tolerant_deserializer_names_the_type_and_the_bad_utf8_field() -> None:
         parse(pb.EditRequest(target_prompts=["ok"]).SerializeToString()), pb.EditRequest
     )
     garbage = parse(b"\xff\xff\xff")
-    assert isinstance(garbage, MalformedRequest) and "forgedit.v1.EditRequest" in garbage.problem
+    assert isinstance(garbage, UnparsedRequest) and "forgedit.v1.EditRequest" in garbage.problem
     number = pb.EditRequest.DESCRIPTOR.fields_by_name["source_prompt"].number
     bad = parse(bytes([number << 3 | 2, 2, 0xC3, 0x28]))
-    assert isinstance(bad, MalformedRequest) and bad.field == "source_prompt"
+    assert isinstance(bad, UnparsedRequest) and bad.field == "source_prompt"
     assert "UTF-8" in bad.problem
     # A repeated text field is found too; a nested one is named by its message only.
     prompts = pb.EditRequest.DESCRIPTOR.fields_by_name["target_prompts"].number
     ok = pb.EditRequest(target_prompts=["fine"]).SerializeToString()
     bad = parse(ok + bytes([prompts << 3 | 2, 1, 0xFF]))
-    assert isinstance(bad, MalformedRequest) and bad.field == "target_prompts"
+    assert isinstance(bad, UnparsedRequest) and bad.field == "target_prompts"
     sweep = pb.EditRequest.DESCRIPTOR.fields_by_name["sweep"].number
     strategies = pb.SweepOptions.DESCRIPTOR.fields_by_name["forget_strategies"].number
     nested = bytes([strategies << 3 | 2, 1, 0xFF])
     bad = parse(bytes([sweep << 3 | 2, len(nested)]) + nested)
-    assert isinstance(bad, MalformedRequest) and bad.field == "request"
+    assert isinstance(bad, UnparsedRequest) and bad.field == "request"
     assert "a text field of forgedit.v1.EditRequest is not valid UTF-8" in bad.problem
 
 
@@ -713,3 +765,29 @@ def test_running_out_of_memory_is_resource_exhausted_not_internal(error: Any) ->
     assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "FORGEDIT_MAX_BATCH_PIXELS" in mapped.status.message
     assert mapped.reason == "resource_exhausted"
+
+
+def test_memory_exhaustion_behind_another_error_is_still_resource_exhausted() -> None:
+    """Issue 21.4: a layer that wraps a MemoryError in its own error (the registry's, a
+    loader's) does not turn it into the client's fault or an internal error."""
+    from registry.errors import RegistryError
+
+    try:
+        try:
+            raise MemoryError
+        except MemoryError as e:
+            raise RegistryError("the MLflow registry refused to load (MemoryError)") from e
+    except RegistryError as wrapped:
+        mapped = to_rpc_status(wrapped)
+    assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    kinds = {d.TypeName() for d in mapped.status.details}
+    assert {"google.rpc.QuotaFailure", "google.rpc.RetryInfo"} <= kinds
+
+
+def test_a_request_that_cannot_be_parsed_for_lack_of_memory_is_resource_exhausted() -> None:
+    def no_memory(data: bytes) -> None:
+        raise MemoryError
+
+    parsed = tolerant_deserializer(no_memory)(b"\x0a\x00")
+    assert isinstance(parsed, UnparsedRequest)
+    assert to_rpc_status(parsed.error).code == grpc.StatusCode.RESOURCE_EXHAUSTED

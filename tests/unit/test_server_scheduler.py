@@ -57,6 +57,7 @@ def _engine(name: str, device: str) -> Any:
         native_width=64,
         can_caption=False,
         warmup=lambda: None,
+        settle=lambda timeout=None: True,
     )
 
 
@@ -85,7 +86,9 @@ def scheduler() -> Iterator[tuple[Scheduler, GatedRunner]]:
 _counter = iter(range(10**6))
 
 
-def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str = "d") -> Job:
+def _job(
+    kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str = "d", client: str = ""
+) -> Job:
     sweep = SweepConfig(prompts=("a dog",), steps=2)
     plan: Any
     if kind == pb.JOB_KIND_EDIT:
@@ -93,7 +96,6 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
         plan = EditRequestPlan(
             request_id,
             image,
-            b"",
             "tiny",
             "a photo",
             TrainingConfig.for_mode("joint", height=64, width=64),
@@ -110,6 +112,7 @@ def _job(kind: pb.JobKind = pb.JOB_KIND_EDIT, request_id: str = "", digest: str 
         estimated_s=1.0,
         max_events=100,
         max_bytes=10**6,
+        client=client,
     )
 
 
@@ -176,7 +179,8 @@ def test_a_full_queue_refuses_with_a_retry_hint(scheduler: tuple) -> None:
     s.submit(_job())
     with pytest.raises(QueueFullError) as refused:
         s.submit(_job())
-    assert refused.value.retry_after_s > 0 and refused.value.queue_size == 2
+    assert refused.value.retry_after_s > 0 and refused.value.limit == 2
+    assert refused.value.subject == "job-queue" and "FORGEDIT_QUEUE_SIZE" in str(refused.value)
     assert s.queue_depth() == 2
 
 
@@ -254,6 +258,34 @@ def test_replay_buffer_is_bounded_and_keeps_sequence_numbers() -> None:
     job.max_bytes = 1  # one large event always stays, so a reader never gets nothing
     job.emit(pb.ImageEvent(png=b"x" * 1000))
     assert [e.sequence for e in job.read(0, timeout=0)[0]] == [6]
+
+
+def test_finished_jobs_keep_no_plan_and_their_events_within_a_byte_budget() -> None:
+    """The job table forgets the oldest finished jobs first once their events exceed its
+    byte budget (or its count), and counts what the rest keep."""
+    from server.errors import JobNotFoundError
+    from server.job_table import JobTable
+
+    table = JobTable(retention_s=600, max_retained=10, max_bytes=2500)
+    jobs = []
+    for _ in range(4):
+        job = _job(request_id=f"r-{len(jobs)}")
+        table.add(job)
+        job.emit(pb.ImageEvent(png=b"x" * 1000))
+        job.finish(JobState.SUCCEEDED)
+        assert job.plan is None  # a finished job keeps no request (an Edit's: its image)
+        table.retain(job)
+        jobs.append(job)
+    assert table.retained == 2 and table.retained_bytes <= 2500
+    assert table.retained_bytes == sum(j.event_bytes for j in jobs[2:])
+    for gone in jobs[:2]:  # the oldest first, by id and by request id
+        with pytest.raises(JobNotFoundError):
+            table.get(gone.job_id)
+        with pytest.raises(JobNotFoundError):
+            table.get_by_request(gone.request_id)
+    assert table.get(jobs[3].job_id) is jobs[3] and table.get_by_request("r-2") is jobs[2]
+    table.retain(jobs[3])  # retaining twice counts once
+    assert table.retained_bytes == sum(j.event_bytes for j in jobs[2:])
 
 
 def test_finish_happens_once_and_wakes_readers() -> None:
@@ -393,4 +425,42 @@ def test_a_cancelled_edit_does_not_pass_its_overtakes_on_to_the_next() -> None:
         # `edit` is overtaken twice itself (samples 1 and 2), not once.
         assert runner.order[1:] == [j.job_id for j in (*samples, edit)]
     finally:
+        s.stop()
+
+
+# ------------------------------------------------------------------ fair shares of the queue
+
+
+def test_one_client_cannot_fill_the_queue_and_clients_take_turns() -> None:
+    """Issue 21.3: one client with many (detached) jobs filled all 16 places and another's
+    Edit was refused for minutes. Now the last quarter is kept for clients with none waiting,
+    and queued jobs start round-robin by client."""
+    s, runner = _fair_scheduler(max_overtakes=4)
+    try:
+        running = s.submit(_job(client="a"))[0]
+        assert runner.started.acquire(timeout=5)
+        greedy = []
+        with pytest.raises(QueueFullError) as refused:
+            for _ in range(16):
+                greedy.append(s.submit(_job(client="a"))[0])
+        assert len(greedy) == 12  # 16 places, the last 4 kept for new clients
+        assert refused.value.subject == "job-queue-kept-for-new-clients"
+        assert "FORGEDIT_QUEUE_KEPT_FOR_NEW_CLIENTS" in str(refused.value)
+        assert refused.value.retry_after_s > 0
+        others = [s.submit(_job(client=c))[0] for c in ("b", "c", "d", "e")]
+        with pytest.raises(QueueFullError, match="FORGEDIT_QUEUE_SIZE"):
+            s.submit(_job(client="f"))
+        # Turns: a's first, then each other client's, before a's second.
+        assert [j.queue_position for j in others] == [2, 3, 4, 5]
+        assert greedy[0].queue_position == 1 and greedy[1].queue_position == 6
+        runner.gate(running).set()
+        _run_all(s, runner, 16)
+        assert runner.order[1:7] == [
+            greedy[0].job_id,
+            *(j.job_id for j in others),
+            greedy[1].job_id,
+        ]
+    finally:
+        for gate in runner.gates.values():
+            gate.set()
         s.stop()
