@@ -39,7 +39,11 @@ def add_eval_parser(sub: Any, formatter: Any) -> None:
         "--target, the name of a base model the server serves",
     )
     parser.add_argument("--out", metavar="DIR", required=True, help="new or empty directory")
-    parser.add_argument("--target", metavar="HOST:PORT", help="edit through this forgedit-server")
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="edit through this forgedit-server (its bearer token: env FORGEDIT_TOKEN)",
+    )
     parser.add_argument(
         "--blip",
         metavar="DIR",
@@ -178,25 +182,20 @@ def _editor(args: argparse.Namespace) -> Any:
     if args.target:
         from forgedit_client import ForgeditClient
 
-        return RemoteEditor(ForgeditClient(args.target), args.target, args.base_model)
+        # The server's bearer token, from the environment as the SDK's CLI takes it (a flag
+        # would show in the process list).
+        client = ForgeditClient(args.target, token=os.environ.get("FORGEDIT_TOKEN") or None)
+        return RemoteEditor(client, args.target, args.base_model)
     from forgedit.engine import Engine
+    from forgedit.zoo import builtin_named
 
-    name = args.base_model
-    blip = args.blip
-    if name == "shapes":
-        from forgedit.zoo.shapes import shapes_model
-
-        model = shapes_model()
-        base_dir, blip = model.stable_diffusion, blip or model.blip
-    elif name == "tiny":
-        from forgedit.zoo.tiny import BLIP_SUBDIR, SD_SUBDIR, ensure_tiny_model
-
-        root = ensure_tiny_model()
-        base_dir, blip = root / SD_SUBDIR, blip or root / BLIP_SUBDIR
+    builtin = builtin_named(args.base_model)  # a built-in's name: tiny, shapes
+    if builtin is not None:
+        base_dir, blip = builtin.stable_diffusion, args.blip or builtin.blip
     else:
-        base_dir = Path(name)
+        base_dir, blip = Path(args.base_model), args.blip
     engine = Engine.load(base_dir, blip_dir=blip, device=args.device)
-    return InProcessEditor(engine, name)
+    return InProcessEditor(engine, args.base_model)
 
 
 def _record_scores(uri: str, report: Any, stderr: TextIO) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from forgedit.config import TrainingMode
-from forgedit.errors import InvalidInputError
+from forgedit.errors import ForgeditError, InvalidInputError
 from forgedit.eval.dataset import Pair
 from forgedit.eval.scorers import ClipScorer, Lpips, psnr, ssim, to_tensor
 from forgedit.options import SweepOptions, TrainingOptions
@@ -152,10 +152,23 @@ class RemoteEditor:
 
     def __init__(self, client: Any, target: str, base_model: str | None) -> None:
         self.client = client
+        self.target = target
         self.base_model = base_model or ""
         self.description = f"server {target}, base model {base_model or '(its default)'}"
 
     def edit(self, pair: Pair, image: LoadedImage, options: EvalOptions) -> PairEdit:
+        """The pair edited by the server; a refusal or failure the SDK reports (after its
+        retries) is a ``ForgeditError`` naming the pair and the server's status."""
+        from forgedit_client.errors import ForgeditClientError
+
+        try:
+            return self._edit(pair, options)
+        except ForgeditClientError as e:
+            raise ForgeditError(
+                f"pair {pair.index} ({pair.img_name}) through {self.target}: {e}"
+            ) from e
+
+    def _edit(self, pair: Pair, options: EvalOptions) -> PairEdit:
         from forgedit_client.events import Captioned, Completed, ImageReady, Registered
         from PIL import Image as PILImage
 
