@@ -8,8 +8,13 @@ and turn it into a plan, as numbered steps, cheapest first:
 1. the service's limits on what was sent (``server.validation``: sizes, counts, lengths);
 2. the engine's rules and defaults (``forgedit.requests``, the builder the engine CLI shares),
    whose errors already name the request field (``sweep.gammas``), with the service's limits
-   on the work as the builder's ``Bounds`` (all updates, images per sweep, pixels per batch);
+   on the work as the builder's ``Bounds`` (all updates, images per sweep, pixels per batch),
+   then, for an Edit, that its resolution is served (``ServedModels.check_size``; a Sample's
+   is checked with its edit model, ``ServedModels.require_served``);
 3. for an Edit, only then, the image decoded under the service's byte, pixel and format limits.
+
+A plan carries ``step_cost``, one UNet step at its resolution over one at the native size
+(``ServedModels.step_cost``), which the run-time estimates scale by (``server.estimator``).
 
 Every refusal is an ``InvalidInputError`` whose ``field`` is the request field's path, so the
 client gets one ``BadRequest`` field violation naming the problem and what is accepted.
@@ -17,6 +22,7 @@ client gets one ``BadRequest`` field violation naming the problem and what is ac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +40,7 @@ from forgedit.options import EditOptions, SampleOptions
 from forgedit.requests import TrainSeedFrom, build_edit, build_sample, training_with_seed
 from registry.ids import validate_edit_model_id
 from server import validation
-from server.catalog import ServedModels
+from server.catalog import ServedModels, StoredEditModel
 from server.validation import Limits
 
 # -- calls: a request, decoded ------------------------------------------------------------------
@@ -89,6 +95,7 @@ class EditRequestPlan:
     train_seed_from: TrainSeedFrom = "given"
     output: OutputConfig = OutputConfig()  # how images (and previews) are encoded
     preview: PreviewConfig = PreviewConfig(training_free=True)
+    step_cost: float = 1.0  # a UNet step at this resolution / one at the native size
 
     @property
     def images_total(self) -> int:
@@ -122,6 +129,16 @@ class SampleRequestPlan:
     detach: bool
     output: OutputConfig = OutputConfig()
     preview: PreviewConfig = PreviewConfig()
+    step_cost: float = 1.0  # set once the edit model's size is known (``for_edit_model``)
+
+    def for_edit_model(
+        self, served: ServedModels, edit_model: StoredEditModel
+    ) -> SampleRequestPlan:
+        """This plan, once ``served`` admits ``edit_model`` (its base model and size:
+        ``ServedModels.require_served``), with the step cost of its size."""
+        base = served.require_served(edit_model)
+        cost = served.step_cost(base, int(edit_model.height), int(edit_model.width))
+        return dataclasses.replace(self, step_cost=cost)
 
     @property
     def images_total(self) -> int:
@@ -154,14 +171,20 @@ def edit_plan(
     validation.check_sweep_options(options.sweep, limits)
 
     # 2. The engine's rules and defaults: the fine-tune's config and the sweep, within the
-    # service's bounds on the work.
+    # service's bounds on the work; then the resolution, which must be one served here.
+    default_height, default_width = base.default_size
     edit = build_edit(
         options,
-        native_height=base.height,
-        native_width=base.width,
+        native_height=default_height,
+        native_width=default_width,
         precision=defaults.precision,
         delta_format=defaults.delta_format,
         bounds=limits.bounds(),
+    )
+    height, width = edit.training.height, edit.training.width
+    width_served = any(w == width for _, w in base.served_sizes)
+    served.check_size(
+        base, height, width, field="training.height" if width_served else "training.width"
     )
 
     # 3. Only now, with every cheap check passed, meet the image decoder.
@@ -178,6 +201,7 @@ def edit_plan(
         edit.train_seed_from,
         edit.output,
         edit.preview,
+        served.step_cost(base, height, width),
     )
 
 

@@ -56,6 +56,8 @@ def _engine(name: str, device: str) -> Any:
         native_height=64,
         native_width=64,
         can_caption=False,
+        resolutions=[(64, 64)],
+        relative_step_cost=lambda height, width: height * width / 64**2,
         warmup=lambda: None,
     )
 
@@ -157,11 +159,19 @@ def test_an_edit_model_of_an_unserved_base_model_is_refused_before_queueing(
 ) -> None:
     s, _ = scheduler
     served = SimpleNamespace(
-        edit_model_id="em_a", base_model_name="tiny", base_model_fingerprint="f" * 64
+        edit_model_id="em_a",
+        base_model_name="tiny",
+        base_model_fingerprint="f" * 64,
+        height=64,
+        width=64,
     )
     s.catalog.require_served(served)  # the fake engine's fingerprint: accepted
     other = SimpleNamespace(
-        edit_model_id="em_b", base_model_name="sd15", base_model_fingerprint="e" * 64
+        edit_model_id="em_b",
+        base_model_name="sd15",
+        base_model_fingerprint="e" * 64,
+        height=64,
+        width=64,
     )
     with pytest.raises(UnservedBaseModelError, match="'sd15', which this server does not serve"):
         s.catalog.require_served(other)
