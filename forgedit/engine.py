@@ -138,7 +138,7 @@ class Engine:
         holds its own copy of the weights (``CompiledGraphs``). ``resolutions``: the
         ``(height, width)`` sizes this engine declares it serves (default: the native size);
         ``warmup`` builds them, and once it has, no other size is ever compiled
-        (``compiles``)."""
+        (``compiled_batch``)."""
         self.base = base
         self.captioner = captioner
         self.precision = precision
@@ -400,7 +400,7 @@ class Engine:
         A compiled backend whose refit, canary or run fails inside the job hands the job to
         torch (the chunk it failed in is sampled again from its first step), logged and
         reported with scope "job"; each ``EditedImage.backend`` says which backend made it.
-        After ``warmup``, a resolution it did not declare samples on torch (``compiles``).
+        After ``warmup``, a resolution it did not declare samples on torch (``compiled_batch``).
         """
         # 1. Check inputs: the edit model fits this base model, its variant has the strategies.
         if max_batch < 1:
@@ -415,11 +415,12 @@ class Engine:
         started = time.perf_counter()
         # 2. Prepare the UNet backend before any denoising loop: the compiled UNet of this
         # resolution (built at warm-up; before any warm-up, on first use), or torch for a
-        # resolution the engine does not compile (``compiles``).
-        compiled = self.compiles(edit_model.height, edit_model.width)
-        if compiled:
-            self.prepare_sampling(edit_model.height, edit_model.width, max_batch)
-        shape = self.sampling_shape(edit_model.height, edit_model.width, max_batch)
+        # resolution the engine does not compile (``compiled_batch``).
+        rows = self.compiled_batch(edit_model.height, edit_model.width, max_batch)
+        compiled = rows is not None
+        if rows is not None:
+            self.prepare_sampling(edit_model.height, edit_model.width, rows)
+        shape = self.sampling_shape(edit_model.height, edit_model.width, rows or max_batch)
         with (
             self._sampling_precision(precision or self.precision),
             self.weights.edit_model(edit_model.delta) as live,
@@ -489,12 +490,19 @@ class Engine:
         ``resolutions``, or the last ``warmup``'s sizes)."""
         return list(self._resolutions)
 
-    def compiles(self, height: int, width: int) -> bool:
-        """Whether a job at ``height`` × ``width`` samples on the compiled backend: before any
-        warm-up, every size does (built on first use, as the command line wants); after it,
-        only the declared ones, so a request never builds a graph (minutes and gigabytes on
-        a GPU). Any other size samples on torch, the reference (no build, exact weights)."""
-        return not self.readiness or (height, width) in self._resolutions
+    def compiled_batch(self, height: int, width: int, max_batch: int) -> int | None:
+        """The batch profile a job at ``height`` × ``width`` in chunks of ``max_batch``
+        samples on with the compiled backend, or None: on torch. Before any warm-up, every
+        job compiles its own (built on first use, as the command line wants). After it, only
+        the warmed-up graphs serve: a declared size, in chunks within the engine's
+        ``max_batch`` (a profile takes 1 .. its rows), so a request never builds a graph
+        (minutes and gigabytes on a GPU); anything else samples on torch, the reference (no
+        build, the live weights exactly)."""
+        if not self.readiness:
+            return max_batch
+        if (height, width) in self._resolutions and max_batch <= self.max_batch:
+            return self.max_batch
+        return None
 
     @property
     def compiled_bytes(self) -> int:

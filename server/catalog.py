@@ -10,7 +10,7 @@ warm-up (``FORGEDIT_RESOLUTIONS``; default: its native size). ``check_size`` is 
 of a job's resolution, for an Edit (the size it asks for) and a Sample (the size its edit model
 was trained at, in ``require_served``): another size is refused with INVALID_ARGUMENT naming
 the served ones, or, when the operator chose ``FORGEDIT_OTHER_RESOLUTIONS=torch``, admitted
-(the engine samples it on eager torch, ``Engine.compiles``). ``step_cost`` scales run-time
+(the engine samples it on eager torch, ``Engine.compiled_batch``). ``step_cost`` scales run-time
 estimates by resolution (``forgedit.backends.cost``, through ``EngineLike.relative_step_cost``).
 """
 

@@ -92,7 +92,7 @@ class _Engine:
     native_height = 64
     native_width = 64
     can_caption = False
-    resolutions = [(64, 64)]
+    resolutions = ((64, 64),)
 
     def relative_step_cost(self, height: int, width: int) -> float:
         return 1.0
