@@ -130,6 +130,8 @@ def declared(
         unet_backend="onnxruntime",
         resolutions="64x64,96x64",
     ) as h:
+        # Every test here compares with an ONNX Runtime replica: one on a fallback would not be.
+        assert 'forgedit_unet_backend_degraded{base_model="tiny"} 0.0' in metrics_of(h)
         yield h
 
 

@@ -163,6 +163,10 @@ def ort_engine(tiny_model_dir: Path, cache_dir: Path) -> Engine:
         max_batch=4,
     )
     engine.warmup()
+    # Every test on this engine compares ONNX Runtime with torch: one that fell back would
+    # compare torch with torch and pass, so a fallback here errors every test that uses it
+    # (the conftest guard charges a fixture's fallback to the first test only).
+    assert engine.sampling_backend == "onnxruntime" and not engine.backends.fallbacks
     return engine
 
 
@@ -352,6 +356,7 @@ def test_unet_outputs_match_torch_per_step_after_every_swap(
     engine = ort_engine
     shape = engine.sampling_shape(SIZE, SIZE, 4)
     backend = engine.backends.current
+    assert backend.name == "onnxruntime"  # never torch against torch
     reference = TorchBackend(engine.base.unet, engine.weights)
     inputs = example_inputs(engine.base.unet, shape, rows=4)
     noencoder = [n for n in engine.weights.names("unet") if n.startswith("down_blocks")]
@@ -775,4 +780,44 @@ def test_tensorrt_engine_matches_torch_after_refits(
         got = engine.sample(model, config)
         assert [e.backend for e in got] == ["tensorrt"] * len(got), seen
         assert max_pixel_difference(got, reference.sample(model, config)) <= 8
+    assert seen == [] and engine.sampling_backend == "tensorrt"
+
+
+@pytest.mark.gpu
+def test_tensorrt_serves_every_declared_resolution_and_only_those(
+    tiny_model_dir: Path, tmp_path: Path, edit_models: list[Any]
+) -> None:
+    """On a CUDA machine with TensorRT: two declared sizes, each built with its canary at
+    warm-up; each samples on its own TensorRT engine (every image says so), and an undeclared
+    size samples on torch without a build. No fallback anywhere."""
+    pytest.importorskip("tensorrt")
+    seen: list[Any] = []
+    engine = Engine.load(
+        tiny_model_dir / "stable-diffusion",
+        device="cuda",
+        unet_backend="tensorrt",
+        cache_dir=tmp_path,
+        max_batch=2,
+        on_backend_fallback=seen.append,
+    )
+    engine.warmup([(SIZE, SIZE), (SIZE, 96)])
+    assert [(r.width, r.backend, r.ready) for r in engine.readiness] == [
+        (SIZE, "tensorrt", True),
+        (96, "tensorrt", True),
+    ]
+    config = sweep("vs", forget=("encoderkv",), gammas=(1.0,))
+    wide = dataclasses.replace(
+        edit_models[0], training=dataclasses.replace(edit_models[0].training, width=96)
+    )
+    for model in (edit_models[0], wide):
+        got = engine.sample(model, config, max_batch=2)
+        assert [e.backend for e in got] == ["tensorrt"] * len(got), seen
+    square = dataclasses.replace(
+        edit_models[0],
+        training=dataclasses.replace(edit_models[0].training, width=96, height=96),
+    )
+    built = engine.compiled_bytes
+    got = engine.sample(square, config, max_batch=2)
+    assert [e.backend for e in got] == ["torch"] * len(got)
+    assert engine.compiled_bytes == built
     assert seen == [] and engine.sampling_backend == "tensorrt"
