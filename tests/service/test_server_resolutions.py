@@ -25,12 +25,11 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.server import (
-    Outcome,
     assert_nothing_left_behind,
     edit_request,
+    refused,
     running_server,
     sample_photo,
     stream,
@@ -61,16 +60,6 @@ def exports(harness: Any) -> list[Path]:
     return sorted((harness.data_dir / "engines" / "onnx").iterdir())
 
 
-def refused(outcome: Outcome, field: str, *needles: str) -> None:
-    """INVALID_ARGUMENT before any event, one field violation on ``field`` saying ``needles``."""
-    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
-    assert outcome.events == []
-    bad = outcome.detail(error_details_pb2.BadRequest)
-    assert [v.field for v in bad.field_violations] == [field], bad
-    for needle in needles:
-        assert needle in outcome.details, (needle, outcome.details)
-
-
 def edit_at(width: int, height: int, request_id: str) -> pb.EditRequest:
     return edit_request(
         sample_photo(),
@@ -78,15 +67,6 @@ def edit_at(width: int, height: int, request_id: str) -> pb.EditRequest:
         training={"width": width, "height": height},
         sweep={"steps": 2, "gammas": [0.6], "seeds": [3]},
     )
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from registry import EditModelRegistry, RegistryConfig
-
-    shared = EditModelRegistry(RegistryConfig(data_dir=tmp_path_factory.mktemp("registry")))
-    yield shared
-    shared.close()
 
 
 @pytest.fixture(scope="module")
