@@ -413,7 +413,7 @@ def default_engine_factory(
             max_batch=settings.max_batch,
             on_backend_fallback=on_fallback,
             resolutions=sizes,
-            max_compiled_graphs=len(sizes or [None]),
+            max_compiled_graphs=len(sizes) if sizes else 1,  # one per declared size
         )
         if metrics is not None:
             metrics.set_backend_degraded(name, engine.backend_degraded)

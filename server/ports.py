@@ -107,11 +107,6 @@ class EngineLike(Protocol):
         canary passes, or ``warmup`` raises. Any other size samples on eager torch."""
         ...
 
-    @property
-    def compiled_bytes(self) -> int:
-        """Memory its compiled UNets hold beside the torch model (0 on torch)."""
-        ...
-
     def relative_step_cost(self, height: int, width: int) -> float:
         """One UNet step at ``height`` × ``width`` over one at the native size (estimates)."""
         ...
