@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -516,6 +517,22 @@ def check_resolution(height: int, width: int, field: str = "size") -> None:
                 f"{MAX_RESOLUTION}, got {width}x{height}",
                 field=field,
             )
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def parse_size(text: str, name: str = "size") -> tuple[int, int]:
+    """'768x512' → (width, height), each side checked (``check_resolution``); ``name`` is the
+    flag or setting the text came from, for the error."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidInputError(
+            f"{name} must be WIDTHxHEIGHT, e.g. 512x512 or 768x512, got {text!r}", field=name
+        )
+    width, height = int(m.group(1)), int(m.group(2))
+    check_resolution(height, width, field=name)
+    return width, height
 
 
 def check_seed(seed: int, name: str = "seed") -> None:

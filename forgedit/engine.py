@@ -65,7 +65,7 @@ from forgedit.config import (
     check_prompt,
     is_x0_step,
 )
-from forgedit.errors import ModelDirectoryError
+from forgedit.errors import EngineNotReadyError, ModelDirectoryError
 from forgedit.events import CancelToken, SamplingCallback, SamplingProgress, TrainingCallback
 from forgedit.interpolation import vector_projection, vector_subtraction
 from forgedit.preview import PREVIEW_STEPS, LatentRGB, Preview, PreviewCallback, sdedit
@@ -132,17 +132,22 @@ class Engine:
         on_backend_fallback: FallbackCallback | None = None,
         torch_compile: bool = False,
         max_compiled_graphs: int = DEFAULT_MAX_GRAPHS,
+        resolutions: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """``unet_backend``: torch, onnxruntime, tensorrt or auto (``forgedit.backends``);
         accelerated backends export to ``cache_dir`` (a private temporary directory when
         None). ``max_batch`` sizes the batch profile ``warmup`` prepares. ``torch_compile``
         samples the torch backend's UNet through ``torch.compile`` (training stays eager).
         ``max_compiled_graphs`` bounds the compiled UNets (resolutions) held at once: each
-        holds its own copy of the weights (``CompiledGraphs``)."""
+        holds its own copy of the weights (``CompiledGraphs``). ``resolutions``: the
+        ``(height, width)`` sizes this engine declares it serves (default: the native size);
+        ``warmup`` builds them, and once it has, no other size is ever compiled
+        (``compiled_batch``)."""
         self.base = base
         self.captioner = captioner
         self.precision = precision
         self.max_batch = max_batch
+        self._resolutions = list(resolutions or [(base.native_height, base.native_width)])
         # Per declared resolution: built, canary passed (``warmup``; empty before it).
         self.readiness: list[ResolutionReadiness] = []
         self.weights = ResidentWeights({"unet": base.unet, "text_encoder": base.text_encoder})
@@ -404,6 +409,7 @@ class Engine:
         A compiled backend whose refit, canary or run fails inside the job hands the job to
         torch (the chunk it failed in is sampled again from its first step), logged and
         reported with scope "job"; each ``EditedImage.backend`` says which backend made it.
+        After ``warmup``, a resolution it did not declare samples on torch (``compiled_batch``).
         """
         # 1. Check inputs: the edit model fits this base model, its variant has the strategies.
         if max_batch < 1:
@@ -416,10 +422,15 @@ class Engine:
         specs = list(sweep.images())
         done: list[EditedImage] = []
         started = time.perf_counter()
-        # 2. Prepare the UNet backend: export or build on first use of this resolution,
-        # before any denoising loop (a cancel stops the wait for it at once).
-        self.prepare_sampling(edit_model.height, edit_model.width, max_batch, cancel=cancel)
-        shape = self.sampling_shape(edit_model.height, edit_model.width, max_batch)
+        # 2. Prepare the UNet backend before any denoising loop: the compiled UNet of this
+        # resolution (built at warm-up; before any warm-up, on first use), or torch for a
+        # resolution the engine does not compile (``compiled_batch``). A cancel stops the
+        # wait for a build at once.
+        rows = self.compiled_batch(edit_model.height, edit_model.width, max_batch)
+        compiled = rows is not None
+        if rows is not None:
+            self.prepare_sampling(edit_model.height, edit_model.width, rows, cancel=cancel)
+        shape = self.sampling_shape(edit_model.height, edit_model.width, rows or max_batch)
         with (
             self._sampling_precision(precision or self.precision),
             self.weights.edit_model(edit_model.delta) as live,
@@ -430,7 +441,7 @@ class Engine:
             text = self._encode_targets(sweep)
             # 4. Per forgetting strategy: revert its blocks, then denoise in chunks on the
             # job's backend (the replica's, or torch once a refit, canary or run failed).
-            job = _JobBackend(self, shape, precision or self.precision)
+            job = _JobBackend(self, shape, precision or self.precision, compiled=compiled)
             for strategy, group in groupby(specs, key=lambda s: s.forget):
                 live.set_forgetting(reverted[strategy], sweep.forget_degree)
                 for chunk in _chunks(list(group), max_batch):
@@ -484,21 +495,49 @@ class Engine:
         return self.backends.degraded
 
     @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        """The ``(height, width)`` sizes this engine declares it serves (the constructor's
+        ``resolutions``, or the last ``warmup``'s sizes)."""
+        return list(self._resolutions)
+
+    def compiled_batch(self, height: int, width: int, max_batch: int) -> int | None:
+        """The batch profile a job at ``height`` × ``width`` in chunks of ``max_batch``
+        samples on with the compiled backend, or None: on torch. Before any warm-up, every
+        job compiles its own (built on first use, as the command line wants). After it, only
+        the warmed-up graphs serve: a declared size, in chunks within the engine's
+        ``max_batch`` (a profile takes 1 .. its rows), so a request never builds a graph
+        (minutes and gigabytes on a GPU); anything else samples on torch, the reference (no
+        build, the live weights exactly)."""
+        if not self.readiness:
+            return max_batch
+        if (height, width) in self._resolutions and max_batch <= self.max_batch:
+            return self.max_batch
+        return None
+
+    @property
     def compiled_bytes(self) -> int:
         """Memory held by compiled UNets beside the torch model (an estimate; 0 on torch)."""
         return self.backends.current.resident_bytes
 
     def warmup(self, sizes: Sequence[tuple[int, int]] | None = None) -> None:
         """Build or load the UNet backend's graph for every ``(height, width)`` of ``sizes``
-        (default: the native size) and ``max_batch``, with its canary, then run one small
-        denoising step through every component, so the first request pays for no lazy
-        initialisation (readiness probes wait for this). ``readiness`` then holds the report
-        of each size (``prepare_resolutions``). It also fits the x0 previews' ``latent_rgb``
-        map."""
-        self.readiness = self.prepare_resolutions(sizes)
+        (default: the declared ``resolutions``; given, they become the declared ones) and
+        ``max_batch``, with its canary, then run one small denoising step through every
+        component, so the first request pays for no lazy initialisation (readiness probes
+        wait for this). ``readiness`` then holds the report of each size
+        (``prepare_resolutions``); raises ``EngineNotReadyError`` if one is not ready. It also
+        fits the x0 previews' ``latent_rgb`` map."""
+        if sizes:
+            self._resolutions = list(sizes)
+        self.readiness = self.prepare_resolutions(self._resolutions)
+        not_ready = [r for r in self.readiness if not r.ready]
+        if not_ready:
+            raise EngineNotReadyError(
+                f"base model {self.base.name!r} is not ready at "
+                + ", ".join(f"{r.width}x{r.height} ({r.message or r.backend})" for r in not_ready)
+            )
         base = self.base
-        height, width = base.native_height, base.native_width
-        self.prepare_sampling(height, width, self.max_batch)
+        height, width = self._resolutions[0]
         with torch.no_grad():
             e = encode_prompt(base.tokenizer, base.text_encoder, "")
             latents = initial_latents(
@@ -712,11 +751,13 @@ class _JobBackend:
     build and holds the live weights by construction) for the rest of the job. The failed
     compiled UNet is discarded, so the next job loads it afresh and runs its canary again."""
 
-    def __init__(self, engine: Engine, shape: Shape, precision: Precision) -> None:
+    def __init__(
+        self, engine: Engine, shape: Shape, precision: Precision, *, compiled: bool = True
+    ) -> None:
         self._engine = engine
         self._shape = shape
         self._precision = precision
-        self.backend = engine.backends.current
+        self.backend = engine.backends.current if compiled else self._torch()
 
     def run(self, sample_chunk: Callable[[NoisePredictor], T]) -> tuple[T, str]:
         """``sample_chunk`` on this job's UNet; on a backend failure, again on torch."""
@@ -729,9 +770,13 @@ class _JobBackend:
                     raise  # the reference has nothing to fall back to
                 self._engine.backends.fall_back_for_job(e)
                 backend.discard(self._shape)
-                fast_cuda = self._precision == "fast" and self._engine.base.device.type == "cuda"
-                self.backend = TorchBackend(
-                    self._engine.base.unet,
-                    self._engine.weights,
-                    autocast_dtype=torch.float16 if fast_cuda else None,
-                )
+                self.backend = self._torch()
+
+    def _torch(self) -> TorchBackend:
+        """Eager torch on the live weights, in the job's precision."""
+        fast_cuda = self._precision == "fast" and self._engine.base.device.type == "cuda"
+        return TorchBackend(
+            self._engine.base.unet,
+            self._engine.weights,
+            autocast_dtype=torch.float16 if fast_cuda else None,
+        )

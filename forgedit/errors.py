@@ -42,6 +42,10 @@ class ModelDirectoryError(ForgeditError):
     """A base-model or BLIP directory is missing, incomplete, or of the wrong kind."""
 
 
+class EngineNotReadyError(ForgeditError):
+    """A declared resolution could not be made ready (built, loaded, canary passed)."""
+
+
 class StrategyResolutionError(ForgeditError):
     """A forgetting pattern matched nothing it should on the loaded UNet (naming drift)."""
 

@@ -12,12 +12,12 @@ Modules, one job each, in the order a request meets them:
                    every event and resource message built
 - ``plans``        a decoded call and the plan it becomes: the checks, in order
 - ``validation``   the service's limits (sizes, counts, lengths, pixel budgets)
-- ``catalog``      the served base models, and the one compatibility check
+- ``catalog``      the served base models and sizes: the one compatibility and resolution check
 - ``scheduler``    the device workers, and a job from submission to its end
 - ``queueing``     the queue policy: order, overtakes, positions, the wait estimate
 - ``job_table``    jobs by id and request id, retention
 - ``jobs``         a job: its state, its cancel token and its bounded event replay buffer
-- ``estimator``    run-time estimates from measured rates (deadline check, retry hints)
+- ``estimator``    run-time estimates by resolution (deadline check, retry hints)
 - ``runner``       what a worker does for an Edit job and for a Sample job, as numbered steps
 - ``registry_client``  the registry calls the server makes: bounded, per principal
 - ``ports``        the small protocols the server needs from the engine and the registry

@@ -48,9 +48,16 @@ class State(enum.Enum):
 
 
 READINESS_SERVICE = pb.DESCRIPTOR.services_by_name["ForgeditService"].full_name
+# A health name only (no such RPC service): the startup probe's. SERVING once every readiness
+# condition is met: the scheduler's, every base model's engine built or loaded at every
+# declared resolution with its canary passed. Unlike readiness it says nothing of draining;
+# a replica that starts draining before it was ever ready must not pass it, so it follows READY
+# too (a startup probe stops asking once it passed).
+ENGINES_SERVICE = f"{pb.DESCRIPTOR.package}.Engines"
 # Health service name -> the states in which it answers SERVING.
 HEALTH: Mapping[str, frozenset[State]] = {
     "": frozenset({State.STARTING, State.READY, State.DRAINING}),  # liveness: the process serves
+    ENGINES_SERVICE: frozenset({State.READY}),  # startup: the engines are ready
     READINESS_SERVICE: frozenset({State.READY}),  # readiness: it takes new work
 }
 

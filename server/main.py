@@ -8,8 +8,12 @@ ready (``server.lifecycle``: health follows every change of state as it happens)
 Health (``grpc.health.v1``), on the gRPC port and on the probes' own ``FORGEDIT_HEALTH_PORT``
 (its own server and threads, so it answers whatever application calls do)
     ``""`` (liveness): SERVING while the process serves at all.
-    ``"forgedit.v1.ForgeditService"`` (readiness): NOT_SERVING until every base model is
-    loaded and warmed up, and again from the moment draining starts.
+    ``"forgedit.v1.Engines"`` (startup): SERVING once every served base model's engine is
+    built or loaded at every declared resolution (``FORGEDIT_RESOLUTIONS``) and its canary
+    passed (the startup probe's: its long window covers the first build).
+    ``"forgedit.v1.ForgeditService"`` (readiness): NOT_SERVING until the engines are ready
+    (as above), and again from the moment draining starts.
+All three follow the one lifecycle (``server.lifecycle.HEALTH``).
 
 Shutdown (SIGTERM or SIGINT): readiness NOT_SERVING; new calls UNAVAILABLE; queued jobs end
 UNAVAILABLE; running jobs have ``grace_period_s`` to finish (their streams deliver every
@@ -264,6 +268,7 @@ def scheduler_config(settings: ServerSettings, base_models: dict[str, Path]) -> 
         max_retained_bytes=settings.max_retained_job_bytes,
         max_training_overtakes=settings.max_training_overtakes,
         queue_kept_for_new=settings.queue_kept,
+        other_resolutions=settings.other_resolutions,
     )
 
 
@@ -451,9 +456,11 @@ def default_engine_factory(
     settings: ServerSettings, base_models: dict[str, Path], metrics: Metrics | None = None
 ) -> EngineFactory:
     """The real engine: ``forgedit.engine.Engine`` on each base model, with BLIP if any, on
-    the configured UNet backend (exports and plans cached under ``data_dir/engines``; the
-    engine's warm-up builds them, so readiness waits). Backend fallbacks count in
-    ``metrics``."""
+    the configured UNet backend (exports and plans cached under ``data_dir/engines``), at the
+    declared resolutions (``FORGEDIT_RESOLUTIONS``; the engine's warm-up builds each, so
+    readiness waits, and holds exactly those compiled UNets). Backend fallbacks, degradation
+    and compiled memory are reported in ``metrics``."""
+    sizes = settings.declared_sizes()
     blip_dirs: dict[str, Path | None] = {name: settings.blip_dir for name in base_models}
     if settings.blip_dir is None:  # a built-in brings its own captioner
         values: dict[str, Path | str] = {**settings.base_models} or {
@@ -489,9 +496,12 @@ def default_engine_factory(
             cache_dir=settings.data_dir / "engines",
             max_batch=settings.max_batch,
             on_backend_fallback=on_fallback,
+            resolutions=sizes,
+            max_compiled_graphs=len(sizes) if sizes else 1,  # one per declared size
         )
         if metrics is not None:
             metrics.set_backend_degraded(name, engine.backend_degraded)
+            metrics.track_compiled_bytes(name, lambda: engine.compiled_bytes)
         return engine
 
     return build

@@ -15,10 +15,12 @@ first final image), ``forgedit_time_to_first_preview_seconds{method,kind}`` (to 
 preview of each kind),
 ``forgedit_rpc_duration_seconds{method,code}`` (end-to-end, every RPC).
 Gauges: ``forgedit_queue_depth``, ``forgedit_running_jobs``, ``forgedit_unet_backend_degraded{
-base_model}`` (1 while a base model samples on a fallback backend), ``forgedit_retained_jobs``
-and ``forgedit_retained_job_bytes`` (finished jobs kept for replay, and the bytes of their
-events, bounded by FORGEDIT_MAX_RETAINED_JOB_BYTES); cached edit models come from the
-registry's own ``forgedit_registry_cached_edit_models{tier}``.
+base_model}`` (1 while a base model samples on a fallback backend),
+``forgedit_unet_compiled_bytes{base_model}`` (memory the compiled UNets of a base model hold
+beside the torch model, all devices; read at each scrape), ``forgedit_retained_jobs`` and
+``forgedit_retained_job_bytes`` (finished jobs kept for replay, and the bytes of their events,
+bounded by FORGEDIT_MAX_RETAINED_JOB_BYTES); cached edit models come from the registry's own
+``forgedit_registry_cached_edit_models{tier}``.
 Counters: ``forgedit_cancellations_total{reason}``, ``forgedit_job_failures_total{method,
 reason}``, ``forgedit_images_total{method}``, ``forgedit_unet_backend_fallbacks_total{backend,
 reason}`` (a UNet backend that could not serve: not installed, no CUDA, build failed, canary
@@ -34,7 +36,7 @@ cache gauges, and prometheus_client's process and Python collectors).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -119,6 +121,14 @@ class Metrics:
             ["base_model"],
             registry=r,
         )
+        self.compiled_bytes = Gauge(
+            "forgedit_unet_compiled_bytes",
+            "Bytes the compiled UNets (ONNX Runtime sessions, TensorRT engines) of a base model "
+            "hold beside its torch model, summed over devices; 0 on torch.",
+            ["base_model"],
+            registry=r,
+        )
+        self._compiled: dict[str, list[Callable[[], int]]] = {}
         self.time_to_first_image = Histogram(
             "forgedit_time_to_first_image_seconds",
             "From accepting a job to its first image.",
@@ -204,6 +214,15 @@ class Metrics:
         """Whether ``base_model``'s engine serves on a fallback backend (the state the
         ForgeditUNetBackendFallback alert reads: a counter's rate would forget it)."""
         self.backend_degraded.labels(base_model=base_model).set(1 if degraded else 0)
+
+    def track_compiled_bytes(self, base_model: str, resident_bytes: Callable[[], int]) -> None:
+        """Count ``resident_bytes()`` (one engine's ``compiled_bytes``) in ``base_model``'s
+        gauge, read at every scrape (the engines' caches change in their worker threads)."""
+        engines = self._compiled.setdefault(base_model, [])
+        engines.append(resident_bytes)
+        self.compiled_bytes.labels(base_model=base_model).set_function(
+            lambda: float(sum(read() for read in engines))
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0 = any free port); returns the port."""

@@ -9,10 +9,15 @@ time-to-live, which the registry's rules check: ``registry.records``). ``edit_pl
 1. the service's limits on what was sent (``server.validation``: sizes, counts, lengths);
 2. the engine's rules and defaults (``forgedit.requests``, the builder the engine CLI shares),
    whose errors already name the request field (``sweep.gammas``), with the service's limits
-   on the work as the builder's ``Bounds`` (all updates, images per sweep, pixels per batch);
+   on the work as the builder's ``Bounds`` (all updates, images per sweep, pixels per batch),
+   then, for an Edit, that its resolution is served (``ServedModels.check_size``; a Sample's
+   is checked with its edit model, ``ServedModels.require_served``);
 3. for an Edit, only then, the image decoded under the service's byte, pixel and format limits,
    to refuse a corrupt one before it is queued; the plan keeps the checked bytes
    (``CheckedImage``), not the pixels, which the job decodes again only while it runs.
+
+A plan carries ``step_cost``, one UNet step at its resolution over one at the native size
+(``ServedModels.step_cost``), which the run-time estimates scale by (``server.estimator``).
 
 Every refusal is an ``InvalidInputError`` whose ``field`` is the request field's path, so the
 client gets one ``BadRequest`` field violation naming the problem and what is accepted.
@@ -20,6 +25,7 @@ client gets one ``BadRequest`` field violation naming the problem and what is ac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,7 +44,7 @@ from forgedit.requests import TrainSeedFrom, build_edit, build_sample, training_
 from registry.ids import validate_edit_model_id
 from registry.records import check_labels, check_ttl
 from server import validation
-from server.catalog import ServedModels
+from server.catalog import ServedModels, StoredEditModel
 from server.validation import Limits
 
 # -- calls: a request, decoded ------------------------------------------------------------------
@@ -123,6 +129,7 @@ class EditRequestPlan:
     preview: PreviewConfig = PreviewConfig(training_free=True)
     labels: Mapping[str, str] = field(default_factory=dict)  # checked (registry.records)
     ttl_s: float | None = None  # the edit model's time-to-live; None: kept until deleted
+    step_cost: float = 1.0  # a UNet step at this resolution / one at the native size
 
     @property
     def images_total(self) -> int:
@@ -156,6 +163,16 @@ class SampleRequestPlan:
     detach: bool
     output: OutputConfig = OutputConfig()
     preview: PreviewConfig = PreviewConfig()
+    step_cost: float = 1.0  # set once the edit model's size is known (``for_edit_model``)
+
+    def for_edit_model(
+        self, served: ServedModels, edit_model: StoredEditModel
+    ) -> SampleRequestPlan:
+        """This plan, once ``served`` admits ``edit_model`` (its base model and size:
+        ``ServedModels.require_served``), with the step cost of its size."""
+        base = served.require_served(edit_model)
+        cost = served.step_cost(base, int(edit_model.height), int(edit_model.width))
+        return dataclasses.replace(self, step_cost=cost)
 
     @property
     def images_total(self) -> int:
@@ -191,14 +208,20 @@ def edit_plan(
     ttl_s = defaults.ttl_s if call.ttl_seconds is None else check_ttl(call.ttl_seconds)
 
     # 2. The engine's rules and defaults: the fine-tune's config and the sweep, within the
-    # service's bounds on the work.
+    # service's bounds on the work; then the resolution, which must be one served here.
+    default_height, default_width = base.default_size
     edit = build_edit(
         options,
-        native_height=base.height,
-        native_width=base.width,
+        native_height=default_height,
+        native_width=default_width,
         precision=defaults.precision,
         delta_format=defaults.delta_format,
         bounds=limits.bounds(),
+    )
+    height, width = edit.training.height, edit.training.width
+    width_served = any(w == width for _, w in base.served_sizes)
+    served.check_size(
+        base, height, width, field="training.height" if width_served else "training.width"
     )
 
     # 3. Only now, with every cheap check passed, meet the image decoder.
@@ -216,6 +239,7 @@ def edit_plan(
         edit.preview,
         labels,
         ttl_s,
+        served.step_cost(base, height, width),
     )
 
 

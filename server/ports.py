@@ -8,7 +8,7 @@ injected (a slow step, a failing registry). Nothing here imports torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -101,6 +101,16 @@ class EngineLike(Protocol):
         on_preview: PreviewCallback | None = None,
     ) -> list[EditedImage]: ...
 
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        """The ``(height, width)`` sizes it serves compiled: ``warmup`` builds each, and its
+        canary passes, or ``warmup`` raises. Any other size samples on eager torch."""
+        ...
+
+    def relative_step_cost(self, height: int, width: int) -> float:
+        """One UNet step at ``height`` × ``width`` over one at the native size (estimates)."""
+        ...
+
     def warmup(self) -> None: ...
 
     def settle(self, timeout: float | None = None) -> bool:
@@ -117,13 +127,29 @@ EngineFactory = Callable[[str, str], EngineLike]
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """What validation and routing need to know about a served base model."""
+    """What validation, routing and estimates need to know about a served base model."""
 
     name: str
     fingerprint: str
-    height: int
+    height: int  # the native size
     width: int
     can_caption: bool
+    # The (height, width) sizes served compiled (``EngineLike.resolutions``); () = native.
+    resolutions: tuple[tuple[int, int], ...] = ()
+    # ``EngineLike.relative_step_cost``; None: every size costs as the native one.
+    step_cost: Callable[[int, int], float] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def served_sizes(self) -> tuple[tuple[int, int], ...]:
+        """The ``(height, width)`` sizes served compiled."""
+        return self.resolutions or ((self.height, self.width),)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """A request's ``(height, width)`` when it sets none: the native size if served,
+        else the first served one."""
+        native = (self.height, self.width)
+        return native if native in self.served_sizes else self.served_sizes[0]
 
 
 class RegistryLike(Protocol):

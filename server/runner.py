@@ -248,7 +248,7 @@ class JobRunner:
             )
         updates = len(edit_model.loss_curve) or training.total_updates
         self.estimator.observe_training(
-            training.samples_in(updates), job.timings.seconds("training")
+            training.samples_in(updates), job.timings.seconds("training"), plan.step_cost
         )
         job.cancel.check()
         return edit_model, None
@@ -332,7 +332,7 @@ class JobRunner:
         # backend that made its last image (each image says which one made it).
         job.sampling_backend = edited[-1].backend if edited else engine.sampling_backend
         self.estimator.observe_sampling(
-            sweep.num_images * sweep.steps, job.timings.seconds("sampling")
+            sweep.num_images * sweep.steps, job.timings.seconds("sampling"), job.plan.step_cost
         )
         return list(edited)
 

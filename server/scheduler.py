@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from server import wire
-from server.catalog import ServedModels
+from server.catalog import OtherResolutions, ServedModels
 from server.errors import (
     DeadlineTooShortError,
     UnavailableError,
@@ -67,6 +67,7 @@ class SchedulerConfig:
     max_training_overtakes: int = 4
     max_retained_bytes: int = 256 * 1024 * 1024
     queue_kept_for_new: int | None = None  # None: a quarter of the queue (server.queueing)
+    other_resolutions: OtherResolutions = "refuse"  # ``server.catalog``
 
 
 class Scheduler:
@@ -87,7 +88,7 @@ class Scheduler:
         self.estimator = estimator
         self.metrics = metrics
         self.lifecycle = lifecycle
-        self.catalog = ServedModels(config.base_models)
+        self.catalog = ServedModels(config.base_models, config.other_resolutions)
         self._lock = threading.Condition()
         self._queue = JobQueue(
             config.queue_size, config.max_training_overtakes, config.queue_kept_for_new
@@ -99,9 +100,12 @@ class Scheduler:
         self._running: dict[str, Job] = {}
         self._stopping = False
         self._workers: list[threading.Thread] = []
-        # Readiness waits for every device's engines (``_work``).
+        # Readiness waits for every device's engines (``_work``): each base model's compiled
+        # UNet built or loaded at every declared resolution, its canary passed.
         self._loaded = {
-            device: lifecycle.condition(f"base models loaded and warmed up on {device}")
+            device: lifecycle.condition(
+                f"engines built at every declared resolution, canaries passed, on {device}"
+            )
             for device in config.devices
         }
 
@@ -290,6 +294,8 @@ class Scheduler:
                     height=engine.native_height,
                     width=engine.native_width,
                     can_caption=engine.can_caption,
+                    resolutions=tuple(engine.resolutions),
+                    step_cost=engine.relative_step_cost,
                 )
             )
             engines[name] = engine

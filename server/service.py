@@ -164,10 +164,11 @@ class ForgeditServicer(pb_grpc.ForgeditServiceServicer):
 
         plan = sample_plan(call, self.limits, training_mode_of)
         # 3. Refuse, before queueing, what cannot run here: a resolution too large for the
-        # device, or an edit model of a base model this replica does not serve.
+        # device, an edit model of a base model this replica does not serve, or one trained
+        # at a resolution it does not serve (``ServedModels.require_served``).
         info = shown[0]
         check_sampling_memory(int(info.height), int(info.width), self.limits)
-        self.scheduler.catalog.require_served(info)
+        plan = plan.for_edit_model(self.scheduler.catalog, info)
         # 4. Queue the job, or re-attach to the one its request id names.
         job = Job(
             pb.JOB_KIND_SAMPLE,

@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from forgedit.config import DeltaFormat
+from forgedit.config import DeltaFormat, parse_size
+from forgedit.errors import InvalidInputError
 from server.auth import TokenEntry, token_entries
 from server.shares import quarter
 from server.transport import MAX_MESSAGE_BYTES, MIB
@@ -119,6 +128,20 @@ class ServerSettings(BaseSettings):
         default=None,
         description="How new edit models store their delta when a request leaves it unset. "
         "Unset: fp32 for faithful precision (exact), int8 for fast (a quarter of the bytes).",
+    )
+    resolutions: Annotated[list[tuple[int, int]], NoDecode] = Field(
+        default_factory=list,
+        description="Resolutions served, as WIDTHxHEIGHT separated by commas, e.g. "
+        "'512x512,768x512', for every base model. Each replica builds its compiled UNet for "
+        "each at warm-up, and is ready only once every one is built or loaded and its canary "
+        "passed. Unset: each base model's native size.",
+    )
+    other_resolutions: Literal["refuse", "torch"] = Field(
+        default="refuse",
+        description="A request at a resolution not in FORGEDIT_RESOLUTIONS: 'refuse' answers "
+        "INVALID_ARGUMENT naming the served sizes; 'torch' serves it on eager torch (no graph "
+        "is ever built inside a request; slower than the compiled UNet, same numerics as the "
+        "torch backend).",
     )
     max_batch: int = Field(
         default=8,
@@ -343,6 +366,18 @@ class ServerSettings(BaseSettings):
     log_format: LogFormat = Field(default="json", description="'json' lines or 'text'.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
 
+    @field_validator("resolutions", mode="before")
+    @classmethod
+    def _parse_resolutions(cls, value: object) -> object:
+        """'512x512,768x512' -> [(width, height), ...] (``forgedit.config.parse_size``)."""
+        if isinstance(value, str):
+            texts = [t for t in (t.strip() for t in value.split(",")) if t]
+            try:
+                return [parse_size(t, "FORGEDIT_RESOLUTIONS") for t in texts]
+            except InvalidInputError as e:
+                raise ValueError(str(e)) from None
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
         unknown = sorted(set(self.vae_dirs) - set(self.base_models))
@@ -363,6 +398,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("mutual TLS (FORGEDIT_TLS_CLIENT_CA_FILE) needs a server certificate")
         if self.max_image_bytes >= self.max_message_bytes:
             raise ValueError("FORGEDIT_MAX_IMAGE_BYTES must be below FORGEDIT_MAX_MESSAGE_BYTES")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ValueError("FORGEDIT_RESOLUTIONS lists a resolution twice")
         if not self.devices:
             raise ValueError("FORGEDIT_DEVICES must name at least one device")
         entries = token_entries(self.auth_tokens)
@@ -415,6 +452,10 @@ class ServerSettings(BaseSettings):
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+    def declared_sizes(self) -> list[tuple[int, int]] | None:
+        """``resolutions`` as the engine takes them, ``(height, width)``; None: native."""
+        return [(height, width) for width, height in self.resolutions] or None
 
     def time_prior(self, key: str) -> TimePrior:
         """The prior for ``key`` ("sd1-cuda", ...): the operator's, else the built-in one."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -343,21 +342,11 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...]:
     return tuple(parse_list(text, flag, float)) if text is not None else ()
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
-
-
 def parse_size(text: str) -> tuple[int, int]:
-    """'512x512' → (width, height); the sides are checked by ``check_resolution`` later."""
-    m = _SIZE.match(text)
-    if not m:
-        raise InvalidInputError(
-            f"--size must be WIDTHxHEIGHT, e.g. 512x512 or 768x512, got {text!r}", field="size"
-        )
-    width, height = int(m.group(1)), int(m.group(2))
-    from forgedit.config import check_resolution
+    """'512x512' → (width, height) (``forgedit.config.parse_size``)."""
+    from forgedit.config import parse_size as parse
 
-    check_resolution(height, width)
-    return width, height
+    return parse(text, "--size")
 
 
 def parse_list(text: str, flag: str, kind: Callable[[str], T]) -> list[T]:

@@ -2,9 +2,12 @@
 (real tiny engine, real embedded registry), one server for the scenario (issue 21.8).
 
 Exporting or building a compiled UNet runs in native code that no cancel token can interrupt
-(22 s at 1024² on the A100 path), and a cancel used to wait for it. Here the backend's
-``prepare`` is held at a gate (the injected fault: a build that takes as long as the test
-wants), and
+(22 s at 1024² on the A100 path), and a cancel used to wait for it. A replica builds its
+declared resolutions at warm-up (``FORGEDIT_RESOLUTIONS``), so a build inside a job remains
+only where a graph is gone (a job-scoped fallback discards the graph it failed on) and the
+next job at that size builds it again. Here the server declares 64x64 and 128x128, and the
+backend's ``prepare`` for 128x128 is held at a gate once warm-up is over (the injected fault:
+a build that takes as long as the test wants), and
 
 - a cancel ends the job within the promised bound while the build is still held; the next
   job waits for the build in the queue (where a cancel ends it at once), not on the device;
@@ -30,6 +33,7 @@ from server.main import default_engine_factory
 from server.settings import ServerSettings
 
 AT_128 = {"updates": 2, "batch_size": 1, "height": 128, "width": 128}
+DECLARED = [(64, 64), (128, 128)]  # width x height: the native size and the one held
 PROMISED_S = 10.0  # one denoising step of this tiny model is milliseconds; generous on CI
 
 
@@ -41,6 +45,7 @@ class HeldBuild:
         self._backend = backend
         self._warm = warm_latents
         self.gate = threading.Event()
+        self.gate.set()  # open for warm-up, which builds every declared size
         self.entered = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
@@ -63,6 +68,7 @@ def test_cancel_and_shutdown_do_not_wait_for_a_build(tmp_path: Path, tiny_model_
         base_models={"tiny": tiny_model_dir / "stable-diffusion"},
         blip_dir=tiny_model_dir / "blip",
         unet_backend="torch",
+        resolutions=DECLARED,
     )
     real = default_engine_factory(settings, dict(settings.base_models))
     held: list[HeldBuild] = []
@@ -73,11 +79,13 @@ def test_cancel_and_shutdown_do_not_wait_for_a_build(tmp_path: Path, tiny_model_
         held.append(engine.backends.current)
         return engine
 
-    with support.running_server(tmp_path, tiny_model_dir, engine_factory=factory) as h:
+    with support.running_server(
+        tmp_path, tiny_model_dir, engine_factory=factory, resolutions=DECLARED
+    ) as h:
         build = held[0]
         try:
-            # An edit model at 128x128: its sampling needs a build for a new resolution.
-            build.gate.set()
+            # An edit model at 128x128, a declared size: from now on each of its jobs meets a
+            # build of the 128x128 graph, held at the gate (as after a discarded graph).
             made = support.stream(
                 h.stub.Edit, support.edit_request(support.sample_photo(), training=AT_128)
             )

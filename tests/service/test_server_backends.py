@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +56,6 @@ def sample(harness: Any, edit_model_id: str, sweep: pb.SweepOptions) -> Any:
     outcome = stream(harness.stub.Sample, request)
     assert outcome.code == grpc.StatusCode.OK, outcome.details
     return outcome
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from registry import EditModelRegistry, RegistryConfig
-
-    shared = EditModelRegistry(RegistryConfig(data_dir=tmp_path_factory.mktemp("registry")))
-    yield shared
-    shared.close()
 
 
 @pytest.fixture(scope="module")

@@ -37,16 +37,6 @@ def _request(prompt: str = "A photo of a fig.", **training: object) -> pb.EditRe
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One registry shared by two replicas (as MLflow is in a cluster)."""
-    from registry import EditModelRegistry, RegistryConfig
-
-    reg = EditModelRegistry(RegistryConfig(data_dir=tmp_path_factory.mktemp("shared-registry")))
-    yield reg
-    reg.close()
-
-
-@pytest.fixture(scope="module")
 def replica_a(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, registry: object
 ) -> Iterator[Harness]:

@@ -16,13 +16,13 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from PIL import Image
 from support.server import (
     Harness,
     Outcome,
     assert_nothing_left_behind,
     edit_request,
+    refused,
     running_server,
     sample_photo,
     stream,
@@ -51,16 +51,6 @@ def metric_values(h: Harness) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
-
-
-def refused(outcome: Outcome, field: str, *needles: str) -> None:
-    """INVALID_ARGUMENT before any event, one field violation on ``field`` saying ``needles``."""
-    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
-    assert outcome.events == []
-    bad = outcome.detail(error_details_pb2.BadRequest)
-    assert [v.field for v in bad.field_violations] == [field], bad
-    for needle in needles:
-        assert needle in outcome.details, (needle, outcome.details)
 
 
 def decoded(data: bytes) -> Image.Image:

@@ -92,6 +92,10 @@ class _Engine:
     native_height = 64
     native_width = 64
     can_caption = False
+    resolutions = ((64, 64),)
+
+    def relative_step_cost(self, height: int, width: int) -> float:
+        return 1.0
 
     def warmup(self) -> None:
         pass

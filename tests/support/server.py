@@ -198,6 +198,16 @@ class Outcome:
         return [v.field for v in bad.field_violations] if bad else []
 
 
+def refused(outcome: Outcome, field: str, *needles: str) -> None:
+    """INVALID_ARGUMENT before any event, one field violation on ``field`` saying ``needles``."""
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
+    assert outcome.events == []
+    bad = outcome.detail(error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == [field], bad
+    for needle in needles:
+        assert needle in outcome.details, (needle, outcome.details)
+
+
 def stream(
     call: Callable[..., Any],
     request: Any,

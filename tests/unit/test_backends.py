@@ -44,8 +44,8 @@ from forgedit.backends.select import BackendChain, BackendConfig, chain_for
 from forgedit.backends.torch_backend import TorchBackend
 from forgedit.cli.parser import build_parser
 from forgedit.config import SweepConfig, TrainingConfig
-from forgedit.engine import Engine
-from forgedit.errors import InvalidInputError
+from forgedit.engine import Engine, ResolutionReadiness
+from forgedit.errors import EngineNotReadyError, InvalidInputError
 from forgedit.images import load_image
 from forgedit.models import SD1_UNET_TENSORS
 from forgedit.weights import ResidentWeights
@@ -163,6 +163,10 @@ def ort_engine(tiny_model_dir: Path, cache_dir: Path) -> Engine:
         max_batch=4,
     )
     engine.warmup()
+    # Every test on this engine compares ONNX Runtime with torch: one that fell back would
+    # compare torch with torch and pass, so a fallback here errors every test that uses it
+    # (the conftest guard charges a fixture's fallback to the first test only).
+    assert engine.sampling_backend == "onnxruntime" and not engine.backends.fallbacks
     return engine
 
 
@@ -352,6 +356,7 @@ def test_unet_outputs_match_torch_per_step_after_every_swap(
     engine = ort_engine
     shape = engine.sampling_shape(SIZE, SIZE, 4)
     backend = engine.backends.current
+    assert backend.name == "onnxruntime"  # never torch against torch
     reference = TorchBackend(engine.base.unet, engine.weights)
     inputs = example_inputs(engine.base.unet, shape, rows=4)
     noencoder = [n for n in engine.weights.names("unet") if n.startswith("down_blocks")]
@@ -418,6 +423,7 @@ def test_edit_models_from_disk_back_to_back_leave_no_stale_weights(
     got_a = ort_engine.sample(from_disk, config, max_batch=4)
     got_b = ort_engine.sample(b, config, max_batch=4)
     again_a = ort_engine.sample(from_disk, config, max_batch=4)
+    assert {e.backend for e in got_a + got_b + again_a} == {"onnxruntime"}  # not torch vs torch
     assert max_pixel_difference(got_a, expected_a) <= 2
     assert max_pixel_difference(got_b, expected_b) <= 2
     assert max_pixel_difference(again_a, got_a) == 0  # bit-identical: nothing of B left
@@ -566,6 +572,43 @@ def test_warmup_reports_the_readiness_of_every_declared_resolution(ort_engine: E
     assert [(r.backend, r.ready, r.canary_error) for r in on_torch.readiness] == [
         ("torch", True, None)
     ]
+
+
+def test_after_warmup_only_declared_resolutions_compile_and_others_sample_on_torch(
+    torch_engine: Engine, ort_engine: Engine, edit_models: list[Any], tmp_path: Path
+) -> None:
+    """A warmed-up engine never builds a graph inside a job: a declared size samples on its
+    compiled UNet (any chunk size within the warmed-up batch profile), any other size on
+    torch, the reference, without a fallback (nothing failed) and without evicting the
+    declared graph. Each image says which backend made it."""
+    engine = Engine(ort_engine.base, unet_backend="onnxruntime", cache_dir=tmp_path, max_batch=4)
+    engine.warmup([(SIZE, SIZE)])
+    backend: Any = engine.backends.current.inner  # type: ignore[attr-defined]
+    declared = backend.graphs.shapes()
+    assert declared == [engine.sampling_shape(SIZE, SIZE, 4)]
+    config = sweep("vs", forget=("encoderkv",), gammas=(1.0,))
+    native = engine.sample(edit_models[0], config, max_batch=2)  # within the profile of 4
+    assert [e.backend for e in native] == ["onnxruntime"] * len(native)
+    wide = dataclasses.replace(
+        edit_models[0], training=dataclasses.replace(edit_models[0].training, width=96)
+    )
+    for model, batch in ((wide, 4), (edit_models[0], 8)):  # another size; a larger profile
+        got = engine.sample(model, config, max_batch=batch)
+        assert [e.backend for e in got] == ["torch"] * len(got)
+        assert max_pixel_difference(got, torch_engine.sample(model, config, max_batch=batch)) == 0
+    assert backend.graphs.shapes() == declared and backend.graphs.evictions == 0
+    assert engine.sampling_backend == "onnxruntime" and not engine.backend_degraded
+    assert engine.compiled_batch(SIZE, 96, 4) is None and engine.compiled_batch(SIZE, SIZE, 3) == 4
+
+
+def test_warmup_fails_when_a_declared_resolution_is_not_ready(ort_engine: Engine) -> None:
+    """Readiness (the server's startup probe) hangs on this: an engine whose report has a
+    resolution that is not ready raises instead of warming up."""
+    engine = Engine(ort_engine.base, unet_backend="torch")
+    not_ready = ResolutionReadiness(SIZE, 96, "tensorrt", False, 0.5, 1.0, "canary failed")
+    engine.prepare_resolutions = lambda sizes, max_batch=None: [not_ready]  # type: ignore[method-assign]
+    with pytest.raises(EngineNotReadyError, match=r"not ready at 96x64 \(canary failed\)"):
+        engine.warmup([(SIZE, 96)])
 
 
 def test_step_cost_scales_with_the_unets_flops_not_just_pixels(ort_engine: Engine) -> None:
@@ -737,4 +780,44 @@ def test_tensorrt_engine_matches_torch_after_refits(
         got = engine.sample(model, config)
         assert [e.backend for e in got] == ["tensorrt"] * len(got), seen
         assert max_pixel_difference(got, reference.sample(model, config)) <= 8
+    assert seen == [] and engine.sampling_backend == "tensorrt"
+
+
+@pytest.mark.gpu
+def test_tensorrt_serves_every_declared_resolution_and_only_those(
+    tiny_model_dir: Path, tmp_path: Path, edit_models: list[Any]
+) -> None:
+    """On a CUDA machine with TensorRT: two declared sizes, each built with its canary at
+    warm-up; each samples on its own TensorRT engine (every image says so), and an undeclared
+    size samples on torch without a build. No fallback anywhere."""
+    pytest.importorskip("tensorrt")
+    seen: list[Any] = []
+    engine = Engine.load(
+        tiny_model_dir / "stable-diffusion",
+        device="cuda",
+        unet_backend="tensorrt",
+        cache_dir=tmp_path,
+        max_batch=2,
+        on_backend_fallback=seen.append,
+    )
+    engine.warmup([(SIZE, SIZE), (SIZE, 96)])
+    assert [(r.width, r.backend, r.ready) for r in engine.readiness] == [
+        (SIZE, "tensorrt", True),
+        (96, "tensorrt", True),
+    ]
+    config = sweep("vs", forget=("encoderkv",), gammas=(1.0,))
+    wide = dataclasses.replace(
+        edit_models[0], training=dataclasses.replace(edit_models[0].training, width=96)
+    )
+    for model in (edit_models[0], wide):
+        got = engine.sample(model, config, max_batch=2)
+        assert [e.backend for e in got] == ["tensorrt"] * len(got), seen
+    square = dataclasses.replace(
+        edit_models[0],
+        training=dataclasses.replace(edit_models[0].training, width=96, height=96),
+    )
+    built = engine.compiled_bytes
+    got = engine.sample(square, config, max_batch=2)
+    assert [e.backend for e in got] == ["torch"] * len(got)
+    assert engine.compiled_bytes == built
     assert seen == [] and engine.sampling_backend == "tensorrt"

@@ -27,6 +27,7 @@ BUILDS = {"base": K8S / "base", "a100": K8S / "overlays" / "a100", "cpu": K8S / 
 # 1.30: the first release with the preStop `sleep` action on by default.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 SERVICE_NAME = "forgedit.v1.ForgeditService"
+ENGINES_SERVICE = "forgedit.v1.Engines"  # server.lifecycle.ENGINES_SERVICE
 
 
 def kustomize(directory: Path) -> list[dict[str, Any]]:
@@ -117,7 +118,8 @@ def test_probes_use_grpc_health_liveness_overall_readiness_the_service(
     assert int(config["FORGEDIT_HEALTH_PORT"]) == health_port
     assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": SERVICE_NAME}
     assert c["livenessProbe"]["grpc"] == {"port": health_port, "service": ""}
-    assert c["startupProbe"]["grpc"] == {"port": health_port, "service": ""}
+    # Startup: the engines of every declared resolution are built and their canaries passed.
+    assert c["startupProbe"]["grpc"] == {"port": health_port, "service": ENGINES_SERVICE}
     # Startup may take minutes (model load + warm-up) before liveness starts counting.
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
@@ -174,9 +176,13 @@ def test_gpu_overlay_samples_on_tensorrt_with_plans_on_a_persistent_volume(
     # Plans live where the server caches them (data_dir/engines), on their own claim.
     assert mounts["engines"] == config["FORGEDIT_DATA_DIR"] + "/engines"
     assert claims["engines"]["spec"]["accessModes"] == ["ReadWriteOnce"]
-    # The first start builds the engines before readiness: the startup probe waits long enough.
+    # The first start builds the engines before readiness: the startup probe asks whether they
+    # are (not whether the process runs) and waits long enough for a TensorRT build.
     probe = server_container(docs)["startupProbe"]
+    assert probe["grpc"]["service"] == ENGINES_SERVICE
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 30 * 60
+    # SD 1.x's native size, declared (the values parse: test_server_config_names_only_...).
+    assert config["FORGEDIT_RESOLUTIONS"] == "512x512"
 
 
 def test_server_config_names_only_settings_the_server_has(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from grpc_health.v1 import health, health_pb2
 
+from forgedit.errors import InvalidInputError
 from server.catalog import ServedModels
 from server.errors import (
     JobNotFoundError,
@@ -18,7 +19,7 @@ from server.errors import (
     UnavailableError,
     UnservedBaseModelError,
 )
-from server.lifecycle import READINESS_SERVICE, Lifecycle, State
+from server.lifecycle import ENGINES_SERVICE, READINESS_SERVICE, Lifecycle, State
 from server.ports import BaseModelInfo
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -36,19 +37,23 @@ def test_ready_when_every_condition_is_met_and_health_follows_each_change() -> N
     lifecycle.start()
     assert lifecycle.state is State.STARTING
     assert (_health(servicer, ""), _health(servicer, READINESS_SERVICE)) == (SERVING, NOT_SERVING)
+    assert _health(servicer, ENGINES_SERVICE) == NOT_SERVING  # the startup probe waits
     with pytest.raises(UnavailableError, match="still loading") as starting:
         lifecycle.require_ready()
     assert starting.value.retry_after_s == 2.0
     engines[0].satisfy()
     assert lifecycle.state is State.STARTING and not lifecycle.wait_ready(0.01)
+    assert _health(servicer, ENGINES_SERVICE) == NOT_SERVING  # one device's engines is not all
     engines[1].satisfy()
     assert lifecycle.state is State.READY and lifecycle.wait_ready(0)
     assert _health(servicer, READINESS_SERVICE) == SERVING  # at once, no polling
+    assert _health(servicer, ENGINES_SERVICE) == SERVING
     lifecycle.require_ready()
 
     lifecycle.start_draining()
     assert lifecycle.draining and _health(servicer, READINESS_SERVICE) == NOT_SERVING
     assert _health(servicer, "") == SERVING  # still alive while it drains
+    assert _health(servicer, ENGINES_SERVICE) == NOT_SERVING  # follows READY (lifecycle.HEALTH)
     with pytest.raises(UnavailableError, match="shutting down"):
         lifecycle.require_ready()
     assert lifecycle.wait_ready(0)  # it was ready: waiting for that does not hang
@@ -110,14 +115,71 @@ def test_the_catalog_resolves_names_and_applies_the_engines_compatibility_rule()
     served.add(sd15)
     assert served.resolve("sd15") is sd15
     made_on_sd15: Any = SimpleNamespace(
-        edit_model_id="em_a", base_model_name="sd15", base_model_fingerprint="e" * 64
+        edit_model_id="em_a",
+        base_model_name="sd15",
+        base_model_fingerprint="e" * 64,
+        height=512,
+        width=512,
     )
-    served.require_served(made_on_sd15)
+    assert served.require_served(made_on_sd15) is sd15
     elsewhere: Any = SimpleNamespace(
-        edit_model_id="em_b", base_model_name="sd21", base_model_fingerprint="0" * 64
+        edit_model_id="em_b",
+        base_model_name="sd21",
+        base_model_fingerprint="0" * 64,
+        height=512,
+        width=512,
     )
     with pytest.raises(UnservedBaseModelError, match="'sd21', which this server does not serve"):
         served.require_served(elsewhere)
+
+
+def test_the_catalog_serves_the_declared_resolutions_and_names_them_when_it_refuses() -> None:
+    """One check for both calls: an Edit's requested size (``check_size``) and a Sample's edit
+    model's (``require_served``); refused with the served sizes as WIDTHxHEIGHT, unless the
+    operator serves other sizes on torch."""
+    costs: list[tuple[int, int]] = []
+
+    def step_cost(height: int, width: int) -> float:
+        costs.append((height, width))
+        return height * width / 512**2
+
+    sd15 = BaseModelInfo(
+        "sd15", "e" * 64, 512, 512, False, resolutions=((512, 512), (512, 768)), step_cost=step_cost
+    )
+    served = ServedModels(["sd15"])
+    served.add(sd15)
+    assert sorted(costs) == [(512, 512), (512, 768)]  # counted at load, in the worker
+    assert served.step_cost(sd15, 512, 768) == 1.5 and len(costs) == 2  # remembered
+    served.check_size(sd15, 512, 768, field="training.width")
+    with pytest.raises(InvalidInputError) as refused:
+        served.check_size(sd15, 768, 768, field="training.height")
+    assert refused.value.field == "training.height"
+    assert "768x768" in str(refused.value)
+    assert "served resolutions: 512x512, 768x512 (FORGEDIT_RESOLUTIONS)" in str(refused.value)
+    portrait: Any = SimpleNamespace(
+        edit_model_id="em_p",
+        base_model_name="sd15",
+        base_model_fingerprint="e" * 64,
+        height=768,
+        width=512,
+    )
+    with pytest.raises(InvalidInputError, match="em_p was fine-tuned at 512x768") as sample:
+        served.require_served(portrait)
+    assert sample.value.field == "edit_model_id"
+
+    on_torch = ServedModels(["sd15"], other_resolutions="torch")
+    on_torch.add(sd15)
+    assert on_torch.require_served(portrait) is sd15  # admitted: the engine samples it on torch
+    assert on_torch.step_cost(sd15, 768, 512) == 1.5
+
+
+def test_a_requests_default_size_is_the_native_one_if_served_else_the_first_declared() -> None:
+    native = BaseModelInfo("sd15", "e" * 64, 512, 512, False)
+    assert native.served_sizes == ((512, 512),) and native.default_size == (512, 512)
+    wide = BaseModelInfo("sd15", "e" * 64, 512, 512, False, resolutions=((512, 768), (768, 768)))
+    assert wide.default_size == (512, 768)
+    both = BaseModelInfo("sd15", "e" * 64, 512, 512, False, resolutions=((512, 768), (512, 512)))
+    assert both.default_size == (512, 512)
 
 
 # ------------------------------------------------------------------ the job table

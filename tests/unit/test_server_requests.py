@@ -64,8 +64,10 @@ def plan_edit(
     delta_format: str | None = None,
 ) -> EditRequestPlan:
     """An Edit request decoded as the service decodes it (``wire``), then planned against
-    the served base models ``bases`` (``default`` first)."""
-    served = ServedModels.of(bases[default], *(b for n, b in bases.items() if n != default))
+    the served base models ``bases`` (``default`` first), at any size (as
+    FORGEDIT_OTHER_RESOLUTIONS=torch: the resolution check has tests of its own)."""
+    others = (b for n, b in bases.items() if n != default)
+    served = ServedModels.of(bases[default], *others, other_resolutions="torch")
     defaults = Defaults(default_precision, delta_format)  # type: ignore[arg-type]
     return edit_plan(edit_call(request), limits, served, defaults)
 

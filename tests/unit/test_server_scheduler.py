@@ -4,12 +4,15 @@ idempotency, cancellation and draining are checked deterministically."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import threading
 from collections.abc import Iterator, Mapping
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from forgedit.config import SweepConfig, TrainingConfig
 from forgedit.errors import CancelledError
@@ -56,6 +59,8 @@ def _engine(name: str, device: str) -> Any:
         native_height=64,
         native_width=64,
         can_caption=False,
+        resolutions=[(64, 64)],
+        relative_step_cost=lambda height, width: height * width / 64**2,
         warmup=lambda: None,
         settle=lambda timeout=None: True,
     )
@@ -160,11 +165,19 @@ def test_an_edit_model_of_an_unserved_base_model_is_refused_before_queueing(
 ) -> None:
     s, _ = scheduler
     served = SimpleNamespace(
-        edit_model_id="em_a", base_model_name="tiny", base_model_fingerprint="f" * 64
+        edit_model_id="em_a",
+        base_model_name="tiny",
+        base_model_fingerprint="f" * 64,
+        height=64,
+        width=64,
     )
     s.catalog.require_served(served)  # the fake engine's fingerprint: accepted
     other = SimpleNamespace(
-        edit_model_id="em_b", base_model_name="sd15", base_model_fingerprint="e" * 64
+        edit_model_id="em_b",
+        base_model_name="sd15",
+        base_model_fingerprint="e" * 64,
+        height=64,
+        width=64,
     )
     with pytest.raises(UnservedBaseModelError, match="'sd15', which this server does not serve"):
         s.catalog.require_served(other)
@@ -464,3 +477,58 @@ def test_one_client_cannot_fill_the_queue_and_clients_take_turns() -> None:
         for gate in runner.gates.values():
             gate.set()
         s.stop()
+
+
+def test_estimates_scale_with_the_step_cost_of_the_jobs_resolution() -> None:
+    """Rates are per step at the native size: a job at a resolution whose UNet step costs 2.7x
+    is estimated 2.7x (less the fixed overhead), and what it measured updates the native rate
+    by the same factor, so a run at 768x768 does not inflate the next 512x512 estimate."""
+    estimator = Estimator(0.1, 0.01)
+    native, large = _job(), _job()
+    large.plan = dataclasses.replace(large.plan, step_cost=2.7)
+    overhead = estimator.fixed_overhead_s
+    base = estimator.estimate(native) - overhead
+    assert base > 0
+    assert estimator.estimate(large) - overhead == pytest.approx(2.7 * base)
+    sample = _job(pb.JOB_KIND_SAMPLE)
+    sample.plan = dataclasses.replace(sample.plan, step_cost=2.0)
+    image_steps = sample.plan.sweep.num_images * sample.plan.sweep.steps
+    assert estimator.estimate(sample) - overhead == pytest.approx(image_steps * 0.01 * 2.0)
+    # A 768x768 job that ran exactly as estimated leaves the native rates where they were.
+    estimator.observe_sampling(100, 100 * 0.01 * 2.7, step_cost=2.7)
+    estimator.observe_training(10, 10 * 0.1 * 2.7, step_cost=2.7)
+    assert estimator.seconds_per_image_step == pytest.approx(0.01)
+    assert estimator.seconds_per_training_sample == pytest.approx(0.1)
+    assert estimator.estimate(native) - overhead == pytest.approx(base)
+
+
+def test_the_edit_plan_carries_the_step_cost_of_its_resolution() -> None:
+    """The served-models catalog prices a plan's resolution (``ServedModels.step_cost``)."""
+    from forgedit.options import EditOptions, TrainingOptions
+    from server.catalog import ServedModels
+    from server.plans import EditCall, edit_plan
+    from server.ports import BaseModelInfo
+    from server.validation import Limits
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    info = BaseModelInfo(
+        "tiny",
+        "f" * 64,
+        64,
+        64,
+        False,
+        resolutions=((64, 64), (64, 96)),
+        step_cost=lambda height, width: height * width / 64**2,
+    )
+    served = ServedModels.of(info)
+
+    def plan(width: int) -> EditRequestPlan:
+        options = EditOptions(
+            target_prompts=("a dog",),
+            source_prompt="a photo",
+            training=TrainingOptions(width=width),
+        )
+        return edit_plan(EditCall("", False, "", png.getvalue(), options), Limits(), served)
+
+    assert plan(64).step_cost == 1.0 and plan(96).step_cost == 1.5
