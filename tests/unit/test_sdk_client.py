@@ -477,6 +477,34 @@ def test_a_dropped_stream_reattaches_by_request_id_after_the_last_sequence() -> 
     assert stream.gaps == 0 and stream.reattaches == 1 and len(slept) == 1
 
 
+def test_a_call_cut_off_by_grpc_is_followed_up_and_a_server_cancel_is_final() -> None:
+    """A replica shutting down with a stream open ends it with gRPC's own CANCELLED (no
+    ErrorInfo): the SDK re-attaches as after a drop. The server's cancel of a job carries
+    ErrorInfo CANCELLED and ends the stream for good."""
+    events = edit_job_events()
+    stub = FakeStub(
+        {
+            "Edit": [[*events[:4], FakeRpcError(grpc.StatusCode.CANCELLED, "CANCELLED")]],
+            "WatchJob": [events[2:]],
+        }
+    )
+    client, _ = client_with(stub)
+    stream = client.edit(b"img", "a dog", request_id="req-8")
+    assert [e.sequence for e in stream] == list(range(1, 10))
+    assert stream.reattaches == 1 and stub.calls[1][0] == "WatchJob"
+
+    server_cancel = FakeRpcError(
+        grpc.StatusCode.CANCELLED,
+        "the job was cancelled (client cancelled)",
+        error_details_pb2.ErrorInfo(reason="CANCELLED"),
+    )
+    stub = FakeStub({"Edit": [[*events[:4], server_cancel]]})
+    client, slept = client_with(stub)
+    with pytest.raises(ForgeditRpcError) as info:
+        client.edit(b"img", "a dog").result()
+    assert info.value.code == grpc.StatusCode.CANCELLED and len(stub.calls) == 1 and not slept
+
+
 def test_reattach_budget_resets_after_progress() -> None:
     events = edit_job_events()
     stub = FakeStub(

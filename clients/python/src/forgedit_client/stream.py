@@ -133,7 +133,10 @@ class ResumeTracker:
         """Plan the next call after ``error``, or raise it (with context) when it is final."""
         self.failures += 1
         lost = self.can_resubmit and self.reattaching and _job_unreachable(error)
-        if not lost and not self.policy.should_retry(error.code, self.failures):
+        retryable = self.policy.should_retry(error.code, self.failures) or (
+            _cut_off(error) and self.failures < self.policy.max_attempts
+        )
+        if not lost and not retryable:
             raise self._final(error)
         if lost and self.failures >= self.policy.max_attempts:
             raise self._final(error)
@@ -170,6 +173,15 @@ class ResumeTracker:
                 job_id=self.job_id,
             )
         return error
+
+
+def _cut_off(error: ForgeditRpcError) -> bool:
+    """A call the transport ended, not the server's answer: CANCELLED without the server's
+    ErrorInfo. The server cancels a job with ErrorInfo ``CANCELLED`` (final); a bare CANCELLED
+    comes from gRPC itself, e.g. a replica that shut down with the call still open, and is
+    followed up like a dropped connection (re-attach, or start again). This stream's own
+    ``close()``/``cancel()`` never gets here: they end the iteration instead."""
+    return error.code == grpc.StatusCode.CANCELLED and error.error_reason is None
 
 
 def _job_unreachable(error: ForgeditRpcError) -> bool:
