@@ -35,7 +35,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from forgedit.zoo import DEFAULT_BUILTIN, builtin_base_model, builtin_named
+from forgedit.zoo import builtin_base_model, builtin_named
 from server._proto import forgedit_pb2_grpc as pb_grpc
 from server.auth import Authenticator, BearerTokenInterceptor
 from server.estimator import Estimator
@@ -461,14 +461,14 @@ def default_engine_factory(
     readiness waits, and holds exactly those compiled UNets). Backend fallbacks, degradation
     and compiled memory are reported in ``metrics``."""
     sizes = settings.declared_sizes()
-    blip_dirs: dict[str, Path | None] = {name: settings.blip_dir for name in base_models}
-    if settings.blip_dir is None:  # a built-in brings its own captioner
-        values: dict[str, Path | str] = {**settings.base_models} or {
-            DEFAULT_BUILTIN: DEFAULT_BUILTIN
-        }
-        for name, value in values.items():
-            builtin = builtin_named(value, home=settings.data_dir)
-            blip_dirs[name] = builtin.blip if builtin is not None else None
+
+    def blip_for(name: str) -> Path | None:
+        """FORGEDIT_BLIP_DIR, else the captioner a built-in brings (None for a directory)."""
+        if settings.blip_dir is not None:
+            return settings.blip_dir
+        value = settings.base_models[name] if settings.base_models else None
+        builtin = builtin_named(value, home=settings.data_dir)  # None: the default built-in
+        return builtin.blip if builtin is not None else None
 
     def build(name: str, device: str) -> EngineLike:
         from forgedit.backends.select import Fallback
@@ -479,7 +479,7 @@ def default_engine_factory(
         base = load_base_model(
             base_models[name], device=device, name=name, vae_directory=settings.vae_dirs.get(name)
         )
-        blip_dir = blip_dirs[name]
+        blip_dir = blip_for(name)
         captioner = Captioner.load(blip_dir, device=device) if blip_dir is not None else None
 
         def on_fallback(fallback: Fallback) -> None:
