@@ -190,16 +190,7 @@ class RemoteEditor:
             elif isinstance(event, Registered | Completed):
                 model_id = event.edit_model_id or model_id
             elif isinstance(event, ImageReady):
-                p = event.params
-                params = {
-                    "forget": p.forget,
-                    "interpolation": p.interpolation,
-                    "gamma": p.gamma,
-                    "alpha": p.alpha,
-                    "seed": p.seed,
-                    "guidance": p.guidance,
-                    "steps": p.steps,
-                }
+                params = _spec_params(event.params)
                 picture = PILImage.open(io.BytesIO(event.png))
                 picture.load()
                 outputs.append(EditOutput(event.index, params, picture.convert("RGB")))
@@ -211,6 +202,8 @@ def _given_source(pair: Pair, options: EvalOptions) -> str | None:
 
 
 def _spec_params(spec: Any) -> dict[str, Any]:
+    """An image's sweep point, from the engine's ``ImageSpec`` or the SDK's ``ImageParams``
+    (the same field names)."""
     return {
         "forget": spec.forget,
         "interpolation": spec.interpolation,
