@@ -42,7 +42,7 @@ from forgedit.requests import (
     default_device,
     stage_names,
 )
-from forgedit.zoo import DEFAULT_BUILTIN, is_builtin_name
+from forgedit.zoo import DEFAULT_BUILTIN, builtin_names, is_builtin_name
 
 T = TypeVar("T")
 
@@ -100,7 +100,11 @@ def check_edit_args(args: argparse.Namespace) -> EditCommand:
     # (their layout, not their weights).
     options = edit_options(args)
     builtin = os.fspath(args.base_model) if is_builtin_name(args.base_model) else None
-    base_model = None if builtin is not None else existing_dir(args.base_model, "--base-model")
+    base_model = None
+    if builtin is None:
+        names = ", ".join(builtin_names())
+        also = f"; give a diffusers SD 1.x directory or a built-in's name ({names})"
+        base_model = existing_dir(args.base_model, "--base-model", also)
     vae = existing_dir(args.vae, "--vae")
     blip = existing_dir(args.blip, "--blip")
     load_model = existing_dir(args.load_model, "--load-model")
@@ -378,14 +382,16 @@ def _convert(text: str, flag: str, kind: Callable[[str], T]) -> T:
         ) from None
 
 
-def existing_dir(value: str | None, flag: str) -> Path | None:
+def existing_dir(value: str | None, flag: str, accepted: str = "") -> Path | None:
+    """``value`` as an existing directory (None stays None); ``accepted`` (e.g. "; or a
+    built-in's name …") ends the error, naming what else the flag takes."""
     if value is None:
         return None
     path = Path(value)
     if not path.exists():
-        raise ModelDirectoryError(f"{flag} {value!r} does not exist")
+        raise ModelDirectoryError(f"{flag} {value!r} does not exist{accepted}")
     if not path.is_dir():
-        raise ModelDirectoryError(f"{flag} {value!r} is not a directory")
+        raise ModelDirectoryError(f"{flag} {value!r} is not a directory{accepted}")
     return path
 
 

@@ -113,6 +113,25 @@ def test_the_engine_cli_takes_base_model_shapes(shapes_model_dir: Path, tmp_path
     assert label == "shapes" and engine.can_caption  # the toy world's own BLIP
 
 
+def test_a_base_model_that_is_neither_a_directory_nor_a_built_in_is_named(
+    tmp_path: Path,
+) -> None:
+    from forgedit.cli.arguments import check_edit_args
+    from forgedit.cli.parser import build_parser
+
+    image = tmp_path / "in.png"
+    world.Scene("red", "circle", "white").render().save(image)
+    args = build_parser().parse_args(
+        ["edit", str(image), "--prompt", "A photo of a cat", "--base-model", "shape"]
+    )
+    with pytest.raises(
+        ModelDirectoryError,
+        match=r"'shape' does not exist; give a diffusers SD "
+        r"1.x directory or a built-in's name \(tiny, shapes\)",
+    ):
+        check_edit_args(args)
+
+
 def test_the_server_serves_shapes_by_name(
     shapes_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
